@@ -1,0 +1,188 @@
+-- pg_outbox: the SQL-language functions (dedup, dead letters, retention, status) and the grants.
+-- Runs last (finalize), after the C functions of publish.rs exist.
+
+-- Raises a clear error when a text argument is NULL or empty.
+CREATE FUNCTION outbox._require_text(function_name text, argument_name text, value text, hint text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION '%: % must not be NULL', function_name, argument_name
+            USING ERRCODE = 'null_value_not_allowed', HINT = hint;
+    ELSIF value = '' THEN
+        RAISE EXCEPTION '%: % must not be an empty string', function_name, argument_name
+            USING ERRCODE = 'invalid_parameter_value', HINT = hint;
+    END IF;
+END
+$$;
+
+------------------------------------------------------------------------------------------------
+-- Idempotent consumers
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION outbox.try_mark_processed(consumer text, message_id text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM outbox._require_text('outbox.try_mark_processed', 'consumer', $1,
+        'Name the consumer (e.g. the service and handler), so each consumer de-duplicates on its own.');
+    PERFORM outbox._require_text('outbox.try_mark_processed', 'message_id', $2,
+        'Pass the outbox-id header of the message.');
+    -- A concurrent caller with the same id waits here for our transaction: it gets true only if
+    -- we roll back.
+    INSERT INTO outbox.processed_messages (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION outbox.try_mark_processed(text, text) IS
+    'Marks message_id as processed by consumer in the current transaction: true the first time, false for a duplicate.';
+
+CREATE FUNCTION outbox.is_processed(consumer text, message_id text)
+RETURNS boolean LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM outbox._require_text('outbox.is_processed', 'consumer', $1, 'Name the consumer.');
+    PERFORM outbox._require_text('outbox.is_processed', 'message_id', $2, 'Pass the outbox-id header of the message.');
+    RETURN EXISTS (SELECT FROM outbox.processed_messages p WHERE p.consumer = $1 AND p.message_id = $2);
+END
+$$;
+
+CREATE FUNCTION outbox.purge_processed(older_than interval, consumer text DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    purged bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'outbox.purge_processed: older_than must be a non-negative interval, got %',
+            coalesce(older_than::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Keep marks longer than the longest redelivery window, e.g. interval ''7 days''.';
+    END IF;
+    IF consumer = '' THEN
+        RAISE EXCEPTION 'outbox.purge_processed: consumer must not be an empty string'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to purge every consumer.';
+    END IF;
+    DELETE FROM outbox.processed_messages p
+     WHERE p.processed_at < now() - older_than AND ($2 IS NULL OR p.consumer = $2);
+    GET DIAGNOSTICS purged = ROW_COUNT;
+    RETURN purged;
+END
+$$;
+
+------------------------------------------------------------------------------------------------
+-- Dead letters
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION outbox.redrive(id uuid)
+RETURNS uuid LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    letter outbox.dead_letters;
+BEGIN
+    IF $1 IS NULL THEN
+        RAISE EXCEPTION 'outbox.redrive: id must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the id of a row of outbox.dead_letters.';
+    END IF;
+    DELETE FROM outbox.dead_letters d WHERE d.id = $1 RETURNING * INTO letter;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox.redrive: no dead letter with id %', $1
+            USING ERRCODE = 'no_data_found', HINT = 'SELECT id, queue, error FROM outbox.dead_letters lists them.';
+    END IF;
+    -- Same id, so consumers that saw an earlier attempt still de-duplicate it.
+    RETURN outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
+                                   letter.payload_bytes, letter.headers);
+END
+$$;
+COMMENT ON FUNCTION outbox.redrive(uuid) IS
+    'Publishes a dead letter again with the same id and removes it from outbox.dead_letters, in one transaction.';
+
+CREATE FUNCTION outbox.redrive(queue text)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    letter outbox.dead_letters;
+    redriven bigint := 0;
+BEGIN
+    PERFORM outbox._require_text('outbox.redrive', 'queue', $1, 'Pass the queue whose dead letters to publish again.');
+    -- UUIDv7 ids sort by publish time: redrive in the original order.
+    FOR letter IN
+        WITH gone AS (DELETE FROM outbox.dead_letters d WHERE d.queue = $1 RETURNING *)
+        SELECT * FROM gone ORDER BY gone.id
+    LOOP
+        PERFORM outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
+                                        letter.payload_bytes, letter.headers);
+        redriven := redriven + 1;
+    END LOOP;
+    RETURN redriven;
+END
+$$;
+COMMENT ON FUNCTION outbox.redrive(text) IS
+    'Publishes every dead letter of queue again (same ids, original order); returns how many.';
+
+------------------------------------------------------------------------------------------------
+-- Retention
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION outbox.prune(older_than interval DEFAULT NULL, max_rows integer DEFAULT 100000)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    keep interval := coalesce(older_than, current_setting('pg_outbox.retention')::interval);
+    pruned bigint;
+BEGIN
+    IF keep < interval '0' THEN
+        RAISE EXCEPTION 'outbox.prune: older_than must be a non-negative interval, got %', keep
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to use pg_outbox.retention.';
+    END IF;
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'outbox.prune: max_rows must be a positive integer, got %', coalesce(max_rows::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Call prune() repeatedly until it returns less than max_rows.';
+    END IF;
+    -- One bounded batch per call keeps each transaction short; the BRIN index finds the batch.
+    DELETE FROM outbox.messages m
+     WHERE m.ctid = ANY (ARRAY(SELECT x.ctid FROM outbox.messages x
+                                WHERE x.created_at < now() - keep LIMIT max_rows));
+    GET DIAGNOSTICS pruned = ROW_COUNT;
+    RETURN pruned;
+END
+$$;
+COMMENT ON FUNCTION outbox.prune(interval, integer) IS
+    'Deletes up to max_rows rows of outbox.messages older than older_than (default: pg_outbox.retention); returns how many.';
+
+------------------------------------------------------------------------------------------------
+-- Status
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION outbox.status()
+RETURNS TABLE (slot_name name, active boolean, active_pid integer, confirmed_flush_lsn pg_lsn,
+               lag_bytes numeric, retained_wal_bytes numeric, wal_status text, dead_letters bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.slot_name, s.active, s.active_pid, s.confirmed_flush_lsn,
+           pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn),
+           pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn),
+           s.wal_status,
+           (SELECT count(*) FROM outbox.dead_letters)
+      FROM pg_replication_slots s
+     WHERE s.slot_type = 'logical' AND s.plugin = 'pgoutput' AND s.database = current_database()
+     ORDER BY s.slot_name
+$$;
+COMMENT ON FUNCTION outbox.status() IS
+    'One row per pgoutput slot of this database: activity, worker pid, bytes not yet confirmed, WAL retained.';
+
+------------------------------------------------------------------------------------------------
+-- Rights: nothing for PUBLIC; three roles the README names.
+------------------------------------------------------------------------------------------------
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
+GRANT USAGE ON SCHEMA outbox TO outbox_publisher, outbox_consumer, outbox_operator;
+
+GRANT EXECUTE ON FUNCTION outbox.publish(text, jsonb, jsonb, text),
+                          outbox.publish_bytes(text, bytea, jsonb, text),
+                          outbox.publish_batch(text, jsonb[], jsonb, text[])
+    TO outbox_publisher;
+
+GRANT EXECUTE ON FUNCTION outbox.try_mark_processed(text, text),
+                          outbox.is_processed(text, text),
+                          outbox.purge_processed(interval, text)
+    TO outbox_consumer;
+
+GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
+                          outbox.prune(interval, integer), outbox.status()
+    TO outbox_operator;
+GRANT SELECT ON outbox.messages, outbox.processed_messages TO outbox_operator;
+GRANT SELECT, INSERT, DELETE ON outbox.dead_letters TO outbox_operator;

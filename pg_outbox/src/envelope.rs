@@ -1,0 +1,124 @@
+//! The `wal` storage form: one transactional logical decoding message per outbox message, with
+//! prefix `pg_outbox` and this content (version 1), a single JSON object on one line:
+//!
+//! ```text
+//! {"v":1,"id":"<uuid>","queue":"<queue>","key":<string|null>,"created_at":"<RFC 3339, UTC, µs>",
+//!  "headers":{<string values>},"payload":<the jsonb payload, verbatim>}
+//! ```
+//!
+//! A `publish_bytes` message carries `"payload_base64":"<standard base64>"` instead of `payload`.
+//! Keys always appear in this order and `payload`/`payload_base64` is last, so a decoder may also
+//! stream it. JSON keeps the message readable in `test_decoding` and `pg_recvlogical` output.
+
+use base64::Engine;
+
+pub const PREFIX: &str = "pg_outbox";
+pub const VERSION: u32 = 1;
+
+/// The payload of a message, already rendered as it appears in the envelope.
+pub enum Payload<'a> {
+    /// JSON text (from `jsonb_out`).
+    Json(&'a str),
+    Bytes(&'a [u8]),
+}
+
+pub struct Envelope<'a> {
+    pub id: uuid::Uuid,
+    pub queue: &'a str,
+    pub key: Option<&'a str>,
+    /// RFC 3339 UTC timestamp.
+    pub created_at: &'a str,
+    /// JSON object text.
+    pub headers: &'a str,
+    pub payload: Payload<'a>,
+}
+
+impl Envelope<'_> {
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(160 + self.headers.len() + self.payload_len());
+        out.push_str("{\"v\":");
+        out.push_str(&VERSION.to_string());
+        out.push_str(",\"id\":\"");
+        out.push_str(self.id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()));
+        // Queue names are validated to [A-Za-z0-9._-], which needs no escaping.
+        out.push_str("\",\"queue\":\"");
+        out.push_str(self.queue);
+        out.push_str("\",\"key\":");
+        match self.key {
+            Some(key) => out.push_str(&serde_json::to_string(key).expect("a string serializes")),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"created_at\":\"");
+        out.push_str(self.created_at);
+        out.push_str("\",\"headers\":");
+        out.push_str(self.headers);
+        match self.payload {
+            Payload::Json(json) => {
+                out.push_str(",\"payload\":");
+                out.push_str(json);
+            }
+            Payload::Bytes(bytes) => {
+                out.push_str(",\"payload_base64\":\"");
+                base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut out);
+                out.push('"');
+            }
+        }
+        out.push('}');
+        out
+    }
+
+    fn payload_len(&self) -> usize {
+        match self.payload {
+            Payload::Json(json) => json.len(),
+            Payload::Bytes(bytes) => bytes.len() * 4 / 3 + 4,
+        }
+    }
+}
+
+/// Formats a PostgreSQL `timestamptz` (µs since 2000-01-01 UTC) as RFC 3339 in UTC.
+pub fn rfc3339(timestamp: i64) -> String {
+    const POSTGRES_EPOCH_IN_UNIX_MICROS: i64 = 946_684_800_000_000;
+    chrono::DateTime::from_timestamp_micros(timestamp + POSTGRES_EPOCH_IN_UNIX_MICROS)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_else(|| "infinity".to_string())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn encodes_json_payload_verbatim_and_escapes_key() {
+        let envelope = Envelope {
+            id: uuid::Uuid::nil(),
+            queue: "orders",
+            key: Some("a\"b"),
+            created_at: &rfc3339(0),
+            headers: r#"{"traceparent": "00-ab"}"#,
+            payload: Payload::Json(r#"{"total": 12.5}"#),
+        };
+        let text = envelope.encode();
+        assert_eq!(
+            text,
+            r#"{"v":1,"id":"00000000-0000-0000-0000-000000000000","queue":"orders","key":"a\"b","created_at":"2000-01-01T00:00:00.000000Z","headers":{"traceparent": "00-ab"},"payload":{"total": 12.5}}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["payload"]["total"], 12.5);
+    }
+
+    #[test]
+    fn encodes_bytes_as_base64() {
+        let envelope = Envelope {
+            id: uuid::Uuid::nil(),
+            queue: "q",
+            key: None,
+            created_at: "x",
+            headers: "{}",
+            payload: Payload::Bytes(&[0, 1, 2, 255]),
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&envelope.encode()).unwrap();
+        assert_eq!(parsed["payload_base64"], "AAEC/w==");
+        assert!(parsed["key"].is_null());
+        assert!(parsed.get("payload").is_none());
+    }
+}

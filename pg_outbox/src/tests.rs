@@ -1,0 +1,185 @@
+//! In-database tests (`cargo pgrx test`): each runs in one transaction that is rolled back.
+//! Logical decoding, concurrency, commit/rollback and the error catalogue are tested against a
+//! real cluster in `tests/` (see `tests/tests/extension_*.rs`).
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn count(sql: &str) -> i64 {
+        Spi::get_one::<i64>(sql).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn publish_stores_a_row_with_a_uuidv7_id() {
+        let id = Spi::get_one::<pgrx::Uuid>(
+            "SELECT outbox.publish('orders', '{\"total\": 12.5}', '{\"traceparent\": \"00-ab\"}', 'customer-7')",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(id.as_bytes()[6] >> 4, 7, "version nibble of {id}");
+        let row = Spi::get_three::<String, String, String>(&format!(
+            "SELECT queue, key, payload->>'total' FROM outbox.messages WHERE id = '{id}'"
+        ))
+        .unwrap();
+        assert_eq!(row, (Some("orders".into()), Some("customer-7".into()), Some("12.5".into())));
+        assert_eq!(
+            Spi::get_one::<String>(&format!("SELECT headers->>'traceparent' FROM outbox.messages WHERE id = '{id}'"))
+                .unwrap(),
+            Some("00-ab".into())
+        );
+    }
+
+    #[pg_test]
+    fn ids_are_time_ordered_within_a_batch() {
+        assert_eq!(
+            count(
+                "WITH ids AS (SELECT id, row_number() OVER () AS n
+                                FROM outbox.publish_batch('q', ARRAY['1','2','3','4']::jsonb[], '{}', ARRAY['a',NULL,'c','d']) id)
+                 SELECT count(*) FROM ids a JOIN ids b ON a.n < b.n WHERE a.id >= b.id"
+            ),
+            0
+        );
+        assert_eq!(count("SELECT count(*) FROM outbox.messages WHERE queue = 'q'"), 4);
+        assert_eq!(count("SELECT count(*) FROM outbox.messages WHERE queue = 'q' AND key IS NULL"), 1);
+    }
+
+    #[pg_test]
+    fn null_headers_mean_no_headers() {
+        Spi::run("SELECT outbox.publish('q', '1', NULL)").unwrap();
+        assert_eq!(count("SELECT count(*) FROM outbox.messages WHERE headers = '{}'"), 1);
+    }
+
+    #[pg_test]
+    fn publish_bytes_stores_bytes_only() {
+        Spi::run("SELECT outbox.publish_bytes('avro.orders', '\\x00ff'::bytea, '{\"content-type\": \"application/avro\"}')")
+            .unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM outbox.messages WHERE payload IS NULL AND payload_bytes = '\\x00ff'::bytea"),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn wal_storage_writes_no_row() {
+        Spi::run("SET LOCAL pg_outbox.storage = 'wal'").unwrap();
+        Spi::run("SELECT outbox.publish('q', '{}')").unwrap();
+        Spi::run("SELECT outbox.publish_batch('q', ARRAY['1','2']::jsonb[])").unwrap();
+        assert_eq!(count("SELECT count(*) FROM outbox.messages"), 0);
+    }
+
+    #[pg_test(error = "invalid value for parameter \"pg_outbox.storage\": \"disk\"")]
+    fn unknown_storage_mode_is_rejected() {
+        Spi::run("SET pg_outbox.storage = 'disk'").unwrap();
+    }
+
+    #[pg_test]
+    fn dedup_marks_once_per_consumer() {
+        assert_eq!(Spi::get_one::<bool>("SELECT outbox.try_mark_processed('billing', 'm1')").unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<bool>("SELECT outbox.try_mark_processed('billing', 'm1')").unwrap(), Some(false));
+        assert_eq!(Spi::get_one::<bool>("SELECT outbox.try_mark_processed('shipping', 'm1')").unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm1')").unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm2')").unwrap(), Some(false));
+        Spi::run("UPDATE outbox.processed_messages SET processed_at = now() - interval '8 days' WHERE consumer = 'billing'")
+            .unwrap();
+        assert_eq!(count("SELECT outbox.purge_processed(interval '7 days', 'shipping')"), 0);
+        assert_eq!(count("SELECT outbox.purge_processed(interval '7 days')"), 1);
+        assert_eq!(Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm1')").unwrap(), Some(false));
+    }
+
+    #[pg_test]
+    fn redrive_publishes_again_with_the_same_id() {
+        Spi::run(
+            "INSERT INTO outbox.dead_letters (id, queue, key, payload, payload_bytes, headers, created_at, destination, error, attempts)
+             VALUES ('018f0000-0000-7000-8000-000000000001', 'orders', 'k', '{\"n\": 1}', NULL, '{\"h\": \"v\"}', now(), 'kafka:orders', 'MSG_SIZE_TOO_LARGE', 5),
+                    ('018f0000-0000-7000-8000-000000000002', 'orders', NULL, NULL, '\\x01', '{}', now(), 'kafka:orders', 'too large', 5),
+                    ('018f0000-0000-7000-8000-000000000003', 'other', NULL, '2', NULL, '{}', now(), 'amqp:x', 'unroutable', 3)",
+        )
+        .unwrap();
+        assert_eq!(
+            Spi::get_one::<pgrx::Uuid>("SELECT outbox.redrive('018f0000-0000-7000-8000-000000000003'::uuid)")
+                .unwrap()
+                .map(|u| u.to_string()),
+            Some("018f0000-0000-7000-8000-000000000003".into())
+        );
+        assert_eq!(count("SELECT outbox.redrive('orders')"), 2);
+        assert_eq!(count("SELECT count(*) FROM outbox.dead_letters"), 0);
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM outbox.messages WHERE id IN ('018f0000-0000-7000-8000-000000000001',
+                 '018f0000-0000-7000-8000-000000000002', '018f0000-0000-7000-8000-000000000003')"
+            ),
+            3
+        );
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT headers->>'h' FROM outbox.messages WHERE id = '018f0000-0000-7000-8000-000000000001' AND key = 'k'"
+            )
+            .unwrap(),
+            Some("v".into())
+        );
+    }
+
+    #[pg_test(error = "outbox.redrive: no dead letter with id 018f0000-0000-7000-8000-00000000000f")]
+    fn redrive_of_an_unknown_id_fails() {
+        Spi::run("SELECT outbox.redrive('018f0000-0000-7000-8000-00000000000f'::uuid)").unwrap();
+    }
+
+    #[pg_test]
+    fn prune_deletes_only_expired_rows_in_batches() {
+        Spi::run("SELECT outbox.publish_batch('q', array_agg(to_jsonb(g))) FROM generate_series(1, 25) g").unwrap();
+        Spi::run("UPDATE outbox.messages SET created_at = now() - interval '2 days' WHERE (payload::int) <= 20").unwrap();
+        assert_eq!(count("SELECT outbox.prune(max_rows => 15)"), 15);
+        assert_eq!(count("SELECT outbox.prune(max_rows => 15)"), 5);
+        assert_eq!(count("SELECT outbox.prune()"), 0);
+        assert_eq!(count("SELECT count(*) FROM outbox.messages"), 5);
+    }
+
+    #[pg_test]
+    fn retention_setting_drives_prune() {
+        Spi::run("SELECT outbox.publish('q', '1')").unwrap();
+        Spi::run("UPDATE outbox.messages SET created_at = now() - interval '2 hours'").unwrap();
+        assert_eq!(count("SELECT outbox.prune()"), 0, "default retention is 1 day");
+        Spi::run("SET LOCAL pg_outbox.retention = '1h'").unwrap();
+        assert_eq!(count("SELECT outbox.prune()"), 1);
+    }
+
+    #[pg_test]
+    fn status_reports_the_slot() {
+        // Read-only SPI: a slot cannot be created once the transaction has written.
+        Spi::connect(|c| c.select("SELECT pg_create_logical_replication_slot('status_probe', 'pgoutput')", None, &[]).map(|_| ()))
+            .unwrap();
+        let (active, lag) = Spi::get_two::<bool, pgrx::AnyNumeric>(
+            "SELECT active, lag_bytes FROM outbox.status() WHERE slot_name = 'status_probe'",
+        )
+        .unwrap();
+        assert_eq!(active, Some(false));
+        assert!(lag.is_some());
+    }
+
+    #[pg_test]
+    fn a_publisher_role_can_publish_but_not_write_the_table() {
+        Spi::run("CREATE ROLE app_writer LOGIN IN ROLE outbox_publisher").unwrap();
+        Spi::run("CREATE ROLE stranger LOGIN").unwrap();
+        Spi::run("SET LOCAL ROLE app_writer").unwrap();
+        Spi::run("SELECT outbox.publish('orders', '{}')").unwrap();
+        Spi::run("SELECT outbox.publish_batch('orders', ARRAY['1']::jsonb[])").unwrap();
+        Spi::run("RESET ROLE").unwrap();
+        assert_eq!(count("SELECT count(*) FROM outbox.messages"), 2);
+    }
+
+    #[pg_test(error = "permission denied for table messages")]
+    fn a_publisher_role_cannot_insert_directly() {
+        Spi::run("CREATE ROLE app_writer2 LOGIN IN ROLE outbox_publisher").unwrap();
+        Spi::run("SET LOCAL ROLE app_writer2").unwrap();
+        Spi::run("INSERT INTO outbox.messages (id, queue) VALUES (gen_random_uuid(), 'x')").unwrap();
+    }
+
+    #[pg_test(error = "permission denied for function publish")]
+    fn a_role_without_the_grant_cannot_publish() {
+        Spi::run("CREATE ROLE stranger2 LOGIN").unwrap();
+        Spi::run("GRANT USAGE ON SCHEMA outbox TO stranger2").unwrap();
+        Spi::run("SET LOCAL ROLE stranger2").unwrap();
+        Spi::run("SELECT outbox.publish('orders', '{}')").unwrap();
+    }
+}

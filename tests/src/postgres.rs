@@ -1,0 +1,115 @@
+//! A throw-away PostgreSQL 15 cluster with `wal_level = logical`, run as the `postgres` user
+//! (PostgreSQL refuses root) on a free port, removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tokio_postgres::{Client, NoTls};
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl PgCluster {
+    /// initdb + start; the database `postgres` has the pg_outbox extension created.
+    pub async fn start() -> PgCluster {
+        let cluster = Self::start_without_extension();
+        cluster.superuser().await.batch_execute("CREATE EXTENSION pg_outbox").await.expect(
+            "CREATE EXTENSION pg_outbox (install it first: scripts/test-extension does)",
+        );
+        cluster
+    }
+
+    pub fn start_without_extension() -> PgCluster {
+        let dir = tempfile::Builder::new().prefix("pg_outbox_test").tempdir().expect("temp dir");
+        run("chown", &["postgres:postgres", path(dir.path())]);
+        let port = free_port();
+        let data = dir.path().join("data");
+        as_postgres(
+            &format!("{BIN}/initdb"),
+            &["-D", path(&data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+        );
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\n\
+             shared_buffers = 64MB\n",
+            path(dir.path())
+        );
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| f.write_all(conf.as_bytes()))
+            .expect("append to postgresql.conf");
+        let cluster = PgCluster { dir, port };
+        cluster.pg_ctl(&["start", "-w", "-t", "60", "-l", path(&cluster.log_path())]);
+        cluster
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
+    pub async fn superuser(&self) -> Client {
+        self.connect_as("postgres").await
+    }
+
+    pub async fn connect_as(&self, user: &str) -> Client {
+        let url = format!("postgres://{user}@127.0.0.1:{}/postgres", self.port);
+        let (client, connection) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// `pg_ctl restart -m fast`: what an operator's restart does.
+    pub fn restart(&self) {
+        self.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60", "-l", path(&self.log_path())]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.path().join("data");
+        let mut all = vec!["-D", path(&data)];
+        all.extend_from_slice(args);
+        as_postgres(&format!("{BIN}/pg_ctl"), &all);
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{BIN}/pg_ctl"), "-D", path(&data), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().unwrap().port()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn as_postgres(program: &str, args: &[&str]) {
+    let mut all = vec!["-u", "postgres", "--", program];
+    all.extend_from_slice(args);
+    run("runuser", &all);
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
