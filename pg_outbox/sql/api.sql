@@ -121,7 +121,8 @@ COMMENT ON FUNCTION outbox.redrive(text) IS
 CREATE FUNCTION outbox.prune(older_than interval DEFAULT NULL, max_rows integer DEFAULT 100000)
 RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    keep interval := coalesce(older_than, current_setting('pg_outbox.retention')::interval);
+    -- missing_ok: the setting exists only once the library is loaded in this session.
+    keep interval := coalesce(older_than, coalesce(current_setting('pg_outbox.retention', true), '1 day')::interval);
     pruned bigint;
 BEGIN
     IF keep < interval '0' THEN

@@ -38,4 +38,6 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
+    // After this, a misspelt pg_outbox.* setting is an error instead of a silent placeholder.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"pg_outbox".as_ptr()) };
 }

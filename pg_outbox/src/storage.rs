@@ -7,7 +7,6 @@ use crate::guc::{Storage, STORAGE};
 use crate::jsonb::Jsonb;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
-use std::cell::Cell;
 
 pub enum Payload<'a> {
     Json(Jsonb),
@@ -23,19 +22,17 @@ pub struct Message<'a> {
     pub created_at: pg_sys::TimestampTz,
 }
 
-/// Writes messages of one SQL call; for `table` it holds one SPI connection for all of them.
+/// Writes the messages of one SQL call.
 pub enum Writer {
-    Table,
+    /// `outbox.messages`, opened once per call.
+    Table(MessagesTable),
     Wal,
 }
 
 impl Writer {
     pub fn open() -> Writer {
         match STORAGE.get() {
-            Storage::Table => {
-                unsafe { pg_sys::SPI_connect() };
-                Writer::Table
-            }
+            Storage::Table => Writer::Table(MessagesTable::open()),
             Storage::Wal => {
                 if unsafe { pg_sys::wal_level } < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
                     error::raise(
@@ -51,72 +48,120 @@ impl Writer {
 
     pub fn write(&self, message: &Message) {
         match self {
-            Writer::Table => insert_row(message),
+            Writer::Table(table) => table.insert(message),
             Writer::Wal => emit_logical_message(message),
         }
     }
 }
 
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if let Writer::Table = self {
-            unsafe { pg_sys::SPI_finish() };
+/// `outbox.messages`, written with `heap_insert` and `index_insert` directly: the executor and
+/// SPI would cost more than the insert itself (see BENCHMARKS.md). The table belongs to the
+/// extension: no triggers, no constraints beyond the NOT NULLs every message satisfies, and only
+/// plain-column indexes (any other kind is refused with a clear error).
+pub struct MessagesTable {
+    rel: pg_sys::Relation,
+}
+
+const COLUMNS: usize = 7;
+
+impl MessagesTable {
+    fn open() -> MessagesTable {
+        unsafe {
+            let namespace = pg_sys::get_namespace_oid(c"outbox".as_ptr(), false);
+            let relid = pg_sys::get_relname_relid(c"messages".as_ptr(), namespace);
+            if relid == pg_sys::InvalidOid {
+                error::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                    "pg_outbox: table outbox.messages does not exist".into(),
+                    "Recreate the extension: DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox;",
+                );
+            }
+            let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as _);
+            if (*(*rel).rd_att).natts as usize != COLUMNS {
+                error::raise(
+                    pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "pg_outbox: outbox.messages does not have the columns this version expects".into(),
+                    "Do not alter outbox.messages; ALTER EXTENSION pg_outbox UPDATE brings it to this version.",
+                );
+            }
+            MessagesTable { rel }
+        }
+    }
+
+    fn insert(&self, message: &Message) {
+        let (payload, payload_bytes) = match &message.payload {
+            Payload::Json(json) => (Some(json.datum()), None),
+            Payload::Bytes { datum, .. } => (None, Some(*datum)),
+        };
+        let columns: [Option<pg_sys::Datum>; COLUMNS] = [
+            pgrx::Uuid::from_bytes(*message.id.as_bytes()).into_datum(),
+            message.queue.into_datum(),
+            message.key.and_then(|key| key.into_datum()),
+            payload,
+            payload_bytes,
+            Some(message.headers.datum()),
+            Some(pg_sys::Datum::from(message.created_at)),
+        ];
+        let mut values = columns.map(|c| c.unwrap_or(pg_sys::Datum::from(0)));
+        let mut nulls = columns.map(|c| c.is_none());
+        unsafe {
+            let tuple = pg_sys::heap_form_tuple((*self.rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::simple_heap_insert(self.rel, tuple);
+            self.insert_index_entries(tuple, &mut values, &mut nulls);
+            pg_sys::heap_freetuple(tuple);
+        }
+    }
+
+    unsafe fn insert_index_entries(&self, tuple: pg_sys::HeapTuple, values: &mut [pg_sys::Datum], nulls: &mut [bool]) {
+        unsafe {
+            let indexes = pg_sys::RelationGetIndexList(self.rel);
+            if indexes.is_null() {
+                return;
+            }
+            for i in 0..(*indexes).length as usize {
+                let index = pg_sys::index_open((*(*indexes).elements.add(i)).oid_value, pg_sys::RowExclusiveLock as _);
+                let info = pg_sys::BuildIndexInfo(index);
+                if !(*info).ii_Expressions.is_null() || !(*info).ii_Predicate.is_null() {
+                    error::raise(
+                        pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                        "pg_outbox: an index on outbox.messages uses an expression or a predicate".into(),
+                        "Only plain-column indexes are supported on outbox.messages; drop that index.",
+                    );
+                }
+                let keys = (*info).ii_NumIndexAttrs as usize;
+                let mut key_values = [pg_sys::Datum::from(0); 32];
+                let mut key_nulls = [false; 32];
+                for k in 0..keys {
+                    let column = (*info).ii_IndexAttrNumbers[k] as usize - 1;
+                    key_values[k] = values[column];
+                    key_nulls[k] = nulls[column];
+                }
+                let unique = if (*info).ii_Unique {
+                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+                } else {
+                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+                };
+                pg_sys::index_insert(
+                    index,
+                    key_values.as_mut_ptr(),
+                    key_nulls.as_mut_ptr(),
+                    &mut (*tuple).t_self,
+                    self.rel,
+                    unique,
+                    false,
+                    info,
+                );
+                pg_sys::index_close(index, pg_sys::NoLock as _);
+            }
+            pg_sys::list_free(indexes);
         }
     }
 }
 
-thread_local! {
-    /// The prepared INSERT, kept for the life of the backend (PostgreSQL replans it on DDL).
-    static INSERT_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-const INSERT_SQL: &std::ffi::CStr = c"INSERT INTO outbox.messages (id, queue, key, payload, payload_bytes, headers, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)";
-
-fn insert_plan() -> pg_sys::SPIPlanPtr {
-    INSERT_PLAN.with(|cell| {
-        if cell.get().is_null() {
-            let mut types = [
-                pg_sys::UUIDOID,
-                pg_sys::TEXTOID,
-                pg_sys::TEXTOID,
-                pg_sys::JSONBOID,
-                pg_sys::BYTEAOID,
-                pg_sys::JSONBOID,
-                pg_sys::TIMESTAMPTZOID,
-            ];
-            unsafe {
-                let plan = pg_sys::SPI_prepare(INSERT_SQL.as_ptr(), 7, types.as_mut_ptr());
-                if plan.is_null() {
-                    pgrx::error!("pg_outbox: could not prepare the outbox insert");
-                }
-                pg_sys::SPI_keepplan(plan);
-                cell.set(plan);
-            }
-        }
-        cell.get()
-    })
-}
-
-fn insert_row(message: &Message) {
-    let (payload, payload_bytes) = match &message.payload {
-        Payload::Json(json) => (Some(json.datum()), None),
-        Payload::Bytes { datum, .. } => (None, Some(*datum)),
-    };
-    let columns = [
-        pgrx::Uuid::from_bytes(*message.id.as_bytes()).into_datum(),
-        message.queue.into_datum(),
-        message.key.and_then(|key| key.into_datum()),
-        payload,
-        payload_bytes,
-        Some(message.headers.datum()),
-        Some(pg_sys::Datum::from(message.created_at)),
-    ];
-    let mut values = columns.map(|c| c.unwrap_or(pg_sys::Datum::from(0)));
-    let nulls = columns.map(|c| if c.is_some() { b' ' as std::ffi::c_char } else { b'n' as std::ffi::c_char });
-    let status =
-        unsafe { pg_sys::SPI_execute_plan(insert_plan(), values.as_mut_ptr(), nulls.as_ptr(), false, 0) };
-    if status != pg_sys::SPI_OK_INSERT as i32 {
-        pgrx::error!("pg_outbox: inserting into outbox.messages failed (SPI status {status})");
+impl Drop for MessagesTable {
+    fn drop(&mut self) {
+        // Keep the lock until the end of the transaction, as the executor does.
+        unsafe { pg_sys::table_close(self.rel, pg_sys::NoLock as _) };
     }
 }
 

@@ -182,4 +182,22 @@ mod tests {
         Spi::run("SET LOCAL ROLE stranger2").unwrap();
         Spi::run("SELECT outbox.publish('orders', '{}')").unwrap();
     }
+
+    #[pg_test]
+    fn publish_maintains_plain_indexes() {
+        Spi::run("CREATE INDEX messages_key ON outbox.messages (key)").unwrap();
+        Spi::run("SELECT outbox.publish_batch('q', array_agg(to_jsonb(g)), '{}', array_agg('k' || g)) FROM generate_series(1, 500) g")
+            .unwrap();
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        Spi::run("SET LOCAL enable_bitmapscan = off").unwrap();
+        assert_eq!(count("SELECT count(*) FROM outbox.messages WHERE key = 'k42'"), 1);
+        let plan = Spi::get_one::<String>("EXPLAIN SELECT * FROM outbox.messages WHERE key = 'k42'").unwrap().unwrap();
+        assert!(plan.contains("Index Scan using messages_key"), "{plan}");
+    }
+
+    #[pg_test(error = "pg_outbox: an index on outbox.messages uses an expression or a predicate")]
+    fn publish_refuses_expression_indexes() {
+        Spi::run("CREATE INDEX messages_lower_key ON outbox.messages (lower(key))").unwrap();
+        Spi::run("SELECT outbox.publish('q', '1')").unwrap();
+    }
 }

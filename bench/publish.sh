@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Publish throughput, one run, same payload: outbox.publish (table and wal storage),
+# outbox.publish_batch, a bare INSERT into an unindexed jsonb table, pg_logical_emit_message and a
+# Debezium-style outbox table; 100 rows per transaction and 1 row per transaction. Then the cost of
+# retention: batched deletes (outbox.prune) against dropping a time partition of the same size.
+# Writes the tables into BENCHMARKS.md between the publish markers.
+#
+#   bench/publish.sh [seconds per run, default 10] [clients, default 2] [rounds, default 3]
+# Variants run interleaved, ROUNDS times each; the table shows the median (2 cores are noisy).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN=${1:-10}
+CLIENTS=${2:-2}
+ROUNDS=${3:-3}
+source scripts/lib/pg-cluster.sh
+
+echo "==> building and installing the extension (release)" >&2
+(cd pg_outbox && cargo pgrx install --release --pg-config "$PG_BIN/pg_config" >/dev/null)
+pg_cluster_start "shared_buffers = 512MB" "max_wal_size = 4GB" "checkpoint_timeout = 30min"
+trap pg_cluster_stop EXIT
+work=$(mktemp -d); trap 'pg_cluster_stop; rm -rf "$work"' EXIT
+
+PAYLOAD='{"order_id": 918273, "customer_id": "c-4711", "currency": "EUR", "total": 129.95, "items": [{"sku": "SKU-1001", "qty": 2, "price": 39.99}, {"sku": "SKU-2002", "qty": 1, "price": 49.97}], "shipping": {"method": "express", "country": "DE"}}'
+psql -qX -v ON_ERROR_STOP=1 <<SQL
+CREATE EXTENSION pg_outbox;
+CREATE TABLE bare (payload jsonb);
+CREATE TABLE debezium_outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype varchar(255) NOT NULL,
+  aggregateid varchar(255) NOT NULL, type varchar(255) NOT NULL, payload jsonb);
+SQL
+
+# statement for one row of each variant (pgbench script syntax)
+declare -A ROW=(
+  [bare_insert]="INSERT INTO bare (payload) VALUES ('$PAYLOAD');"
+  [debezium_outbox]="INSERT INTO debezium_outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', '918273', 'OrderPlaced', '$PAYLOAD');"
+  [emit_message]="SELECT pg_logical_emit_message(true, 'bench', '$PAYLOAD');"
+  [publish_table]="SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
+  [publish_wal]="SET pg_outbox.storage = 'wal'; SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
+)
+VARIANTS=(bare_insert debezium_outbox emit_message publish_table publish_wal publish_batch_table publish_batch_wal)
+
+script() { # variant rows_per_tx
+  local v=$1 n=$2
+  case $v in
+    publish_batch_table|publish_batch_wal)
+      [[ $v == publish_batch_wal ]] && echo "SET pg_outbox.storage = 'wal';"
+      echo "SELECT count(*) FROM outbox.publish_batch('orders', array_fill('$PAYLOAD'::jsonb, ARRAY[$n]));" ;;
+    *)
+      local stmt=${ROW[$v]}
+      if [[ $v == publish_wal ]]; then echo "SET pg_outbox.storage = 'wal';"; stmt=${stmt#SET pg_outbox.storage = \'wal\'; }; fi
+      echo "BEGIN;"; for ((i = 0; i < n; i++)); do echo "$stmt"; done; echo "COMMIT;" ;;
+  esac
+}
+
+run() { # variant rows_per_tx -> rows/s
+  local v=$1 n=$2
+  script "$v" "$n" >"$work/$v.$n.sql"
+  psql -qX -c "TRUNCATE bare, debezium_outbox, outbox.messages" -c "CHECKPOINT" >/dev/null
+  local tps
+  tps=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" -f "$work/$v.$n.sql" 2>&1 |
+    sed -n 's/^tps = \([0-9.]*\) .*/\1/p')
+  awk -v t="$tps" -v n="$n" 'BEGIN { printf "%.0f", t * n }'
+}
+
+declare -A RESULT
+for n in 100 1; do
+  declare -A ALL=()
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for v in "${VARIANTS[@]}"; do
+      rate=$(run "$v" "$n")
+      ALL[$v]="${ALL[$v]:-} $rate"
+      echo "  round $round: $v, $n rows/tx: $rate rows/s" >&2
+    done
+  done
+  for v in "${VARIANTS[@]}"; do
+    RESULT[$v.$n]=$(printf '%s\n' ${ALL[$v]} | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
+  done
+done
+
+# Retention: delete 200k expired rows with outbox.prune (BRIN + batches of 50k) vs DROP a partition.
+psql -qX -v ON_ERROR_STOP=1 >/dev/null <<SQL
+TRUNCATE outbox.messages;
+SELECT count(*) FROM outbox.publish_batch('orders', array_fill('$PAYLOAD'::jsonb, ARRAY[200000]));
+UPDATE outbox.messages SET created_at = now() - interval '2 days';
+VACUUM outbox.messages;
+SELECT count(*) FROM outbox.publish_batch('orders', array_fill('$PAYLOAD'::jsonb, ARRAY[200000]));
+CREATE TABLE parted (LIKE outbox.messages) PARTITION BY RANGE (created_at);
+CREATE TABLE parted_old PARTITION OF parted FOR VALUES FROM ('-infinity') TO (now() - interval '1 day');
+CREATE TABLE parted_new PARTITION OF parted FOR VALUES FROM (now() - interval '1 day') TO ('infinity');
+INSERT INTO parted SELECT * FROM outbox.messages;
+CHECKPOINT;
+SQL
+measure() { # sql -> "ms wal_bytes"
+  local before after start end
+  before=$(psql -qXAt -c "SELECT pg_current_wal_lsn()")
+  start=$(date +%s%N)
+  psql -qX -v ON_ERROR_STOP=1 -c "$1" >/dev/null
+  end=$(date +%s%N)
+  after=$(psql -qXAt -c "SELECT pg_current_wal_lsn()")
+  echo "$(( (end - start) / 1000000 )) $(psql -qXAt -c "SELECT pg_wal_lsn_diff('$after', '$before')::bigint")"
+}
+read -r prune_ms prune_wal < <(measure "DO \$\$ BEGIN LOOP EXIT WHEN outbox.prune(max_rows => 50000) < 50000; END LOOP; END \$\$")
+read -r drop_ms drop_wal < <(measure "DROP TABLE parted_old")
+remaining=$(psql -qXAt -c "SELECT count(*) FROM outbox.messages")
+[[ $remaining == 200000 ]] || { echo "prune left $remaining rows, expected 200000" >&2; exit 1; }
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f×", a / b }'; }
+{
+  echo "<!-- publish:begin (written by bench/publish.sh) -->"
+  echo "### Publish throughput"
+  echo
+  echo "$(date -u +%Y-%m-%d), PostgreSQL $(psql -qXAt -c 'SHOW server_version'), $(nproc) cores, pgbench -M prepared, $CLIENTS clients," \
+       "${SECONDS_PER_RUN}s per run, median of $ROUNDS interleaved rounds, synchronous_commit = on, a $(echo -n "$PAYLOAD" | wc -c)-byte JSON payload."
+  echo
+  echo "| variant | 100 rows/tx (rows/s) | vs bare INSERT | 1 row/tx (rows/s) | vs bare INSERT |"
+  echo "|---|---:|---:|---:|---:|"
+  for v in "${VARIANTS[@]}"; do
+    echo "| \`$v\` | ${RESULT[$v.100]} | $(ratio "${RESULT[$v.100]}" "${RESULT[bare_insert.100]}") | ${RESULT[$v.1]} | $(ratio "${RESULT[$v.1]}" "${RESULT[bare_insert.1]}") |"
+  done
+  echo
+  echo "### Retention: removing 200,000 expired rows (200,000 newer rows kept)"
+  echo
+  echo "| method | time (ms) | WAL written (bytes) |"
+  echo "|---|---:|---:|"
+  echo "| \`outbox.prune()\` batched deletes (BRIN on created_at, 50k per call) | $prune_ms | $prune_wal |"
+  echo "| \`DROP TABLE\` of a time partition | $drop_ms | $drop_wal |"
+  echo "<!-- publish:end -->"
+} >"$work/section.md"
+
+touch BENCHMARKS.md
+python3 - "$work/section.md" <<'PY'
+import re, sys
+section = open(sys.argv[1]).read().strip()
+text = open("BENCHMARKS.md").read()
+if "<!-- publish:begin" in text:
+    text = re.sub(r"<!-- publish:begin.*?<!-- publish:end -->", lambda _: section, text, flags=re.S)
+else:
+    text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmarks\n\n") + section + "\n"
+open("BENCHMARKS.md", "w").write(text)
+PY
+cat "$work/section.md"
