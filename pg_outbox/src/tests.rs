@@ -185,6 +185,8 @@ mod tests {
 
     #[pg_test]
     fn publish_maintains_plain_indexes() {
+        // Tests run concurrently: take the table first so index DDL cannot deadlock with them.
+        Spi::run("LOCK TABLE outbox.messages IN SHARE ROW EXCLUSIVE MODE").unwrap();
         Spi::run("CREATE INDEX messages_key ON outbox.messages (key)").unwrap();
         Spi::run("SELECT outbox.publish_batch('q', array_agg(to_jsonb(g)), '{}', array_agg('k' || g)) FROM generate_series(1, 500) g")
             .unwrap();
@@ -197,6 +199,8 @@ mod tests {
 
     #[pg_test(error = "pg_outbox: an index on outbox.messages uses an expression or a predicate")]
     fn publish_refuses_expression_indexes() {
+        // Tests run concurrently: take the table first so index DDL cannot deadlock with them.
+        Spi::run("LOCK TABLE outbox.messages IN SHARE ROW EXCLUSIVE MODE").unwrap();
         Spi::run("CREATE INDEX messages_lower_key ON outbox.messages (lower(key))").unwrap();
         Spi::run("SELECT outbox.publish('q', '1')").unwrap();
     }
