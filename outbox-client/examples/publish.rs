@@ -24,14 +24,19 @@ impl Event for OrderPlaced {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     client
         .batch_execute("CREATE TABLE IF NOT EXISTS orders (id bigint PRIMARY KEY, customer text, total_cents bigint)")
         .await?;
 
-    let order = OrderPlaced { order_id: 42, customer: "c-7".into(), total_cents: 1299 };
+    let order = OrderPlaced {
+        order_id: 42,
+        customer: "c-7".into(),
+        total_cents: 1299,
+    };
     let tx = client.transaction().await?;
     tx.execute(
         "INSERT INTO orders VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",

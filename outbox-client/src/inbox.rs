@@ -30,7 +30,9 @@ impl Inbox {
     /// `consumer` names this consumer (e.g. `"billing.order-placed"`); each consumer
     /// de-duplicates independently.
     pub fn new(consumer: impl Into<String>) -> Self {
-        Inbox { consumer: consumer.into() }
+        Inbox {
+            consumer: consumer.into(),
+        }
     }
 
     /// Opens a transaction, marks `message_id` processed, runs `handler` in that transaction and
@@ -47,7 +49,10 @@ impl Inbox {
     {
         let tx = client.transaction().await.map_err(Error::from)?;
         let first: bool = tx
-            .query_one("SELECT outbox.try_mark_processed($1, $2)", &[&self.consumer, &message_id])
+            .query_one(
+                "SELECT outbox.try_mark_processed($1, $2)",
+                &[&self.consumer, &message_id],
+            )
             .await
             .map_err(Error::from)?
             .get(0);
@@ -69,7 +74,11 @@ impl Inbox {
 
     /// Forgets marks older than `older_than` for this consumer; returns how many. Keep marks longer
     /// than the longest time a message can be redelivered.
-    pub async fn purge(&self, client: &Client, older_than: std::time::Duration) -> Result<i64, Error> {
+    pub async fn purge(
+        &self,
+        client: &Client,
+        older_than: std::time::Duration,
+    ) -> Result<i64, Error> {
         let seconds = older_than.as_secs_f64();
         let row = client
             .query_one(

@@ -26,7 +26,10 @@ impl Outbox {
     ) -> Result<Uuid, Error> {
         let payload = serde_json::to_value(payload)?;
         let row = client
-            .query_one("SELECT outbox.publish($1, $2, $3, $4)", &[&queue, &payload, &headers.to_json(), &key])
+            .query_one(
+                "SELECT outbox.publish($1, $2, $3, $4)",
+                &[&queue, &payload, &headers.to_json(), &key],
+            )
             .await?;
         Ok(row.get(0))
     }
@@ -40,9 +43,15 @@ impl Outbox {
         headers: &Headers,
         keys: Option<&[Option<&str>]>,
     ) -> Result<Vec<Uuid>, Error> {
-        let payloads = payloads.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?;
+        let payloads = payloads
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<_>, _>>()?;
         let rows = client
-            .query("SELECT outbox.publish_batch($1, $2, $3, $4)", &[&queue, &payloads, &headers.to_json(), &keys])
+            .query(
+                "SELECT outbox.publish_batch($1, $2, $3, $4)",
+                &[&queue, &payloads, &headers.to_json(), &keys],
+            )
             .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
@@ -58,13 +67,27 @@ impl Outbox {
         key: Option<&str>,
     ) -> Result<Uuid, Error> {
         let row = client
-            .query_one("SELECT outbox.publish_bytes($1, $2, $3, $4)", &[&queue, &payload, &headers.to_json(), &key])
+            .query_one(
+                "SELECT outbox.publish_bytes($1, $2, $3, $4)",
+                &[&queue, &payload, &headers.to_json(), &key],
+            )
             .await?;
         Ok(row.get(0))
     }
 
     /// Publishes a typed event to its queue, with its key and headers.
-    pub async fn publish_event<C: GenericClient, E: Event>(&self, client: &C, event: &E) -> Result<Uuid, Error> {
-        self.publish(client, E::QUEUE, event, &event.headers(), event.key().as_deref()).await
+    pub async fn publish_event<C: GenericClient, E: Event>(
+        &self,
+        client: &C,
+        event: &E,
+    ) -> Result<Uuid, Error> {
+        self.publish(
+            client,
+            E::QUEUE,
+            event,
+            &event.headers(),
+            event.key().as_deref(),
+        )
+        .await
     }
 }

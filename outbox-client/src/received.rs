@@ -34,7 +34,8 @@ fn from_pairs<'a>(
     let (mut id, mut queue, mut created_at) = (message_id.map(str::to_string), None, None);
     let mut headers = Headers::new();
     for (name, value) in pairs {
-        let value = std::str::from_utf8(value.unwrap_or_default()).map_err(|_| ReceivedError::NotUtf8(name.into()))?;
+        let value = std::str::from_utf8(value.unwrap_or_default())
+            .map_err(|_| ReceivedError::NotUtf8(name.into()))?;
         match name {
             "outbox-id" => id = Some(value.to_string()),
             "outbox-queue" => queue = Some(value.to_string()),
@@ -44,14 +45,22 @@ fn from_pairs<'a>(
     }
     let id = id.ok_or(ReceivedError::MissingId)?;
     let id = Uuid::parse_str(&id).map_err(|_| ReceivedError::InvalidId(id))?;
-    Ok(Received { id, queue, created_at, headers })
+    Ok(Received {
+        id,
+        queue,
+        created_at,
+        headers,
+    })
 }
 
 /// Reads the outbox metadata from the headers of a Kafka message.
 #[cfg(feature = "kafka")]
 pub fn from_kafka<M: rdkafka::Message>(message: &M) -> Result<Received, ReceivedError> {
     use rdkafka::message::Headers as _;
-    let headers: Vec<_> = message.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default();
+    let headers: Vec<_> = message
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+        .unwrap_or_default();
     from_pairs(None, headers.into_iter())
 }
 
@@ -61,15 +70,21 @@ pub fn from_kafka<M: rdkafka::Message>(message: &M) -> Result<Received, Received
 pub fn from_amqp(properties: &lapin::BasicProperties) -> Result<Received, ReceivedError> {
     use lapin::types::AMQPValue;
     let table = properties.headers().as_ref();
-    let pairs = table.into_iter().flat_map(|t| t.inner().iter()).filter_map(|(name, value)| {
-        let bytes: &[u8] = match value {
-            AMQPValue::LongString(s) => s.as_bytes(),
-            AMQPValue::ShortString(s) => s.as_str().as_bytes(),
-            _ => return None,
-        };
-        Some((name.as_str(), Some(bytes)))
-    });
-    from_pairs(properties.message_id().as_ref().map(|id| id.as_str()), pairs)
+    let pairs = table
+        .into_iter()
+        .flat_map(|t| t.inner().iter())
+        .filter_map(|(name, value)| {
+            let bytes: &[u8] = match value {
+                AMQPValue::LongString(s) => s.as_bytes(),
+                AMQPValue::ShortString(s) => s.as_str().as_bytes(),
+                _ => return None,
+            };
+            Some((name.as_str(), Some(bytes)))
+        });
+    from_pairs(
+        properties.message_id().as_ref().map(|id| id.as_str()),
+        pairs,
+    )
 }
 
 #[cfg(test)]
@@ -81,18 +96,55 @@ mod tests {
     fn reads_kafka_headers() {
         use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "outbox-id", value: Some("0190a3c4-5b6d-7e8f-9a0b-1c2d3e4f5a6b") })
-            .insert(Header { key: "outbox-queue", value: Some("orders") })
-            .insert(Header { key: "outbox-created-at", value: Some("2026-11-23T03:00:00.000000Z") })
-            .insert(Header { key: "traceparent", value: Some("00-abc-def-01") });
-        let message = OwnedMessage::new(Some(b"{}".to_vec()), None, "orders".into(), Timestamp::NotAvailable, 0, 7, Some(headers));
+            .insert(Header {
+                key: "outbox-id",
+                value: Some("0190a3c4-5b6d-7e8f-9a0b-1c2d3e4f5a6b"),
+            })
+            .insert(Header {
+                key: "outbox-queue",
+                value: Some("orders"),
+            })
+            .insert(Header {
+                key: "outbox-created-at",
+                value: Some("2026-11-23T03:00:00.000000Z"),
+            })
+            .insert(Header {
+                key: "traceparent",
+                value: Some("00-abc-def-01"),
+            });
+        let message = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "orders".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            Some(headers),
+        );
         let received = from_kafka(&message).unwrap();
-        assert_eq!(received.id.to_string(), "0190a3c4-5b6d-7e8f-9a0b-1c2d3e4f5a6b");
+        assert_eq!(
+            received.id.to_string(),
+            "0190a3c4-5b6d-7e8f-9a0b-1c2d3e4f5a6b"
+        );
         assert_eq!(received.queue.as_deref(), Some("orders"));
-        assert_eq!(received.created_at.as_deref(), Some("2026-11-23T03:00:00.000000Z"));
-        assert_eq!(received.headers, Headers::new().with("traceparent", "00-abc-def-01"));
+        assert_eq!(
+            received.created_at.as_deref(),
+            Some("2026-11-23T03:00:00.000000Z")
+        );
+        assert_eq!(
+            received.headers,
+            Headers::new().with("traceparent", "00-abc-def-01")
+        );
 
-        let bare = OwnedMessage::new(None, None, "orders".into(), Timestamp::NotAvailable, 0, 8, None);
+        let bare = OwnedMessage::new(
+            None,
+            None,
+            "orders".into(),
+            Timestamp::NotAvailable,
+            0,
+            8,
+            None,
+        );
         assert_eq!(from_kafka(&bare), Err(ReceivedError::MissingId));
     }
 
@@ -101,23 +153,38 @@ mod tests {
     fn reads_amqp_properties() {
         use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
         let mut table = FieldTable::default();
-        table.insert(ShortString::from("outbox-queue"), AMQPValue::LongString(LongString::from("orders")));
-        table.insert(ShortString::from("traceparent"), AMQPValue::LongString(LongString::from("00-abc-def-01")));
+        table.insert(
+            ShortString::from("outbox-queue"),
+            AMQPValue::LongString(LongString::from("orders")),
+        );
+        table.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(LongString::from("00-abc-def-01")),
+        );
         let properties = lapin::BasicProperties::default()
             .with_message_id(ShortString::from("0190a3c4-5b6d-7e8f-9a0b-1c2d3e4f5a6b"))
             .with_headers(table);
         let received = from_amqp(&properties).unwrap();
-        assert_eq!(received.id.to_string(), "0190a3c4-5b6d-7e8f-9a0b-1c2d3e4f5a6b");
+        assert_eq!(
+            received.id.to_string(),
+            "0190a3c4-5b6d-7e8f-9a0b-1c2d3e4f5a6b"
+        );
         assert_eq!(received.queue.as_deref(), Some("orders"));
         assert_eq!(received.headers.get("traceparent"), Some("00-abc-def-01"));
 
         let bad = lapin::BasicProperties::default().with_message_id(ShortString::from("nope"));
-        assert_eq!(from_amqp(&bad), Err(ReceivedError::InvalidId("nope".into())));
+        assert_eq!(
+            from_amqp(&bad),
+            Err(ReceivedError::InvalidId("nope".into()))
+        );
     }
 
     #[test]
     fn non_utf8_headers_are_reported_by_name() {
         let pairs = [("outbox-id", Some(&b"x"[..])), ("bin", Some(&[0xff][..]))];
-        assert_eq!(from_pairs(None, pairs.into_iter()), Err(ReceivedError::NotUtf8("bin".into())));
+        assert_eq!(
+            from_pairs(None, pairs.into_iter()),
+            Err(ReceivedError::NotUtf8("bin".into()))
+        );
     }
 }

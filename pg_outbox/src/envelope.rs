@@ -39,7 +39,11 @@ impl Envelope<'_> {
         out.push_str("{\"v\":");
         out.push_str(&VERSION.to_string());
         out.push_str(",\"id\":\"");
-        out.push_str(self.id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()));
+        out.push_str(
+            self.id
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        );
         // Queue names are validated to [A-Za-z0-9._-], which needs no escaping.
         out.push_str("\",\"queue\":\"");
         out.push_str(self.queue);

@@ -5,7 +5,11 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 /// Raises `ERROR` with SQLSTATE 22023 (invalid_parameter_value).
 pub fn invalid(message: String, hint: &str) -> ! {
-    raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, hint)
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message,
+        hint,
+    )
 }
 
 /// Raises `ERROR` with SQLSTATE 22004 (null_value_not_allowed) for a NULL argument.

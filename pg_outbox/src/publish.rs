@@ -28,7 +28,15 @@ COMMENT ON FUNCTION outbox.publish(text, jsonb, jsonb, text) IS
 "#)]
 fn publish(fcinfo: FcInfo) -> pgrx::Uuid {
     const F: &str = "outbox.publish";
-    let payload = unsafe { Jsonb::from_datum(required(fcinfo, 1, F, "payload", "Pass a JSON value, e.g. '{}'.")) };
+    let payload = unsafe {
+        Jsonb::from_datum(required(
+            fcinfo,
+            1,
+            F,
+            "payload",
+            "Pass a JSON value, e.g. '{}'.",
+        ))
+    };
     publish_one(fcinfo, F, Payload::Json(payload))
 }
 
@@ -41,8 +49,18 @@ COMMENT ON FUNCTION outbox.publish_bytes(text, bytea, jsonb, text) IS
 "#)]
 fn publish_bytes(fcinfo: FcInfo) -> pgrx::Uuid {
     const F: &str = "outbox.publish_bytes";
-    required(fcinfo, 1, F, "payload", "Pass a bytea value, e.g. '\\x00'::bytea.");
-    let datum = unsafe { pg_sys::Datum::from(pg_sys::pg_detoast_datum_packed(pg_getarg_datum_raw(fcinfo, 1).cast_mut_ptr())) };
+    required(
+        fcinfo,
+        1,
+        F,
+        "payload",
+        "Pass a bytea value, e.g. '\\x00'::bytea.",
+    );
+    let datum = unsafe {
+        pg_sys::Datum::from(pg_sys::pg_detoast_datum_packed(
+            pg_getarg_datum_raw(fcinfo, 1).cast_mut_ptr(),
+        ))
+    };
     let bytes = unsafe { pgrx::varlena::varlena_to_byte_slice(datum.cast_mut_ptr()) };
     publish_one(fcinfo, F, Payload::Bytes { datum, bytes })
 }
@@ -51,7 +69,14 @@ fn publish_one(fcinfo: FcInfo, function: &str, payload: Payload) -> pgrx::Uuid {
     let queue = queue_arg(fcinfo, 0, function);
     let headers = headers_arg(fcinfo, 2, function);
     let key = key_arg(unsafe { pg_getarg::<&str>(fcinfo, 3) }, function, "key");
-    let message = Message { id: uuid::Uuid::now_v7(), queue, key, headers, payload, created_at: now() };
+    let message = Message {
+        id: uuid::Uuid::now_v7(),
+        queue,
+        key,
+        headers,
+        payload,
+        created_at: now(),
+    };
     Writer::open().write(&message);
     pgrx::Uuid::from_bytes(*message.id.as_bytes())
 }
@@ -66,14 +91,24 @@ COMMENT ON FUNCTION outbox.publish_batch(text, jsonb[], jsonb, text[]) IS
 fn publish_batch(fcinfo: FcInfo) -> SetOfIterator<'static, pgrx::Uuid> {
     const F: &str = "outbox.publish_batch";
     let queue = queue_arg(fcinfo, 0, F);
-    let payloads = required(fcinfo, 1, F, "payloads", "Pass an array of JSON values, e.g. ARRAY['{}']::jsonb[].");
+    let payloads = required(
+        fcinfo,
+        1,
+        F,
+        "payloads",
+        "Pass an array of JSON values, e.g. ARRAY['{}']::jsonb[].",
+    );
     let payloads = unsafe { deconstruct(payloads, pg_sys::JSONBOID, F, "payloads") };
     let headers = headers_arg(fcinfo, 2, F);
     let keys = unsafe { pg_getarg::<Vec<Option<String>>>(fcinfo, 3) };
     if let Some(keys) = &keys {
         if keys.len() != payloads.len() {
             error::invalid(
-                format!("{F}: payloads has {} elements but keys has {}", payloads.len(), keys.len()),
+                format!(
+                    "{F}: payloads has {} elements but keys has {}",
+                    payloads.len(),
+                    keys.len()
+                ),
                 "Pass one key per payload (NULL elements for no key), or NULL for no keys at all.",
             );
         }
@@ -83,7 +118,11 @@ fn publish_batch(fcinfo: FcInfo) -> SetOfIterator<'static, pgrx::Uuid> {
     let mut ids = Vec::with_capacity(payloads.len());
     for (i, payload) in payloads.into_iter().enumerate() {
         let Some(payload) = payload else {
-            error::null_argument(F, &format!("payloads[{}]", i + 1), "Every element of payloads must be a JSON value.");
+            error::null_argument(
+                F,
+                &format!("payloads[{}]", i + 1),
+                "Every element of payloads must be a JSON value.",
+            );
         };
         let key = keys.as_ref().and_then(|keys| keys[i].as_deref());
         let message = Message {
@@ -114,14 +153,31 @@ fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
     let queue = queue_arg(fcinfo, 1, F);
     let key = key_arg(unsafe { pg_getarg::<&str>(fcinfo, 2) }, F, "key");
     let payload = if unsafe { pg_arg_is_null(fcinfo, 3) } {
-        let datum = required(fcinfo, 4, F, "payload_bytes", "Pass payload or payload_bytes.");
-        let datum = unsafe { pg_sys::Datum::from(pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr())) };
-        Payload::Bytes { datum, bytes: unsafe { pgrx::varlena::varlena_to_byte_slice(datum.cast_mut_ptr()) } }
+        let datum = required(
+            fcinfo,
+            4,
+            F,
+            "payload_bytes",
+            "Pass payload or payload_bytes.",
+        );
+        let datum =
+            unsafe { pg_sys::Datum::from(pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr())) };
+        Payload::Bytes {
+            datum,
+            bytes: unsafe { pgrx::varlena::varlena_to_byte_slice(datum.cast_mut_ptr()) },
+        }
     } else {
         Payload::Json(unsafe { Jsonb::from_datum(pg_getarg_datum_raw(fcinfo, 3)) })
     };
     let headers = headers_arg(fcinfo, 5, F);
-    let message = Message { id: uuid::Uuid::from_bytes(*id.as_bytes()), queue, key, headers, payload, created_at: now() };
+    let message = Message {
+        id: uuid::Uuid::from_bytes(*id.as_bytes()),
+        queue,
+        key,
+        headers,
+        payload,
+        created_at: now(),
+    };
     Writer::open().write(&message);
     id
 }
@@ -141,7 +197,10 @@ fn queue_arg<'a>(fcinfo: FcInfo, index: usize, function: &str) -> &'a str {
     let queue = unsafe { pg_getarg::<&'a str>(fcinfo, index) }
         .unwrap_or_else(|| error::null_argument(function, "queue", QUEUE_HINT));
     if let Err(problem) = check_queue_name(queue) {
-        error::invalid(format!("{function}: invalid queue name \"{queue}\": {problem}"), QUEUE_HINT);
+        error::invalid(
+            format!("{function}: invalid queue name \"{queue}\": {problem}"),
+            QUEUE_HINT,
+        );
     }
     queue
 }
@@ -152,9 +211,15 @@ pub fn check_queue_name(queue: &str) -> Result<(), String> {
         return Err("it is empty".into());
     }
     if queue.len() > 249 {
-        return Err(format!("it is {} characters long, the limit is 249", queue.len()));
+        return Err(format!(
+            "it is {} characters long, the limit is 249",
+            queue.len()
+        ));
     }
-    if let Some(bad) = queue.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+    if let Some(bad) = queue
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
         return Err(format!("character {bad:?} is not allowed"));
     }
     if queue == "." || queue == ".." {
@@ -165,7 +230,10 @@ pub fn check_queue_name(queue: &str) -> Result<(), String> {
 
 fn key_arg<'a>(key: Option<&'a str>, function: &str, name: &str) -> Option<&'a str> {
     if key == Some("") {
-        error::invalid(format!("{function}: {name} must not be an empty string"), "Pass NULL for a message without a key.");
+        error::invalid(
+            format!("{function}: {name} must not be an empty string"),
+            "Pass NULL for a message without a key.",
+        );
     }
     key
 }
@@ -177,7 +245,13 @@ fn headers_arg(fcinfo: FcInfo, index: usize, function: &str) -> Jsonb {
     }
     let headers = unsafe { Jsonb::from_datum(pg_getarg_datum_raw(fcinfo, index)) };
     if !headers.is_object() {
-        error::invalid(format!("{function}: headers must be a JSON object, got a JSON {}", headers.kind()), HEADERS_HINT);
+        error::invalid(
+            format!(
+                "{function}: headers must be a JSON object, got a JSON {}",
+                headers.kind()
+            ),
+            HEADERS_HINT,
+        );
     }
     if !headers.is_empty_object() {
         let text = headers.to_text();
@@ -198,7 +272,9 @@ pub fn check_headers(json: &str) -> Result<(), String> {
             return Err("a header name is empty".into());
         }
         if name.to_ascii_lowercase().starts_with("outbox-") {
-            return Err(format!("header \"{name}\" uses the reserved prefix \"outbox-\""));
+            return Err(format!(
+                "header \"{name}\" uses the reserved prefix \"outbox-\""
+            ));
         }
         if !value.is_string() {
             return Err(format!("header \"{name}\" must be a string, got {value}"));
@@ -208,17 +284,37 @@ pub fn check_headers(json: &str) -> Result<(), String> {
 }
 
 /// The elements of a one-dimensional array argument (NULL elements as `None`).
-unsafe fn deconstruct(datum: pg_sys::Datum, element_type: pg_sys::Oid, function: &str, name: &str) -> Vec<Option<pg_sys::Datum>> {
-    let array: *mut pg_sys::ArrayType = unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) }.cast();
+unsafe fn deconstruct(
+    datum: pg_sys::Datum,
+    element_type: pg_sys::Oid,
+    function: &str,
+    name: &str,
+) -> Vec<Option<pg_sys::Datum>> {
+    let array: *mut pg_sys::ArrayType =
+        unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) }.cast();
     let dims = unsafe { (*array).ndim };
     if dims > 1 {
-        error::invalid(format!("{function}: {name} must be a one-dimensional array, got {dims} dimensions"), "Pass a flat array.");
+        error::invalid(
+            format!("{function}: {name} must be a one-dimensional array, got {dims} dimensions"),
+            "Pass a flat array.",
+        );
     }
     let (mut elems, mut nulls, mut count) = (std::ptr::null_mut(), std::ptr::null_mut(), 0);
     let (mut typlen, mut typbyval, mut typalign) = (0i16, false, 0 as std::ffi::c_char);
     unsafe {
         pg_sys::get_typlenbyvalalign(element_type, &mut typlen, &mut typbyval, &mut typalign);
-        pg_sys::deconstruct_array(array, element_type, typlen.into(), typbyval, typalign, &mut elems, &mut nulls, &mut count);
-        (0..count as usize).map(|i| (!*nulls.add(i)).then(|| *elems.add(i))).collect()
+        pg_sys::deconstruct_array(
+            array,
+            element_type,
+            typlen.into(),
+            typbyval,
+            typalign,
+            &mut elems,
+            &mut nulls,
+            &mut count,
+        );
+        (0..count as usize)
+            .map(|i| (!*nulls.add(i)).then(|| *elems.add(i)))
+            .collect()
     }
 }

@@ -10,7 +10,10 @@ use pgrx::IntoDatum;
 
 pub enum Payload<'a> {
     Json(Jsonb),
-    Bytes { datum: pg_sys::Datum, bytes: &'a [u8] },
+    Bytes {
+        datum: pg_sys::Datum,
+        bytes: &'a [u8],
+    },
 }
 
 pub struct Message<'a> {
@@ -105,21 +108,33 @@ impl MessagesTable {
         let mut values = columns.map(|c| c.unwrap_or(pg_sys::Datum::from(0)));
         let mut nulls = columns.map(|c| c.is_none());
         unsafe {
-            let tuple = pg_sys::heap_form_tuple((*self.rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let tuple = pg_sys::heap_form_tuple(
+                (*self.rel).rd_att,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
             pg_sys::simple_heap_insert(self.rel, tuple);
             self.insert_index_entries(tuple, &mut values, &mut nulls);
             pg_sys::heap_freetuple(tuple);
         }
     }
 
-    unsafe fn insert_index_entries(&self, tuple: pg_sys::HeapTuple, values: &mut [pg_sys::Datum], nulls: &mut [bool]) {
+    unsafe fn insert_index_entries(
+        &self,
+        tuple: pg_sys::HeapTuple,
+        values: &mut [pg_sys::Datum],
+        nulls: &mut [bool],
+    ) {
         unsafe {
             let indexes = pg_sys::RelationGetIndexList(self.rel);
             if indexes.is_null() {
                 return;
             }
             for i in 0..(*indexes).length as usize {
-                let index = pg_sys::index_open((*(*indexes).elements.add(i)).oid_value, pg_sys::RowExclusiveLock as _);
+                let index = pg_sys::index_open(
+                    (*(*indexes).elements.add(i)).oid_value,
+                    pg_sys::RowExclusiveLock as _,
+                );
                 let info = pg_sys::BuildIndexInfo(index);
                 if !(*info).ii_Expressions.is_null() || !(*info).ii_Predicate.is_null() {
                     error::raise(
@@ -187,7 +202,11 @@ const PREFIX: &std::ffi::CStr = c"pg_outbox";
 const _: () = assert!(PREFIX.to_bytes().len() == envelope::PREFIX.len());
 
 fn emit_logical_message(message: &Message) {
-    let headers = if message.headers.is_empty_object() { "{}".to_string() } else { message.headers.to_text() };
+    let headers = if message.headers.is_empty_object() {
+        "{}".to_string()
+    } else {
+        message.headers.to_text()
+    };
     let json_payload;
     let payload = match &message.payload {
         Payload::Json(json) => {
@@ -209,9 +228,20 @@ fn emit_logical_message(message: &Message) {
     unsafe {
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
             #[cfg(not(feature = "pg17"))]
-            LogLogicalMessage(PREFIX.as_ptr(), content.as_ptr().cast(), content.len(), true);
+            LogLogicalMessage(
+                PREFIX.as_ptr(),
+                content.as_ptr().cast(),
+                content.len(),
+                true,
+            );
             #[cfg(feature = "pg17")]
-            LogLogicalMessage(PREFIX.as_ptr(), content.as_ptr().cast(), content.len(), true, false);
+            LogLogicalMessage(
+                PREFIX.as_ptr(),
+                content.as_ptr().cast(),
+                content.len(),
+                true,
+                false,
+            );
         })
     };
 }

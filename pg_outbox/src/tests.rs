@@ -22,10 +22,19 @@ mod tests {
             "SELECT queue, key, payload->>'total' FROM outbox.messages WHERE id = '{id}'"
         ))
         .unwrap();
-        assert_eq!(row, (Some("orders".into()), Some("customer-7".into()), Some("12.5".into())));
         assert_eq!(
-            Spi::get_one::<String>(&format!("SELECT headers->>'traceparent' FROM outbox.messages WHERE id = '{id}'"))
-                .unwrap(),
+            row,
+            (
+                Some("orders".into()),
+                Some("customer-7".into()),
+                Some("12.5".into())
+            )
+        );
+        assert_eq!(
+            Spi::get_one::<String>(&format!(
+                "SELECT headers->>'traceparent' FROM outbox.messages WHERE id = '{id}'"
+            ))
+            .unwrap(),
             Some("00-ab".into())
         );
     }
@@ -40,14 +49,23 @@ mod tests {
             ),
             0
         );
-        assert_eq!(count("SELECT count(*) FROM outbox.messages WHERE queue = 'q'"), 4);
-        assert_eq!(count("SELECT count(*) FROM outbox.messages WHERE queue = 'q' AND key IS NULL"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM outbox.messages WHERE queue = 'q'"),
+            4
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM outbox.messages WHERE queue = 'q' AND key IS NULL"),
+            1
+        );
     }
 
     #[pg_test]
     fn null_headers_mean_no_headers() {
         Spi::run("SELECT outbox.publish('q', '1', NULL)").unwrap();
-        assert_eq!(count("SELECT count(*) FROM outbox.messages WHERE headers = '{}'"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM outbox.messages WHERE headers = '{}'"),
+            1
+        );
     }
 
     #[pg_test]
@@ -75,16 +93,37 @@ mod tests {
 
     #[pg_test]
     fn dedup_marks_once_per_consumer() {
-        assert_eq!(Spi::get_one::<bool>("SELECT outbox.try_mark_processed('billing', 'm1')").unwrap(), Some(true));
-        assert_eq!(Spi::get_one::<bool>("SELECT outbox.try_mark_processed('billing', 'm1')").unwrap(), Some(false));
-        assert_eq!(Spi::get_one::<bool>("SELECT outbox.try_mark_processed('shipping', 'm1')").unwrap(), Some(true));
-        assert_eq!(Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm1')").unwrap(), Some(true));
-        assert_eq!(Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm2')").unwrap(), Some(false));
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT outbox.try_mark_processed('billing', 'm1')").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT outbox.try_mark_processed('billing', 'm1')").unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT outbox.try_mark_processed('shipping', 'm1')").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm1')").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm2')").unwrap(),
+            Some(false)
+        );
         Spi::run("UPDATE outbox.processed_messages SET processed_at = now() - interval '8 days' WHERE consumer = 'billing'")
             .unwrap();
-        assert_eq!(count("SELECT outbox.purge_processed(interval '7 days', 'shipping')"), 0);
+        assert_eq!(
+            count("SELECT outbox.purge_processed(interval '7 days', 'shipping')"),
+            0
+        );
         assert_eq!(count("SELECT outbox.purge_processed(interval '7 days')"), 1);
-        assert_eq!(Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm1')").unwrap(), Some(false));
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT outbox.is_processed('billing', 'm1')").unwrap(),
+            Some(false)
+        );
     }
 
     #[pg_test]
@@ -97,9 +136,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            Spi::get_one::<pgrx::Uuid>("SELECT outbox.redrive('018f0000-0000-7000-8000-000000000003'::uuid)")
-                .unwrap()
-                .map(|u| u.to_string()),
+            Spi::get_one::<pgrx::Uuid>(
+                "SELECT outbox.redrive('018f0000-0000-7000-8000-000000000003'::uuid)"
+            )
+            .unwrap()
+            .map(|u| u.to_string()),
             Some("018f0000-0000-7000-8000-000000000003".into())
         );
         assert_eq!(count("SELECT outbox.redrive('orders')"), 2);
@@ -120,7 +161,9 @@ mod tests {
         );
     }
 
-    #[pg_test(error = "outbox.redrive: no dead letter with id 018f0000-0000-7000-8000-00000000000f")]
+    #[pg_test(
+        error = "outbox.redrive: no dead letter with id 018f0000-0000-7000-8000-00000000000f"
+    )]
     fn redrive_of_an_unknown_id_fails() {
         Spi::run("SELECT outbox.redrive('018f0000-0000-7000-8000-00000000000f'::uuid)").unwrap();
     }
@@ -139,7 +182,11 @@ mod tests {
     fn retention_setting_drives_prune() {
         Spi::run("SELECT outbox.publish('q', '1')").unwrap();
         Spi::run("UPDATE outbox.messages SET created_at = now() - interval '2 hours'").unwrap();
-        assert_eq!(count("SELECT outbox.prune()"), 0, "default retention is 1 day");
+        assert_eq!(
+            count("SELECT outbox.prune()"),
+            0,
+            "default retention is 1 day"
+        );
         Spi::run("SET LOCAL pg_outbox.retention = '1h'").unwrap();
         assert_eq!(count("SELECT outbox.prune()"), 1);
     }
@@ -147,8 +194,15 @@ mod tests {
     #[pg_test]
     fn status_reports_the_slot() {
         // Read-only SPI: a slot cannot be created once the transaction has written.
-        Spi::connect(|c| c.select("SELECT pg_create_logical_replication_slot('status_probe', 'pgoutput')", None, &[]).map(|_| ()))
-            .unwrap();
+        Spi::connect(|c| {
+            c.select(
+                "SELECT pg_create_logical_replication_slot('status_probe', 'pgoutput')",
+                None,
+                &[],
+            )
+            .map(|_| ())
+        })
+        .unwrap();
         let (active, lag) = Spi::get_two::<bool, pgrx::AnyNumeric>(
             "SELECT active, lag_bytes FROM outbox.status() WHERE slot_name = 'status_probe'",
         )
@@ -172,7 +226,8 @@ mod tests {
     fn a_publisher_role_cannot_insert_directly() {
         Spi::run("CREATE ROLE app_writer2 LOGIN IN ROLE outbox_publisher").unwrap();
         Spi::run("SET LOCAL ROLE app_writer2").unwrap();
-        Spi::run("INSERT INTO outbox.messages (id, queue) VALUES (gen_random_uuid(), 'x')").unwrap();
+        Spi::run("INSERT INTO outbox.messages (id, queue) VALUES (gen_random_uuid(), 'x')")
+            .unwrap();
     }
 
     #[pg_test(error = "permission denied for function publish")]
@@ -192,8 +247,14 @@ mod tests {
             .unwrap();
         Spi::run("SET LOCAL enable_seqscan = off").unwrap();
         Spi::run("SET LOCAL enable_bitmapscan = off").unwrap();
-        assert_eq!(count("SELECT count(*) FROM outbox.messages WHERE key = 'k42'"), 1);
-        let plan = Spi::get_one::<String>("EXPLAIN SELECT * FROM outbox.messages WHERE key = 'k42'").unwrap().unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM outbox.messages WHERE key = 'k42'"),
+            1
+        );
+        let plan =
+            Spi::get_one::<String>("EXPLAIN SELECT * FROM outbox.messages WHERE key = 'k42'")
+                .unwrap()
+                .unwrap();
         assert!(plan.contains("Index Scan using messages_key"), "{plan}");
     }
 

@@ -16,20 +16,37 @@ impl PgCluster {
     /// initdb + start; the database `postgres` has the pg_outbox extension created.
     pub async fn start() -> PgCluster {
         let cluster = Self::start_without_extension();
-        cluster.superuser().await.batch_execute("CREATE EXTENSION pg_outbox").await.expect(
-            "CREATE EXTENSION pg_outbox (install it first: scripts/test-extension does)",
-        );
+        cluster
+            .superuser()
+            .await
+            .batch_execute("CREATE EXTENSION pg_outbox")
+            .await
+            .expect("CREATE EXTENSION pg_outbox (install it first: scripts/test-extension does)");
         cluster
     }
 
     pub fn start_without_extension() -> PgCluster {
-        let dir = tempfile::Builder::new().prefix("pg_outbox_test").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("pg_outbox_test")
+            .tempdir()
+            .expect("temp dir");
         run("chown", &["postgres:postgres", path(dir.path())]);
         let port = free_port();
         let data = dir.path().join("data");
         as_postgres(
             &format!("{BIN}/initdb"),
-            &["-D", path(&data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+            &[
+                "-D",
+                path(&data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
         );
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
@@ -69,7 +86,16 @@ impl PgCluster {
 
     /// `pg_ctl restart -m fast`: what an operator's restart does.
     pub fn restart(&self) {
-        self.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60", "-l", path(&self.log_path())]);
+        self.pg_ctl(&[
+            "restart",
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            path(&self.log_path()),
+        ]);
     }
 
     fn pg_ctl(&self, args: &[&str]) {
@@ -84,14 +110,28 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         let data = self.dir.path().join("data");
         let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--", &format!("{BIN}/pg_ctl"), "-D", path(&data), "-m", "immediate", "stop"])
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &format!("{BIN}/pg_ctl"),
+                "-D",
+                path(&data),
+                "-m",
+                "immediate",
+                "stop",
+            ])
             .output();
     }
 }
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind :0")
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn path(p: &Path) -> &str {
@@ -105,7 +145,10 @@ fn as_postgres(program: &str, args: &[&str]) {
 }
 
 fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {args:?} failed: {}{}",

@@ -11,13 +11,17 @@ use tokio_postgres::Client;
 async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_not() {
     let pg = PgCluster::start().await;
     let db = pg.superuser().await;
-    db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'test_decoding')").await.unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'test_decoding')")
+        .await
+        .unwrap();
 
     let mut committed = Vec::new();
     let mut aborted = Vec::new();
     for storage in ["table", "wal"] {
         for (commit, ids) in [(true, &mut committed), (false, &mut aborted)] {
-            db.batch_execute(&format!("BEGIN; SET LOCAL pg_outbox.storage = '{storage}'")).await.unwrap();
+            db.batch_execute(&format!("BEGIN; SET LOCAL pg_outbox.storage = '{storage}'"))
+                .await
+                .unwrap();
             let id: uuid::Uuid = db
                 .query_one(
                     "SELECT outbox.publish('orders', $1::text::jsonb, '{\"traceparent\": \"00-1\"}', 'customer-7')",
@@ -27,18 +31,26 @@ async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_
                 .unwrap()
                 .get(0);
             let batch: Vec<uuid::Uuid> = db
-                .query("SELECT outbox.publish_batch('orders', ARRAY['1','2']::jsonb[])", &[])
+                .query(
+                    "SELECT outbox.publish_batch('orders', ARRAY['1','2']::jsonb[])",
+                    &[],
+                )
                 .await
                 .unwrap()
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
             let bytes: uuid::Uuid = db
-                .query_one("SELECT outbox.publish_bytes('blobs', '\\x00ff'::bytea)", &[])
+                .query_one(
+                    "SELECT outbox.publish_bytes('blobs', '\\x00ff'::bytea)",
+                    &[],
+                )
                 .await
                 .unwrap()
                 .get(0);
-            db.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" }).await.unwrap();
+            db.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
+                .await
+                .unwrap();
             ids.push(id);
             ids.extend(batch);
             ids.push(bytes);
@@ -46,7 +58,10 @@ async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_
     }
 
     let changes: Vec<String> = db
-        .query("SELECT data FROM pg_logical_slot_get_changes('probe', NULL, NULL)", &[])
+        .query(
+            "SELECT data FROM pg_logical_slot_get_changes('probe', NULL, NULL)",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -54,21 +69,34 @@ async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_
         .collect();
     let decoded = changes.join("\n");
     for id in &committed {
-        assert!(decoded.contains(&id.to_string()), "committed {id} not decoded:\n{decoded}");
+        assert!(
+            decoded.contains(&id.to_string()),
+            "committed {id} not decoded:\n{decoded}"
+        );
     }
     for id in &aborted {
-        assert!(!decoded.contains(&id.to_string()), "aborted {id} was decoded:\n{decoded}");
+        assert!(
+            !decoded.contains(&id.to_string()),
+            "aborted {id} was decoded:\n{decoded}"
+        );
     }
     // Table form: one INSERT per message; wal form: one transactional pg_outbox message each.
-    let inserts = changes.iter().filter(|c| c.starts_with("table outbox.messages: INSERT")).count();
-    let messages: Vec<&String> =
-        changes.iter().filter(|c| c.starts_with("message: transactional: 1 prefix: pg_outbox")).collect();
+    let inserts = changes
+        .iter()
+        .filter(|c| c.starts_with("table outbox.messages: INSERT"))
+        .count();
+    let messages: Vec<&String> = changes
+        .iter()
+        .filter(|c| c.starts_with("message: transactional: 1 prefix: pg_outbox"))
+        .collect();
     assert_eq!((inserts, messages.len()), (4, 4));
 
     // The wal encoding is one JSON object: the jsonb payload verbatim, bytes as base64.
     let envelopes: Vec<serde_json::Value> = messages
         .iter()
-        .map(|m| serde_json::from_str(&m[m.find("content:").unwrap() + "content:".len()..]).unwrap())
+        .map(|m| {
+            serde_json::from_str(&m[m.find("content:").unwrap() + "content:".len()..]).unwrap()
+        })
         .collect();
     let first = &envelopes[0];
     assert_eq!(first["v"], 1);
@@ -76,12 +104,19 @@ async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_
     assert_eq!(first["queue"], "orders");
     assert_eq!(first["key"], "customer-7");
     assert_eq!(first["headers"]["traceparent"], "00-1");
-    assert_eq!(first["payload"], serde_json::json!({"storage": "wal", "commit": true}));
+    assert_eq!(
+        first["payload"],
+        serde_json::json!({"storage": "wal", "commit": true})
+    );
     assert!(first["created_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(envelopes[1]["payload"], 1);
     assert!(envelopes[1]["key"].is_null());
     assert_eq!(envelopes[3]["payload_base64"], "AP8=");
-    assert!(messages[0].contains(r#""payload":{"commit": true, "storage": "wal"}"#), "{}", messages[0]);
+    assert!(
+        messages[0].contains(r#""payload":{"commit": true, "storage": "wal"}"#),
+        "{}",
+        messages[0]
+    );
 }
 
 /// The publication streams inserts only: pruning deletes are never sent to the worker.
@@ -89,11 +124,21 @@ async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_
 async fn the_publication_streams_inserts_but_not_pruning() {
     let pg = PgCluster::start().await;
     let db = pg.superuser().await;
-    db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'pgoutput')").await.unwrap();
-    db.batch_execute("SELECT outbox.publish('q', '1'); SELECT outbox.publish('q', '2')").await.unwrap();
-    db.batch_execute("SET pg_outbox.retention = '1s'").await.unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'pgoutput')")
+        .await
+        .unwrap();
+    db.batch_execute("SELECT outbox.publish('q', '1'); SELECT outbox.publish('q', '2')")
+        .await
+        .unwrap();
+    db.batch_execute("SET pg_outbox.retention = '1s'")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let pruned: i64 = db.query_one("SELECT outbox.prune()", &[]).await.unwrap().get(0);
+    let pruned: i64 = db
+        .query_one("SELECT outbox.prune()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(pruned, 2);
     // pgoutput message types: B(egin), R(elation), I(nsert), D(elete), C(ommit).
     let kinds: Vec<u8> = db
@@ -107,8 +152,18 @@ async fn the_publication_streams_inserts_but_not_pruning() {
         .iter()
         .map(|r| r.get::<_, i32>(0) as u8)
         .collect();
-    assert_eq!(kinds.iter().filter(|k| **k == b'I').count(), 2, "{:?}", String::from_utf8_lossy(&kinds));
-    assert_eq!(kinds.iter().filter(|k| **k == b'D').count(), 0, "{:?}", String::from_utf8_lossy(&kinds));
+    assert_eq!(
+        kinds.iter().filter(|k| **k == b'I').count(),
+        2,
+        "{:?}",
+        String::from_utf8_lossy(&kinds)
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == b'D').count(),
+        0,
+        "{:?}",
+        String::from_utf8_lossy(&kinds)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -119,25 +174,44 @@ async fn concurrent_marks_of_the_same_id_let_exactly_one_through() {
         let a = pg.superuser().await;
         let b = pg.superuser().await;
         a.batch_execute("BEGIN").await.unwrap();
-        let first: bool = a.query_one("SELECT outbox.try_mark_processed('billing', $1)", &[&id]).await.unwrap().get(0);
+        let first: bool = a
+            .query_one("SELECT outbox.try_mark_processed('billing', $1)", &[&id])
+            .await
+            .unwrap()
+            .get(0);
         assert!(first);
         let second = {
             let id = id.clone();
             tokio::spawn(async move {
                 b.batch_execute("BEGIN").await.unwrap();
-                let marked: bool =
-                    b.query_one("SELECT outbox.try_mark_processed('billing', $1)", &[&id]).await.unwrap().get(0);
+                let marked: bool = b
+                    .query_one("SELECT outbox.try_mark_processed('billing', $1)", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0);
                 b.batch_execute("COMMIT").await.unwrap();
                 marked
             })
         };
         // The second caller must wait for the first transaction to end.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!second.is_finished(), "the second mark did not wait for the first transaction");
-        a.batch_execute(if first_commits { "COMMIT" } else { "ROLLBACK" }).await.unwrap();
-        assert_eq!(second.await.unwrap(), expected_second, "first transaction committed: {first_commits}");
+        assert!(
+            !second.is_finished(),
+            "the second mark did not wait for the first transaction"
+        );
+        a.batch_execute(if first_commits { "COMMIT" } else { "ROLLBACK" })
+            .await
+            .unwrap();
+        assert_eq!(
+            second.await.unwrap(),
+            expected_second,
+            "first transaction committed: {first_commits}"
+        );
         let marks: i64 = a
-            .query_one("SELECT count(*) FROM outbox.processed_messages WHERE message_id = $1", &[&id])
+            .query_one(
+                "SELECT count(*) FROM outbox.processed_messages WHERE message_id = $1",
+                &[&id],
+            )
             .await
             .unwrap()
             .get(0);
@@ -150,12 +224,24 @@ async fn a_rolled_back_mark_is_forgotten() {
     let pg = PgCluster::start().await;
     let db = pg.superuser().await;
     db.batch_execute("BEGIN").await.unwrap();
-    let marked: bool = db.query_one("SELECT outbox.try_mark_processed('c', 'm-1')", &[]).await.unwrap().get(0);
+    let marked: bool = db
+        .query_one("SELECT outbox.try_mark_processed('c', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(marked);
     db.batch_execute("ROLLBACK").await.unwrap();
-    let processed: bool = db.query_one("SELECT outbox.is_processed('c', 'm-1')", &[]).await.unwrap().get(0);
+    let processed: bool = db
+        .query_one("SELECT outbox.is_processed('c', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(!processed);
-    let again: bool = db.query_one("SELECT outbox.try_mark_processed('c', 'm-1')", &[]).await.unwrap().get(0);
+    let again: bool = db
+        .query_one("SELECT outbox.try_mark_processed('c', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(again);
 }
 
@@ -164,10 +250,22 @@ async fn a_rolled_back_mark_is_forgotten() {
 async fn a_role_with_only_execute_can_publish_but_not_write_the_table() {
     let pg = PgCluster::start().await;
     let admin = pg.superuser().await;
-    admin.batch_execute("CREATE ROLE app LOGIN; GRANT outbox_publisher TO app; CREATE ROLE nobody LOGIN").await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN; GRANT outbox_publisher TO app; CREATE ROLE nobody LOGIN",
+        )
+        .await
+        .unwrap();
     let app = pg.connect_as("app").await;
-    app.query_one("SELECT outbox.publish('orders', '{\"n\": 1}')", &[]).await.unwrap();
-    app.query("SELECT outbox.publish_batch('orders', ARRAY['1','2']::jsonb[])", &[]).await.unwrap();
+    app.query_one("SELECT outbox.publish('orders', '{\"n\": 1}')", &[])
+        .await
+        .unwrap();
+    app.query(
+        "SELECT outbox.publish_batch('orders', ARRAY['1','2']::jsonb[])",
+        &[],
+    )
+    .await
+    .unwrap();
     for forbidden in [
         "INSERT INTO outbox.messages (id, queue) VALUES (gen_random_uuid(), 'orders')",
         "SELECT count(*) FROM outbox.messages",
@@ -176,19 +274,29 @@ async fn a_role_with_only_execute_can_publish_but_not_write_the_table() {
         "SELECT outbox._publish_message(gen_random_uuid(), 'q', NULL, '1', NULL, '{}')",
     ] {
         let (message, _) = expect_error(&app, forbidden).await;
-        assert!(message.contains("permission denied"), "{forbidden}: {message}");
+        assert!(
+            message.contains("permission denied"),
+            "{forbidden}: {message}"
+        );
     }
     let nobody = pg.connect_as("nobody").await;
     let (message, _) = expect_error(&nobody, "SELECT outbox.publish('orders', '{}')").await;
     assert_eq!(message, "permission denied for schema outbox");
-    let count: i64 = admin.query_one("SELECT count(*) FROM outbox.messages", &[]).await.unwrap().get(0);
+    let count: i64 = admin
+        .query_one("SELECT count(*) FROM outbox.messages", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, 3);
 }
 
 async fn expect_error(db: &Client, sql: &str) -> (String, String) {
     let err = db.batch_execute(sql).await.expect_err(sql);
     let db_err = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
-    (db_err.message().to_string(), db_err.hint().unwrap_or_default().to_string())
+    (
+        db_err.message().to_string(),
+        db_err.hint().unwrap_or_default().to_string(),
+    )
 }
 
 /// Every bad input gets an ERROR that names the problem, with a hint.
@@ -235,10 +343,20 @@ async fn bad_input_is_rejected_with_a_clear_error_and_hint() {
     assert!(cases.len() >= 15);
     for (sql, message, hint) in &cases {
         let (got_message, got_hint) = expect_error(&db, sql).await;
-        assert!(got_message.contains(message), "{sql}\n  message: {got_message}\n  expected: {message}");
-        assert!(got_hint.contains(hint), "{sql}\n  hint: {got_hint}\n  expected: {hint}");
+        assert!(
+            got_message.contains(message),
+            "{sql}\n  message: {got_message}\n  expected: {message}"
+        );
+        assert!(
+            got_hint.contains(hint),
+            "{sql}\n  hint: {got_hint}\n  expected: {hint}"
+        );
     }
-    let count: i64 = db.query_one("SELECT count(*) FROM outbox.messages", &[]).await.unwrap().get(0);
+    let count: i64 = db
+        .query_one("SELECT count(*) FROM outbox.messages", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, 0, "a rejected publish wrote nothing");
 }
 
@@ -247,11 +365,20 @@ async fn bad_input_is_rejected_with_a_clear_error_and_hint() {
 async fn wal_storage_requires_wal_level_logical() {
     let pg = PgCluster::start().await;
     let db = pg.superuser().await;
-    db.batch_execute("ALTER SYSTEM SET wal_level = 'replica'").await.unwrap();
+    db.batch_execute("ALTER SYSTEM SET wal_level = 'replica'")
+        .await
+        .unwrap();
     drop(db);
     pg.restart();
     let db = pg.superuser().await;
-    let (message, hint) = expect_error(&db, "SET pg_outbox.storage = 'wal'; SELECT outbox.publish('q', '{}')").await;
-    assert_eq!(message, "pg_outbox.storage = 'wal' needs wal_level = logical");
+    let (message, hint) = expect_error(
+        &db,
+        "SET pg_outbox.storage = 'wal'; SELECT outbox.publish('q', '{}')",
+    )
+    .await;
+    assert_eq!(
+        message,
+        "pg_outbox.storage = 'wal' needs wal_level = logical"
+    );
     assert!(hint.contains("wal_level = logical"), "{hint}");
 }
