@@ -1,8 +1,166 @@
-//! outbox-worker: streams the pg_outbox replication slot to Kafka, RabbitMQ or stdout.
-//!
-//! Not built yet (issues #3 and #5). Until then this binary says so instead of pretending.
+//! outbox-worker: streams the pg_outbox replication slot to Kafka or stdout and confirms the slot
+//! only up to what the broker acknowledged.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("outbox-worker is not built yet: see issues #3 (core) and #5 (RabbitMQ, dead letters, metrics).");
-    std::process::ExitCode::from(2)
+mod config;
+mod delivery;
+mod message;
+mod pipeline;
+mod router;
+mod sink;
+mod source;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use config::{Config, LogFormat, Overrides};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Delivers pg_outbox messages from PostgreSQL to Kafka or stdout"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream the slot and deliver messages until SIGTERM.
+    Run(Options),
+    /// Check the database, create the publication and the slot, then exit.
+    Setup(Options),
+    /// Load and validate the configuration, print it with defaults filled in, then exit.
+    CheckConfig(Options),
+}
+
+#[derive(Args)]
+struct Options {
+    /// TOML config file; `OUTBOX_*` environment variables and these flags override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// postgres://user:password@host:port/database (the user needs REPLICATION).
+    #[arg(long)]
+    postgres_url: Option<String>,
+    /// Replication slot name (default pg_outbox).
+    #[arg(long)]
+    slot: Option<String>,
+    /// Quick path: route every queue to the Kafka topic of the same name on these brokers.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT]")]
+    kafka_brokers: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl Options {
+    fn load(self) -> Result<Config, config::ConfigError> {
+        Config::load(
+            self.config.as_deref(),
+            Overrides {
+                postgres_url: self.postgres_url,
+                slot: self.slot,
+                kafka_brokers: self.kafka_brokers,
+                log_format: self.log_format.map(|f| match f {
+                    LogFormatArg::Text => LogFormat::Text,
+                    LogFormatArg::Json => LogFormat::Json,
+                }),
+            },
+        )
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// SIGTERM or SIGINT cancels the token.
+fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (command, options) = match cli.command {
+        Command::Run(o) => ("run", o),
+        Command::Setup(o) => ("setup", o),
+        Command::CheckConfig(o) => ("check-config", o),
+    };
+    let config = match options.load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("outbox-worker: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let result = match command {
+        "check-config" => {
+            let mut shown = config.clone();
+            shown.postgres.url = shown.postgres.url.as_deref().map(source::setup::redact);
+            print!(
+                "{}",
+                toml::to_string_pretty(&shown).expect("config serializes")
+            );
+            Ok(())
+        }
+        "setup" => {
+            async {
+                let client = source::setup::connect(config.url()).await?;
+                source::setup::ensure_slot(
+                    &client,
+                    &config.postgres.slot,
+                    &config.postgres.publication,
+                )
+                .await?;
+                println!(
+                    "publication {:?} and slot {:?} are ready",
+                    config.postgres.publication, config.postgres.slot
+                );
+                Ok(())
+            }
+            .await
+        }
+        _ => {
+            let shutdown = CancellationToken::new();
+            on_signal(shutdown.clone());
+            pipeline::run(config, shutdown).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("outbox-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,401 @@
+//! Configuration: defaults < TOML file < `OUTBOX_*` environment < command-line flags.
+//!
+//! Environment variables name a key by its path with `__` between levels:
+//! `OUTBOX_POSTGRES__URL`, `OUTBOX_DELIVERY__MAX_IN_FLIGHT`,
+//! `OUTBOX_SINKS__KAFKA__PROPERTIES__SASL.PASSWORD`. Every error names the key and the bad value.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database`; the user needs the REPLICATION attribute.
+    pub url: Option<String>,
+    pub slot: String,
+    pub publication: String,
+    /// How often the confirmed position is reported to the server.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// Create the publication and slot at start-up when missing.
+    pub setup: bool,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: None,
+            slot: "pg_outbox".into(),
+            publication: "pg_outbox".into(),
+            status_interval: Duration::from_secs(1),
+            setup: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Messages sent and not yet acknowledged, at most. A crash can duplicate up to this many.
+    pub max_in_flight: usize,
+    /// First retry delay after a failed send; doubles up to `retry_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Attempts for a message the broker rejects permanently (too large, invalid, forbidden)
+    /// before the worker gives up on it. Transient errors (broker down) retry forever.
+    pub max_attempts: u32,
+    /// On SIGTERM, how long to wait for in-flight messages before exiting anyway (they are
+    /// redelivered by the next run, never lost).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            max_in_flight: 10_000,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            max_attempts: 10,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `outbox_worker=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    Kafka(KafkaSinkConfig),
+    /// JSON lines on standard output.
+    Stdout,
+    /// Acknowledges without sending anything: for benchmarks of the worker itself.
+    Discard,
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Stdout => "stdout",
+            SinkConfig::Discard => "discard",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// `bootstrap.servers`: `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Any librdkafka producer property (`compression.type`, `sasl.mechanism`, …). Nested tables
+    /// join with dots, so `[sinks.kafka.properties.sasl] password = "…"` is `sasl.password`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Scalar(Scalar),
+    Table(BTreeMap<String, PropertyValue>),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl KafkaSinkConfig {
+    /// The properties as librdkafka takes them: dotted names, text values.
+    pub fn flat_properties(&self) -> BTreeMap<String, String> {
+        fn walk(
+            prefix: &str,
+            table: &BTreeMap<String, PropertyValue>,
+            out: &mut BTreeMap<String, String>,
+        ) {
+            for (name, value) in table {
+                let key = if prefix.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{prefix}.{name}")
+                };
+                match value {
+                    PropertyValue::Table(inner) => walk(&key, inner, out),
+                    PropertyValue::Scalar(scalar) => {
+                        out.insert(
+                            key,
+                            match scalar {
+                                Scalar::Text(s) => s.clone(),
+                                Scalar::Integer(i) => i.to_string(),
+                                Scalar::Float(f) => f.to_string(),
+                                Scalar::Bool(b) => b.to_string(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk("", &self.properties, &mut out);
+        out
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Glob pattern(s) over queue names: `orders.*`, `["billing", "invoices.*"]`, `*`.
+    pub queues: Patterns,
+    /// A name under `[sinks]`.
+    pub sink: String,
+    /// Kafka topic template; `{queue}` is replaced by the queue name. Default `{queue}`.
+    pub topic: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Patterns {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Patterns {
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        match self {
+            Patterns::One(p) => std::slice::from_ref(p).iter().map(String::as_str),
+            Patterns::Many(ps) => ps.iter().map(String::as_str),
+        }
+    }
+}
+
+/// What the command line adds on top of file and environment.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub postgres_url: Option<String>,
+    pub slot: Option<String>,
+    /// The quick path: route every queue to the Kafka topic of the same name.
+    pub kafka_brokers: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// The sink the quick `--kafka-brokers` flag defines, and the default sink without any.
+pub const QUICK_KAFKA_SINK: &str = "kafka";
+pub const DEFAULT_SINK: &str = "stdout";
+
+impl Config {
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            // Toml::file ignores a missing file; a file named on the command line must exist.
+            std::fs::File::open(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("OUTBOX_").split("__"));
+        if let Some(url) = overrides.postgres_url {
+            figment = figment.merge(("postgres.url", url));
+        }
+        if let Some(slot) = overrides.slot {
+            figment = figment.merge(("postgres.slot", slot));
+        }
+        if let Some(format) = overrides.log_format {
+            figment = figment.merge(("log.format", format));
+        }
+        if let Some(brokers) = overrides.kafka_brokers {
+            figment = figment
+                .merge((format!("sinks.{QUICK_KAFKA_SINK}.type"), "kafka"))
+                .merge((format!("sinks.{QUICK_KAFKA_SINK}.brokers"), brokers));
+        }
+        let mut config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.fill_defaults();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// No sink at all: print to stdout. One sink and no routes: everything goes to it.
+    fn fill_defaults(&mut self) {
+        if self.sinks.is_empty() {
+            self.sinks.insert(DEFAULT_SINK.into(), SinkConfig::Stdout);
+        }
+        if self.routes.is_empty() && self.sinks.len() == 1 {
+            let sink = self.sinks.keys().next().unwrap().clone();
+            self.routes.push(RouteConfig {
+                queues: Patterns::One("*".into()),
+                sink,
+                topic: None,
+            });
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        self.postgres.url.as_deref().unwrap_or_default()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.postgres.url.as_deref().ok_or_else(|| {
+            invalid(
+                "postgres.url is not set: pass --postgres-url postgres://user@host/db, set \
+                 OUTBOX_POSTGRES__URL, or set url under [postgres] in the config file",
+            )
+        })?;
+        url.parse::<tokio_postgres::Config>().map_err(|e| {
+            invalid(format!(
+                "postgres.url = {:?} is not a PostgreSQL connection string: {e}",
+                crate::source::setup::redact(url)
+            ))
+        })?;
+        for (key, value) in [
+            ("postgres.slot", &self.postgres.slot),
+            ("postgres.publication", &self.postgres.publication),
+        ] {
+            if value.is_empty()
+                || value.len() > 63
+                || !value
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(invalid(format!(
+                    "{key} = {value:?}: use 1 to 63 lowercase letters, digits and underscores"
+                )));
+            }
+        }
+        if self.postgres.status_interval.is_zero() {
+            return Err(invalid(
+                "postgres.status_interval = \"0s\": it must be positive",
+            ));
+        }
+        if self.delivery.max_in_flight == 0 {
+            return Err(invalid(
+                "delivery.max_in_flight = 0: at least 1 message must be in flight",
+            ));
+        }
+        if self.delivery.max_attempts == 0 {
+            return Err(invalid(
+                "delivery.max_attempts = 0: at least 1 attempt is needed",
+            ));
+        }
+        if self.delivery.retry_initial.is_zero()
+            || self.delivery.retry_initial > self.delivery.retry_max
+        {
+            return Err(invalid(format!(
+                "delivery.retry_initial = {:?}: it must be positive and at most delivery.retry_max ({:?})",
+                humantime::format_duration(self.delivery.retry_initial).to_string(),
+                humantime::format_duration(self.delivery.retry_max).to_string(),
+            )));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid(format!("log.level = {:?}: {e}", self.log.level)))?;
+        for (name, sink) in &self.sinks {
+            if let SinkConfig::Kafka(kafka) = sink {
+                crate::sink::kafka::check_config(kafka)
+                    .map_err(|e| invalid(format!("sinks.{name}.{e}")))?;
+            }
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{index}]");
+            let sink = self.sinks.get(&route.sink).ok_or_else(|| {
+                invalid(format!(
+                    "{key}.sink = {:?}: no sink has that name (defined: {})",
+                    route.sink,
+                    self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            match (sink, &route.topic) {
+                (SinkConfig::Kafka(_), Some(topic)) => crate::router::check_template(topic)
+                    .map_err(|e| invalid(format!("{key}.topic = {topic:?}: {e}")))?,
+                (SinkConfig::Kafka(_), None) => {}
+                (other, Some(topic)) => {
+                    return Err(invalid(format!(
+                        "{key}.topic = {topic:?}: sink {:?} is of type {}, which has no topics",
+                        route.sink,
+                        other.kind()
+                    )))
+                }
+                (_, None) => {}
+            }
+            for pattern in route.queues.iter() {
+                globset::Glob::new(pattern).map_err(|e| {
+                    invalid(format!("{key}.queues: {pattern:?} is not a glob: {e}"))
+                })?;
+            }
+        }
+        if self.routes.is_empty() {
+            return Err(invalid(format!(
+                "routes: there are {} sinks and no routes: add [[routes]] with queues = \"*\" and \
+                 sink = one of {}",
+                self.sinks.len(),
+                self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        Ok(())
+    }
+}

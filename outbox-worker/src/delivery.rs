@@ -1,0 +1,328 @@
+//! The in-flight window and the ordered ack tracker.
+//!
+//! Messages are sent as they stream in, up to `max_in_flight` unacknowledged. The slot may be
+//! confirmed up to a transaction's commit end only when every message of that transaction and of
+//! all transactions before it has been acknowledged. A failed send pauses intake; once everything
+//! else in flight has settled, the failed messages are sent again in their original order after a
+//! backoff, so a broker outage neither drops nor reorders messages.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use rand::Rng;
+
+use crate::config::DeliveryConfig;
+use crate::message::{Lsn, Message};
+use crate::router::Route;
+use crate::sink::{Sink, SinkError};
+
+/// Transactions in stream order, each with its count of unacknowledged messages.
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    /// Id of `txs[0]`.
+    first: u64,
+    txs: VecDeque<Tx>,
+}
+
+#[derive(Debug)]
+struct Tx {
+    pending: usize,
+    /// Set at commit.
+    end_lsn: Option<Lsn>,
+}
+
+pub type TxId = u64;
+
+impl AckTracker {
+    pub fn begin(&mut self) -> TxId {
+        self.txs.push_back(Tx {
+            pending: 0,
+            end_lsn: None,
+        });
+        self.first + self.txs.len() as u64 - 1
+    }
+
+    fn tx(&mut self, id: TxId) -> &mut Tx {
+        let index = (id - self.first) as usize;
+        &mut self.txs[index]
+    }
+
+    pub fn sent(&mut self, id: TxId) {
+        self.tx(id).pending += 1;
+    }
+
+    pub fn acked(&mut self, id: TxId) {
+        self.tx(id).pending -= 1;
+    }
+
+    pub fn commit(&mut self, id: TxId, end_lsn: Lsn) {
+        self.tx(id).end_lsn = Some(end_lsn);
+    }
+
+    /// Forgets the open (uncommitted) transaction at the end, if any: after a lost replication
+    /// connection it is streamed again in full.
+    pub fn abandon_open(&mut self) {
+        if self.txs.back().is_some_and(|tx| tx.end_lsn.is_none()) {
+            self.txs.pop_back();
+        }
+    }
+
+    /// Pops every leading transaction that is committed and fully acknowledged; returns the
+    /// commit end of the last one: the slot can be confirmed up to there.
+    pub fn confirmable(&mut self) -> Option<Lsn> {
+        let mut lsn = None;
+        while let Some(Tx {
+            pending: 0,
+            end_lsn: Some(end),
+        }) = self.txs.front()
+        {
+            lsn = Some(*end);
+            self.txs.pop_front();
+            self.first += 1;
+        }
+        lsn
+    }
+
+    /// No transaction open or waiting for acknowledgements.
+    pub fn is_empty(&self) -> bool {
+        self.txs.is_empty()
+    }
+}
+
+/// One message on its way, with what is needed to send it again.
+struct Entry {
+    seq: u64,
+    tx: TxId,
+    route: Route,
+    message: Arc<Message>,
+    attempts: u32,
+    permanent_failures: u32,
+}
+
+/// A message the broker refused permanently `max_attempts` times.
+#[derive(Debug)]
+pub struct Undeliverable {
+    pub message: Arc<Message>,
+    pub sink: String,
+    pub destination: Arc<str>,
+    pub attempts: u32,
+    pub error: SinkError,
+}
+
+pub struct Delivery {
+    sinks: Vec<Box<dyn Sink>>,
+    sink_names: Vec<String>,
+    config: DeliveryConfig,
+    tracker: AckTracker,
+    next_seq: u64,
+    in_flight: FuturesUnordered<BoxFuture<'static, (Entry, Result<(), SinkError>)>>,
+    /// Failed sends waiting for the window to settle, by sequence number.
+    failed: BTreeMap<u64, Entry>,
+    /// Highest commit end whose transaction and all before it are acknowledged.
+    confirmed: Lsn,
+}
+
+impl Delivery {
+    pub fn new(sinks: Vec<Box<dyn Sink>>, sink_names: Vec<String>, config: DeliveryConfig) -> Self {
+        Delivery {
+            sinks,
+            sink_names,
+            config,
+            tracker: AckTracker::default(),
+            next_seq: 0,
+            in_flight: FuturesUnordered::new(),
+            failed: BTreeMap::new(),
+            confirmed: 0,
+        }
+    }
+
+    pub fn begin(&mut self) -> TxId {
+        self.tracker.begin()
+    }
+
+    pub fn commit(&mut self, tx: TxId, end_lsn: Lsn) {
+        self.tracker.commit(tx, end_lsn);
+        self.advance();
+    }
+
+    /// Room for one more message, and no failed message waiting to be sent again.
+    pub fn can_accept(&self) -> bool {
+        self.failed.is_empty() && self.in_flight.len() < self.config.max_in_flight
+    }
+
+    /// Nothing in flight, nothing failed, no transaction open.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.is_empty() && self.failed.is_empty() && self.tracker.is_empty()
+    }
+
+    /// Nothing in flight and nothing failed (an open transaction may remain).
+    pub fn is_settled(&self) -> bool {
+        self.in_flight.is_empty() && self.failed.is_empty()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len() + self.failed.len()
+    }
+
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
+    pub fn send(&mut self, tx: TxId, route: Route, message: Message) {
+        self.tracker.sent(tx);
+        let entry = Entry {
+            seq: self.next_seq,
+            tx,
+            route,
+            message: Arc::new(message),
+            attempts: 0,
+            permanent_failures: 0,
+        };
+        self.next_seq += 1;
+        self.dispatch(entry);
+    }
+
+    fn dispatch(&mut self, mut entry: Entry) {
+        entry.attempts += 1;
+        let ack = self.sinks[entry.route.sink].send(&entry.route.destination, &entry.message);
+        self.in_flight
+            .push(Box::pin(async move { (entry, ack.await) }));
+    }
+
+    /// Waits for the next acknowledgement or failure, or for the retry backoff to pass once the
+    /// window has settled. Returns a message that failed permanently too often; the caller decides
+    /// its fate (it stays unacknowledged, so the slot never moves past it).
+    /// Pending forever when there is nothing to wait for: use in `select!` with other branches.
+    pub async fn progress(&mut self) -> Option<Undeliverable> {
+        if let Some((mut entry, result)) = self.in_flight.next().await {
+            match result {
+                Ok(()) => {
+                    self.tracker.acked(entry.tx);
+                    self.advance();
+                }
+                Err(error) => {
+                    if matches!(error, SinkError::Permanent(_)) {
+                        entry.permanent_failures += 1;
+                    }
+                    let sink = self.sink_names[entry.route.sink].clone();
+                    tracing::warn!(
+                        id = %entry.message.id, queue = %entry.message.queue, sink,
+                        destination = %entry.route.destination, attempt = entry.attempts,
+                        %error, "send failed; will retry"
+                    );
+                    if entry.permanent_failures >= self.config.max_attempts {
+                        return Some(Undeliverable {
+                            message: entry.message,
+                            sink,
+                            destination: entry.route.destination,
+                            attempts: entry.attempts,
+                            error,
+                        });
+                    }
+                    self.failed.insert(entry.seq, entry);
+                }
+            }
+            return None;
+        }
+        if self.failed.is_empty() {
+            return std::future::pending().await;
+        }
+        // The window has settled: back off, then send the failed messages again, in order.
+        let attempts = self.failed.values().map(|e| e.attempts).max().unwrap_or(1);
+        tokio::time::sleep(self.backoff(attempts)).await;
+        for (_, entry) in std::mem::take(&mut self.failed) {
+            self.dispatch(entry);
+        }
+        None
+    }
+
+    /// Exponential, capped, with jitter (half to full delay) so that many workers do not retry
+    /// in lockstep.
+    fn backoff(&self, attempts: u32) -> Duration {
+        let exp = self
+            .config
+            .retry_initial
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(20))
+            .min(self.config.retry_max);
+        exp.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    fn advance(&mut self) {
+        if let Some(lsn) = self.tracker.confirmable() {
+            self.confirmed = lsn;
+        }
+    }
+
+    /// After a lost replication connection, once settled: the open transaction will be streamed
+    /// again from the last confirmed position.
+    pub fn reset_stream(&mut self) {
+        self.tracker.abandon_open();
+    }
+
+    pub async fn close(&self) {
+        for sink in &self.sinks {
+            sink.close().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_only_fully_acked_committed_prefixes() {
+        let mut t = AckTracker::default();
+        let a = t.begin();
+        t.sent(a);
+        t.sent(a);
+        t.commit(a, 100);
+        let b = t.begin();
+        t.sent(b);
+        t.commit(b, 200);
+        let c = t.begin();
+        t.sent(c);
+        assert_eq!(t.confirmable(), None);
+        t.acked(b);
+        assert_eq!(t.confirmable(), None, "b is acked but a is not");
+        t.acked(a);
+        assert_eq!(t.confirmable(), None, "a still has one message pending");
+        t.acked(a);
+        assert_eq!(
+            t.confirmable(),
+            Some(200),
+            "a and b both confirmable at once"
+        );
+        t.acked(c);
+        assert_eq!(t.confirmable(), None, "c is not committed yet");
+        t.commit(c, 300);
+        assert_eq!(t.confirmable(), Some(300));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn an_empty_committed_transaction_is_confirmable() {
+        let mut t = AckTracker::default();
+        let a = t.begin();
+        t.commit(a, 42);
+        assert_eq!(t.confirmable(), Some(42));
+    }
+
+    #[test]
+    fn an_abandoned_open_transaction_does_not_block() {
+        let mut t = AckTracker::default();
+        let a = t.begin();
+        t.commit(a, 10);
+        let b = t.begin();
+        t.sent(b);
+        t.abandon_open();
+        assert_eq!(t.confirmable(), Some(10));
+        assert!(t.is_empty());
+        let c = t.begin();
+        t.commit(c, 20);
+        assert_eq!(t.confirmable(), Some(20));
+    }
+}

@@ -1,0 +1,128 @@
+//! The one shape every outbox message has once decoded, whichever storage form carried it.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// A position in the WAL.
+pub type Lsn = u64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub id: Uuid,
+    pub queue: String,
+    pub key: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub payload: Payload,
+    pub created_at: DateTime<Utc>,
+    /// The commit LSN of the transaction that published it.
+    pub commit_lsn: Lsn,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// JSON text, as PostgreSQL's `jsonb` output renders it.
+    Json(String),
+    /// `publish_bytes`: opaque bytes.
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Payload::Json(text) => text.as_bytes(),
+            Payload::Bytes(bytes) => bytes,
+        }
+    }
+
+    pub fn content_type(&self) -> &'static str {
+        match self {
+            Payload::Json(_) => "application/json",
+            Payload::Bytes(_) => "application/octet-stream",
+        }
+    }
+}
+
+impl Message {
+    /// RFC 3339, UTC, microseconds: the `outbox-created-at` header and the JSON field.
+    pub fn created_at_rfc3339(&self) -> String {
+        self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+
+    /// The stdout sink's line: one JSON object, payload verbatim (or base64 for bytes).
+    pub fn to_json_line(&self) -> String {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            id: &'a Uuid,
+            queue: &'a str,
+            key: &'a Option<String>,
+            headers: &'a BTreeMap<String, String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload: Option<&'a RawValue>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload_base64: Option<String>,
+            created_at: String,
+        }
+        let (payload, payload_base64) = match &self.payload {
+            // jsonb output is always valid JSON; fall back to a JSON string if it ever is not.
+            Payload::Json(text) => match serde_json::from_str::<&RawValue>(text) {
+                Ok(raw) => (Some(raw), None),
+                Err(_) => (None, None),
+            },
+            Payload::Bytes(bytes) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            ),
+        };
+        let line = Line {
+            id: &self.id,
+            queue: &self.queue,
+            key: &self.key,
+            headers: &self.headers,
+            payload,
+            payload_base64,
+            created_at: self.created_at_rfc3339(),
+        };
+        serde_json::to_string(&line).expect("a message serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(payload: Payload) -> Message {
+        Message {
+            id: Uuid::parse_str("0190b8a0-0000-7000-8000-000000000001").unwrap(),
+            queue: "orders".into(),
+            key: Some("o-1".into()),
+            headers: BTreeMap::from([("tenant".into(), "acme".into())]),
+            payload,
+            created_at: DateTime::parse_from_rfc3339("2026-11-23T07:43:13.123456Z")
+                .unwrap()
+                .to_utc(),
+            commit_lsn: 1,
+        }
+    }
+
+    #[test]
+    fn json_line_keeps_the_payload_verbatim() {
+        let line =
+            message(Payload::Json(r#"{"total": 12.50, "items": [1, 2]}"#.into())).to_json_line();
+        assert_eq!(
+            line,
+            r#"{"id":"0190b8a0-0000-7000-8000-000000000001","queue":"orders","key":"o-1","headers":{"tenant":"acme"},"payload":{"total": 12.50, "items": [1, 2]},"created_at":"2026-11-23T07:43:13.123456Z"}"#
+        );
+    }
+
+    #[test]
+    fn json_line_carries_bytes_as_base64() {
+        let line = message(Payload::Bytes(vec![0, 159, 255])).to_json_line();
+        assert!(line.contains(r#""payload_base64":"AJ//""#), "{line}");
+        assert!(!line.contains(r#""payload":"#), "{line}");
+    }
+}

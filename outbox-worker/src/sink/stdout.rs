@@ -1,0 +1,54 @@
+//! JSON lines on standard output: the zero-setup sink. A message counts as delivered once its
+//! line has been written and stdout flushed.
+
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Ack, Sink, SinkError};
+use crate::message::Message;
+
+type Pending = (String, oneshot::Sender<Result<(), SinkError>>);
+
+pub struct StdoutSink {
+    lines: mpsc::UnboundedSender<Pending>,
+}
+
+impl StdoutSink {
+    /// Spawns the writer task, which batches lines between flushes.
+    pub fn start() -> StdoutSink {
+        let (lines, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_lines(rx));
+        StdoutSink { lines }
+    }
+}
+
+async fn write_lines(mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let mut out = BufWriter::with_capacity(256 * 1024, tokio::io::stdout());
+    let mut batch = Vec::with_capacity(1024);
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let mut result = Ok(());
+        for (line, _) in &batch {
+            result = result.and(out.write_all(line.as_bytes()).await);
+            result = result.and(out.write_all(b"\n").await);
+        }
+        result = result.and(out.flush().await);
+        let result =
+            result.map_err(|e| SinkError::Transient(format!("cannot write to stdout: {e}")));
+        for (_, ack) in batch.drain(..) {
+            let _ = ack.send(result.clone());
+        }
+    }
+}
+
+impl Sink for StdoutSink {
+    fn send(&self, _: &str, message: &Message) -> Ack {
+        let (ack, acked) = oneshot::channel();
+        let sent = self.lines.send((message.to_json_line(), ack));
+        Box::pin(async move {
+            sent.map_err(|_| SinkError::Transient("the stdout writer has stopped".into()))?;
+            acked.await.unwrap_or_else(|_| {
+                Err(SinkError::Transient("the stdout writer has stopped".into()))
+            })
+        })
+    }
+}

@@ -1,0 +1,294 @@
+//! Both storage forms to one [`Message`]: a row inserted into `outbox.messages` (table form) and a
+//! `pg_outbox` logical decoding message (wal form, envelope version 1).
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use thiserror::Error;
+use uuid::Uuid;
+
+use super::pgoutput::{Relation, Value};
+use crate::message::{Lsn, Message, Payload};
+
+/// The prefix of wal-form logical messages.
+pub const MESSAGE_PREFIX: &str = "pg_outbox";
+
+#[derive(Debug, Error)]
+#[error("cannot decode outbox message{}: {problem}", id.map(|id| format!(" {id}")).unwrap_or_default())]
+pub struct DecodeError {
+    id: Option<Uuid>,
+    problem: String,
+}
+
+fn problem(problem: impl Into<String>) -> DecodeError {
+    DecodeError {
+        id: None,
+        problem: problem.into(),
+    }
+}
+
+/// Which column of `outbox.messages` sits at which position, learnt from the Relation message.
+#[derive(Debug, Clone)]
+pub struct TableLayout {
+    id: usize,
+    queue: usize,
+    key: usize,
+    payload: usize,
+    payload_bytes: usize,
+    headers: usize,
+    created_at: usize,
+}
+
+impl TableLayout {
+    /// `None` for any relation other than `outbox.messages`.
+    pub fn of(relation: &Relation) -> Result<Option<TableLayout>, DecodeError> {
+        if relation.namespace != "outbox" || relation.name != "messages" {
+            return Ok(None);
+        }
+        let column = |name: &str| {
+            relation
+                .columns
+                .iter()
+                .position(|c| c == name)
+                .ok_or_else(|| problem(format!("outbox.messages has no column {name:?}")))
+        };
+        Ok(Some(TableLayout {
+            id: column("id")?,
+            queue: column("queue")?,
+            key: column("key")?,
+            payload: column("payload")?,
+            payload_bytes: column("payload_bytes")?,
+            headers: column("headers")?,
+            created_at: column("created_at")?,
+        }))
+    }
+
+    pub fn decode(&self, values: &[Value], commit_lsn: Lsn) -> Result<Message, DecodeError> {
+        let text = |index: usize, name: &str| -> Result<Option<&str>, DecodeError> {
+            match values.get(index) {
+                Some(Value::Text(bytes)) => std::str::from_utf8(bytes)
+                    .map(Some)
+                    .map_err(|_| problem(format!("column {name} is not UTF-8"))),
+                Some(Value::Null) => Ok(None),
+                Some(Value::Unchanged) => Err(problem(format!(
+                    "column {name} is an unchanged TOAST value"
+                ))),
+                None => Err(problem(format!("the row has no column {name}"))),
+            }
+        };
+        let required = |index: usize, name: &str| {
+            text(index, name)?.ok_or_else(|| problem(format!("column {name} is NULL")))
+        };
+        let id = parse_id(required(self.id, "id")?)?;
+        let with_id = |mut e: DecodeError| {
+            e.id = Some(id);
+            e
+        };
+        let payload = match (
+            text(self.payload, "payload"),
+            text(self.payload_bytes, "payload_bytes"),
+        ) {
+            (Ok(Some(json)), _) => Payload::Json(json.to_owned()),
+            (_, Ok(Some(hex))) => Payload::Bytes(parse_bytea(hex).map_err(with_id)?),
+            (Err(e), _) | (_, Err(e)) => return Err(with_id(e)),
+            _ => return Err(with_id(problem("both payload and payload_bytes are NULL"))),
+        };
+        Ok(Message {
+            id,
+            queue: required(self.queue, "queue").map_err(with_id)?.to_owned(),
+            key: text(self.key, "key").map_err(with_id)?.map(str::to_owned),
+            headers: parse_headers(required(self.headers, "headers").map_err(with_id)?)
+                .map_err(with_id)?,
+            payload,
+            created_at: parse_timestamptz(
+                required(self.created_at, "created_at").map_err(with_id)?,
+            )
+            .map_err(with_id)?,
+            commit_lsn,
+        })
+    }
+}
+
+/// The wal form: the content of a `pg_outbox` logical decoding message.
+pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, DecodeError> {
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        v: u32,
+        id: Uuid,
+        queue: String,
+        key: Option<String>,
+        created_at: DateTime<Utc>,
+        headers: BTreeMap<String, String>,
+        #[serde(borrow)]
+        payload: Option<&'a RawValue>,
+        payload_base64: Option<String>,
+    }
+    let envelope: Envelope =
+        serde_json::from_slice(content).map_err(|e| problem(format!("bad envelope: {e}")))?;
+    if envelope.v != 1 {
+        return Err(problem(format!(
+            "envelope version {} is newer than this worker understands (1): upgrade outbox-worker",
+            envelope.v
+        )));
+    }
+    let payload = match (envelope.payload, envelope.payload_base64) {
+        (Some(json), None) => Payload::Json(json.get().to_owned()),
+        (None, Some(b64)) => Payload::Bytes(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| DecodeError {
+                    id: Some(envelope.id),
+                    problem: format!("bad payload_base64: {e}"),
+                })?,
+        ),
+        _ => {
+            return Err(DecodeError {
+                id: Some(envelope.id),
+                problem: "the envelope needs exactly one of payload and payload_base64".into(),
+            })
+        }
+    };
+    Ok(Message {
+        id: envelope.id,
+        queue: envelope.queue,
+        key: envelope.key,
+        headers: envelope.headers,
+        payload,
+        created_at: envelope.created_at,
+        commit_lsn,
+    })
+}
+
+fn parse_id(text: &str) -> Result<Uuid, DecodeError> {
+    Uuid::parse_str(text).map_err(|e| problem(format!("bad id {text:?}: {e}")))
+}
+
+fn parse_headers(text: &str) -> Result<BTreeMap<String, String>, DecodeError> {
+    serde_json::from_str(text)
+        .map_err(|e| problem(format!("headers are not an object of strings: {e}")))
+}
+
+/// bytea in `bytea_output = hex`, the default and what the replication session uses.
+fn parse_bytea(text: &str) -> Result<Vec<u8>, DecodeError> {
+    let hex = text
+        .strip_prefix("\\x")
+        .ok_or_else(|| problem("payload_bytes is not in hex bytea format"))?;
+    if hex.len() % 2 != 0 {
+        return Err(problem("payload_bytes has an odd number of hex digits"));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| problem("payload_bytes has a non-hex digit"))
+}
+
+/// timestamptz text in DateStyle ISO with TimeZone UTC, both pinned on the replication session:
+/// `2026-11-23 07:46:14.494952+00`.
+fn parse_timestamptz(text: &str) -> Result<DateTime<Utc>, DecodeError> {
+    let local = text
+        .strip_suffix("+00")
+        .ok_or_else(|| problem(format!("created_at {text:?} is not in UTC")))?;
+    NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S%.f")
+        .map(|t| t.and_utc())
+        .map_err(|e| problem(format!("bad created_at {text:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> TableLayout {
+        let relation = Relation {
+            id: 1,
+            namespace: "outbox".into(),
+            name: "messages".into(),
+            columns: [
+                "id",
+                "queue",
+                "key",
+                "payload",
+                "payload_bytes",
+                "headers",
+                "created_at",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        TableLayout::of(&relation).unwrap().unwrap()
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_row_decodes() {
+        let values = [
+            text("01a2075e-ab60-72df-a257-c9236de1f4c9"),
+            text("orders"),
+            text("k-1"),
+            Value::Null,
+            text("\\x00ff10"),
+            text(r#"{"a": "b"}"#),
+            text("2026-11-23 07:46:14.494952+00"),
+        ];
+        let message = layout().decode(&values, 7).unwrap();
+        assert_eq!(message.payload, Payload::Bytes(vec![0, 255, 16]));
+        assert_eq!(message.headers["a"], "b");
+        assert_eq!(message.created_at_rfc3339(), "2026-11-23T07:46:14.494952Z");
+        assert_eq!(message.commit_lsn, 7);
+    }
+
+    #[test]
+    fn a_bad_row_names_the_message_and_the_problem() {
+        let values = [
+            text("01a2075e-ab60-72df-a257-c9236de1f4c9"),
+            text("orders"),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            text("{}"),
+            text("2026-11-23 07:46:14+00"),
+        ];
+        let err = layout().decode(&values, 7).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "cannot decode outbox message 01a2075e-ab60-72df-a257-c9236de1f4c9: both payload and payload_bytes are NULL"
+        );
+    }
+
+    #[test]
+    fn other_tables_are_not_the_outbox() {
+        let relation = Relation {
+            id: 1,
+            namespace: "public".into(),
+            name: "messages".into(),
+            columns: vec![],
+        };
+        assert!(TableLayout::of(&relation).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_envelope_decodes() {
+        let content = br#"{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":null,"created_at":"2026-11-23T07:46:14.494952Z","headers":{},"payload":{"n": [1, 2]}}"#;
+        let message = decode_envelope(content, 9).unwrap();
+        assert_eq!(message.payload, Payload::Json(r#"{"n": [1, 2]}"#.into()));
+        assert_eq!(message.key, None);
+        let bytes = br#"{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":"k","created_at":"2026-11-23T07:46:14Z","headers":{"h":"v"},"payload_base64":"AP8="}"#;
+        assert_eq!(
+            decode_envelope(bytes, 9).unwrap().payload,
+            Payload::Bytes(vec![0, 255])
+        );
+    }
+
+    #[test]
+    fn a_future_envelope_version_says_upgrade() {
+        let content = br#"{"v":2,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":null,"created_at":"2026-11-23T07:46:14Z","headers":{},"payload":1}"#;
+        let err = decode_envelope(content, 9).unwrap_err().to_string();
+        assert!(err.contains("upgrade outbox-worker"), "{err}");
+    }
+}

@@ -1,0 +1,8 @@
+//! Where messages come from: the logical replication slot.
+
+pub mod decode;
+pub mod pgoutput;
+mod replication;
+pub mod setup;
+
+pub use replication::{ReplicationSource, SlotSettings, SourceError, SourceEvent};

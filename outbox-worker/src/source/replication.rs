@@ -1,0 +1,216 @@
+//! The replication connection: streams the slot with pgoutput (proto_version 1, messages on,
+//! streaming off) and yields outbox messages between transaction boundaries.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pgwire_replication::{
+    Lsn as WireLsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+};
+use thiserror::Error;
+use tokio_postgres::config::{Host, SslMode};
+
+use super::decode::{decode_envelope, TableLayout, MESSAGE_PREFIX};
+use super::pgoutput::{self, Change};
+use crate::message::{Lsn, Message};
+
+#[derive(Debug, Error)]
+pub enum SourceError {
+    /// The connection failed or ended: reconnect and resume from the slot.
+    #[error("replication connection: {0}")]
+    Connection(#[from] PgWireError),
+    /// The stream carries something this worker cannot read: stopping is the only safe move.
+    #[error(transparent)]
+    Decode(#[from] super::decode::DecodeError),
+    #[error(transparent)]
+    Protocol(#[from] pgoutput::DecodeError),
+}
+
+impl SourceError {
+    /// The slot is held by another process (a standby waiting, or the walsender of a worker that
+    /// just died and has not noticed yet).
+    pub fn is_slot_busy(&self) -> bool {
+        matches!(self, SourceError::Connection(PgWireError::Server(m)) if m.contains("SQLSTATE 55006"))
+    }
+
+    /// Worth a reconnect: connection and server errors. A message the worker cannot decode will
+    /// not decode better next time.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SourceError::Connection(e) => !e.is_auth(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum SourceEvent {
+    Begin,
+    Message(Message),
+    Commit {
+        end_lsn: Lsn,
+    },
+    /// The server's WAL end: every outbox transaction that committed before it has been received.
+    KeepAlive {
+        wal_end: Lsn,
+    },
+}
+
+pub struct SlotSettings {
+    pub url: String,
+    pub slot: String,
+    pub publication: String,
+    pub status_interval: Duration,
+}
+
+pub struct ReplicationSource {
+    client: ReplicationClient,
+    /// Relation id → layout, or `None` for tables other than `outbox.messages`.
+    layouts: HashMap<u32, Option<TableLayout>>,
+    /// The commit LSN of the transaction being read.
+    commit_lsn: Lsn,
+    status_interval: Duration,
+}
+
+impl ReplicationSource {
+    /// Starts streaming. `start` = 0 resumes from the slot's confirmed position; a later LSN
+    /// (a commit end this worker saw fully acknowledged) skips what came before it.
+    pub async fn connect(settings: &SlotSettings, start: Lsn) -> Result<Self, SourceError> {
+        let config = replication_config(settings)
+            .map_err(|e| SourceError::Connection(PgWireError::Internal(e)))?
+            .with_start_lsn(WireLsn(start));
+        let client = ReplicationClient::connect(config).await?;
+        Ok(ReplicationSource {
+            client,
+            layouts: HashMap::new(),
+            commit_lsn: 0,
+            status_interval: settings.status_interval,
+        })
+    }
+
+    pub async fn next(&mut self) -> Result<SourceEvent, SourceError> {
+        loop {
+            let event = self.client.recv().await?.ok_or_else(|| {
+                PgWireError::Io(std::sync::Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server ended the replication stream",
+                )))
+            })?;
+            match event {
+                ReplicationEvent::Begin { final_lsn, .. } => {
+                    self.commit_lsn = final_lsn.0;
+                    return Ok(SourceEvent::Begin);
+                }
+                ReplicationEvent::Commit { end_lsn, .. } => {
+                    return Ok(SourceEvent::Commit { end_lsn: end_lsn.0 })
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    return Ok(SourceEvent::KeepAlive { wal_end: wal_end.0 })
+                }
+                ReplicationEvent::Message {
+                    transactional: true,
+                    prefix,
+                    content,
+                    ..
+                } if prefix == MESSAGE_PREFIX => {
+                    return Ok(SourceEvent::Message(decode_envelope(
+                        &content,
+                        self.commit_lsn,
+                    )?))
+                }
+                ReplicationEvent::XLogData { data, .. } => {
+                    if let Some(message) = self.decode_change(&data)? {
+                        return Ok(SourceEvent::Message(message));
+                    }
+                }
+                // Other prefixes, non-transactional messages (never written by pg_outbox: they
+                // would survive a rollback) and stop markers are not outbox messages.
+                _ => {}
+            }
+        }
+    }
+
+    fn decode_change(&mut self, data: &[u8]) -> Result<Option<Message>, SourceError> {
+        match pgoutput::decode(data)? {
+            Change::Relation(relation) => {
+                self.layouts
+                    .insert(relation.id, TableLayout::of(&relation)?);
+                Ok(None)
+            }
+            Change::Insert { relation, values } => match self.layouts.get(&relation) {
+                Some(Some(layout)) => Ok(Some(layout.decode(&values, self.commit_lsn)?)),
+                Some(None) => Ok(None),
+                None => Err(pgoutput::DecodeError::unknown_relation(relation).into()),
+            },
+            Change::Other(_) => Ok(None),
+        }
+    }
+
+    /// Everything before `lsn` is delivered: the slot may release it. Sent to the server within
+    /// one status interval.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.client.update_applied_lsn(WireLsn(lsn));
+    }
+
+    /// Ends the session after the last confirmation reached the server (`shutdown` itself sends
+    /// no final status update, so wait one interval first).
+    pub async fn close(mut self) {
+        tokio::time::sleep(self.status_interval + Duration::from_millis(100)).await;
+        if let Err(e) = self.client.shutdown().await {
+            tracing::debug!(error = %e, "replication shutdown");
+        }
+    }
+}
+
+fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, String> {
+    let pg: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(|e| format!("postgres.url: {e}"))?;
+    let user = pg.get_user().unwrap_or("postgres").to_owned();
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let database = pg.get_dbname().unwrap_or(&user).to_owned();
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let config = match pg.get_hosts().first() {
+        Some(Host::Unix(dir)) => ReplicationConfig::unix(
+            dir.to_string_lossy(),
+            port,
+            user,
+            password,
+            database,
+            &settings.slot,
+            settings.publication.as_str(),
+        ),
+        Some(Host::Tcp(host)) => ReplicationConfig::new(
+            host,
+            user,
+            password,
+            database,
+            &settings.slot,
+            settings.publication.as_str(),
+        )
+        .with_port(port)
+        .with_tls(match pg.get_ssl_mode() {
+            SslMode::Require => TlsConfig::require(),
+            _ => TlsConfig::disabled(),
+        }),
+        None => ReplicationConfig::new(
+            "localhost",
+            user,
+            password,
+            database,
+            &settings.slot,
+            settings.publication.as_str(),
+        )
+        .with_port(port),
+    };
+    Ok(config
+        .with_status_interval(settings.status_interval)
+        .with_wakeup_interval(settings.status_interval)
+        .with_application_name("outbox-worker")
+        // The row decoder reads timestamptz and bytea text in these formats.
+        .with_options("-c datestyle=ISO -c timezone=UTC -c bytea_output=hex"))
+}
