@@ -1,5 +1,27 @@
 //! Shared harness for the end-to-end tests: each test starts the real processes it needs.
 
+pub mod kafka;
 pub mod postgres;
+pub mod publish;
+pub mod tansu;
+pub mod worker;
 
 pub use postgres::PgCluster;
+pub use tansu::Tansu;
+pub use worker::Worker;
+
+/// Polls `check` every 100 ms until it returns true; panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -84,6 +84,37 @@ impl PgCluster {
         client
     }
 
+    /// Waits until a worker holds the slot `pg_outbox` (so that what is published next is
+    /// captured by it).
+    pub async fn wait_for_slot(&self, db: &Client) {
+        crate::eventually(
+            std::time::Duration::from_secs(30),
+            "the worker to hold slot pg_outbox",
+            || async move {
+                db.query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pg_outbox' AND active",
+                    &[],
+                )
+                .await
+                .map(|row| row.is_some())
+                .unwrap_or(false)
+            },
+        )
+        .await;
+    }
+
+    /// Bytes of WAL between the server's current position and the slot's confirmed position.
+    pub async fn slot_lag(&self, db: &Client) -> i64 {
+        db.query_one(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots \
+             WHERE slot_name = 'pg_outbox'",
+            &[],
+        )
+        .await
+        .expect("slot lag")
+        .get(0)
+    }
+
     /// `pg_ctl restart -m fast`: what an operator's restart does.
     pub fn restart(&self) {
         self.pg_ctl(&[

@@ -1,0 +1,130 @@
+//! The worker as its built binary, run as a subprocess, its stderr kept in a file for failures.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::tansu::signal;
+
+pub struct Worker {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// `target/<profile>/outbox-worker`, built by `cargo test --workspace` before any test runs.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let binary = profile_dir.join("outbox-worker");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build -p outbox-worker` (cargo test --workspace does)",
+        binary.display()
+    );
+    binary
+}
+
+/// Runs `outbox-worker ARGS` to completion (for `check-config` and `setup`).
+pub fn run_once(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run outbox-worker")
+}
+
+impl Worker {
+    /// Starts `outbox-worker ARGS`; its stdout is appended to `stdout` (or discarded).
+    pub fn start(args: &[&str], stdout: Option<&Path>) -> Worker {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox_worker")
+            .tempdir()
+            .unwrap();
+        let log = dir.path().join("stderr.log");
+        let out = match stdout {
+            Some(path) => Stdio::from(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("stdout file"),
+            ),
+            None => Stdio::null(),
+        };
+        let child = Command::new(binary())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(out)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn outbox-worker");
+        Worker {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// A config file that lives as long as the returned handle.
+    pub fn config_file(toml: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(file.path(), toml).unwrap();
+        file
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no drain, no final confirmation.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (at most `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "worker did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The exit status if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- outbox-worker stderr ---\n{}", self.log());
+        }
+    }
+}

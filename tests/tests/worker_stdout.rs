@@ -1,0 +1,231 @@
+//! The worker with its zero-config stdout sink against a real PostgreSQL: the JSON line format,
+//! graceful stop, PostgreSQL restarts, an idle outbox on a busy database, an unroutable queue.
+
+use std::time::Duration;
+
+use outbox_tests::publish::{
+    check_delivery, publish_range, publish_rolled_back, read_json_lines, Storage,
+};
+use outbox_tests::{eventually, PgCluster, Worker};
+
+fn stdout_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stdout.jsonl");
+    (dir, path)
+}
+
+async fn wait_for_lines(path: &std::path::Path, count: usize) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{count} lines on stdout"),
+        || async move { read_json_lines(path).len() >= count },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zero_config_prints_each_committed_message_as_one_json_line() {
+    let pg = PgCluster::start().await;
+    let (_dir, out) = stdout_file();
+    let mut worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    db.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY);
+         BEGIN;
+         INSERT INTO orders VALUES (1);
+         SELECT outbox.publish('orders', '{\"order\": 1, \"total\": 12.50}', '{\"traceparent\": \"00-abc\"}', 'o-1');
+         COMMIT;
+         BEGIN; SET LOCAL pg_outbox.storage = 'wal';
+         SELECT outbox.publish('orders', '{\"order\": 2}', '{}', 'o-2');
+         COMMIT;
+         SELECT outbox.publish_bytes('blobs', '\\x00ff', '{}', NULL);",
+    )
+    .await
+    .unwrap();
+    publish_rolled_back(&db, "orders", Storage::Table).await;
+    publish_rolled_back(&db, "orders", Storage::Wal).await;
+    db.batch_execute("SELECT outbox.publish('orders', '{\"last\": true}')")
+        .await
+        .unwrap();
+    wait_for_lines(&out, 4).await;
+
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    let first = lines[0].as_object().unwrap();
+    assert_eq!(
+        first.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["created_at", "headers", "id", "key", "payload", "queue"]
+    );
+    assert_eq!(lines[0]["queue"], "orders");
+    assert_eq!(lines[0]["key"], "o-1");
+    assert_eq!(
+        lines[0]["payload"],
+        serde_json::json!({"order": 1, "total": 12.50})
+    );
+    assert_eq!(
+        lines[0]["headers"],
+        serde_json::json!({"traceparent": "00-abc"})
+    );
+    assert!(lines[0]["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        lines[1]["payload"],
+        serde_json::json!({"order": 2}),
+        "wal form"
+    );
+    assert_eq!(lines[2]["payload_base64"], "AP8=");
+    assert!(lines[2].get("payload").is_none());
+    assert_eq!(lines[2]["key"], serde_json::Value::Null);
+    assert_eq!(
+        lines[3]["payload"],
+        serde_json::json!({"last": true}),
+        "the rolled-back ones never came"
+    );
+    let ids: Vec<uuid::Uuid> = db
+        .query("SELECT id FROM outbox.messages ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.iter().any(|id| id.to_string() == lines[0]["id"]));
+
+    // SIGTERM: drains, confirms what was delivered, exits 0, and leaves the slot free.
+    let status = worker.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}:\n{}", worker.log());
+    let lag = pg.slot_lag(&db).await;
+    assert!(
+        lag < 1024,
+        "slot confirmed up to the end after a graceful stop, lag {lag}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_restart_mid_stream_loses_nothing() {
+    let pg = PgCluster::start().await;
+    let (_dir, out) = stdout_file();
+    let worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    const TOTAL: u64 = 20_000;
+    publish_range(&db, "orders", 0, TOTAL / 2, 50, Storage::Mixed).await;
+    // Restart while the worker is still streaming the first half.
+    pg.restart();
+    let db = pg.superuser().await;
+    publish_range(&db, "orders", TOTAL / 2, TOTAL / 2, 50, Storage::Mixed).await;
+
+    wait_for_lines(&out, TOTAL as usize).await;
+    let tally = check_delivery(&read_json_lines(&out), TOTAL);
+    eprintln!("postgres restart: {tally:?}");
+    assert!(
+        worker.log().contains("replication connection lost"),
+        "{}",
+        worker.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_outbox_does_not_hold_back_wal_that_other_tables_write() {
+    let pg = PgCluster::start().await;
+    let _worker = Worker::start(&["run", "--postgres-url", &pg.url()], None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    db.batch_execute("SELECT outbox.publish('orders', '{}')")
+        .await
+        .unwrap();
+
+    // ≥ 50 MB of WAL from a table the outbox does not publish.
+    db.batch_execute("CREATE TABLE busy (id bigint, filler text)")
+        .await
+        .unwrap();
+    let start: i64 = db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for _ in 0..12 {
+        db.batch_execute(
+            "INSERT INTO busy SELECT i, repeat('x', 400) FROM generate_series(1, 10000) i",
+        )
+        .await
+        .unwrap();
+    }
+    let written: i64 = db
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - '0/0')::bigint - $1",
+            &[&start],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(written >= 50 << 20, "wrote only {written} bytes of WAL");
+
+    let (pg, db) = (&pg, &db);
+    eventually(
+        Duration::from_secs(60),
+        "the slot to follow the server",
+        || async move { pg.slot_lag(db).await < 1 << 20 },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_without_a_route_stops_the_worker_with_a_clear_error_and_keeps_the_message() {
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(
+        r#"
+        [sinks.out]
+        type = "stdout"
+        [[routes]]
+        queues = "orders.*"
+        sink = "out"
+        "#,
+    );
+    let (_dir, out) = stdout_file();
+    let mut worker = Worker::start(
+        &[
+            "run",
+            "--postgres-url",
+            &pg.url(),
+            "--config",
+            config.path().to_str().unwrap(),
+        ],
+        Some(&out),
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    db.batch_execute("SELECT outbox.publish('orders.created', '{\"n\": 1}')")
+        .await
+        .unwrap();
+    wait_for_lines(&out, 1).await;
+    db.batch_execute("SELECT outbox.publish('audit', '{\"n\": 2}')")
+        .await
+        .unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while worker.exited().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not stop:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = worker.log();
+    assert!(
+        log.contains("queue \"audit\"") && log.contains("matches no route"),
+        "{log}"
+    );
+    assert_eq!(read_json_lines(&out).len(), 1);
+    // The slot did not move past the unroutable message: a fixed worker delivers it.
+    let (_dir2, out2) = stdout_file();
+    let _fixed = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out2));
+    wait_for_lines(&out2, 1).await;
+    assert!(read_json_lines(&out2).iter().any(|s| s.payload["n"] == 2));
+}
