@@ -19,7 +19,8 @@ pub enum ConfigError {
     Invalid(String),
     #[error("config file {path}: {message}")]
     File { path: String, message: String },
-    #[error("{0}")]
+    /// figment names keys within its default profile: "default.postgres.url"; show "postgres.url".
+    #[error("{}", .0.to_string().replace("key \"default.", "key \""))]
     Parse(#[from] Box<figment::Error>),
 }
 
@@ -62,7 +63,7 @@ impl Default for PostgresConfig {
             url: None,
             slot: "pg_outbox".into(),
             publication: "pg_outbox".into(),
-            status_interval: Duration::from_secs(1),
+            status_interval: Duration::from_millis(250),
             setup: true,
         }
     }

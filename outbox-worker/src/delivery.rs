@@ -123,6 +123,8 @@ pub struct Delivery {
     failed: BTreeMap<u64, Entry>,
     /// Highest commit end whose transaction and all before it are acknowledged.
     confirmed: Lsn,
+    /// The latest failure (sink name, error), reported once per retry round.
+    last_error: Option<(String, SinkError)>,
 }
 
 impl Delivery {
@@ -136,6 +138,7 @@ impl Delivery {
             in_flight: FuturesUnordered::new(),
             failed: BTreeMap::new(),
             confirmed: 0,
+            last_error: None,
         }
     }
 
@@ -208,10 +211,10 @@ impl Delivery {
                         entry.permanent_failures += 1;
                     }
                     let sink = self.sink_names[entry.route.sink].clone();
-                    tracing::warn!(
+                    tracing::debug!(
                         id = %entry.message.id, queue = %entry.message.queue, sink,
                         destination = %entry.route.destination, attempt = entry.attempts,
-                        %error, "send failed; will retry"
+                        %error, "send failed"
                     );
                     if entry.permanent_failures >= self.config.max_attempts {
                         return Some(Undeliverable {
@@ -223,6 +226,7 @@ impl Delivery {
                         });
                     }
                     self.failed.insert(entry.seq, entry);
+                    self.last_error = Some((sink, error));
                 }
             }
             return None;
@@ -232,7 +236,15 @@ impl Delivery {
         }
         // The window has settled: back off, then send the failed messages again, in order.
         let attempts = self.failed.values().map(|e| e.attempts).max().unwrap_or(1);
-        tokio::time::sleep(self.backoff(attempts)).await;
+        let backoff = self.backoff(attempts);
+        if let Some((sink, error)) = self.last_error.take() {
+            tracing::warn!(
+                failed = self.failed.len(), sink, %error, attempt = attempts,
+                backoff = %humantime::format_duration(backoff),
+                "sends failed; retrying them in order after a backoff"
+            );
+        }
+        tokio::time::sleep(backoff).await;
         for (_, entry) in std::mem::take(&mut self.failed) {
             self.dispatch(entry);
         }

@@ -2,6 +2,8 @@
 //! murmur2 partitioner (same key, same partition as a Java producer would pick), outbox headers.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -13,7 +15,12 @@ use crate::config::KafkaSinkConfig;
 use crate::message::Message;
 
 pub struct KafkaSink {
-    producer: FutureProducer,
+    client_config: ClientConfig,
+    producer: RwLock<FutureProducer>,
+    /// Set when the producer hit a fatal error (for example fenced after an epoch bump that the
+    /// broker refused): the next send replaces it. The caller re-sends everything that failed, in
+    /// order, only after all in-flight sends settled, so nothing is left on the old one.
+    broken: Arc<AtomicBool>,
 }
 
 /// Our defaults; any property in the config overrides them.
@@ -23,6 +30,10 @@ fn client_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig
         .set("bootstrap.servers", &config.brokers)
         .set("client.id", "outbox-worker")
         .set("enable.idempotence", "true")
+        // A batch the broker refuses for good must not leave a gap that later messages of the
+        // same partition jump: librdkafka turns it into a fatal error instead, the failed
+        // messages come back in order, and the sink replaces the producer and sends them again.
+        .set("enable.gapless.guarantee", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         // A send that has not succeeded after this long comes back as an error and the worker
@@ -66,11 +77,33 @@ fn describe(e: &KafkaError) -> String {
 impl KafkaSink {
     pub fn new(config: &KafkaSinkConfig, max_in_flight: usize) -> Result<KafkaSink, String> {
         check_config(config)?;
-        let producer = client_config(config, max_in_flight)
-            .create()
-            .map_err(|e| describe(&e))?;
-        Ok(KafkaSink { producer })
+        let client_config = client_config(config, max_in_flight);
+        let producer = client_config.create().map_err(|e| describe(&e))?;
+        Ok(KafkaSink {
+            client_config,
+            producer: RwLock::new(producer),
+            broken: Arc::new(AtomicBool::new(false)),
+        })
     }
+
+    /// The producer to send with, replaced first if the last one broke.
+    fn producer(&self) -> Result<FutureProducer, SinkError> {
+        if self.broken.swap(false, Ordering::AcqRel) {
+            let fresh: FutureProducer = self.client_config.create().map_err(|e| {
+                SinkError::Transient(format!("kafka: cannot recreate the producer: {e}"))
+            })?;
+            tracing::warn!("kafka producer hit a fatal error; replaced it with a new one");
+            *self.producer.write().unwrap() = fresh;
+        }
+        Ok(self.producer.read().unwrap().clone())
+    }
+}
+
+fn is_fatal(error: &KafkaError, producer: &FutureProducer) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::ProducerFenced)
+    ) || producer.client().fatal_error().is_some()
 }
 
 fn headers(message: &Message) -> OwnedHeaders {
@@ -124,18 +157,29 @@ impl Sink for KafkaSink {
         if let Some(key) = &message.key {
             record = record.key(key.as_str());
         }
-        match self.producer.send_result(record) {
+        let producer = match self.producer() {
+            Ok(producer) => producer,
+            Err(error) => return Box::pin(async move { Err(error) }),
+        };
+        let broken = self.broken.clone();
+        let fail = move |error: KafkaError, producer: &FutureProducer| {
+            if is_fatal(&error, producer) {
+                broken.store(true, Ordering::Release);
+            }
+            classify(error)
+        };
+        match producer.send_result(record) {
             Ok(delivery) => Box::pin(async move {
                 match delivery.await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err((error, _))) => Err(classify(error)),
+                    Ok(Err((error, _))) => Err(fail(error, &producer)),
                     Err(_) => Err(SinkError::Transient(
                         "kafka: the producer was closed".into(),
                     )),
                 }
             }),
             Err((error, _)) => {
-                let error = classify(error);
+                let error = fail(error, &producer);
                 Box::pin(async move { Err(error) })
             }
         }
@@ -143,7 +187,7 @@ impl Sink for KafkaSink {
 
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async move {
-            let producer = self.producer.clone();
+            let producer = self.producer.read().unwrap().clone();
             let _ = tokio::task::spawn_blocking(move || {
                 producer.flush(std::time::Duration::from_secs(10))
             })

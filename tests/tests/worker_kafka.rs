@@ -1,0 +1,205 @@
+//! The worker delivering to a Kafka-protocol broker (tansu, a separate process): 10k messages in
+//! both storage forms read back by an independent client, SIGKILL crashes mid-stream, a frozen
+//! broker. Every test counts messages from publish to consumer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use outbox_tests::kafka::{read_until, Record};
+use outbox_tests::publish::{check_delivery, publish_range, publish_rolled_back, Seen, Storage};
+use outbox_tests::{PgCluster, Tansu, Worker};
+
+async fn read(brokers: String, topic: &'static str, distinct: usize) -> Vec<Record> {
+    tokio::task::spawn_blocking(move || {
+        read_until(&brokers, &[topic], distinct, Duration::from_secs(180))
+    })
+    .await
+    .unwrap()
+}
+
+fn seen(records: &[Record]) -> Vec<Seen> {
+    records.iter().map(Record::seen).collect()
+}
+
+/// Every key lands in exactly one partition.
+fn assert_one_partition_per_key(records: &[Record]) {
+    let mut partitions: BTreeMap<&str, BTreeSet<i32>> = BTreeMap::new();
+    for r in records {
+        partitions
+            .entry(r.key.as_deref().unwrap())
+            .or_default()
+            .insert(r.partition);
+    }
+    for (key, ps) in partitions {
+        assert_eq!(ps.len(), 1, "key {key} in partitions {ps:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_messages_in_both_storage_forms_arrive_in_order_with_headers() {
+    let tansu = Tansu::start(&[("orders", 3)]);
+    let pg = PgCluster::start().await;
+    let _worker = Worker::start(
+        &[
+            "run",
+            "--postgres-url",
+            &pg.url(),
+            "--kafka-brokers",
+            &tansu.brokers(),
+        ],
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    const TOTAL: u64 = 10_000;
+    publish_range(&db, "orders", 0, 4_000, 40, Storage::Table).await;
+    publish_rolled_back(&db, "orders", Storage::Table).await;
+    publish_range(&db, "orders", 4_000, 4_000, 40, Storage::Wal).await;
+    publish_rolled_back(&db, "orders", Storage::Wal).await;
+    publish_range(&db, "orders", 8_000, 2_000, 40, Storage::Mixed).await;
+
+    let records = read(tansu.brokers(), "orders", TOTAL as usize).await;
+    let tally = check_delivery(&seen(&records), TOTAL);
+    assert_eq!(tally.duplicates, 0, "no crash, no duplicates");
+    assert_one_partition_per_key(&records);
+    let partitions: BTreeSet<i32> = records.iter().map(|r| r.partition).collect();
+    assert_eq!(partitions.len(), 3, "40 keys spread over the 3 partitions");
+    let r = &records[0];
+    assert_eq!(r.headers["test"], "yes", "user headers pass through");
+    assert_eq!(r.headers["outbox-queue"], "orders");
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert!(r.headers["outbox-created-at"].ends_with('Z'));
+    uuid::Uuid::parse_str(&r.headers["outbox-id"]).unwrap();
+
+    // The same topic through kafka-python, a client nobody here wrote.
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/kafka_consume.py"
+        ))
+        .args([&tansu.brokers(), "orders", &TOTAL.to_string(), "120"])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "kafka-python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let python_seen: Vec<Seen> = python
+        .iter()
+        .map(|v| Seen {
+            id: v["headers"]["outbox-id"].as_str().unwrap().to_owned(),
+            key: v["key"].as_str().map(str::to_owned),
+            payload: v["payload"].clone(),
+        })
+        .collect();
+    let tally = check_delivery(&python_seen, TOTAL);
+    assert_eq!(tally.distinct, TOTAL as usize);
+    assert!(python.iter().all(|v| v["headers"]["test"] == "yes"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_points_loses_nothing_and_duplicates_stay_bounded() {
+    const TOTAL: u64 = 50_000;
+    const MAX_IN_FLIGHT: usize = 1_000;
+    const KILLS: usize = 6;
+    let tansu = Tansu::start(&[("orders", 3)]);
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(&format!(
+        "[postgres]\nstatus_interval = \"10ms\"\n[delivery]\nmax_in_flight = {MAX_IN_FLIGHT}\n"
+    ));
+    let args = [
+        "run",
+        "--postgres-url",
+        &pg.url(),
+        "--kafka-brokers",
+        &tansu.brokers(),
+        "--config",
+        config.path().to_str().unwrap(),
+    ];
+    let mut worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    let publisher = {
+        let db = pg.superuser().await;
+        tokio::spawn(
+            async move { publish_range(&db, "orders", 0, TOTAL, 100, Storage::Mixed).await },
+        )
+    };
+    let mut seed = 0x2545_f491_u64;
+    for _ in 0..KILLS {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(300 + seed % 1200)).await;
+        worker.kill();
+        worker = Worker::start(&args, None);
+    }
+    publisher.await.unwrap();
+
+    let records = read(tansu.brokers(), "orders", TOTAL as usize).await;
+    let tally = check_delivery(&seen(&records), TOTAL);
+    eprintln!("{KILLS} SIGKILLs: {tally:?}");
+    // A crash re-sends what was not yet confirmed to the server: the in-flight window plus what
+    // was acknowledged during the last status interval.
+    assert!(
+        tally.duplicates <= KILLS * MAX_IN_FLIGHT,
+        "{} duplicates after {KILLS} kills",
+        tally.duplicates
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_frozen_for_ten_seconds_loses_nothing() {
+    const TOTAL: u64 = 20_000;
+    let tansu = Tansu::start(&[("orders", 3)]);
+    let pg = PgCluster::start().await;
+    // Sends time out after 2 s while the broker is frozen, so the worker's own retry path runs.
+    let config = Worker::config_file(
+        "[sinks.kafka.properties]\n\"message.timeout.ms\" = 2000\n\"request.timeout.ms\" = 1500\n",
+    );
+    let worker = Worker::start(
+        &[
+            "run",
+            "--postgres-url",
+            &pg.url(),
+            "--kafka-brokers",
+            &tansu.brokers(),
+            "--config",
+            config.path().to_str().unwrap(),
+        ],
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    publish_range(&db, "orders", 0, TOTAL / 2, 50, Storage::Mixed).await;
+    tansu.pause();
+    publish_range(&db, "orders", TOTAL / 2, TOTAL / 2, 50, Storage::Mixed).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    tansu.resume();
+
+    let records = read(tansu.brokers(), "orders", TOTAL as usize).await;
+    let tally = check_delivery(&seen(&records), TOTAL);
+    eprintln!("frozen broker: {tally:?}");
+    for line in worker
+        .log()
+        .lines()
+        .filter(|l| l.contains("retrying") || l.contains("replaced"))
+    {
+        eprintln!("{line}");
+    }
+    assert!(
+        worker.log().contains("retrying them in order"),
+        "the retry path ran:\n{}",
+        worker.log()
+    );
+}
