@@ -13,13 +13,12 @@ pub struct Worker {
     _dir: tempfile::TempDir,
 }
 
-/// `target/<profile>/outbox-worker`, built by `cargo test --workspace` before any test runs.
+/// `target/<profile>/outbox-worker`, built by `cargo test --workspace` before any test runs
+/// (tests live in `target/<profile>/deps/`, the bench binary in `target/<profile>/`).
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
+    let dir = exe.parent().expect("exe dir");
+    let profile_dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
     let binary = profile_dir.join("outbox-worker");
     assert!(
         binary.exists(),

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# End-to-end delivery benchmark of outbox-worker (release build): drain throughput per storage
+# form and sink against the slot's raw decoding rate, and commit→consumed latency at 1k msg/s.
+# Writes the table into BENCHMARKS.md between the worker markers.
+#   bench/worker.sh [backlog, default 200000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "==> building outbox-worker and worker-bench (release)" >&2
+cargo build --release -p outbox-worker -p outbox-tests --bin outbox-worker --bin worker-bench
+exec target/release/worker-bench "${1:-200000}"
