@@ -18,7 +18,11 @@ pub struct Worker {
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
-    let profile_dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
     let binary = profile_dir.join("outbox-worker");
     assert!(
         binary.exists(),
@@ -26,6 +30,22 @@ pub fn binary() -> PathBuf {
         binary.display()
     );
     binary
+}
+
+/// `run` delivering every queue to the Kafka topic of the same name, with a config file.
+pub fn kafka_args(postgres_url: &str, brokers: &str, config: &Path) -> Vec<String> {
+    [
+        "run",
+        "--postgres-url",
+        postgres_url,
+        "--kafka-brokers",
+        brokers,
+        "--config",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain([config.display().to_string()])
+    .collect()
 }
 
 /// Runs `outbox-worker ARGS` to completion (for `check-config` and `setup`).
@@ -40,7 +60,7 @@ pub fn run_once(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 impl Worker {
     /// Starts `outbox-worker ARGS`; its stdout is appended to `stdout` (or discarded).
-    pub fn start(args: &[&str], stdout: Option<&Path>) -> Worker {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S], stdout: Option<&Path>) -> Worker {
         let dir = tempfile::Builder::new()
             .prefix("outbox_worker")
             .tempdir()

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use outbox_tests::kafka::{read_until, Record};
 use outbox_tests::publish::{check_delivery, publish_range, publish_rolled_back, Seen, Storage};
+use outbox_tests::worker::kafka_args;
 use outbox_tests::{PgCluster, Tansu, Worker};
 
 async fn read(brokers: String, topic: &'static str, distinct: usize) -> Vec<Record> {
@@ -115,15 +116,7 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_stay_bounded() {
     let config = Worker::config_file(&format!(
         "[postgres]\nstatus_interval = \"10ms\"\n[delivery]\nmax_in_flight = {MAX_IN_FLIGHT}\n"
     ));
-    let args = [
-        "run",
-        "--postgres-url",
-        &pg.url(),
-        "--kafka-brokers",
-        &tansu.brokers(),
-        "--config",
-        config.path().to_str().unwrap(),
-    ];
+    let args = kafka_args(&pg.url(), &tansu.brokers(), config.path());
     let mut worker = Worker::start(&args, None);
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
@@ -167,15 +160,7 @@ async fn a_broker_frozen_for_ten_seconds_loses_nothing() {
         "[sinks.kafka.properties]\n\"message.timeout.ms\" = 2000\n\"request.timeout.ms\" = 1500\n",
     );
     let worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &pg.url(),
-            "--kafka-brokers",
-            &tansu.brokers(),
-            "--config",
-            config.path().to_str().unwrap(),
-        ],
+        &kafka_args(&pg.url(), &tansu.brokers(), config.path()),
         None,
     );
     let db = pg.superuser().await;

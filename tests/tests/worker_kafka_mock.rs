@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use outbox_tests::kafka::read_until;
 use outbox_tests::publish::{check_delivery, publish_range, Storage};
+use outbox_tests::worker::kafka_args;
 use outbox_tests::{PgCluster, Worker};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -17,18 +18,7 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
     let brokers = mock.bootstrap_servers();
     let pg = PgCluster::start().await;
     let config = Worker::config_file("[sinks.kafka.properties]\n\"message.timeout.ms\" = 3000\n");
-    let worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &pg.url(),
-            "--kafka-brokers",
-            &brokers,
-            "--config",
-            config.path().to_str().unwrap(),
-        ],
-        None,
-    );
+    let worker = Worker::start(&kafka_args(&pg.url(), &brokers, config.path()), None);
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 

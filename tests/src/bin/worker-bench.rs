@@ -20,7 +20,10 @@ const SLOTS: [&str; 4] = ["ceiling", "discard", "stdout", "kafka"];
 
 #[tokio::main]
 async fn main() {
-    let backlog: u64 = std::env::args().nth(1).map(|a| a.parse().expect("backlog size")).unwrap_or(200_000);
+    let backlog: u64 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().expect("backlog size"))
+        .unwrap_or(200_000);
     let tansu = Tansu::start(&[("orders", 3), ("latency", 1)]);
     let mut table = String::new();
     table.push_str(&format!(
@@ -32,17 +35,51 @@ async fn main() {
         let pg = PgCluster::start().await;
         let db = pg.superuser().await;
         for slot in SLOTS {
-            db.query_one("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await.unwrap();
+            db.query_one(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .unwrap();
         }
         eprintln!("==> {name}: publishing {backlog} messages");
         publish_range(&db, "orders", 0, backlog, 100, storage).await;
-        let end: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+        let end: String = db
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
 
         let started = Instant::now();
         let status = Command::new("/usr/lib/postgresql/15/bin/pg_recvlogical")
-            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "postgres"])
-            .args(["--slot", "ceiling", "--start", "--no-loop", "--endpos", &end, "-f", "/dev/null"])
-            .args(["-o", "proto_version=1", "-o", "publication_names=pg_outbox", "-o", "messages=true"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args([
+                "--slot",
+                "ceiling",
+                "--start",
+                "--no-loop",
+                "--endpos",
+                &end,
+                "-f",
+                "/dev/null",
+            ])
+            .args([
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=pg_outbox",
+                "-o",
+                "messages=true",
+            ])
             .status()
             .expect("pg_recvlogical");
         assert!(status.success());
@@ -52,12 +89,28 @@ async fn main() {
         for (slot, sink) in [
             ("discard", "[sinks.d]\ntype = \"discard\"\n".to_owned()),
             ("stdout", "[sinks.s]\ntype = \"stdout\"\n".to_owned()),
-            ("kafka", format!("[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n", tansu.brokers())),
+            (
+                "kafka",
+                format!(
+                    "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n",
+                    tansu.brokers()
+                ),
+            ),
         ] {
-            let config = Worker::config_file(&format!("[postgres]\nstatus_interval = \"10ms\"\nsetup = false\n{sink}"));
+            let config = Worker::config_file(&format!(
+                "[postgres]\nstatus_interval = \"10ms\"\nsetup = false\n{sink}"
+            ));
             let started = Instant::now();
             let mut worker = Worker::start(
-                &["run", "--postgres-url", &pg.url(), "--slot", slot, "--config", config.path().to_str().unwrap()],
+                &[
+                    "run",
+                    "--postgres-url",
+                    &pg.url(),
+                    "--slot",
+                    slot,
+                    "--config",
+                    config.path().to_str().unwrap(),
+                ],
                 None,
             );
             wait_confirmed(&db, slot, &end).await;
@@ -69,7 +122,10 @@ async fn main() {
         eprintln!("    ceiling: {ceiling:.0} msg/s");
         table.push_str(&format!(
             "| {name} | {ceiling:.0} | {:.0} | {:.0} | {:.0} | {:.0}% |\n",
-            rates[0], rates[1], rates[2], 100.0 * rates[2] / ceiling
+            rates[0],
+            rates[1],
+            rates[2],
+            100.0 * rates[2] / ceiling
         ));
     }
 
@@ -109,7 +165,16 @@ async fn latency(tansu: &Tansu) -> (f64, f64, usize) {
         "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n[sinks.k.properties]\n\"linger.ms\" = 1\n",
         tansu.brokers()
     ));
-    let _worker = Worker::start(&["run", "--postgres-url", &pg.url(), "--config", config.path().to_str().unwrap()], None);
+    let _worker = Worker::start(
+        &[
+            "run",
+            "--postgres-url",
+            &pg.url(),
+            "--config",
+            config.path().to_str().unwrap(),
+        ],
+        None,
+    );
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 
@@ -124,7 +189,9 @@ async fn latency(tansu: &Tansu) -> (f64, f64, usize) {
             .create()
             .unwrap();
         let mut assignment = rdkafka::TopicPartitionList::new();
-        assignment.add_partition_offset("latency", 0, rdkafka::Offset::Beginning).unwrap();
+        assignment
+            .add_partition_offset("latency", 0, rdkafka::Offset::Beginning)
+            .unwrap();
         consumer.assign(&assignment).unwrap();
         let mut latencies = Vec::with_capacity(total);
         let deadline = Instant::now() + Duration::from_secs(SECONDS + 60);
@@ -137,7 +204,8 @@ async fn latency(tansu: &Tansu) -> (f64, f64, usize) {
                     .and_then(|h| std::str::from_utf8(h.value?).ok().map(str::to_owned))
                     .expect("outbox-created-at header");
                 let created = chrono::DateTime::parse_from_rfc3339(&created).unwrap();
-                latencies.push((now - created.to_utc()).num_microseconds().unwrap() as f64 / 1000.0);
+                latencies
+                    .push((now - created.to_utc()).num_microseconds().unwrap() as f64 / 1000.0);
             }
         }
         latencies
@@ -145,7 +213,12 @@ async fn latency(tansu: &Tansu) -> (f64, f64, usize) {
     let started = tokio::time::Instant::now();
     for i in 0..RATE * SECONDS {
         tokio::time::sleep_until(started + Duration::from_micros(i * 1_000_000 / RATE)).await;
-        db.execute("SELECT outbox.publish('latency', '{\"n\": 1}', '{}', 'k')", &[]).await.unwrap();
+        db.execute(
+            "SELECT outbox.publish('latency', '{\"n\": 1}', '{}', 'k')",
+            &[],
+        )
+        .await
+        .unwrap();
     }
     let latencies = consumer.await.unwrap();
     assert_eq!(latencies.len(), total, "every latency message arrived");
@@ -159,7 +232,10 @@ async fn latency(tansu: &Tansu) -> (f64, f64, usize) {
 fn write_section(table: &str) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
     let text = std::fs::read_to_string(path).expect("BENCHMARKS.md");
-    let (begin, end) = ("<!-- worker:begin (written by bench/worker.sh) -->", "<!-- worker:end -->");
+    let (begin, end) = (
+        "<!-- worker:begin (written by bench/worker.sh) -->",
+        "<!-- worker:end -->",
+    );
     let section = format!("{begin}\n{table}{end}");
     let updated = match (text.find(begin), text.find(end)) {
         (Some(b), Some(e)) => format!("{}{section}{}", &text[..b], &text[e + end.len()..]),
