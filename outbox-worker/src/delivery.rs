@@ -123,6 +123,8 @@ pub struct Delivery {
     failed: BTreeMap<u64, Entry>,
     /// Highest commit end whose transaction and all before it are acknowledged.
     confirmed: Lsn,
+    /// Re-sent messages not yet settled; intake waits for them.
+    retries_in_flight: usize,
     /// The latest failure (sink name, error), reported once per retry round.
     last_error: Option<(String, SinkError)>,
 }
@@ -138,6 +140,7 @@ impl Delivery {
             in_flight: FuturesUnordered::new(),
             failed: BTreeMap::new(),
             confirmed: 0,
+            retries_in_flight: 0,
             last_error: None,
         }
     }
@@ -151,9 +154,13 @@ impl Delivery {
         self.advance();
     }
 
-    /// Room for one more message, and no failed message waiting to be sent again.
+    /// Room for one more message, no failed message waiting to be sent again, and no re-sent one
+    /// still unacknowledged: a message sent behind a retry could otherwise overtake it if the retry
+    /// fails again (for example on a replaced Kafka producer).
     pub fn can_accept(&self) -> bool {
-        self.failed.is_empty() && self.in_flight.len() < self.config.max_in_flight
+        self.failed.is_empty()
+            && self.retries_in_flight == 0
+            && self.in_flight.len() < self.config.max_in_flight
     }
 
     /// Nothing in flight, nothing failed, no transaction open.
@@ -201,6 +208,9 @@ impl Delivery {
     /// Pending forever when there is nothing to wait for: use in `select!` with other branches.
     pub async fn progress(&mut self) -> Option<Undeliverable> {
         if let Some((mut entry, result)) = self.in_flight.next().await {
+            if entry.attempts > 1 {
+                self.retries_in_flight -= 1;
+            }
             match result {
                 Ok(()) => {
                     self.tracker.acked(entry.tx);
@@ -246,6 +256,7 @@ impl Delivery {
         }
         tokio::time::sleep(backoff).await;
         for (_, entry) in std::mem::take(&mut self.failed) {
+            self.retries_in_flight += 1;
             self.dispatch(entry);
         }
         None

@@ -22,8 +22,8 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 
-    // Retriable errors (librdkafka retries them itself) and a permanent one (the worker retries
-    // it) on the next produce requests.
+    // Retriable errors (librdkafka retries them itself, in order) and a permanent one (the
+    // worker re-sends it, in order) on the next produce requests.
     use RDKafkaRespErr::*;
     mock.request_errors(
         RDKafkaApiKey::Produce,

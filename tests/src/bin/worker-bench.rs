@@ -1,7 +1,7 @@
 //! worker-bench: how fast the worker delivers, end to end, on this machine.
 //!
 //! Throughput: a backlog of N messages (default 200k) is committed first, then drained by one
-//! consumer per slot: `pg_recvlogical` (the walsender's raw decoding rate, the ceiling), the worker
+//! consumer per slot: `pg_recvlogical` (the walsender's raw decoding rate), the worker
 //! with the `discard` sink, with `stdout`, and with Kafka (tansu). Time runs from the worker's start
 //! until the slot is confirmed past the backlog, i.e. every message acknowledged. Per storage form.
 //! Latency: 1 message per transaction at 1,000 msg/s for 10 s to Kafka; commit → consumed.
@@ -28,7 +28,7 @@ async fn main() {
     let mut table = String::new();
     table.push_str(&format!(
         "Drain a committed backlog of {backlog} messages (transactions of 1–50, 100 keys), messages/s:\n\n\
-         | storage | slot decoding ceiling (pg_recvlogical) | worker → discard | worker → stdout | worker → Kafka (tansu) | Kafka / ceiling |\n\
+         | storage | pg_recvlogical (decoding only) | worker → discard | worker → stdout | worker → Kafka (tansu) | Kafka / decoding rate |\n\
          |---|---|---|---|---|---|\n"
     ));
     for (name, storage) in [("table", Storage::Table), ("wal", Storage::Wal)] {
@@ -119,13 +119,14 @@ async fn main() {
             worker.terminate(Duration::from_secs(60));
             rates.push(rate);
         }
-        eprintln!("    ceiling: {ceiling:.0} msg/s");
+        eprintln!("    pg_recvlogical: {ceiling:.0} msg/s");
         table.push_str(&format!(
             "| {name} | {ceiling:.0} | {:.0} | {:.0} | {:.0} | {:.0}% |\n",
             rates[0],
             rates[1],
             rates[2],
-            100.0 * rates[2] / ceiling
+            // The discard sink also only decodes: the faster of the two is the slot's real rate.
+            100.0 * rates[2] / ceiling.max(rates[0])
         ));
     }
 
