@@ -38,6 +38,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub sinks: BTreeMap<String, SinkConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -94,10 +96,18 @@ impl Default for DeliveryConfig {
             max_in_flight: 10_000,
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
-            max_attempts: 10,
+            max_attempts: 5,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `/metrics` (Prometheus) and `/health/live`, `/health/ready` on this address, e.g.
+    /// `0.0.0.0:9090`. Off when unset.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -128,6 +138,8 @@ pub enum LogFormat {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
     Kafka(KafkaSinkConfig),
+    /// RabbitMQ (AMQP 0.9.1) with publisher confirms.
+    Amqp(AmqpSinkConfig),
     /// JSON lines on standard output.
     Stdout,
     /// Acknowledges without sending anything: for benchmarks of the worker itself.
@@ -138,6 +150,7 @@ impl SinkConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Amqp(_) => "amqp",
             SinkConfig::Stdout => "stdout",
             SinkConfig::Discard => "discard",
         }
@@ -153,6 +166,20 @@ pub struct KafkaSinkConfig {
     /// join with dots, so `[sinks.kafka.properties.sasl] password = "…"` is `sasl.password`.
     #[serde(default)]
     pub properties: BTreeMap<String, PropertyValue>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSinkConfig {
+    /// `amqp://user:password@host:5672/vhost`.
+    pub url: String,
+    /// The default exchange of this sink's routes; `""` is the default exchange (routing key =
+    /// queue name).
+    #[serde(default)]
+    pub exchange: String,
+    /// Declare `exchange` at start-up with this kind (`direct`, `topic`, `fanout`, `headers`),
+    /// durable. Unset: the exchange must exist.
+    pub declare_exchange: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -216,6 +243,10 @@ pub struct RouteConfig {
     pub sink: String,
     /// Kafka topic template; `{queue}` is replaced by the queue name. Default `{queue}`.
     pub topic: Option<String>,
+    /// AMQP exchange template; default the sink's `exchange`.
+    pub exchange: Option<String>,
+    /// AMQP routing-key template; default `{queue}`.
+    pub routing_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -241,11 +272,16 @@ pub struct Overrides {
     pub slot: Option<String>,
     /// The quick path: route every queue to the Kafka topic of the same name.
     pub kafka_brokers: Option<String>,
+    /// The quick path: route every queue to this AMQP exchange, routing key = queue.
+    pub amqp_url: Option<String>,
+    pub amqp_exchange: Option<String>,
+    pub http_listen: Option<String>,
     pub log_format: Option<LogFormat>,
 }
 
 /// The sink the quick `--kafka-brokers` flag defines, and the default sink without any.
 pub const QUICK_KAFKA_SINK: &str = "kafka";
+pub const QUICK_AMQP_SINK: &str = "amqp";
 pub const DEFAULT_SINK: &str = "stdout";
 
 impl Config {
@@ -274,6 +310,17 @@ impl Config {
                 .merge((format!("sinks.{QUICK_KAFKA_SINK}.type"), "kafka"))
                 .merge((format!("sinks.{QUICK_KAFKA_SINK}.brokers"), brokers));
         }
+        if let Some(url) = overrides.amqp_url {
+            figment = figment
+                .merge((format!("sinks.{QUICK_AMQP_SINK}.type"), "amqp"))
+                .merge((format!("sinks.{QUICK_AMQP_SINK}.url"), url));
+        }
+        if let Some(exchange) = overrides.amqp_exchange {
+            figment = figment.merge((format!("sinks.{QUICK_AMQP_SINK}.exchange"), exchange));
+        }
+        if let Some(listen) = overrides.http_listen {
+            figment = figment.merge(("http.listen", listen));
+        }
         let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Parse(Box::new(e)))?;
@@ -293,6 +340,8 @@ impl Config {
                 queues: Patterns::One("*".into()),
                 sink,
                 topic: None,
+                exchange: None,
+                routing_key: None,
             });
         }
     }
@@ -356,9 +405,12 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid(format!("log.level = {:?}: {e}", self.log.level)))?;
         for (name, sink) in &self.sinks {
-            if let SinkConfig::Kafka(kafka) = sink {
-                crate::sink::kafka::check_config(kafka)
-                    .map_err(|e| invalid(format!("sinks.{name}.{e}")))?;
+            match sink {
+                SinkConfig::Kafka(kafka) => crate::sink::kafka::check_config(kafka)
+                    .map_err(|e| invalid(format!("sinks.{name}.{e}")))?,
+                SinkConfig::Amqp(amqp) => crate::sink::amqp::check_config(amqp)
+                    .map_err(|e| invalid(format!("sinks.{name}.{e}")))?,
+                _ => {}
             }
         }
         for (index, route) in self.routes.iter().enumerate() {
@@ -370,18 +422,38 @@ impl Config {
                     self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
                 ))
             })?;
-            match (sink, &route.topic) {
-                (SinkConfig::Kafka(_), Some(topic)) => crate::router::check_template(topic)
-                    .map_err(|e| invalid(format!("{key}.topic = {topic:?}: {e}")))?,
-                (SinkConfig::Kafka(_), None) => {}
-                (other, Some(topic)) => {
+            use crate::router::{check_template, Template};
+            let fields = [
+                (
+                    "topic",
+                    &route.topic,
+                    Template::KafkaTopic,
+                    matches!(sink, SinkConfig::Kafka(_)),
+                ),
+                (
+                    "exchange",
+                    &route.exchange,
+                    Template::AmqpExchange,
+                    matches!(sink, SinkConfig::Amqp(_)),
+                ),
+                (
+                    "routing_key",
+                    &route.routing_key,
+                    Template::AmqpRoutingKey,
+                    matches!(sink, SinkConfig::Amqp(_)),
+                ),
+            ];
+            for (field, value, kind, applies) in fields {
+                let Some(value) = value else { continue };
+                if !applies {
                     return Err(invalid(format!(
-                        "{key}.topic = {topic:?}: sink {:?} is of type {}, which has no topics",
+                        "{key}.{field} = {value:?}: sink {:?} is of type {}, which has no {field}",
                         route.sink,
-                        other.kind()
-                    )))
+                        sink.kind()
+                    )));
                 }
-                (_, None) => {}
+                check_template(value, kind)
+                    .map_err(|e| invalid(format!("{key}.{field} = {value:?}: {e}")))?;
             }
             for pattern in route.queues.iter() {
                 globset::Glob::new(pattern).map_err(|e| {

@@ -102,9 +102,11 @@ struct Entry {
     permanent_failures: u32,
 }
 
-/// A message the broker refused permanently `max_attempts` times.
+/// A message the broker refused permanently `max_attempts` times. It stays unacknowledged until
+/// the caller has dead-lettered it ([`Delivery::dead_lettered`]).
 #[derive(Debug)]
 pub struct Undeliverable {
+    pub tx: TxId,
     pub message: Arc<Message>,
     pub sink: String,
     pub destination: Arc<str>,
@@ -113,7 +115,7 @@ pub struct Undeliverable {
 }
 
 pub struct Delivery {
-    sinks: Vec<Box<dyn Sink>>,
+    sinks: Vec<Arc<dyn Sink>>,
     sink_names: Vec<String>,
     config: DeliveryConfig,
     tracker: AckTracker,
@@ -130,7 +132,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub fn new(sinks: Vec<Box<dyn Sink>>, sink_names: Vec<String>, config: DeliveryConfig) -> Self {
+    pub fn new(sinks: Vec<Arc<dyn Sink>>, sink_names: Vec<String>, config: DeliveryConfig) -> Self {
         Delivery {
             sinks,
             sink_names,
@@ -211,16 +213,25 @@ impl Delivery {
             if entry.attempts > 1 {
                 self.retries_in_flight -= 1;
             }
+            let sink = self.sink_names[entry.route.sink].clone();
             match result {
                 Ok(()) => {
+                    metrics::counter!("outbox_messages_published_total", "sink" => sink.clone(), "queue" => entry.message.queue.clone()).increment(1);
+                    let latency = chrono::Utc::now() - entry.message.committed_at;
+                    metrics::histogram!("outbox_commit_to_ack_seconds", "sink" => sink)
+                        .record(latency.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
                     self.tracker.acked(entry.tx);
                     self.advance();
                 }
                 Err(error) => {
-                    if matches!(error, SinkError::Permanent(_)) {
-                        entry.permanent_failures += 1;
-                    }
-                    let sink = self.sink_names[entry.route.sink].clone();
+                    let kind = match error {
+                        SinkError::Permanent(_) => {
+                            entry.permanent_failures += 1;
+                            "permanent"
+                        }
+                        SinkError::Transient(_) => "transient",
+                    };
+                    metrics::counter!("outbox_send_failures_total", "sink" => sink.clone(), "queue" => entry.message.queue.clone(), "kind" => kind).increment(1);
                     tracing::debug!(
                         id = %entry.message.id, queue = %entry.message.queue, sink,
                         destination = %entry.route.destination, attempt = entry.attempts,
@@ -228,6 +239,7 @@ impl Delivery {
                     );
                     if entry.permanent_failures >= self.config.max_attempts {
                         return Some(Undeliverable {
+                            tx: entry.tx,
                             message: entry.message,
                             sink,
                             destination: entry.route.destination,
@@ -256,6 +268,7 @@ impl Delivery {
         }
         tokio::time::sleep(backoff).await;
         for (_, entry) in std::mem::take(&mut self.failed) {
+            metrics::counter!("outbox_retries_total", "sink" => self.sink_names[entry.route.sink].clone()).increment(1);
             self.retries_in_flight += 1;
             self.dispatch(entry);
         }
@@ -273,9 +286,18 @@ impl Delivery {
         exp.mul_f64(rand::rng().random_range(0.5..=1.0))
     }
 
+    /// The caller stored an [`Undeliverable`] in the dead-letter table: it counts as handled.
+    pub fn dead_lettered(&mut self, u: &Undeliverable) {
+        metrics::counter!("outbox_messages_dead_lettered_total", "sink" => u.sink.clone(), "queue" => u.message.queue.clone()).increment(1);
+        self.tracker.acked(u.tx);
+        self.advance();
+    }
+
     fn advance(&mut self) {
+        metrics::gauge!("outbox_in_flight").set((self.in_flight.len() + self.failed.len()) as f64);
         if let Some(lsn) = self.tracker.confirmable() {
             self.confirmed = lsn;
+            metrics::gauge!("outbox_confirmed_lsn").set(lsn as f64);
         }
     }
 

@@ -2,7 +2,9 @@
 //! only up to what the broker acknowledged.
 
 mod config;
+mod dead_letters;
 mod delivery;
+mod http;
 mod message;
 mod pipeline;
 mod router;
@@ -39,6 +41,38 @@ enum Command {
     Setup(Options),
     /// Load and validate the configuration, print it with defaults filled in, then exit.
     CheckConfig(Options),
+    /// Print the slot, its lag and the dead-letter count (outbox.status()).
+    Status(Options),
+    /// Dead letters: messages a broker refused for good.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        options: Options,
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Publish dead letters again (same ids) and remove them from the table.
+    Redrive {
+        #[command(flatten)]
+        options: Options,
+        /// One message.
+        #[arg(long, conflicts_with = "queue", required_unless_present = "queue")]
+        id: Option<uuid::Uuid>,
+        /// Every dead letter of this queue, in their original order.
+        #[arg(long)]
+        queue: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -55,6 +89,15 @@ struct Options {
     /// Quick path: route every queue to the Kafka topic of the same name on these brokers.
     #[arg(long, value_name = "HOST:PORT[,HOST:PORT]")]
     kafka_brokers: Option<String>,
+    /// Quick path: route every queue to RabbitMQ (exchange --amqp-exchange, routing key = queue).
+    #[arg(long, value_name = "amqp://USER:PASSWORD@HOST:PORT/VHOST")]
+    amqp_url: Option<String>,
+    /// The exchange for --amqp-url (default: the default exchange "").
+    #[arg(long, value_name = "NAME")]
+    amqp_exchange: Option<String>,
+    /// Serve /metrics and /health/live, /health/ready on this address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    http_listen: Option<String>,
     /// Log format on stderr.
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
@@ -74,6 +117,9 @@ impl Options {
                 postgres_url: self.postgres_url,
                 slot: self.slot,
                 kafka_brokers: self.kafka_brokers,
+                amqp_url: self.amqp_url,
+                amqp_exchange: self.amqp_exchange,
+                http_listen: self.http_listen,
                 log_format: self.log_format.map(|f| match f {
                     LogFormatArg::Text => LogFormat::Text,
                     LogFormatArg::Json => LogFormat::Json,
@@ -113,10 +159,30 @@ fn on_signal(shutdown: CancellationToken) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (command, options) = match cli.command {
-        Command::Run(o) => ("run", o),
-        Command::Setup(o) => ("setup", o),
-        Command::CheckConfig(o) => ("check-config", o),
+    let (command, options, dlq) = match cli.command {
+        Command::Run(o) => ("run", o, None),
+        Command::Setup(o) => ("setup", o, None),
+        Command::CheckConfig(o) => ("check-config", o, None),
+        Command::Status(o) => ("status", o, None),
+        Command::Dlq {
+            command:
+                DlqCommand::List {
+                    options,
+                    queue,
+                    limit,
+                },
+        } => (
+            "dlq",
+            options,
+            Some(dead_letters::Command::List { queue, limit }),
+        ),
+        Command::Dlq {
+            command: DlqCommand::Redrive { options, id, queue },
+        } => (
+            "dlq",
+            options,
+            Some(dead_letters::Command::Redrive { id, queue }),
+        ),
     };
     let config = match options.load() {
         Ok(config) => config,
@@ -153,6 +219,8 @@ async fn main() -> ExitCode {
             }
             .await
         }
+        "status" => dead_letters::status(config.url()).await,
+        "dlq" => dead_letters::run_command(config.url(), dlq.expect("a dlq command")).await,
         _ => {
             let shutdown = CancellationToken::new();
             on_signal(shutdown.clone());

@@ -21,6 +21,8 @@ pub struct Message {
     pub created_at: DateTime<Utc>,
     /// The commit LSN of the transaction that published it.
     pub commit_lsn: Lsn,
+    /// When that transaction committed (for the commit → ack latency).
+    pub committed_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +108,7 @@ mod tests {
                 .unwrap()
                 .to_utc(),
             commit_lsn: 1,
+            committed_at: Utc::now(),
         }
     }
 

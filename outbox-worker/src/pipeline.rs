@@ -7,7 +7,9 @@ use anyhow::{anyhow, Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::dead_letters::DeadLetters;
 use crate::delivery::{Delivery, Undeliverable};
+use crate::http::{self, Health};
 use crate::message::Lsn;
 use crate::router::Router;
 use crate::sink;
@@ -28,7 +30,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     let mut router = Router::new(&config);
     let sinks = sink::build_all(&config)?;
+    let health = Health::new(sinks.clone());
+    if let Some(listen) = config.http.listen {
+        let metrics = http::install_metrics()?;
+        tokio::spawn(http::serve(
+            listen,
+            metrics,
+            health.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(poll_slot_lag(
+            config.url().to_owned(),
+            config.postgres.slot.clone(),
+            shutdown.clone(),
+        ));
+    }
     let mut delivery = Delivery::new(sinks, router.sink_names().to_vec(), config.delivery.clone());
+    let mut dead_letters = DeadLetters::new(config.url());
     let settings = SlotSettings {
         url: config.url().to_owned(),
         slot: config.postgres.slot.clone(),
@@ -65,8 +83,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             _ = shutdown.cancelled() => break Ok(()),
         };
         reconnects = 0;
+        health.set_streaming(true);
         tracing::info!(slot = settings.slot, start = %format_lsn(start), "streaming");
-        match stream(&mut source, &mut router, &mut delivery, &config, &shutdown).await {
+        let mut parts = Parts {
+            router: &mut router,
+            delivery: &mut delivery,
+            dead_letters: &mut dead_letters,
+        };
+        let stopped = stream(&mut source, &mut parts, &config, &shutdown).await;
+        health.set_streaming(false);
+        match stopped {
             Ok(Stop::Requested) => {
                 source.confirm(delivery.confirmed());
                 source.close().await;
@@ -74,7 +100,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             }
             Ok(Stop::Lost(e)) => {
                 tracing::warn!(error = %e, "replication connection lost; reconnecting");
-                settle(&mut delivery, &shutdown).await?;
+                settle(&mut parts, &shutdown).await;
                 delivery.reset_stream();
             }
             Err(e) => break Err(e),
@@ -85,52 +111,80 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     result
 }
 
+/// What a stream works with, borrowed for its lifetime.
+struct Parts<'a> {
+    router: &'a mut Router,
+    delivery: &'a mut Delivery,
+    dead_letters: &'a mut DeadLetters,
+}
+
+impl Parts<'_> {
+    /// Waits for the next acknowledgement; a message refused for good goes to the dead letters.
+    async fn progress(&mut self) {
+        if let Some(u) = self.delivery.progress().await {
+            dead_letter(self.dead_letters, &u).await;
+            self.delivery.dead_lettered(&u);
+        }
+    }
+}
+
+async fn dead_letter(dead_letters: &mut DeadLetters, u: &Undeliverable) {
+    let destination = format!("{}:{}", u.sink, u.destination);
+    tracing::error!(
+        id = %u.message.id, queue = %u.message.queue, destination, attempts = u.attempts,
+        error = %u.error, "dead-lettering a message the broker refused"
+    );
+    dead_letters
+        .write(&u.message, &destination, &u.error.to_string(), u.attempts)
+        .await;
+}
+
 async fn stream(
     source: &mut ReplicationSource,
-    router: &mut Router,
-    delivery: &mut Delivery,
+    parts: &mut Parts<'_>,
     config: &Config,
     shutdown: &CancellationToken,
 ) -> Result<Stop> {
     let mut tx = None;
     loop {
-        let accepting = delivery.can_accept();
+        let accepting = parts.delivery.can_accept();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                drain(delivery, config.delivery.shutdown_timeout).await?;
+                drain(parts, config.delivery.shutdown_timeout).await;
                 return Ok(Stop::Requested);
             }
-            undeliverable = delivery.progress() => {
-                if let Some(u) = undeliverable {
-                    return Err(give_up(u));
-                }
-                if let Some(lsn) = confirmable(delivery) {
+            _ = parts.progress() => {
+                if let Some(lsn) = confirmable(parts.delivery) {
                     source.confirm(lsn);
                 }
             }
             event = source.next(), if accepting => match event {
-                Ok(SourceEvent::Begin) => tx = Some(delivery.begin()),
+                Ok(SourceEvent::Begin) => tx = Some(parts.delivery.begin()),
                 Ok(SourceEvent::Message(message)) => {
                     let tx = tx.context("a message outside a transaction")?;
-                    let route = router.route(&message.queue).ok_or_else(|| anyhow!(
-                        "queue {:?} (message {}) matches no route: add a [[routes]] entry for it; \
-                         the slot stays before this message, nothing is lost",
-                        message.queue, message.id
-                    ))?;
-                    delivery.send(tx, route, message);
+                    match parts.router.route(&message.queue) {
+                        Some(route) => parts.delivery.send(tx, route, message),
+                        None => {
+                            // Written before the stream goes on, so the slot never passes it first.
+                            let error = format!("no route matches queue {:?}", message.queue);
+                            tracing::error!(id = %message.id, queue = %message.queue, "{error}; dead-lettering it");
+                            metrics::counter!("outbox_messages_dead_lettered_total", "sink" => "", "queue" => message.queue.clone()).increment(1);
+                            parts.dead_letters.write(&message, "(no route)", &error, 1).await;
+                        }
+                    }
                 }
                 Ok(SourceEvent::Commit { end_lsn }) => {
                     let open = tx.take().context("a commit without a begin")?;
-                    delivery.commit(open, end_lsn);
-                    if let Some(lsn) = confirmable(delivery) {
+                    parts.delivery.commit(open, end_lsn);
+                    if let Some(lsn) = confirmable(parts.delivery) {
                         source.confirm(lsn);
                     }
                 }
                 Ok(SourceEvent::KeepAlive { wal_end }) => {
                     // Nothing of ours is pending: the server's WAL end is safe to confirm, so an
                     // idle outbox never holds back WAL that other tables write.
-                    if delivery.is_idle() && wal_end > delivery.confirmed() {
+                    if parts.delivery.is_idle() && wal_end > parts.delivery.confirmed() {
                         source.confirm(wal_end);
                     }
                 }
@@ -146,56 +200,58 @@ fn confirmable(delivery: &Delivery) -> Option<Lsn> {
     Some(delivery.confirmed()).filter(|&lsn| lsn > 0)
 }
 
-fn give_up(u: Undeliverable) -> anyhow::Error {
-    anyhow!(
-        "message {} of queue {:?} failed {} times on sink {:?} (destination {:?}): {}; stopping \
-         without confirming it, so it is delivered when the cause is fixed",
-        u.message.id,
-        u.message.queue,
-        u.attempts,
-        u.sink,
-        u.destination,
-        u.error
-    )
-}
-
 /// Waits for every in-flight message, retrying failures, unless shutdown comes first.
-async fn settle(delivery: &mut Delivery, shutdown: &CancellationToken) -> Result<()> {
-    while !delivery.is_settled() {
+async fn settle(parts: &mut Parts<'_>, shutdown: &CancellationToken) {
+    while !parts.delivery.is_settled() {
         tokio::select! {
-            undeliverable = delivery.progress() => if let Some(u) = undeliverable {
-                return Err(give_up(u));
-            },
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = parts.progress() => {}
+            _ = shutdown.cancelled() => return,
         }
     }
-    Ok(())
 }
 
 /// SIGTERM: wait for in-flight messages, at most `timeout`; what is left is redelivered later.
-async fn drain(delivery: &mut Delivery, timeout: Duration) -> Result<()> {
+async fn drain(parts: &mut Parts<'_>, timeout: Duration) {
     tracing::info!(
-        in_flight = delivery.in_flight(),
+        in_flight = parts.delivery.in_flight(),
         "stopping: draining in-flight messages"
     );
     let drained = tokio::time::timeout(timeout, async {
-        while !delivery.is_settled() {
-            if let Some(u) = delivery.progress().await {
-                return Err(give_up(u));
-            }
+        while !parts.delivery.is_settled() {
+            parts.progress().await;
         }
-        Ok(())
     })
     .await;
-    match drained {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::warn!(
-                in_flight = delivery.in_flight(),
-                "drain timed out; unacknowledged messages will be delivered again by the next run"
-            );
-            Ok(())
+    if drained.is_err() {
+        tracing::warn!(
+            in_flight = parts.delivery.in_flight(),
+            "drain timed out; unacknowledged messages will be delivered again by the next run"
+        );
+    }
+}
+
+/// The slot's lag for `/metrics`, every 5 s, over an ordinary connection.
+async fn poll_slot_lag(url: String, slot: String, shutdown: CancellationToken) {
+    let mut client = None;
+    while !shutdown.is_cancelled() {
+        if client.is_none() {
+            client = setup::connect(&url).await.ok();
         }
+        if let Some(c) = &client {
+            let lag = c
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await;
+            match lag {
+                Ok(Some(row)) => metrics::gauge!("outbox_slot_lag_bytes")
+                    .set(row.get::<_, Option<f64>>(0).unwrap_or(0.0)),
+                Ok(None) => {}
+                Err(_) => client = None,
+            }
+        }
+        wait_or_shutdown(Duration::from_secs(5), &shutdown).await;
     }
 }
 

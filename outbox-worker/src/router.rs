@@ -30,26 +30,43 @@ pub struct Router {
 
 const PLACEHOLDER: &str = "{queue}";
 
-/// A topic template: `{queue}` and the characters Kafka allows in topic names.
-pub fn check_template(template: &str) -> Result<(), String> {
+/// What a template names; each has its own allowed characters.
+#[derive(Debug, Clone, Copy)]
+pub enum Template {
+    KafkaTopic,
+    AmqpExchange,
+    AmqpRoutingKey,
+}
+
+/// `{queue}` is the only placeholder; the literal text must be valid for what the template names.
+pub fn check_template(template: &str, kind: Template) -> Result<(), String> {
     let literal = template.replace(PLACEHOLDER, "");
-    if let Some(bad) = literal
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(if bad == '{' || bad == '}' {
-            "the only placeholder is {queue}".into()
-        } else {
-            format!(
-                "{bad:?} is not allowed in a Kafka topic name (use letters, digits, '.', '_', '-')"
-            )
-        });
+    if literal.contains('{') || literal.contains('}') {
+        return Err("the only placeholder is {queue}".into());
     }
-    if template.is_empty() {
-        return Err("a topic template cannot be empty".into());
+    let (allowed, what, max): (fn(char) -> bool, &str, usize) = match kind {
+        Template::KafkaTopic => (
+            |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
+            "a Kafka topic name (use letters, digits, '.', '_', '-')",
+            200,
+        ),
+        Template::AmqpExchange => (
+            |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'),
+            "an AMQP exchange name (use letters, digits, '.', '_', '-', ':')",
+            100,
+        ),
+        Template::AmqpRoutingKey => (|c| !c.is_control(), "an AMQP routing key", 200),
+    };
+    if let Some(bad) = literal.chars().find(|&c| !allowed(c)) {
+        return Err(format!("{bad:?} is not allowed in {what}"));
     }
-    if literal.len() > 200 {
-        return Err("too long: topic names have at most 249 characters".into());
+    if template.is_empty() && !matches!(kind, Template::AmqpExchange) {
+        return Err("it cannot be empty".into());
+    }
+    if literal.len() > max {
+        return Err(format!(
+            "too long: at most {max} characters besides {{queue}}"
+        ));
     }
     Ok(())
 }
@@ -66,8 +83,14 @@ impl Router {
                 for pattern in route.queues.iter() {
                     queues.add(Glob::new(pattern).expect("validated glob"));
                 }
+                // AMQP destinations are "exchange/routing-key" (exchange names cannot hold '/').
                 let template = match &config.sinks[&route.sink] {
                     SinkConfig::Kafka(_) => Some(route.topic.clone().unwrap_or(PLACEHOLDER.into())),
+                    SinkConfig::Amqp(amqp) => Some(format!(
+                        "{}/{}",
+                        route.exchange.as_deref().unwrap_or(&amqp.exchange),
+                        route.routing_key.as_deref().unwrap_or(PLACEHOLDER)
+                    )),
                     _ => None,
                 };
                 Rule {
@@ -189,15 +212,50 @@ mod tests {
 
     #[test]
     fn templates_are_checked() {
-        assert!(check_template("outbox.{queue}").is_ok());
-        assert!(check_template("fixed-topic").is_ok());
+        use Template::*;
+        assert!(check_template("outbox.{queue}", KafkaTopic).is_ok());
+        assert!(check_template("fixed-topic", KafkaTopic).is_ok());
         assert_eq!(
-            check_template("{tenant}.{queue}").unwrap_err(),
+            check_template("{tenant}.{queue}", KafkaTopic).unwrap_err(),
             "the only placeholder is {queue}"
         );
-        assert!(check_template("a topic")
+        assert!(check_template("a topic", KafkaTopic)
             .unwrap_err()
             .contains("' ' is not allowed"));
-        assert!(check_template("").is_err());
+        assert!(check_template("", KafkaTopic).is_err());
+        assert!(
+            check_template("", AmqpExchange).is_ok(),
+            "the default exchange"
+        );
+        assert!(check_template("events/x", AmqpExchange).is_err());
+        assert!(check_template("orders/{queue} #", AmqpRoutingKey).is_ok());
+    }
+
+    #[test]
+    fn amqp_destinations_join_exchange_and_routing_key() {
+        let mut router = Router::new(&config(
+            r#"
+            [sinks.rabbit]
+            type = "amqp"
+            url = "amqp://localhost"
+            exchange = "events"
+            [[routes]]
+            queues = "audit.*"
+            sink = "rabbit"
+            exchange = "audit"
+            routing_key = "all"
+            [[routes]]
+            queues = "*"
+            sink = "rabbit"
+            "#,
+        ));
+        assert_eq!(
+            router.route("orders").unwrap().destination.as_ref(),
+            "events/orders"
+        );
+        assert_eq!(
+            router.route("audit.login").unwrap().destination.as_ref(),
+            "audit/all"
+        );
     }
 }

@@ -3,10 +3,12 @@
 pub mod kafka;
 pub mod postgres;
 pub mod publish;
+pub mod rabbitmq;
 pub mod tansu;
 pub mod worker;
 
 pub use postgres::PgCluster;
+pub use rabbitmq::RabbitMq;
 pub use tansu::Tansu;
 pub use worker::Worker;
 

@@ -21,6 +21,8 @@ pub struct KafkaSink {
     /// broker refused): the next send replaces it. The caller re-sends everything that failed, in
     /// order, only after all in-flight sends settled, so nothing is left on the old one.
     broken: Arc<AtomicBool>,
+    /// The last send succeeded (or none failed yet): `/health/ready`.
+    healthy: Arc<AtomicBool>,
 }
 
 /// Our defaults; any property in the config overrides them.
@@ -83,6 +85,7 @@ impl KafkaSink {
             client_config,
             producer: RwLock::new(producer),
             broken: Arc::new(AtomicBool::new(false)),
+            healthy: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -162,16 +165,25 @@ impl Sink for KafkaSink {
             Err(error) => return Box::pin(async move { Err(error) }),
         };
         let broken = self.broken.clone();
+        let healthy = self.healthy.clone();
         let fail = move |error: KafkaError, producer: &FutureProducer| {
             if is_fatal(&error, producer) {
                 broken.store(true, Ordering::Release);
             }
-            classify(error)
+            let error = classify(error);
+            if matches!(error, SinkError::Transient(_)) {
+                healthy.store(false, Ordering::Release);
+            }
+            error
         };
+        let healthy = self.healthy.clone();
         match producer.send_result(record) {
             Ok(delivery) => Box::pin(async move {
                 match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(_)) => {
+                        healthy.store(true, Ordering::Release);
+                        Ok(())
+                    }
                     Ok(Err((error, _))) => Err(fail(error, &producer)),
                     Err(_) => Err(SinkError::Transient(
                         "kafka: the producer was closed".into(),
@@ -183,6 +195,10 @@ impl Sink for KafkaSink {
                 Box::pin(async move { Err(error) })
             }
         }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
     }
 
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {

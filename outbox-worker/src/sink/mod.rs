@@ -1,7 +1,10 @@
 //! Where messages go. One small trait; one module per broker.
 
+pub mod amqp;
 pub mod kafka;
 mod stdout;
+
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use thiserror::Error;
@@ -40,6 +43,11 @@ pub trait Sink: Send + Sync {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
+
+    /// Connected, as far as the sink knows (for `/health/ready`).
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
 
 /// Acknowledges without sending: measures the worker without a broker.
@@ -52,18 +60,19 @@ impl Sink for Discard {
 }
 
 /// One sink per `[sinks.NAME]`, in the router's order (sorted by name).
-pub fn build_all(config: &Config) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+pub fn build_all(config: &Config) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     config
         .sinks
         .iter()
-        .map(|(name, sink)| -> anyhow::Result<Box<dyn Sink>> {
+        .map(|(name, sink)| -> anyhow::Result<Arc<dyn Sink>> {
             Ok(match sink {
-                SinkConfig::Kafka(kafka) => Box::new(
+                SinkConfig::Kafka(kafka) => Arc::new(
                     kafka::KafkaSink::new(kafka, config.delivery.max_in_flight)
                         .map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?,
                 ),
-                SinkConfig::Stdout => Box::new(stdout::StdoutSink::start()),
-                SinkConfig::Discard => Box::new(Discard),
+                SinkConfig::Amqp(amqp) => Arc::new(amqp::AmqpSink::start(amqp)),
+                SinkConfig::Stdout => Arc::new(stdout::StdoutSink::start()),
+                SinkConfig::Discard => Arc::new(Discard),
             })
         })
         .collect()

@@ -87,6 +87,9 @@ impl TableLayout {
             e.id = Some(id);
             e
         };
+        let created_at =
+            parse_timestamptz(required(self.created_at, "created_at").map_err(with_id)?)
+                .map_err(with_id)?;
         let payload = match (
             text(self.payload, "payload"),
             text(self.payload_bytes, "payload_bytes"),
@@ -103,11 +106,9 @@ impl TableLayout {
             headers: parse_headers(required(self.headers, "headers").map_err(with_id)?)
                 .map_err(with_id)?,
             payload,
-            created_at: parse_timestamptz(
-                required(self.created_at, "created_at").map_err(with_id)?,
-            )
-            .map_err(with_id)?,
+            created_at,
             commit_lsn,
+            committed_at: created_at,
         })
     }
 }
@@ -159,6 +160,7 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Decod
         payload,
         created_at: envelope.created_at,
         commit_lsn,
+        committed_at: envelope.created_at,
     })
 }
 

@@ -67,8 +67,9 @@ pub struct ReplicationSource {
     client: ReplicationClient,
     /// Relation id → layout, or `None` for tables other than `outbox.messages`.
     layouts: HashMap<u32, Option<TableLayout>>,
-    /// The commit LSN of the transaction being read.
+    /// The commit LSN and time of the transaction being read.
     commit_lsn: Lsn,
+    committed_at: chrono::DateTime<chrono::Utc>,
     status_interval: Duration,
 }
 
@@ -84,6 +85,7 @@ impl ReplicationSource {
             client,
             layouts: HashMap::new(),
             commit_lsn: 0,
+            committed_at: chrono::Utc::now(),
             status_interval: settings.status_interval,
         })
     }
@@ -97,8 +99,13 @@ impl ReplicationSource {
                 )))
             })?;
             match event {
-                ReplicationEvent::Begin { final_lsn, .. } => {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    commit_time_micros,
+                    ..
+                } => {
                     self.commit_lsn = final_lsn.0;
+                    self.committed_at = postgres_time(commit_time_micros);
                     return Ok(SourceEvent::Begin);
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
@@ -113,13 +120,13 @@ impl ReplicationSource {
                     content,
                     ..
                 } if prefix == MESSAGE_PREFIX => {
-                    return Ok(SourceEvent::Message(decode_envelope(
-                        &content,
-                        self.commit_lsn,
-                    )?))
+                    let mut message = decode_envelope(&content, self.commit_lsn)?;
+                    message.committed_at = self.committed_at;
+                    return Ok(SourceEvent::Message(message));
                 }
                 ReplicationEvent::XLogData { data, .. } => {
-                    if let Some(message) = self.decode_change(&data)? {
+                    if let Some(mut message) = self.decode_change(&data)? {
+                        message.committed_at = self.committed_at;
                         return Ok(SourceEvent::Message(message));
                     }
                 }
@@ -160,6 +167,13 @@ impl ReplicationSource {
             tracing::debug!(error = %e, "replication shutdown");
         }
     }
+}
+
+/// PostgreSQL timestamps count microseconds from 2000-01-01.
+fn postgres_time(micros: i64) -> chrono::DateTime<chrono::Utc> {
+    const UNIX_TO_POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    chrono::DateTime::from_timestamp_micros(micros + UNIX_TO_POSTGRES_EPOCH_MICROS)
+        .unwrap_or_default()
 }
 
 fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, String> {

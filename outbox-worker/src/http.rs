@@ -1,0 +1,74 @@
+//! `/metrics` (Prometheus text) and `/health/live`, `/health/ready` over HTTP.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::sink::Sink;
+
+/// Ready = the replication slot is held and every sink is connected.
+pub struct Health {
+    pub streaming: AtomicBool,
+    pub sinks: Vec<Arc<dyn Sink>>,
+}
+
+impl Health {
+    pub fn new(sinks: Vec<Arc<dyn Sink>>) -> Arc<Health> {
+        Arc::new(Health {
+            streaming: AtomicBool::new(false),
+            sinks,
+        })
+    }
+
+    pub fn set_streaming(&self, streaming: bool) {
+        self.streaming.store(streaming, Ordering::Release);
+    }
+
+    fn ready(&self) -> bool {
+        self.streaming.load(Ordering::Acquire) && self.sinks.iter().all(|s| s.is_ready())
+    }
+}
+
+/// Installs the process-wide metrics recorder; latencies get histogram buckets from 1 ms to 60 s.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    const BUCKETS: [f64; 14] = [
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0,
+    ];
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)?
+        .install_recorder()?)
+}
+
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { metrics.render() }))
+        .route("/health/live", get(|| async { "live\n" }))
+        .route(
+            "/health/ready",
+            get(move || async move {
+                if health.ready() {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("http.listen = {listen}: {e}"))?;
+    tracing::info!(%listen, "serving /metrics and /health");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! The worker delivering to a real RabbitMQ node (started hermetically), read back with pika: both
+//! storage forms, an outage, poison messages into the dead letters and back, metrics and health,
+//! and Kafka and RabbitMQ routes in one run.
+
+use std::time::Duration;
+
+use outbox_tests::publish::{check_delivery, publish_range, publish_rolled_back, Seen, Storage};
+use outbox_tests::worker::{http_get, metric, run_once};
+use outbox_tests::{eventually, PgCluster, RabbitMq, Tansu, Worker};
+
+fn seen(messages: &[serde_json::Value]) -> Vec<Seen> {
+    messages
+        .iter()
+        .map(|m| Seen {
+            id: m["message_id"].as_str().unwrap().to_owned(),
+            key: m["body"]["key"].as_str().map(str::to_owned),
+            payload: m["body"].clone(),
+        })
+        .collect()
+}
+
+fn http_addr() -> String {
+    format!("127.0.0.1:{}", outbox_tests::postgres::free_port())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_messages_reach_rabbitmq_with_ids_headers_and_metrics() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    let pg = PgCluster::start().await;
+    let http = http_addr();
+    let worker = Worker::start(
+        &[
+            "run",
+            "--postgres-url",
+            &pg.url(),
+            "--amqp-url",
+            &rabbit.url(),
+            "--amqp-exchange",
+            "events",
+            "--http-listen",
+            &http,
+        ],
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    const TOTAL: u64 = 10_000;
+    publish_range(&db, "orders", 0, 5_000, 20, Storage::Table).await;
+    publish_rolled_back(&db, "orders", Storage::Mixed).await;
+    publish_range(&db, "orders", 5_000, 5_000, 20, Storage::Wal).await;
+
+    let messages = rabbit.drain_queue("orders", TOTAL as usize, Duration::from_secs(120));
+    let tally = check_delivery(&seen(&messages), TOTAL);
+    assert_eq!(tally.duplicates, 0);
+    let m = &messages[0];
+    assert_eq!(m["headers"]["outbox-id"], m["message_id"]);
+    assert_eq!(m["headers"]["outbox-queue"], "orders");
+    assert_eq!(m["headers"]["test"], "yes", "user headers as an AMQP table");
+    assert_eq!(m["content_type"], "application/json");
+    assert_eq!(m["delivery_mode"], 2, "persistent");
+
+    let (status, body) = http_get(&http, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(
+            &body,
+            "outbox_messages_published_total{sink=\"amqp\",queue=\"orders\"}"
+        ),
+        Some(TOTAL as f64),
+        "{body}"
+    );
+    assert!(
+        body.contains("outbox_commit_to_ack_seconds_bucket"),
+        "{body}"
+    );
+    assert_eq!(http_get(&http, "/health/ready").unwrap().0, 200);
+    assert_eq!(http_get(&http, "/health/live").unwrap().0, 200);
+    drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rabbitmq_outage_of_ten_seconds_loses_nothing_and_flips_readiness() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    let pg = PgCluster::start().await;
+    let http = http_addr();
+    let worker = Worker::start(
+        &[
+            "run",
+            "--postgres-url",
+            &pg.url(),
+            "--amqp-url",
+            &rabbit.url(),
+            "--amqp-exchange",
+            "events",
+            "--http-listen",
+            &http,
+        ],
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    const TOTAL: u64 = 10_000;
+    publish_range(&db, "orders", 0, 3_000, 20, Storage::Mixed).await;
+    rabbit.stop_app();
+    publish_range(&db, "orders", 3_000, 4_000, 20, Storage::Mixed).await;
+    let addr = http.as_str();
+    eventually(
+        Duration::from_secs(20),
+        "/health/ready to say 503 during the outage",
+        || async move {
+            http_get(addr, "/health/ready")
+                .map(|(s, _)| s == 503)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    rabbit.start_app();
+    publish_range(&db, "orders", 7_000, 3_000, 20, Storage::Mixed).await;
+
+    let messages = rabbit.drain_queue("orders", TOTAL as usize, Duration::from_secs(180));
+    let tally = check_delivery(&seen(&messages), TOTAL);
+    eprintln!("rabbitmq outage: {tally:?}");
+    eventually(
+        Duration::from_secs(20),
+        "/health/ready to recover",
+        || async move {
+            http_get(addr, "/health/ready")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    assert!(
+        worker.log().contains("retrying them in order"),
+        "{}",
+        worker.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unroutable_message_is_dead_lettered_and_redriven_with_the_same_id() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file("[delivery]\nmax_attempts = 2\n");
+    let _worker = Worker::start(
+        &[
+            "run",
+            "--postgres-url",
+            &pg.url(),
+            "--amqp-url",
+            &rabbit.url(),
+            "--amqp-exchange",
+            "events",
+            "--config",
+            config.path().to_str().unwrap(),
+        ],
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    // No queue is bound for routing key "nowhere": the broker returns it (mandatory).
+    let poison: uuid::Uuid = db
+        .query_one(
+            "SELECT outbox.publish('nowhere', '{\"i\": 0, \"key\": \"k-0\"}', '{}', 'k-0')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    publish_range(&db, "orders", 0, 500, 5, Storage::Mixed).await;
+    let later = rabbit.drain_queue("orders", 500, Duration::from_secs(60));
+    check_delivery(&seen(&later), 500);
+
+    let db_ref = &db;
+    eventually(Duration::from_secs(30), "the dead letter", || async move {
+        db_ref
+            .query_opt("SELECT 1 FROM outbox.dead_letters", &[])
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let row = db
+        .query_one(
+            "SELECT id, destination, error, attempts FROM outbox.dead_letters",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, uuid::Uuid>(0), poison);
+    assert_eq!(row.get::<_, String>(1), "amqp:events/nowhere");
+    assert!(
+        row.get::<_, String>(2).contains("unroutable"),
+        "{}",
+        row.get::<_, String>(2)
+    );
+    assert_eq!(row.get::<_, i32>(3), 2);
+
+    let listed = run_once(&["dlq", "list", "--postgres-url", &pg.url()], &[]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&poison.to_string()));
+    let status = run_once(&["status", "--postgres-url", &pg.url()], &[]);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("pg_outbox\ttrue") && l.ends_with("\t1")),
+        "{status}"
+    );
+
+    // Fix the cause, then redrive: it arrives with the same id.
+    rabbit.declare("events", "direct", "nowhere", "nowhere");
+    let redriven = run_once(
+        &[
+            "dlq",
+            "redrive",
+            "--queue",
+            "nowhere",
+            "--postgres-url",
+            &pg.url(),
+        ],
+        &[],
+    );
+    assert!(
+        redriven.status.success(),
+        "{}",
+        String::from_utf8_lossy(&redriven.stderr)
+    );
+    let arrived = rabbit.drain_queue("nowhere", 1, Duration::from_secs(60));
+    assert_eq!(arrived.len(), 1);
+    assert_eq!(arrived[0]["message_id"], poison.to_string());
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_and_rabbitmq_routes_in_one_run_deliver_each_message_once() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "topic", "billing", "billing.#");
+    let tansu = Tansu::start(&[("orders", 2)]);
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(&format!(
+        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\n\
+         [sinks.rabbit]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"events\"\n\
+         [[routes]]\nqueues = \"orders\"\nsink = \"kafka\"\n\
+         [[routes]]\nqueues = \"billing.*\"\nsink = \"rabbit\"\n",
+        tansu.brokers(),
+        rabbit.url()
+    ));
+    let _worker = Worker::start(
+        &[
+            "run",
+            "--postgres-url",
+            &pg.url(),
+            "--config",
+            config.path().to_str().unwrap(),
+        ],
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    publish_range(&db, "orders", 0, 2_000, 10, Storage::Mixed).await;
+    publish_range(&db, "billing.invoices", 2_000, 2_000, 10, Storage::Mixed).await;
+
+    let brokers = tansu.brokers();
+    let kafka = tokio::task::spawn_blocking(move || {
+        outbox_tests::kafka::read_until(&brokers, &["orders"], 2_000, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    let amqp = rabbit.drain_queue("billing", 2_000, Duration::from_secs(120));
+    let kafka_seen: Vec<Seen> = kafka.iter().map(|r| r.seen()).collect();
+    let amqp_seen = seen(&amqp);
+    assert!(
+        kafka_seen
+            .iter()
+            .all(|s| s.payload["i"].as_u64().unwrap() < 2_000),
+        "only queue orders on Kafka"
+    );
+    assert!(
+        amqp_seen
+            .iter()
+            .all(|s| s.payload["i"].as_u64().unwrap() >= 2_000),
+        "only billing.* on RabbitMQ"
+    );
+    let all: Vec<Seen> = kafka_seen.into_iter().chain(amqp_seen).collect();
+    let tally = check_delivery(&all, 4_000);
+    assert_eq!(
+        tally.duplicates, 0,
+        "each message on exactly one broker, once"
+    );
+}
