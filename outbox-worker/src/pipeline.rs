@@ -68,12 +68,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 Ok(source) => source,
                 Err(e) if e.is_retryable() => {
                     reconnects += 1;
-                    if e.is_slot_busy() {
-                        tracing::info!(slot = settings.slot, "slot is active in another process; waiting for it");
+                    // A standby polls a held slot every second, so it takes over quickly.
+                    let delay = if e.is_slot_busy() {
+                        if reconnects == 1 {
+                            tracing::info!(slot = settings.slot, "slot is active in another process; waiting for it");
+                        }
+                        Duration::from_secs(1)
                     } else {
                         tracing::warn!(error = %e, "cannot start replication; retrying");
-                    }
-                    if wait_or_shutdown(reconnect_delay(reconnects), &shutdown).await {
+                        reconnect_delay(reconnects)
+                    };
+                    if wait_or_shutdown(delay, &shutdown).await {
                         break Ok(());
                     }
                     continue;
@@ -102,6 +107,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 tracing::warn!(error = %e, "replication connection lost; reconnecting");
                 settle(&mut parts, &shutdown).await;
                 delivery.reset_stream();
+                if wait_or_shutdown(reconnect_delay(0), &shutdown).await {
+                    break Ok(());
+                }
             }
             Err(e) => break Err(e),
         }

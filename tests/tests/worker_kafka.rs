@@ -188,3 +188,79 @@ async fn a_broker_frozen_for_ten_seconds_loses_nothing() {
         worker.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_raised() {
+    let tansu = Tansu::start(&[("orders", 1)]);
+    let pg = PgCluster::start().await;
+    let strict = Worker::config_file("[delivery]\nmax_attempts = 2\n");
+    let mut worker = Worker::start(
+        &kafka_args(&pg.url(), &tansu.brokers(), strict.path()),
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    // 1.2 MB: over librdkafka's default message.max.bytes (1,000,000).
+    let poison: uuid::Uuid = db
+        .query_one(
+            "SELECT outbox.publish('orders', jsonb_build_object('i', 1000000, 'key', 'k-0', 'blob', repeat('x', 1200000)), '{}', 'k-0')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    publish_range(&db, "orders", 0, 300, 5, Storage::Mixed).await;
+    let records = read(tansu.brokers(), "orders", 300).await;
+    check_delivery(&seen(&records), 300);
+
+    let row = db
+        .query_one(
+            "SELECT id, destination, error, attempts FROM outbox.dead_letters",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, uuid::Uuid>(0), poison);
+    assert_eq!(row.get::<_, String>(1), "kafka:orders");
+    assert!(
+        row.get::<_, String>(2).contains("MessageSizeTooLarge"),
+        "{}",
+        row.get::<_, String>(2)
+    );
+    assert_eq!(row.get::<_, i32>(3), 2);
+
+    // Raise the limit, restart, redrive: the same id arrives.
+    worker.terminate(Duration::from_secs(30));
+    let relaxed =
+        Worker::config_file("[sinks.kafka.properties]\n\"message.max.bytes\" = 5000000\n");
+    let _worker = Worker::start(
+        &kafka_args(&pg.url(), &tansu.brokers(), relaxed.path()),
+        None,
+    );
+    pg.wait_for_slot(&db).await;
+    let out = outbox_tests::worker::run_once(
+        &[
+            "dlq",
+            "redrive",
+            "--id",
+            &poison.to_string(),
+            "--postgres-url",
+            &pg.url(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read(tansu.brokers(), "orders", 301).await;
+    assert!(
+        records
+            .iter()
+            .any(|r| r.headers.get("outbox-id") == Some(&poison.to_string())
+                && r.payload.len() > 1_200_000),
+        "the redriven message arrived with its id"
+    );
+}

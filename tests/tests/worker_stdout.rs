@@ -176,56 +176,142 @@ async fn an_idle_outbox_does_not_hold_back_wal_that_other_tables_write() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_queue_without_a_route_stops_the_worker_with_a_clear_error_and_keeps_the_message() {
+async fn a_queue_without_a_route_is_dead_lettered_and_the_stream_moves_on() {
     let pg = PgCluster::start().await;
     let config = Worker::config_file(
-        r#"
-        [sinks.out]
-        type = "stdout"
-        [[routes]]
-        queues = "orders.*"
-        sink = "out"
-        "#,
+        "[sinks.out]\ntype = \"stdout\"\n[[routes]]\nqueues = \"orders.*\"\nsink = \"out\"\n",
     );
     let (_dir, out) = stdout_file();
-    let mut worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &pg.url(),
-            "--config",
-            config.path().to_str().unwrap(),
-        ],
-        Some(&out),
-    );
+    let args = [
+        "run",
+        "--postgres-url",
+        &pg.url(),
+        "--config",
+        config.path().to_str().unwrap(),
+    ];
+    let mut worker = Worker::start(&args, Some(&out));
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
-    db.batch_execute("SELECT outbox.publish('orders.created', '{\"n\": 1}')")
+    let lost: uuid::Uuid = db
+        .query_one("SELECT outbox.publish('audit', '{\"n\": 2}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute("SELECT outbox.publish('orders.created', '{\"n\": 3}')")
         .await
         .unwrap();
     wait_for_lines(&out, 1).await;
-    db.batch_execute("SELECT outbox.publish('audit', '{\"n\": 2}')")
+    assert_eq!(
+        read_json_lines(&out)[0].payload["n"],
+        3,
+        "the stream moved on"
+    );
+    let row = db
+        .query_one(
+            "SELECT id, destination, error FROM outbox.dead_letters",
+            &[],
+        )
         .await
         .unwrap();
-
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while worker.exited().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the worker did not stop:\n{}",
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = worker.log();
+    assert_eq!(row.get::<_, uuid::Uuid>(0), lost);
+    assert_eq!(row.get::<_, String>(1), "(no route)");
+    assert_eq!(row.get::<_, String>(2), "no route matches queue \"audit\"");
     assert!(
-        log.contains("queue \"audit\"") && log.contains("matches no route"),
-        "{log}"
+        worker.log().contains("no route matches queue"),
+        "{}",
+        worker.log()
     );
-    assert_eq!(read_json_lines(&out).len(), 1);
-    // The slot did not move past the unroutable message: a fixed worker delivers it.
+
+    // Fix the config (a catch-all route), redrive: delivered with the same id.
+    worker.terminate(Duration::from_secs(30));
     let (_dir2, out2) = stdout_file();
     let _fixed = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out2));
+    pg.wait_for_slot(&db).await;
+    db.batch_execute("SELECT outbox.redrive('audit')")
+        .await
+        .unwrap();
     wait_for_lines(&out2, 1).await;
-    assert!(read_json_lines(&out2).iter().any(|s| s.payload["n"] == 2));
+    assert_eq!(read_json_lines(&out2)[0].id, lost.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_worker_takes_over_when_the_active_one_is_killed() {
+    let pg = PgCluster::start().await;
+    let (_dir, out_a) = stdout_file();
+    let (_dir_b, out_b) = stdout_file();
+    let args = ["run", "--postgres-url", &pg.url()];
+    let mut active = Worker::start(&args, Some(&out_a));
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    let standby = Worker::start(&args, Some(&out_b));
+    // The standby waits for the slot.
+    let (standby_ref, db_ref) = (&standby, &db);
+    eventually(
+        Duration::from_secs(20),
+        "the standby to report a busy slot",
+        || async move {
+            standby_ref
+                .log()
+                .contains("slot is active in another process")
+        },
+    )
+    .await;
+    let first = slot_holder(db_ref).await;
+
+    const TOTAL: u64 = 20_000;
+    let publisher = {
+        let db = pg.superuser().await;
+        tokio::spawn(
+            async move { publish_range(&db, "orders", 0, TOTAL, 50, Storage::Mixed).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    active.kill();
+    let killed = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the standby to hold the slot",
+        || async move {
+            let pid = slot_holder(db_ref).await;
+            pid.is_some() && pid != first
+        },
+    )
+    .await;
+    let takeover = killed.elapsed();
+    publisher.await.unwrap();
+
+    let (out_b_ref, out_a_ref) = (&out_b, &out_a);
+    eventually(
+        Duration::from_secs(60),
+        "all messages across both workers",
+        || async move {
+            let mut ids = std::collections::HashSet::new();
+            for p in [out_a_ref, out_b_ref] {
+                ids.extend(read_json_lines(p).into_iter().map(|s| s.id));
+            }
+            ids.len() as u64 >= TOTAL
+        },
+    )
+    .await;
+    let all: Vec<_> = [&out_a, &out_b]
+        .into_iter()
+        .flat_map(|p| read_json_lines(p))
+        .collect();
+    let tally = check_delivery(&all, TOTAL);
+    eprintln!("standby takeover after SIGKILL: {takeover:?}; {tally:?}");
+    assert!(
+        !read_json_lines(&out_b).is_empty(),
+        "the standby delivered the rest"
+    );
+}
+
+/// The pid of the walsender holding the slot, if any.
+async fn slot_holder(db: &tokio_postgres::Client) -> Option<i32> {
+    db.query_one(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pg_outbox'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }

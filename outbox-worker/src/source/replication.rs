@@ -80,7 +80,9 @@ impl ReplicationSource {
         let config = replication_config(settings)
             .map_err(|e| SourceError::Connection(PgWireError::Internal(e)))?
             .with_start_lsn(WireLsn(start));
-        let client = ReplicationClient::connect(config).await?;
+        let mut client = ReplicationClient::connect(config).await?;
+        // connect returns before START_REPLICATION ran: a busy slot must surface here.
+        client.wait_started().await?;
         Ok(ReplicationSource {
             client,
             layouts: HashMap::new(),
