@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end delivery benchmark of outbox-worker (release build): drain throughput per storage
-# form and sink against the slot's raw decoding rate, and commit→consumed latency at 1k msg/s.
+# form and sink (Kafka via tansu, RabbitMQ) against the slot's raw decoding rate, and commit→consumed
+# latency at 1k msg/s to both brokers.
 # Writes the table into BENCHMARKS.md between the worker markers.
 #   bench/worker.sh [backlog, default 200000]
 set -euo pipefail

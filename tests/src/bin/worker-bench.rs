@@ -4,19 +4,20 @@
 //! consumer per slot: `pg_recvlogical` (the walsender's raw decoding rate), the worker
 //! with the `discard` sink, with `stdout`, and with Kafka (tansu). Time runs from the worker's start
 //! until the slot is confirmed past the backlog, i.e. every message acknowledged. Per storage form.
-//! Latency: 1 message per transaction at 1,000 msg/s for 10 s to Kafka; commit → consumed.
+//! RabbitMQ (a node started hermetically) is drained the same way.
+//! Latency: 1 message per transaction at 1,000 msg/s for 10 s to Kafka and to RabbitMQ; commit → consumed.
 //! Writes the table into BENCHMARKS.md between the `worker` markers. Run with bench/worker.sh.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outbox_tests::publish::{publish_range, Storage};
-use outbox_tests::{PgCluster, Tansu, Worker};
+use outbox_tests::{PgCluster, RabbitMq, Tansu, Worker};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use tokio_postgres::Client;
 
-const SLOTS: [&str; 4] = ["ceiling", "discard", "stdout", "kafka"];
+const SLOTS: [&str; 5] = ["ceiling", "discard", "stdout", "kafka", "amqp"];
 
 #[tokio::main]
 async fn main() {
@@ -25,11 +26,14 @@ async fn main() {
         .map(|a| a.parse().expect("backlog size"))
         .unwrap_or(200_000);
     let tansu = Tansu::start(&[("orders", 3), ("latency", 1)]);
+    let rabbit = RabbitMq::start();
+    rabbit.declare("bench", "direct", "orders", "orders");
+    rabbit.declare("bench", "direct", "latency", "latency");
     let mut table = String::new();
     table.push_str(&format!(
         "Drain a committed backlog of {backlog} messages (transactions of 1–50, 100 keys), messages/s:\n\n\
-         | storage | pg_recvlogical (decoding only) | worker → discard | worker → stdout | worker → Kafka (tansu) | Kafka / decoding rate |\n\
-         |---|---|---|---|---|---|\n"
+         | storage | pg_recvlogical (decoding only) | worker → discard | worker → stdout | worker → Kafka (tansu) | worker → RabbitMQ | Kafka / decoding rate |\n\
+         |---|---|---|---|---|---|---|\n"
     ));
     for (name, storage) in [("table", Storage::Table), ("wal", Storage::Wal)] {
         let pg = PgCluster::start().await;
@@ -90,6 +94,10 @@ async fn main() {
             ("discard", "[sinks.d]\ntype = \"discard\"\n".to_owned()),
             ("stdout", "[sinks.s]\ntype = \"stdout\"\n".to_owned()),
             (
+                "amqp",
+                format!("[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n", rabbit.url()),
+            ),
+            (
                 "kafka",
                 format!(
                     "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n",
@@ -121,20 +129,29 @@ async fn main() {
         }
         eprintln!("    pg_recvlogical: {ceiling:.0} msg/s");
         table.push_str(&format!(
-            "| {name} | {ceiling:.0} | {:.0} | {:.0} | {:.0} | {:.0}% |\n",
+            "| {name} | {ceiling:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% |\n",
             rates[0],
             rates[1],
+            rates[3],
             rates[2],
             // The discard sink also only decodes: the faster of the two is the slot's real rate.
-            100.0 * rates[2] / ceiling.max(rates[0])
+            100.0 * rates[3] / ceiling.max(rates[0])
         ));
     }
 
-    let (p50, p99, count) = latency(&tansu).await;
-    table.push_str(&format!(
-        "\nCommit → consumed from Kafka (tansu), 1 message per transaction at 1,000 msg/s for 10 s, \
-         the first second excluded as warm-up ({count} messages measured, table storage): **p50 {p50:.1} ms, p99 {p99:.1} ms**.\n"
-    ));
+    table.push_str(
+        "\nCommit → consumed, 1 message per transaction at 1,000 msg/s for 10 s, the first second \
+         excluded as warm-up (table storage):\n\n| sink | messages measured | p50 | p99 |\n|---|---|---|---|\n",
+    );
+    for target in [Target::Kafka(&tansu), Target::Amqp(&rabbit)] {
+        let name = match target {
+            Target::Kafka(_) => "Kafka (tansu)",
+            Target::Amqp(_) => "RabbitMQ",
+        };
+        let (p50, p99, count) = latency(target).await;
+        eprintln!("    latency {name}: p50 {p50:.1} ms, p99 {p99:.1} ms");
+        table.push_str(&format!("| {name} | {count} | {p50:.1} ms | {p99:.1} ms |\n"));
+    }
     println!("{table}");
     write_section(&table);
 }
@@ -156,70 +173,45 @@ async fn wait_confirmed(db: &Client, slot: &str, end: &str) {
     }
 }
 
-/// Publishes at a fixed rate while a consumer measures now − `outbox-created-at` (the publishing
-/// transaction's start, a few µs before its commit) for every message.
-async fn latency(tansu: &Tansu) -> (f64, f64, usize) {
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Kafka(&'a Tansu),
+    Amqp(&'a RabbitMq),
+}
+
+/// Publishes at a fixed rate while a consumer measures now − the commit for every message
+/// (`outbox-created-at`, the publishing transaction's start, a few µs before its commit).
+async fn latency(target: Target<'_>) -> (f64, f64, usize) {
     const RATE: u64 = 1000;
     const SECONDS: u64 = 10;
+    let total = (RATE * SECONDS) as usize;
     let pg = PgCluster::start().await;
-    let config = Worker::config_file(&format!(
-        "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n[sinks.k.properties]\n\"linger.ms\" = 1\n",
-        tansu.brokers()
-    ));
-    let _worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &pg.url(),
-            "--config",
-            config.path().to_str().unwrap(),
-        ],
-        None,
-    );
+    let sink = match target {
+        Target::Kafka(tansu) => format!(
+            "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n[sinks.k.properties]\n\"linger.ms\" = 1\n",
+            tansu.brokers()
+        ),
+        Target::Amqp(rabbit) => format!("[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n", rabbit.url()),
+    };
+    let config = Worker::config_file(&sink);
+    let _worker = Worker::start(&["run", "--postgres-url", &pg.url(), "--config", config.path().to_str().unwrap()], None);
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 
-    let brokers = tansu.brokers();
-    let total = (RATE * SECONDS) as usize;
-    let consumer = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", "bench")
-            .set("fetch.wait.max.ms", "1")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        let mut assignment = rdkafka::TopicPartitionList::new();
-        assignment
-            .add_partition_offset("latency", 0, rdkafka::Offset::Beginning)
-            .unwrap();
-        consumer.assign(&assignment).unwrap();
-        let mut latencies = Vec::with_capacity(total);
-        let deadline = Instant::now() + Duration::from_secs(SECONDS + 60);
-        while latencies.len() < total && Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                let now = chrono::Utc::now();
-                let created = m
-                    .headers()
-                    .and_then(|hs| hs.iter().find(|h| h.key == "outbox-created-at"))
-                    .and_then(|h| std::str::from_utf8(h.value?).ok().map(str::to_owned))
-                    .expect("outbox-created-at header");
-                let created = chrono::DateTime::parse_from_rfc3339(&created).unwrap();
-                latencies
-                    .push((now - created.to_utc()).num_microseconds().unwrap() as f64 / 1000.0);
-            }
+    let consumer = match target {
+        Target::Kafka(tansu) => {
+            let brokers = tansu.brokers();
+            tokio::task::spawn_blocking(move || kafka_latencies(&brokers, total))
         }
-        latencies
-    });
+        Target::Amqp(rabbit) => {
+            let url = rabbit.url();
+            tokio::spawn(async move { amqp_latencies(&url, total).await })
+        }
+    };
     let started = tokio::time::Instant::now();
     for i in 0..RATE * SECONDS {
         tokio::time::sleep_until(started + Duration::from_micros(i * 1_000_000 / RATE)).await;
-        db.execute(
-            "SELECT outbox.publish('latency', '{\"n\": 1}', '{}', 'k')",
-            &[],
-        )
-        .await
-        .unwrap();
+        db.execute("SELECT outbox.publish('latency', '{\"n\": 1}', '{}', 'k')", &[]).await.unwrap();
     }
     let latencies = consumer.await.unwrap();
     assert_eq!(latencies.len(), total, "every latency message arrived");
@@ -228,6 +220,64 @@ async fn latency(tansu: &Tansu) -> (f64, f64, usize) {
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     (pick(0.50), pick(0.99), latencies.len())
+}
+
+fn millis_since(created_at: &str) -> f64 {
+    let created = chrono::DateTime::parse_from_rfc3339(created_at).unwrap();
+    (chrono::Utc::now() - created.to_utc()).num_microseconds().unwrap() as f64 / 1000.0
+}
+
+fn kafka_latencies(brokers: &str, total: usize) -> Vec<f64> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench")
+        .set("fetch.wait.max.ms", "1")
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment.add_partition_offset("latency", 0, rdkafka::Offset::Beginning).unwrap();
+    consumer.assign(&assignment).unwrap();
+    let mut latencies = Vec::with_capacity(total);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while latencies.len() < total && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let created = m
+                .headers()
+                .and_then(|hs| hs.iter().find(|h| h.key == "outbox-created-at"))
+                .and_then(|h| std::str::from_utf8(h.value?).ok().map(str::to_owned))
+                .expect("outbox-created-at header");
+            latencies.push(millis_since(&created));
+        }
+    }
+    latencies
+}
+
+async fn amqp_latencies(url: &str, total: usize) -> Vec<f64> {
+    use futures::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let mut consumer = channel.basic_consume("latency", "bench", options, FieldTable::default()).await.unwrap();
+    let mut latencies = Vec::with_capacity(total);
+    while latencies.len() < total {
+        let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(60), consumer.next()).await else {
+            break;
+        };
+        let created = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("outbox-created-at").cloned())
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                _ => None,
+            })
+            .expect("outbox-created-at header");
+        latencies.push(millis_since(&created));
+    }
+    latencies
 }
 
 fn write_section(table: &str) {
