@@ -24,7 +24,9 @@ impl DeadLetters {
     }
 
     /// Durable before it returns: only then may the slot move past the message. A database that
-    /// cannot be reached is waited for (with backoff), never skipped.
+    /// cannot be reached is waited for (with backoff), never skipped. Already there (the worker
+    /// died after writing it and before confirming): kept as it is, so INSERT is the only right
+    /// needed (`outbox_operator` has it).
     pub async fn write(
         &mut self,
         message: &Message,
@@ -66,8 +68,7 @@ impl DeadLetters {
                 "INSERT INTO outbox.dead_letters
                     (id, queue, key, payload, payload_bytes, headers, created_at, destination, error, attempts)
                  VALUES ($1, $2, $3, $4::text::jsonb, $5, $6::text::jsonb, $7, $8, $9, $10)
-                 ON CONFLICT (id) DO UPDATE SET destination = EXCLUDED.destination, error = EXCLUDED.error,
-                    attempts = outbox.dead_letters.attempts + EXCLUDED.attempts, failed_at = now()",
+                 ON CONFLICT (id) DO NOTHING",
                 &[
                     &message.id,
                     &message.queue,

@@ -32,20 +32,22 @@ pub fn binary() -> PathBuf {
     binary
 }
 
+/// `run` with a config file.
+pub fn config_args(postgres_url: &str, config: &Path) -> Vec<String> {
+    vec![
+        "run".into(),
+        "--postgres-url".into(),
+        postgres_url.into(),
+        "--config".into(),
+        config.display().to_string(),
+    ]
+}
+
 /// `run` delivering every queue to the Kafka topic of the same name, with a config file.
 pub fn kafka_args(postgres_url: &str, brokers: &str, config: &Path) -> Vec<String> {
-    [
-        "run",
-        "--postgres-url",
-        postgres_url,
-        "--kafka-brokers",
-        brokers,
-        "--config",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .chain([config.display().to_string()])
-    .collect()
+    let mut args = config_args(postgres_url, config);
+    args.extend(["--kafka-brokers".into(), brokers.into()]);
+    args
 }
 
 /// Runs `outbox-worker ARGS` to completion (for `check-config` and `setup`).

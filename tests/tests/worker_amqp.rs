@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use outbox_tests::publish::{check_delivery, publish_range, publish_rolled_back, Seen, Storage};
+use outbox_tests::worker::config_args;
 use outbox_tests::worker::{http_get, metric, run_once};
 use outbox_tests::{eventually, PgCluster, RabbitMq, Tansu, Worker};
 
@@ -258,16 +259,7 @@ async fn kafka_and_rabbitmq_routes_in_one_run_deliver_each_message_once() {
         tansu.brokers(),
         rabbit.url()
     ));
-    let _worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &pg.url(),
-            "--config",
-            config.path().to_str().unwrap(),
-        ],
-        None,
-    );
+    let _worker = Worker::start(&config_args(&pg.url(), config.path()), None);
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 

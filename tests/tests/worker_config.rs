@@ -61,7 +61,7 @@ fn unknown_sink_type() {
         &[],
         &[
             "found `kafak`",
-            "`kafka`, `stdout`, `discard`",
+            "`kafka`, `amqp`, `stdout`, `discard`",
             "key \"sinks.events.type\"",
         ],
     );
@@ -210,7 +210,7 @@ fn topic_on_a_sink_without_topics() {
         Some("[sinks.out]\ntype = \"stdout\"\n[[routes]]\nqueues = \"*\"\nsink = \"out\"\ntopic = \"x\"\n"),
         &URL,
         &[],
-        &["routes[0].topic = \"x\": sink \"out\" is of type stdout, which has no topics"],
+        &["routes[0].topic = \"x\": sink \"out\" is of type stdout, which has no topic"],
     );
 }
 
@@ -291,4 +291,40 @@ async fn setup_without_the_extension_says_what_to_run() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn bad_amqp_url_and_exchange_kind() {
+    rejects(
+        None,
+        &[URL[0], URL[1], "--amqp-url", "http://rabbit:5672"],
+        &[],
+        &["sinks.amqp.url = \"http://rabbit:5672\""],
+    );
+    rejects(
+        Some("[sinks.r]\ntype = \"amqp\"\nurl = \"amqp://localhost\"\nexchange = \"events\"\ndeclare_exchange = \"round-robin\"\n"),
+        &URL,
+        &[],
+        &["sinks.r.declare_exchange = \"round-robin\": use one of direct, topic, fanout, headers"],
+    );
+}
+
+#[test]
+fn routing_key_on_a_kafka_sink() {
+    rejects(
+        Some("[sinks.k]\ntype = \"kafka\"\nbrokers = \"localhost:9092\"\n[[routes]]\nqueues = \"*\"\nsink = \"k\"\nrouting_key = \"x\"\n"),
+        &URL,
+        &[],
+        &["routes[0].routing_key = \"x\": sink \"k\" is of type kafka, which has no routing_key"],
+    );
+}
+
+#[test]
+fn bad_http_listen_address() {
+    rejects(
+        None,
+        &[URL[0], URL[1], "--http-listen", "everywhere:90"],
+        &[],
+        &["http.listen"],
+    );
 }

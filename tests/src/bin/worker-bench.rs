@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outbox_tests::publish::{publish_range, Storage};
+use outbox_tests::worker::config_args;
 use outbox_tests::{PgCluster, RabbitMq, Tansu, Worker};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -95,7 +96,10 @@ async fn main() {
             ("stdout", "[sinks.s]\ntype = \"stdout\"\n".to_owned()),
             (
                 "amqp",
-                format!("[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n", rabbit.url()),
+                format!(
+                    "[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n",
+                    rabbit.url()
+                ),
             ),
             (
                 "kafka",
@@ -150,7 +154,9 @@ async fn main() {
         };
         let (p50, p99, count) = latency(target).await;
         eprintln!("    latency {name}: p50 {p50:.1} ms, p99 {p99:.1} ms");
-        table.push_str(&format!("| {name} | {count} | {p50:.1} ms | {p99:.1} ms |\n"));
+        table.push_str(&format!(
+            "| {name} | {count} | {p50:.1} ms | {p99:.1} ms |\n"
+        ));
     }
     println!("{table}");
     write_section(&table);
@@ -194,7 +200,7 @@ async fn latency(target: Target<'_>) -> (f64, f64, usize) {
         Target::Amqp(rabbit) => format!("[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n", rabbit.url()),
     };
     let config = Worker::config_file(&sink);
-    let _worker = Worker::start(&["run", "--postgres-url", &pg.url(), "--config", config.path().to_str().unwrap()], None);
+    let _worker = Worker::start(&config_args(&pg.url(), config.path()), None);
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 
@@ -211,7 +217,12 @@ async fn latency(target: Target<'_>) -> (f64, f64, usize) {
     let started = tokio::time::Instant::now();
     for i in 0..RATE * SECONDS {
         tokio::time::sleep_until(started + Duration::from_micros(i * 1_000_000 / RATE)).await;
-        db.execute("SELECT outbox.publish('latency', '{\"n\": 1}', '{}', 'k')", &[]).await.unwrap();
+        db.execute(
+            "SELECT outbox.publish('latency', '{\"n\": 1}', '{}', 'k')",
+            &[],
+        )
+        .await
+        .unwrap();
     }
     let latencies = consumer.await.unwrap();
     assert_eq!(latencies.len(), total, "every latency message arrived");
@@ -224,7 +235,10 @@ async fn latency(target: Target<'_>) -> (f64, f64, usize) {
 
 fn millis_since(created_at: &str) -> f64 {
     let created = chrono::DateTime::parse_from_rfc3339(created_at).unwrap();
-    (chrono::Utc::now() - created.to_utc()).num_microseconds().unwrap() as f64 / 1000.0
+    (chrono::Utc::now() - created.to_utc())
+        .num_microseconds()
+        .unwrap() as f64
+        / 1000.0
 }
 
 fn kafka_latencies(brokers: &str, total: usize) -> Vec<f64> {
@@ -235,7 +249,9 @@ fn kafka_latencies(brokers: &str, total: usize) -> Vec<f64> {
         .create()
         .unwrap();
     let mut assignment = rdkafka::TopicPartitionList::new();
-    assignment.add_partition_offset("latency", 0, rdkafka::Offset::Beginning).unwrap();
+    assignment
+        .add_partition_offset("latency", 0, rdkafka::Offset::Beginning)
+        .unwrap();
     consumer.assign(&assignment).unwrap();
     let mut latencies = Vec::with_capacity(total);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -256,13 +272,23 @@ async fn amqp_latencies(url: &str, total: usize) -> Vec<f64> {
     use futures::StreamExt;
     use lapin::options::BasicConsumeOptions;
     use lapin::types::{AMQPValue, FieldTable};
-    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await.unwrap();
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
-    let mut consumer = channel.basic_consume("latency", "bench", options, FieldTable::default()).await.unwrap();
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut consumer = channel
+        .basic_consume("latency", "bench", options, FieldTable::default())
+        .await
+        .unwrap();
     let mut latencies = Vec::with_capacity(total);
     while latencies.len() < total {
-        let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(60), consumer.next()).await else {
+        let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_secs(60), consumer.next()).await
+        else {
             break;
         };
         let created = delivery
@@ -271,7 +297,9 @@ async fn amqp_latencies(url: &str, total: usize) -> Vec<f64> {
             .as_ref()
             .and_then(|h| h.inner().get("outbox-created-at").cloned())
             .and_then(|v| match v {
-                AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
                 _ => None,
             })
             .expect("outbox-created-at header");
