@@ -328,3 +328,49 @@ fn bad_http_listen_address() {
         &["http.listen"],
     );
 }
+
+#[test]
+fn environment_overrides_the_file_and_flags_override_the_environment() {
+    let file = Worker::config_file(
+        "[postgres]\nurl = \"postgres://file@db/app\"\nslot = \"from_file\"\n[delivery]\nmax_in_flight = 7\n",
+    );
+    let env = [
+        ("OUTBOX_DELIVERY__MAX_IN_FLIGHT", "42"),
+        ("OUTBOX_POSTGRES__SLOT", "from_env"),
+        ("OUTBOX_SINKS__K__TYPE", "kafka"),
+        ("OUTBOX_SINKS__K__BROKERS", "kafka:9092"),
+        ("OUTBOX_SINKS__K__PROPERTIES__LINGER.MS", "7"),
+    ];
+    let out = run_once(
+        &[
+            "check-config",
+            "--config",
+            file.path().to_str().unwrap(),
+            "--slot",
+            "from_flag",
+        ],
+        &env,
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        shown.contains("max_in_flight = 42"),
+        "env over file: {shown}"
+    );
+    assert!(
+        shown.contains("slot = \"from_flag\""),
+        "flag over env: {shown}"
+    );
+    assert!(
+        shown.contains("url = \"postgres://file@db/app\""),
+        "file kept: {shown}"
+    );
+    assert!(
+        shown.contains("brokers = \"kafka:9092\"") && shown.contains("ms = 7"),
+        "{shown}"
+    );
+}
