@@ -115,13 +115,20 @@ impl RabbitMq {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    /// An outage: the broker application stops (connections drop), the node stays.
-    pub fn stop_app(&self) {
-        self.ctl(&["stop_app"]);
+    /// An outage: the whole node stops (connections drop; durable queues and persistent
+    /// messages stay on disk).
+    pub fn stop_node(&self) {
+        self.ctl(&["stop"]);
     }
 
-    pub fn start_app(&self) {
-        self.ctl(&["start_app"]);
+    /// Starts the node again on the same data directory.
+    pub fn start_node(&self) {
+        let out = self.command(&format!("{BIN}/rabbitmq-server"), &["-detached"]);
+        assert!(
+            out.status.success(),
+            "rabbitmq-server: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.await_startup();
     }
 

@@ -82,7 +82,7 @@ async fn ten_thousand_messages_reach_rabbitmq_with_ids_headers_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_rabbitmq_outage_of_ten_seconds_loses_nothing_and_flips_readiness() {
+async fn a_rabbitmq_node_stopped_for_ten_seconds_loses_nothing_and_flips_readiness() {
     let rabbit = RabbitMq::start();
     rabbit.declare("events", "direct", "orders", "orders");
     let pg = PgCluster::start().await;
@@ -106,7 +106,7 @@ async fn a_rabbitmq_outage_of_ten_seconds_loses_nothing_and_flips_readiness() {
 
     const TOTAL: u64 = 10_000;
     publish_range(&db, "orders", 0, 3_000, 20, Storage::Mixed).await;
-    rabbit.stop_app();
+    rabbit.stop_node();
     publish_range(&db, "orders", 3_000, 4_000, 20, Storage::Mixed).await;
     let addr = http.as_str();
     eventually(
@@ -120,7 +120,7 @@ async fn a_rabbitmq_outage_of_ten_seconds_loses_nothing_and_flips_readiness() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    rabbit.start_app();
+    rabbit.start_node();
     publish_range(&db, "orders", 7_000, 3_000, 20, Storage::Mixed).await;
 
     let messages = rabbit.drain_queue("orders", TOTAL as usize, Duration::from_secs(180));
