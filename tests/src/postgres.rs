@@ -26,6 +26,72 @@ impl PgCluster {
     }
 
     pub fn start_without_extension() -> PgCluster {
+        Self::start_configured(|_| {})
+    }
+
+    /// TCP connections only over TLS (a fresh self-signed certificate); plain ones are rejected.
+    /// Unix-socket connections stay open for the harness ([`PgCluster::socket_client`]).
+    pub async fn start_tls_only() -> PgCluster {
+        let cluster = Self::start_configured(|data| {
+            let (key, cert) = (data.join("server.key"), data.join("server.crt"));
+            run(
+                "openssl",
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=localhost",
+                    "-keyout",
+                    path(&key),
+                    "-out",
+                    path(&cert),
+                ],
+            );
+            run("chown", &["postgres:postgres", path(&key), path(&cert)]);
+            run("chmod", &["600", path(&key)]);
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust
+hostssl all all 127.0.0.1/32 trust
+hostssl replication all 127.0.0.1/32 trust
+\
+                 hostnossl all all 127.0.0.1/32 reject
+hostnossl replication all 127.0.0.1/32 reject
+",
+            )
+            .unwrap();
+            append_conf(data, "ssl = on\n");
+        });
+        cluster
+            .socket_client()
+            .await
+            .batch_execute("CREATE EXTENSION pg_outbox")
+            .await
+            .unwrap();
+        cluster
+    }
+
+    /// Over the Unix socket, without TLS.
+    pub async fn socket_client(&self) -> Client {
+        let conninfo = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            path(self.dir.path()),
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conninfo, NoTls)
+            .await
+            .expect("socket connect");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// initdb, our settings, `configure(data_dir)`, start.
+    fn start_configured(configure: impl FnOnce(&Path)) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("pg_outbox_test")
             .tempdir()
@@ -54,12 +120,8 @@ impl PgCluster {
              shared_buffers = 64MB\n",
             path(dir.path())
         );
-        use std::io::Write;
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .and_then(|mut f| f.write_all(conf.as_bytes()))
-            .expect("append to postgresql.conf");
+        append_conf(&data, &conf);
+        configure(&data);
         let cluster = PgCluster { dir, port };
         cluster.pg_ctl(&["start", "-w", "-t", "60", "-l", path(&cluster.log_path())]);
         cluster
@@ -154,6 +216,15 @@ impl Drop for PgCluster {
             ])
             .output();
     }
+}
+
+fn append_conf(data: &Path, lines: &str) {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .and_then(|mut f| f.write_all(lines.as_bytes()))
+        .expect("append to postgresql.conf");
 }
 
 /// A port nobody listens on right now.

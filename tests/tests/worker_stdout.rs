@@ -6,6 +6,7 @@ use std::time::Duration;
 use outbox_tests::publish::{
     check_delivery, publish_range, publish_rolled_back, read_json_lines, Storage,
 };
+use outbox_tests::worker::run_once;
 use outbox_tests::{eventually, PgCluster, Worker};
 
 fn stdout_file() -> (tempfile::TempDir, std::path::PathBuf) {
@@ -314,4 +315,39 @@ async fn slot_holder(db: &tokio_postgres::Client) -> Option<i32> {
     .await
     .unwrap()
     .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sslmode_require_streams_over_tls_where_plain_connections_are_refused() {
+    let pg = PgCluster::start_tls_only().await;
+    let plain = run_once(
+        &[
+            "setup",
+            "--postgres-url",
+            &format!("{}?sslmode=disable", pg.url()),
+        ],
+        &[],
+    );
+    assert!(!plain.status.success(), "the cluster refuses plain TCP");
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("cannot connect to PostgreSQL"));
+
+    let (_dir, out) = stdout_file();
+    let url = format!("{}?sslmode=require", pg.url());
+    let _worker = Worker::start(&["run", "--postgres-url", &url], Some(&out));
+    let db = pg.socket_client().await;
+    pg.wait_for_slot(&db).await;
+    db.batch_execute("SELECT outbox.publish('orders', '{\"over\": \"tls\"}')")
+        .await
+        .unwrap();
+    wait_for_lines(&out, 1).await;
+    assert_eq!(read_json_lines(&out)[0].payload["over"], "tls");
+    let ssl_walsender: bool = db
+        .query_one(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_replication r USING (pid)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl_walsender, "the replication connection uses TLS");
 }

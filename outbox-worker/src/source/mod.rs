@@ -4,5 +4,6 @@ pub mod decode;
 pub mod pgoutput;
 mod replication;
 pub mod setup;
+mod tls;
 
 pub use replication::{ReplicationSource, SlotSettings, SourceError, SourceEvent};

@@ -209,8 +209,13 @@ fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, Stri
             settings.publication.as_str(),
         )
         .with_port(port)
+        // The same sslmode semantics as the SQL connection (source/tls.rs).
         .with_tls(match pg.get_ssl_mode() {
             SslMode::Require => TlsConfig::require(),
+            SslMode::Prefer => TlsConfig {
+                mode: pgwire_replication::SslMode::Prefer,
+                ..TlsConfig::disabled()
+            },
             _ => TlsConfig::disabled(),
         }),
         None => ReplicationConfig::new(

@@ -2,20 +2,36 @@
 //! safe to run from several workers at once.
 
 use anyhow::{bail, Context, Result};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
-/// An ordinary (non-replication) connection; its driver task ends with the client.
+/// An ordinary (non-replication) connection, TLS as `sslmode` says; its driver task ends with
+/// the client.
 pub async fn connect(url: &str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "postgres connection ended");
-        }
-    });
+    let config: tokio_postgres::Config = url
+        .parse()
+        .with_context(|| format!("postgres.url {}", redact(url)))?;
+    let context = || format!("cannot connect to PostgreSQL at {}", redact(url));
+    let client = if config.get_ssl_mode() == SslMode::Disable {
+        let (client, connection) = config.connect(NoTls).await.with_context(context)?;
+        tokio::spawn(drive(connection));
+        client
+    } else {
+        let (client, connection) = config
+            .connect(super::tls::connector())
+            .await
+            .with_context(context)?;
+        tokio::spawn(drive(connection));
+        client
+    };
     Ok(client)
+}
+
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "postgres connection ended");
+    }
 }
 
 pub async fn ensure_slot(client: &Client, slot: &str, publication: &str) -> Result<()> {
