@@ -6,7 +6,7 @@
 //! else in flight has settled, the failed messages are sent again in their original order after a
 //! backoff, so a broker outage neither drops nor reorders messages.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +92,35 @@ impl AckTracker {
     }
 }
 
+/// A sink's metric handles. Registering a labelled metric allocates and hashes its labels; the
+/// success path runs once per message, so the handles are kept (per queue, made on first use).
+struct SinkMetrics {
+    latency: metrics::Histogram,
+    published: HashMap<String, metrics::Counter>,
+}
+
+impl SinkMetrics {
+    fn new(sink: &str) -> SinkMetrics {
+        SinkMetrics {
+            latency: metrics::histogram!("outbox_commit_to_ack_seconds", "sink" => sink.to_owned()),
+            published: HashMap::new(),
+        }
+    }
+
+    fn published(&mut self, sink: &str, message: &Message) {
+        let counter = match self.published.get(message.queue.as_str()) {
+            Some(counter) => counter,
+            None => self.published.entry(message.queue.clone()).or_insert_with(|| {
+                metrics::counter!("outbox_messages_published_total", "sink" => sink.to_owned(), "queue" => message.queue.clone())
+            }),
+        };
+        counter.increment(1);
+        let latency = chrono::Utc::now() - message.committed_at;
+        self.latency
+            .record(latency.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+    }
+}
+
 /// One message on its way, with what is needed to send it again.
 struct Entry {
     seq: u64,
@@ -125,6 +154,7 @@ pub struct Delivery {
     failed: BTreeMap<u64, Entry>,
     /// Highest commit end whose transaction and all before it are acknowledged.
     confirmed: Lsn,
+    metrics: Vec<SinkMetrics>,
     /// Re-sent messages not yet settled; intake waits for them.
     retries_in_flight: usize,
     /// The latest failure (sink name, error), reported once per retry round.
@@ -135,7 +165,7 @@ impl Delivery {
     pub fn new(sinks: Vec<Arc<dyn Sink>>, sink_names: Vec<String>, config: DeliveryConfig) -> Self {
         Delivery {
             sinks,
-            sink_names,
+            sink_names: sink_names.clone(),
             config,
             tracker: AckTracker::default(),
             next_seq: 0,
@@ -144,6 +174,10 @@ impl Delivery {
             confirmed: 0,
             retries_in_flight: 0,
             last_error: None,
+            metrics: sink_names
+                .iter()
+                .map(|name| SinkMetrics::new(name))
+                .collect(),
         }
     }
 
@@ -213,17 +247,15 @@ impl Delivery {
             if entry.attempts > 1 {
                 self.retries_in_flight -= 1;
             }
-            let sink = self.sink_names[entry.route.sink].clone();
             match result {
                 Ok(()) => {
-                    metrics::counter!("outbox_messages_published_total", "sink" => sink.clone(), "queue" => entry.message.queue.clone()).increment(1);
-                    let latency = chrono::Utc::now() - entry.message.committed_at;
-                    metrics::histogram!("outbox_commit_to_ack_seconds", "sink" => sink)
-                        .record(latency.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+                    self.metrics[entry.route.sink]
+                        .published(&self.sink_names[entry.route.sink], &entry.message);
                     self.tracker.acked(entry.tx);
                     self.advance();
                 }
                 Err(error) => {
+                    let sink = self.sink_names[entry.route.sink].clone();
                     let kind = match error {
                         SinkError::Permanent(_) => {
                             entry.permanent_failures += 1;

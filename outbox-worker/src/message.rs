@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -50,9 +50,20 @@ impl Payload {
 }
 
 impl Message {
-    /// RFC 3339, UTC, microseconds: the `outbox-created-at` header and the JSON field.
+    /// RFC 3339, UTC, microseconds: the `outbox-created-at` header and the JSON field. Written
+    /// by hand: chrono's formatter showed up in the Kafka path's profile (once per message).
     pub fn created_at_rfc3339(&self) -> String {
-        self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true)
+        let t = &self.created_at;
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.timestamp_subsec_micros().min(999_999)
+        )
     }
 
     /// The stdout sink's line: one JSON object, payload verbatim (or base64 for bytes).
@@ -120,6 +131,16 @@ mod tests {
             line,
             r#"{"id":"0190b8a0-0000-7000-8000-000000000001","queue":"orders","key":"o-1","headers":{"tenant":"acme"},"payload":{"total": 12.50, "items": [1, 2]},"created_at":"2026-11-23T07:43:13.123456Z"}"#
         );
+    }
+
+    #[test]
+    fn created_at_is_rfc3339_with_microseconds() {
+        let mut m = message(Payload::Bytes(vec![]));
+        assert_eq!(m.created_at_rfc3339(), "2026-11-23T07:43:13.123456Z");
+        m.created_at = DateTime::parse_from_rfc3339("0999-01-02T03:04:05Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(m.created_at_rfc3339(), "0999-01-02T03:04:05.000000Z");
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Kafka through librdkafka: idempotent producer, `acks=all`, key → partition with Java's
 //! murmur2 partitioner (same key, same partition as a Java producer would pick), outbox headers.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -119,12 +118,12 @@ fn headers(message: &Message) -> OwnedHeaders {
     }
     let id = message.id.to_string();
     let created_at = message.created_at_rfc3339();
-    let fixed: BTreeMap<&str, &str> = BTreeMap::from([
+    let fixed = [
         ("outbox-id", id.as_str()),
         ("outbox-queue", message.queue.as_str()),
         ("outbox-created-at", created_at.as_str()),
         ("content-type", message.payload.content_type()),
-    ]);
+    ];
     for (key, value) in fixed {
         headers = headers.insert(Header {
             key,
