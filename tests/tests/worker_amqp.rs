@@ -24,28 +24,36 @@ fn http_addr() -> String {
     format!("127.0.0.1:{}", outbox_tests::postgres::free_port())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ten_thousand_messages_reach_rabbitmq_with_ids_headers_and_metrics() {
+/// RabbitMQ with a direct exchange `events` bound to queue `orders`, PostgreSQL, and a worker
+/// routing every queue to `events` (routing key = queue) with `extra` flags, holding the slot.
+async fn rabbit_and_worker(
+    extra: &[&str],
+) -> (RabbitMq, PgCluster, Worker, tokio_postgres::Client) {
     let rabbit = RabbitMq::start();
     rabbit.declare("events", "direct", "orders", "orders");
     let pg = PgCluster::start().await;
-    let http = http_addr();
-    let worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &pg.url(),
-            "--amqp-url",
-            &rabbit.url(),
-            "--amqp-exchange",
-            "events",
-            "--http-listen",
-            &http,
-        ],
-        None,
-    );
+    let url = pg.url();
+    let amqp = rabbit.url();
+    let mut args = vec![
+        "run",
+        "--postgres-url",
+        &url,
+        "--amqp-url",
+        &amqp,
+        "--amqp-exchange",
+        "events",
+    ];
+    args.extend_from_slice(extra);
+    let worker = Worker::start(&args, None);
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
+    (rabbit, pg, worker, db)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_messages_reach_rabbitmq_with_ids_headers_and_metrics() {
+    let http = http_addr();
+    let (rabbit, _pg, worker, db) = rabbit_and_worker(&["--http-listen", &http]).await;
 
     const TOTAL: u64 = 10_000;
     publish_range(&db, "orders", 0, 5_000, 20, Storage::Table).await;
@@ -83,26 +91,8 @@ async fn ten_thousand_messages_reach_rabbitmq_with_ids_headers_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rabbitmq_node_stopped_for_ten_seconds_loses_nothing_and_flips_readiness() {
-    let rabbit = RabbitMq::start();
-    rabbit.declare("events", "direct", "orders", "orders");
-    let pg = PgCluster::start().await;
     let http = http_addr();
-    let worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &pg.url(),
-            "--amqp-url",
-            &rabbit.url(),
-            "--amqp-exchange",
-            "events",
-            "--http-listen",
-            &http,
-        ],
-        None,
-    );
-    let db = pg.superuser().await;
-    pg.wait_for_slot(&db).await;
+    let (rabbit, _pg, worker, db) = rabbit_and_worker(&["--http-listen", &http]).await;
 
     const TOTAL: u64 = 10_000;
     publish_range(&db, "orders", 0, 3_000, 20, Storage::Mixed).await;
@@ -145,26 +135,13 @@ async fn a_rabbitmq_node_stopped_for_ten_seconds_loses_nothing_and_flips_readine
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unroutable_message_is_dead_lettered_and_redriven_with_the_same_id() {
-    let rabbit = RabbitMq::start();
-    rabbit.declare("events", "direct", "orders", "orders");
-    let pg = PgCluster::start().await;
-    let config = Worker::config_file("[delivery]\nmax_attempts = 2\n");
-    let _worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &pg.url(),
-            "--amqp-url",
-            &rabbit.url(),
-            "--amqp-exchange",
-            "events",
-            "--config",
-            config.path().to_str().unwrap(),
-        ],
-        None,
+    let config = Worker::config_file(
+        "[delivery]
+max_attempts = 2
+",
     );
-    let db = pg.superuser().await;
-    pg.wait_for_slot(&db).await;
+    let (rabbit, pg, _worker, db) =
+        rabbit_and_worker(&["--config", config.path().to_str().unwrap()]).await;
 
     // No queue is bound for routing key "nowhere": the broker returns it (mandatory).
     let poison: uuid::Uuid = db
