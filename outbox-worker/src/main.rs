@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use config::{Config, LogFormat, Overrides};
 
-/// glibc malloc took a third of the CPU under librdkafka's and tokio's threads (perf, Kafka drain).
+/// glibc malloc took a third of the CPU under librdkafka's and tokio's threads (perf, Kafka drain);
+/// the `override` feature gives librdkafka's C allocations to mimalloc as well.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
