@@ -61,6 +61,8 @@ impl RabbitMq {
         let p = |name: &str| d.join(name).display().to_string();
         Command::new(program)
             .args(args)
+            // Erlang writes erl_crash.dump into the working directory: keep it in ours.
+            .current_dir(d)
             .env("HOME", d)
             .env("RABBITMQ_MNESIA_BASE", p("mnesia"))
             .env("RABBITMQ_LOG_BASE", p("log"))
