@@ -144,3 +144,15 @@ pub fn count_by<'a>(items: impl Iterator<Item = &'a str>) -> BTreeMap<String, us
     }
     counts
 }
+
+/// The only row of `outbox.dead_letters`: (id, destination, error, attempts).
+pub async fn only_dead_letter(db: &Client) -> (uuid::Uuid, String, String, i32) {
+    let row = db
+        .query_one(
+            "SELECT id, destination, error, attempts FROM outbox.dead_letters",
+            &[],
+        )
+        .await
+        .expect("exactly one dead letter");
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}

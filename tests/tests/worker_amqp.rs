@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use outbox_tests::publish::{check_delivery, publish_range, publish_rolled_back, Seen, Storage};
+use outbox_tests::publish::{
+    check_delivery, only_dead_letter, publish_range, publish_rolled_back, Seen, Storage,
+};
 use outbox_tests::worker::config_args;
 use outbox_tests::worker::{http_get, metric, run_once};
 use outbox_tests::{eventually, PgCluster, RabbitMq, Tansu, Worker};
@@ -165,21 +167,11 @@ max_attempts = 2
             .is_some()
     })
     .await;
-    let row = db
-        .query_one(
-            "SELECT id, destination, error, attempts FROM outbox.dead_letters",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, uuid::Uuid>(0), poison);
-    assert_eq!(row.get::<_, String>(1), "amqp:events/nowhere");
-    assert!(
-        row.get::<_, String>(2).contains("unroutable"),
-        "{}",
-        row.get::<_, String>(2)
-    );
-    assert_eq!(row.get::<_, i32>(3), 2);
+    let (id, destination, error, attempts) = only_dead_letter(&db).await;
+    assert_eq!(id, poison);
+    assert_eq!(destination, "amqp:events/nowhere");
+    assert!(error.contains("unroutable"), "{error}");
+    assert_eq!(attempts, 2);
 
     let listed = run_once(&["dlq", "list", "--postgres-url", &pg.url()], &[]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&poison.to_string()));

@@ -7,7 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use outbox_tests::kafka::{read_until, Record};
-use outbox_tests::publish::{check_delivery, publish_range, publish_rolled_back, Seen, Storage};
+use outbox_tests::publish::{
+    check_delivery, only_dead_letter, publish_range, publish_rolled_back, Seen, Storage,
+};
 use outbox_tests::worker::kafka_args;
 use outbox_tests::{PgCluster, Tansu, Worker};
 
@@ -214,21 +216,11 @@ async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_ra
     let records = read(tansu.brokers(), "orders", 300).await;
     check_delivery(&seen(&records), 300);
 
-    let row = db
-        .query_one(
-            "SELECT id, destination, error, attempts FROM outbox.dead_letters",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, uuid::Uuid>(0), poison);
-    assert_eq!(row.get::<_, String>(1), "kafka:orders");
-    assert!(
-        row.get::<_, String>(2).contains("MessageSizeTooLarge"),
-        "{}",
-        row.get::<_, String>(2)
-    );
-    assert_eq!(row.get::<_, i32>(3), 2);
+    let (id, destination, error, attempts) = only_dead_letter(&db).await;
+    assert_eq!(id, poison);
+    assert_eq!(destination, "kafka:orders");
+    assert!(error.contains("MessageSizeTooLarge"), "{error}");
+    assert_eq!(attempts, 2);
 
     // Raise the limit, restart, redrive: the same id arrives.
     worker.terminate(Duration::from_secs(30));

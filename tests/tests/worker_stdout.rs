@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use outbox_tests::publish::{
-    check_delivery, publish_range, publish_rolled_back, read_json_lines, Storage,
+    check_delivery, only_dead_letter, publish_range, publish_rolled_back, read_json_lines, Storage,
 };
 use outbox_tests::worker::run_once;
 use outbox_tests::{eventually, PgCluster, Worker};
@@ -207,16 +207,11 @@ async fn a_queue_without_a_route_is_dead_lettered_and_the_stream_moves_on() {
         3,
         "the stream moved on"
     );
-    let row = db
-        .query_one(
-            "SELECT id, destination, error FROM outbox.dead_letters",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, uuid::Uuid>(0), lost);
-    assert_eq!(row.get::<_, String>(1), "(no route)");
-    assert_eq!(row.get::<_, String>(2), "no route matches queue \"audit\"");
+    let (id, destination, error, attempts) = only_dead_letter(&db).await;
+    assert_eq!(id, lost);
+    assert_eq!(destination, "(no route)");
+    assert_eq!(error, "no route matches queue \"audit\"");
+    assert_eq!(attempts, 1);
     assert!(
         worker.log().contains("no route matches queue"),
         "{}",
