@@ -15,7 +15,7 @@ ROUNDS=${3:-3}
 source scripts/lib/pg-cluster.sh
 
 echo "==> building and installing the extension (release)" >&2
-(cd pg_outbox && cargo pgrx install --release --pg-config "$PG_BIN/pg_config" >/dev/null)
+PG_CONFIG=$PG_BIN/pg_config ./scripts/install-extension --release >/dev/null
 pg_cluster_start "shared_buffers = 512MB" "max_wal_size = 4GB" "checkpoint_timeout = 30min"
 trap pg_cluster_stop EXIT
 work=$(mktemp -d); trap 'pg_cluster_stop; rm -rf "$work"' EXIT

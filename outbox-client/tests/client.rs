@@ -175,9 +175,13 @@ async fn typed_events_bytes_and_batches_round_trip() {
 async fn process_once_skips_duplicates_and_forgets_failed_attempts() {
     let pg = PgCluster::start().await;
     let mut db = pg.superuser().await;
-    db.batch_execute("CREATE TABLE effects (message_id text)")
-        .await
-        .unwrap();
+    db.batch_execute(
+        "CREATE TABLE effects (message_id text);
+         SELECT outbox.register_consumer('billing', current_user::regrole);
+         SELECT outbox.register_consumer('audit', current_user::regrole);",
+    )
+    .await
+    .unwrap();
     let inbox = Inbox::new("billing");
 
     let handler = async |tx: &tokio_postgres::Transaction<'_>| {
@@ -257,9 +261,12 @@ async fn process_once_skips_duplicates_and_forgets_failed_attempts() {
 async fn eight_concurrent_deliveries_run_the_handler_once() {
     let pg = Arc::new(PgCluster::start().await);
     let db = pg.superuser().await;
-    db.batch_execute("CREATE TABLE counter (n int); INSERT INTO counter VALUES (0)")
-        .await
-        .unwrap();
+    db.batch_execute(
+        "CREATE TABLE counter (n int); INSERT INTO counter VALUES (0);
+         SELECT outbox.register_consumer('counter', current_user::regrole);",
+    )
+    .await
+    .unwrap();
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let pg = pg.clone();

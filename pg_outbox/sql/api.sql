@@ -19,13 +19,69 @@ $$;
 -- Idempotent consumers
 ------------------------------------------------------------------------------------------------
 
-CREATE FUNCTION outbox.try_mark_processed(consumer text, message_id text)
+-- Whether the current role may act as consumer: a member of the role registered for it.
+-- SECURITY INVOKER and SQL, so row-level security can inline it and current_user is the caller.
+CREATE FUNCTION outbox._may_act_as(consumer text)
+RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT EXISTS (SELECT FROM outbox.consumers c
+                    WHERE c.name = $1 AND pg_catalog.pg_has_role(c.role, 'USAGE'))
+$$;
+
+-- Raises a clear error unless the current role may act as consumer.
+CREATE FUNCTION outbox._require_consumer(function_name text, consumer text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT outbox._may_act_as(consumer) THEN
+        IF NOT EXISTS (SELECT FROM outbox.consumers c WHERE c.name = consumer) THEN
+            RAISE EXCEPTION '%: consumer "%" is not registered', function_name, consumer
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = format('An operator registers each consumer name for the role that uses it: SELECT outbox.register_consumer(%L, %L);',
+                                    consumer, current_user);
+        END IF;
+        RAISE EXCEPTION '%: role % may not act as consumer "%"', function_name, current_user, consumer
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Consumer %L is registered for role %s; use a member of that role, or have an operator register another name.',
+                                consumer, (SELECT c.role FROM outbox.consumers c WHERE c.name = consumer));
+    END IF;
+END
+$$;
+
+CREATE FUNCTION outbox.register_consumer(consumer text, role regrole)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM outbox._require_text('outbox.register_consumer', 'consumer', $1,
+        'Name the consumer as its service passes it to try_mark_processed, e.g. ''billing.orders''.');
+    IF $2 IS NULL THEN
+        RAISE EXCEPTION 'outbox.register_consumer: role must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the role the consuming service logs in as (or a group role it belongs to).';
+    END IF;
+    INSERT INTO outbox.consumers AS c (name, role) VALUES ($1, $2)
+        ON CONFLICT (name) DO UPDATE SET role = excluded.role, registered_at = now();
+END
+$$;
+COMMENT ON FUNCTION outbox.register_consumer(text, regrole) IS
+    'Lets members of role mark messages as processed under the consumer name (replaces an earlier registration).';
+
+CREATE FUNCTION outbox.unregister_consumer(consumer text)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM outbox.consumers c WHERE c.name = $1;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION outbox.unregister_consumer(text) IS
+    'Removes a consumer registration; its marks stay until purge_processed removes them.';
+
+-- SECURITY INVOKER: row-level security on outbox.processed_messages limits each role to the
+-- consumers registered for it, whatever it calls.
+CREATE FUNCTION outbox.try_mark_processed(consumer text, message_id text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM outbox._require_text('outbox.try_mark_processed', 'consumer', $1,
         'Name the consumer (e.g. the service and handler), so each consumer de-duplicates on its own.');
     PERFORM outbox._require_text('outbox.try_mark_processed', 'message_id', $2,
         'Pass the outbox-id header of the message.');
+    PERFORM outbox._require_consumer('outbox.try_mark_processed', $1);
     -- A concurrent caller with the same id waits here for our transaction: it gets true only if
     -- we roll back.
     INSERT INTO outbox.processed_messages (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING;
@@ -36,16 +92,17 @@ COMMENT ON FUNCTION outbox.try_mark_processed(text, text) IS
     'Marks message_id as processed by consumer in the current transaction: true the first time, false for a duplicate.';
 
 CREATE FUNCTION outbox.is_processed(consumer text, message_id text)
-RETURNS boolean LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+RETURNS boolean LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM outbox._require_text('outbox.is_processed', 'consumer', $1, 'Name the consumer.');
     PERFORM outbox._require_text('outbox.is_processed', 'message_id', $2, 'Pass the outbox-id header of the message.');
+    PERFORM outbox._require_consumer('outbox.is_processed', $1);
     RETURN EXISTS (SELECT FROM outbox.processed_messages p WHERE p.consumer = $1 AND p.message_id = $2);
 END
 $$;
 
 CREATE FUNCTION outbox.purge_processed(older_than interval, consumer text DEFAULT NULL)
-RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     purged bigint;
 BEGIN
@@ -57,8 +114,9 @@ BEGIN
     END IF;
     IF consumer = '' THEN
         RAISE EXCEPTION 'outbox.purge_processed: consumer must not be an empty string'
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to purge every consumer.';
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to purge every consumer you may act as.';
     END IF;
+    -- Row-level security limits a consumer role to its own consumers' marks.
     DELETE FROM outbox.processed_messages p
      WHERE p.processed_at < now() - older_than AND ($2 IS NULL OR p.consumer = $2);
     GET DIAGNOSTICS purged = ROW_COUNT;
@@ -84,6 +142,11 @@ BEGIN
         RAISE EXCEPTION 'outbox.redrive: no dead letter with id %', $1
             USING ERRCODE = 'no_data_found', HINT = 'SELECT id, queue, error FROM outbox.dead_letters lists them.';
     END IF;
+    IF letter.destination = 'quarantine' THEN
+        RAISE EXCEPTION 'outbox.redrive: dead letter % is quarantined: it was not written by outbox.publish*', $1
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Inspect payload_bytes and error; if it is legitimate, publish it again with outbox.publish, then DELETE the row.';
+    END IF;
     -- Same id, so consumers that saw an earlier attempt still de-duplicate it.
     RETURN outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
                                    letter.payload_bytes, letter.headers);
@@ -101,7 +164,8 @@ BEGIN
     PERFORM outbox._require_text('outbox.redrive', 'queue', $1, 'Pass the queue whose dead letters to publish again.');
     -- UUIDv7 ids sort by publish time: redrive in the original order.
     FOR letter IN
-        WITH gone AS (DELETE FROM outbox.dead_letters d WHERE d.queue = $1 RETURNING *)
+        WITH gone AS (DELETE FROM outbox.dead_letters d
+                       WHERE d.queue = $1 AND d.destination <> 'quarantine' RETURNING *)
         SELECT * FROM gone ORDER BY gone.id
     LOOP
         PERFORM outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
@@ -112,7 +176,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION outbox.redrive(text) IS
-    'Publishes every dead letter of queue again (same ids, original order); returns how many.';
+    'Publishes every dead letter of queue again (same ids, original order; quarantined ones stay); returns how many.';
 
 ------------------------------------------------------------------------------------------------
 -- Retention
@@ -121,8 +185,8 @@ COMMENT ON FUNCTION outbox.redrive(text) IS
 CREATE FUNCTION outbox.prune(older_than interval DEFAULT NULL, max_rows integer DEFAULT 100000)
 RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    -- missing_ok: the setting exists only once the library is loaded in this session.
-    keep interval := coalesce(older_than, coalesce(current_setting('pg_outbox.retention', true), '1 day')::interval);
+    -- Through the library, so every session reads pg_outbox.retention the same way.
+    keep interval := coalesce(older_than, make_interval(secs => outbox._retention_seconds()));
     pruned bigint;
 BEGIN
     IF keep < interval '0' THEN
@@ -132,6 +196,16 @@ BEGIN
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'outbox.prune: max_rows must be a positive integer, got %', coalesce(max_rows::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Call prune() repeatedly until it returns less than max_rows.';
+    END IF;
+    -- Another publication that streams deletes of outbox.messages (FOR ALL TABLES, say) makes a
+    -- DELETE need a replica identity. Only then: REPLICA IDENTITY FULL, once (each pruned row is
+    -- then logged whole); our own publication streams inserts only and needs none.
+    IF EXISTS (SELECT FROM pg_catalog.pg_publication_tables t
+                 JOIN pg_catalog.pg_publication p ON p.pubname = t.pubname
+                WHERE t.schemaname = 'outbox' AND t.tablename = 'messages' AND p.pubdelete)
+       AND (SELECT c.relreplident FROM pg_catalog.pg_class c WHERE c.oid = 'outbox.messages'::regclass) = 'd' THEN
+        RAISE NOTICE 'outbox.prune: a publication streams deletes of outbox.messages; setting REPLICA IDENTITY FULL on it';
+        ALTER TABLE outbox.messages REPLICA IDENTITY FULL;
     END IF;
     -- One bounded batch per call keeps each transaction short; the BRIN index finds the batch.
     DELETE FROM outbox.messages m
@@ -179,11 +253,24 @@ GRANT EXECUTE ON FUNCTION outbox.publish(text, jsonb, jsonb, text),
 
 GRANT EXECUTE ON FUNCTION outbox.try_mark_processed(text, text),
                           outbox.is_processed(text, text),
-                          outbox.purge_processed(interval, text)
-    TO outbox_consumer;
+                          outbox.purge_processed(interval, text),
+                          outbox._may_act_as(text), outbox._require_consumer(text, text),
+                          outbox._require_text(text, text, text, text)
+    TO outbox_consumer, outbox_operator;
+-- Row-level security: a consumer role reads, marks and purges only the consumers registered
+-- for it; an operator reads and purges all. The extension's owner (the installer) bypasses it.
+GRANT SELECT ON outbox.consumers TO outbox_consumer, outbox_operator;
+GRANT SELECT, INSERT, DELETE ON outbox.processed_messages TO outbox_consumer;
+GRANT SELECT, DELETE ON outbox.processed_messages TO outbox_operator;
+ALTER TABLE outbox.processed_messages ENABLE ROW LEVEL SECURITY;
+CREATE POLICY registered_consumer ON outbox.processed_messages TO outbox_consumer
+    USING (outbox._may_act_as(consumer)) WITH CHECK (outbox._may_act_as(consumer));
+CREATE POLICY operator_reads ON outbox.processed_messages FOR SELECT TO outbox_operator USING (true);
+CREATE POLICY operator_purges ON outbox.processed_messages FOR DELETE TO outbox_operator USING (true);
 
 GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
-                          outbox.prune(interval, integer), outbox.status()
+                          outbox.prune(interval, integer), outbox.status(),
+                          outbox.register_consumer(text, regrole), outbox.unregister_consumer(text)
     TO outbox_operator;
-GRANT SELECT ON outbox.messages, outbox.processed_messages TO outbox_operator;
+GRANT SELECT ON outbox.messages TO outbox_operator;
 GRANT SELECT, INSERT, DELETE ON outbox.dead_letters TO outbox_operator;

@@ -1,5 +1,42 @@
 -- pg_outbox: tables, roles and the publication. Runs first (bootstrap); the functions that use
--- these objects follow, then finalize.sql grants rights.
+-- these objects follow, then api.sql grants rights.
+
+-- CREATE EXTENSION adopts an existing schema outbox. One created by another role could hold
+-- overloads that capture the application's calls (outbox.publish(text, text)...): refuse it.
+DO $schema$
+DECLARE
+    owner name := (SELECT r.rolname FROM pg_catalog.pg_namespace n
+                     JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner WHERE n.nspname = 'outbox');
+BEGIN
+    IF owner IS DISTINCT FROM current_user THEN
+        RAISE EXCEPTION 'pg_outbox: schema outbox belongs to role %, not to %, who is installing the extension', owner, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Objects in a schema another role controls could capture calls to outbox.*: inspect the schema, drop it (or ALTER SCHEMA outbox OWNER TO ' || quote_ident(current_user) || '), then CREATE EXTENSION pg_outbox.';
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_class WHERE relnamespace = 'outbox'::regnamespace)
+       OR EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace = 'outbox'::regnamespace)
+       OR EXISTS (SELECT FROM pg_catalog.pg_type WHERE typnamespace = 'outbox'::regnamespace) THEN
+        RAISE EXCEPTION 'pg_outbox: schema outbox already contains objects'
+            USING ERRCODE = 'duplicate_schema',
+                  HINT = 'Install into an empty schema: move or drop what is in schema outbox, then CREATE EXTENSION pg_outbox.';
+    END IF;
+END
+$schema$;
+
+-- Only outbox.publish* may put a message on the wire: PostgreSQL lets PUBLIC write logical
+-- decoding messages with any prefix, so anyone could forge a 'pg_outbox' message. Our C code
+-- calls LogLogicalMessage directly and needs no grant. Not undone by DROP EXTENSION.
+DO $forgery$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT oid FROM pg_catalog.pg_proc
+              WHERE proname = 'pg_logical_emit_message' AND pronamespace = 'pg_catalog'::regnamespace
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$forgery$;
 
 -- Roles the docs name. Cluster-wide, so created only when missing and never dropped with the
 -- extension. Grant them to your application roles.
@@ -33,10 +70,12 @@ CREATE TABLE outbox.messages (
 -- next to nothing per insert; outbox.prune() uses it to find expired rows.
 CREATE INDEX messages_created_at_brin ON outbox.messages USING brin (created_at)
     WITH (pages_per_range = 32);
+-- pg_dump keeps the rows of the extension's tables (by default it would dump none).
+SELECT pg_catalog.pg_extension_config_dump('outbox.messages', '');
 COMMENT ON TABLE outbox.messages IS
     'pg_outbox messages (storage = table). Insert-only; write through outbox.publish*(), prune with outbox.prune().';
 
--- A publication is not a member of the extension, so it may survive a DROP EXTENSION: reuse it.
+-- The publication. Reused if it survived an earlier DROP EXTENSION of 0.1.0.
 DO $publication$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = 'pg_outbox') THEN
@@ -47,6 +86,16 @@ BEGIN
     END IF;
 END
 $publication$;
+-- Recorded as a member of the extension, as CREATE EXTENSION records its other objects
+-- (PostgreSQL has no ALTER EXTENSION ... ADD PUBLICATION): pg_dump then leaves it to CREATE
+-- EXTENSION instead of dumping a second CREATE PUBLICATION that makes `psql -1` fail (and
+-- without the table, which it never dumps for an extension's table), and DROP EXTENSION drops it.
+INSERT INTO pg_catalog.pg_depend (classid, objid, objsubid, refclassid, refobjid, refobjsubid, deptype)
+SELECT 'pg_catalog.pg_publication'::regclass, p.oid, 0, 'pg_catalog.pg_extension'::regclass, e.oid, 0, 'e'
+  FROM pg_catalog.pg_publication p, pg_catalog.pg_extension e
+ WHERE p.pubname = 'pg_outbox' AND e.extname = 'pg_outbox'
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_publication'::regclass AND d.objid = p.oid AND d.deptype = 'e');
 
 -- Idempotent consumers: one row per (consumer, message) already processed.
 CREATE TABLE outbox.processed_messages (
@@ -56,6 +105,18 @@ CREATE TABLE outbox.processed_messages (
     PRIMARY KEY (consumer, message_id)
 );
 CREATE INDEX processed_messages_processed_at ON outbox.processed_messages (processed_at);
+SELECT pg_catalog.pg_extension_config_dump('outbox.processed_messages', '');
+
+-- Which role may mark messages for which consumer name, so one service cannot make another
+-- skip messages it never processed. Registered by an operator (outbox.register_consumer).
+CREATE TABLE outbox.consumers (
+    name          text        PRIMARY KEY CHECK (name <> ''),
+    role          regrole     NOT NULL,
+    registered_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('outbox.consumers', '');
+COMMENT ON TABLE outbox.consumers IS
+    'Consumer names and the role whose members may mark messages as processed under that name.';
 
 -- Messages the worker could not deliver after its retries.
 CREATE TABLE outbox.dead_letters (
@@ -73,3 +134,4 @@ CREATE TABLE outbox.dead_letters (
     CHECK ((payload IS NULL) <> (payload_bytes IS NULL))
 );
 CREATE INDEX dead_letters_queue ON outbox.dead_letters (queue);
+SELECT pg_catalog.pg_extension_config_dump('outbox.dead_letters', '');

@@ -35,7 +35,12 @@ pub struct Envelope<'a> {
 
 impl Envelope<'_> {
     pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(160 + self.headers.len() + self.payload_len());
+        let mut out = String::with_capacity(
+            160 + self.queue.len()
+                + self.key.map_or(0, str::len)
+                + self.headers.len()
+                + self.payload_len(),
+        );
         out.push_str("{\"v\":");
         out.push_str(&VERSION.to_string());
         out.push_str(",\"id\":\"");
@@ -74,8 +79,18 @@ impl Envelope<'_> {
     fn payload_len(&self) -> usize {
         match self.payload {
             Payload::Json(json) => json.len(),
-            Payload::Bytes(bytes) => bytes.len() * 4 / 3 + 4,
+            Payload::Bytes(bytes) => bytes.len().div_ceil(3) * 4,
         }
+    }
+
+    /// An upper bound of `encode().len()`, known before anything is allocated.
+    pub fn encoded_len_bound(&self) -> usize {
+        // The key may grow sixfold when escaped (\u00XX).
+        160 + self.queue.len()
+            + self.key.map_or(0, |k| k.len() * 6)
+            + self.created_at.len()
+            + self.headers.len()
+            + self.payload_len()
     }
 }
 

@@ -19,6 +19,13 @@ pub static STORAGE: GucSetting<Storage> = GucSetting::<Storage>::new(Storage::Ta
 /// How long `outbox.prune()` keeps rows of `outbox.messages`, in seconds.
 pub static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 
+/// The largest message `outbox.publish*` accepts, in kB: key + headers + payload as stored.
+pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(512);
+
+/// The ceiling of `pg_outbox.max_message_size`, in kB (64 MB): with base64's 4/3 growth a wal
+/// envelope stays far below the 1 GB that PostgreSQL can allocate and decode.
+pub const MAX_MESSAGE_SIZE_CEILING_KB: i32 = 64 * 1024;
+
 pub fn register() {
     GucRegistry::define_enum_guc(
         c"pg_outbox.storage",
@@ -38,6 +45,28 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.max_message_size",
+        c"The largest message outbox.publish* accepts: key + headers + payload, as stored.",
+        c"Larger messages are refused before anything is written. Keep it below the broker's limit (Kafka's message.max.bytes is about 1 MB by default); at most 64MB.",
+        &MAX_MESSAGE_SIZE,
+        1,
+        MAX_MESSAGE_SIZE_CEILING_KB,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
     // After this, a misspelt pg_outbox.* setting is an error instead of a silent placeholder.
+    // SAFETY: called once from _PG_init with a static NUL-terminated prefix.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"pg_outbox".as_ptr()) };
+}
+
+/// `pg_outbox.retention` in seconds, for `outbox.prune()`. Calling a C function loads the
+/// library, so the setting is always read as the GUC it is, never as an unchecked placeholder
+/// string (whose meaning would depend on whether this session had published before).
+#[pgrx::pg_extern(sql = r#"
+CREATE FUNCTION outbox._retention_seconds() RETURNS integer STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+"#)]
+fn retention_seconds() -> i32 {
+    RETENTION.get()
 }

@@ -4,6 +4,8 @@
 use pgrx::pg_sys;
 use std::ffi::CStr;
 
+use crate::varlena::server_to_utf8;
+
 const JB_CMASK: u32 = 0x0FFF_FFFF;
 const JB_FSCALAR: u32 = 0x1000_0000;
 const JB_FOBJECT: u32 = 0x2000_0000;
@@ -23,6 +25,7 @@ impl Jsonb {
     }
 
     fn header(&self) -> u32 {
+        // SAFETY: `self.0` points to a detoasted jsonb (constructor contract).
         unsafe { (*self.0).root.header }
     }
 
@@ -43,12 +46,14 @@ impl Jsonb {
         }
     }
 
-    /// The value as JSON text, exactly as `jsonb_out` prints it.
+    /// The value as JSON text, exactly as `jsonb_out` prints it, converted to UTF-8.
     pub fn to_text(&self) -> String {
+        // SAFETY: `self.0` is a detoasted jsonb; JsonbToCString returns a palloc'd C string in
+        // the server encoding, copied (and converted) before it is freed.
         unsafe {
             let size = pgrx::varlena::varsize_any_exhdr(self.0.cast()) as i32;
             let text = pg_sys::JsonbToCString(std::ptr::null_mut(), &mut (*self.0).root, size);
-            let owned = CStr::from_ptr(text).to_string_lossy().into_owned();
+            let owned = server_to_utf8(CStr::from_ptr(text).to_bytes()).into_owned();
             pg_sys::pfree(text.cast());
             owned
         }
@@ -57,6 +62,7 @@ impl Jsonb {
 
 /// `'{}'::jsonb`, for a NULL headers argument.
 pub fn empty_object() -> pg_sys::Datum {
+    // SAFETY: jsonb_in with a constant, valid, NUL-terminated JSON text.
     unsafe {
         pgrx::direct_function_call_as_datum(
             pg_sys::jsonb_in,

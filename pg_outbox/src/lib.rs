@@ -4,14 +4,20 @@
 //! (SQL-language functions and grants). This crate adds the parts that must be fast or need the
 //! server's internals: the publish functions, the `wal` storage form and the GUCs.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use pgrx::prelude::*;
 
+mod args;
 mod envelope;
 mod error;
 mod guc;
 mod jsonb;
 mod publish;
 mod storage;
+mod table;
+mod varlena;
+mod wal;
 
 pgrx::pg_module_magic!();
 

@@ -7,11 +7,13 @@
 //! clause would protect nothing, and on PostgreSQL 15 it costs about a third of a publish (a GUC
 //! save and restore per call, measured in BENCHMARKS.md). The SQL-language functions keep it.
 
+use crate::args::Args;
 use crate::error;
 use crate::jsonb::{self, Jsonb};
-use crate::storage::{Message, Payload, Writer};
-use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
+use crate::storage::{check_size, Message, Payload, Writer};
+use crate::varlena::Varlena;
 use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
 
 const QUEUE_HINT: &str = "Queue names become Kafka topics and AMQP routing keys: use 1 to 249 of the characters A-Z a-z 0-9 . _ - (not \".\" or \"..\").";
 const HEADERS_HINT: &str =
@@ -27,17 +29,13 @@ COMMENT ON FUNCTION outbox.publish(text, jsonb, jsonb, text) IS
     'Publishes a JSON message to queue in the current transaction; returns its id (UUIDv7).';
 "#)]
 fn publish(fcinfo: FcInfo) -> pgrx::Uuid {
-    const F: &str = "outbox.publish";
-    let payload = unsafe {
-        Jsonb::from_datum(required(
-            fcinfo,
-            1,
-            F,
-            "payload",
-            "Pass a JSON value, e.g. '{}'.",
-        ))
-    };
-    publish_one(fcinfo, F, Payload::Json(payload))
+    // SAFETY: PostgreSQL's fcinfo for the declaration above.
+    let args = unsafe { Args::new(fcinfo, "outbox.publish") };
+    let payload = args.required(1, "payload", "Pass a JSON value, e.g. '{}'.");
+    publish_one(args, payload, |datum| {
+        // SAFETY: argument 1 is a non-NULL jsonb.
+        Payload::Json(unsafe { Jsonb::from_datum(datum) })
+    })
 }
 
 #[pg_extern(sql = r#"
@@ -48,36 +46,36 @@ COMMENT ON FUNCTION outbox.publish_bytes(text, bytea, jsonb, text) IS
     'Publishes a binary message (Avro, Protobuf...) to queue in the current transaction; set a content-type header.';
 "#)]
 fn publish_bytes(fcinfo: FcInfo) -> pgrx::Uuid {
-    const F: &str = "outbox.publish_bytes";
-    required(
-        fcinfo,
-        1,
-        F,
-        "payload",
-        "Pass a bytea value, e.g. '\\x00'::bytea.",
-    );
-    let datum = unsafe {
-        pg_sys::Datum::from(pg_sys::pg_detoast_datum_packed(
-            pg_getarg_datum_raw(fcinfo, 1).cast_mut_ptr(),
-        ))
-    };
-    let bytes = unsafe { pgrx::varlena::varlena_to_byte_slice(datum.cast_mut_ptr()) };
-    publish_one(fcinfo, F, Payload::Bytes { datum, bytes })
+    // SAFETY: PostgreSQL's fcinfo for the declaration above.
+    let args = unsafe { Args::new(fcinfo, "outbox.publish_bytes") };
+    let payload = args.required(1, "payload", "Pass a bytea value, e.g. '\\x00'::bytea.");
+    publish_one(args, payload, |datum| {
+        // SAFETY: argument 1 is a non-NULL bytea.
+        Payload::Bytes(unsafe { Varlena::from_datum(datum) })
+    })
 }
 
-fn publish_one(fcinfo: FcInfo, function: &str, payload: Payload) -> pgrx::Uuid {
-    let queue = queue_arg(fcinfo, 0, function);
-    let headers = headers_arg(fcinfo, 2, function);
-    let key = key_arg(unsafe { pg_getarg::<&str>(fcinfo, 3) }, function, "key");
+/// `payload` is read by `read_payload` only after the size check, so an oversized value is
+/// refused before it is detoasted.
+fn publish_one<'a>(
+    args: Args,
+    payload: pg_sys::Datum,
+    read_payload: impl FnOnce(pg_sys::Datum) -> Payload<'a>,
+) -> pgrx::Uuid {
+    let writer = Writer::open(args.function);
+    let queue = queue_arg(args, 0);
+    let headers = headers_arg(args, 2);
+    let key = key_arg(args.varlena(3), args.function, "key");
+    check_size(args.function, key.as_ref(), headers.datum(), payload);
     let message = Message {
         id: uuid::Uuid::now_v7(),
         queue,
         key,
         headers,
-        payload,
+        payload: read_payload(payload),
         created_at: now(),
     };
-    Writer::open().write(&message);
+    writer.write(&message);
     pgrx::Uuid::from_bytes(*message.id.as_bytes())
 }
 
@@ -89,23 +87,27 @@ COMMENT ON FUNCTION outbox.publish_batch(text, jsonb[], jsonb, text[]) IS
     'Publishes one message per element of payloads (keys[i] is the key of payloads[i]); returns their ids in order.';
 "#)]
 fn publish_batch(fcinfo: FcInfo) -> SetOfIterator<'static, pgrx::Uuid> {
-    const F: &str = "outbox.publish_batch";
-    let queue = queue_arg(fcinfo, 0, F);
-    let payloads = required(
-        fcinfo,
+    // SAFETY: PostgreSQL's fcinfo for the declaration above.
+    let args = unsafe { Args::new(fcinfo, "outbox.publish_batch") };
+    let f = args.function;
+    let writer = Writer::open(f);
+    let queue = queue_arg(args, 0);
+    let payloads = args.required(
         1,
-        F,
         "payloads",
         "Pass an array of JSON values, e.g. ARRAY['{}']::jsonb[].",
     );
-    let payloads = unsafe { deconstruct(payloads, pg_sys::JSONBOID, F, "payloads") };
-    let headers = headers_arg(fcinfo, 2, F);
-    let keys = unsafe { pg_getarg::<Vec<Option<String>>>(fcinfo, 3) };
+    // SAFETY: arguments 1 and 3 are declared jsonb[] and text[].
+    let payloads = unsafe { deconstruct(payloads, pg_sys::JSONBOID, f, "payloads") };
+    let headers = headers_arg(args, 2);
+    let keys = args
+        .datum(3)
+        .map(|keys| unsafe { deconstruct(keys, pg_sys::TEXTOID, f, "keys") });
     if let Some(keys) = &keys {
         if keys.len() != payloads.len() {
             error::invalid(
                 format!(
-                    "{F}: payloads has {} elements but keys has {}",
+                    "{f}: payloads has {} elements but keys has {}",
                     payloads.len(),
                     keys.len()
                 ),
@@ -114,30 +116,59 @@ fn publish_batch(fcinfo: FcInfo) -> SetOfIterator<'static, pgrx::Uuid> {
         }
     }
     let created_at = now();
-    let writer = Writer::open();
     let mut ids = Vec::with_capacity(payloads.len());
-    for (i, payload) in payloads.into_iter().enumerate() {
-        let Some(payload) = payload else {
+    // What one element allocates (detoasted values, the heap tuple, index insertion scratch)
+    // is freed after it, so a batch of a million stays within a few megabytes.
+    let mut per_element = PgMemoryContexts::new("pg_outbox publish_batch element");
+    for i in 0..payloads.len() {
+        let Some(payload) = payloads.get(i) else {
             error::null_argument(
-                F,
+                f,
                 &format!("payloads[{}]", i + 1),
                 "Every element of payloads must be a JSON value.",
             );
         };
-        let key = keys.as_ref().and_then(|keys| keys[i].as_deref());
-        let message = Message {
-            id: uuid::Uuid::now_v7(),
-            queue,
-            key: key_arg(key, F, "keys element"),
-            headers: unsafe { Jsonb::from_datum(headers.datum()) },
-            payload: Payload::Json(unsafe { Jsonb::from_datum(payload) }),
-            created_at,
+        let key = keys.as_ref().and_then(|keys| keys.get(i));
+        // SAFETY: switch_to restores the previous context when the closure returns or unwinds;
+        // nothing allocated inside outlives the element (the id is copied out).
+        let id = unsafe {
+            per_element
+                .switch_to(|_| batch_element(&writer, f, queue, &headers, key, payload, created_at))
         };
-        writer.write(&message);
-        ids.push(pgrx::Uuid::from_bytes(*message.id.as_bytes()));
+        // SAFETY: nothing of the element is used any more.
+        unsafe { per_element.reset() };
+        ids.push(pgrx::Uuid::from_bytes(*id.as_bytes()));
     }
     drop(writer);
     SetOfIterator::new(ids)
+}
+
+/// One element of `publish_batch`: `key` a text datum, `payload` a jsonb datum.
+fn batch_element(
+    writer: &Writer,
+    function: &str,
+    queue: Varlena,
+    headers: &Jsonb,
+    key: Option<pg_sys::Datum>,
+    payload: pg_sys::Datum,
+    created_at: pg_sys::TimestampTz,
+) -> uuid::Uuid {
+    // SAFETY: elements of a text[] are text datums.
+    let key = key.map(|k| unsafe { Varlena::from_datum(k) });
+    let key = key_arg(key, function, "keys element");
+    check_size(function, key.as_ref(), headers.datum(), payload);
+    let message = Message {
+        id: uuid::Uuid::now_v7(),
+        queue,
+        key,
+        // SAFETY: the validated headers argument, a jsonb datum.
+        headers: unsafe { Jsonb::from_datum(headers.datum()) },
+        // SAFETY: a non-NULL element of a jsonb[].
+        payload: Payload::Json(unsafe { Jsonb::from_datum(payload) }),
+        created_at,
+    };
+    writer.write(&message);
+    message.id
 }
 
 /// Re-publishes a message with its original id (used by `outbox.redrive`). Not granted to anyone.
@@ -147,58 +178,60 @@ RETURNS uuid VOLATILE PARALLEL UNSAFE SET search_path = pg_catalog, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#)]
 fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
-    const F: &str = "outbox._publish_message";
-    let id = unsafe { pg_getarg::<pgrx::Uuid>(fcinfo, 0) }
-        .unwrap_or_else(|| error::null_argument(F, "id", "Pass the id of the message."));
-    let queue = queue_arg(fcinfo, 1, F);
-    let key = key_arg(unsafe { pg_getarg::<&str>(fcinfo, 2) }, F, "key");
-    let payload = if unsafe { pg_arg_is_null(fcinfo, 3) } {
-        let datum = required(
-            fcinfo,
-            4,
-            F,
-            "payload_bytes",
-            "Pass payload or payload_bytes.",
-        );
-        let datum =
-            unsafe { pg_sys::Datum::from(pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr())) };
-        Payload::Bytes {
-            datum,
-            bytes: unsafe { pgrx::varlena::varlena_to_byte_slice(datum.cast_mut_ptr()) },
-        }
-    } else {
-        Payload::Json(unsafe { Jsonb::from_datum(pg_getarg_datum_raw(fcinfo, 3)) })
+    // SAFETY: PostgreSQL's fcinfo for the declaration above.
+    let args = unsafe { Args::new(fcinfo, "outbox._publish_message") };
+    let f = args.function;
+    let writer = Writer::open(f);
+    let id = args
+        .uuid(0)
+        .unwrap_or_else(|| error::null_argument(f, "id", "Pass the id of the message."));
+    let queue = queue_arg(args, 1);
+    let key = key_arg(args.varlena(2), f, "key");
+    let headers = headers_arg(args, 5);
+    let (datum, is_json) = match args.datum(3) {
+        Some(json) => (json, true),
+        None => (
+            args.required(4, "payload_bytes", "Pass payload or payload_bytes."),
+            false,
+        ),
     };
-    let headers = headers_arg(fcinfo, 5, F);
+    check_size(f, key.as_ref(), headers.datum(), datum);
+    // SAFETY: argument 3 is jsonb, argument 4 bytea; both non-NULL here.
+    let payload = unsafe {
+        if is_json {
+            Payload::Json(Jsonb::from_datum(datum))
+        } else {
+            Payload::Bytes(Varlena::from_datum(datum))
+        }
+    };
     let message = Message {
-        id: uuid::Uuid::from_bytes(*id.as_bytes()),
+        id,
         queue,
         key,
         headers,
         payload,
         created_at: now(),
     };
-    Writer::open().write(&message);
-    id
+    writer.write(&message);
+    pgrx::Uuid::from_bytes(*id.as_bytes())
 }
 
 fn now() -> pg_sys::TimestampTz {
+    // SAFETY: a plain read of the transaction's start time.
     unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
 }
 
-fn required(fcinfo: FcInfo, index: usize, function: &str, name: &str, hint: &str) -> pg_sys::Datum {
-    if unsafe { pg_arg_is_null(fcinfo, index) } {
-        error::null_argument(function, name, hint);
-    }
-    unsafe { pg_getarg_datum_raw(fcinfo, index) }
-}
-
-fn queue_arg<'a>(fcinfo: FcInfo, index: usize, function: &str) -> &'a str {
-    let queue = unsafe { pg_getarg::<&'a str>(fcinfo, index) }
-        .unwrap_or_else(|| error::null_argument(function, "queue", QUEUE_HINT));
-    if let Err(problem) = check_queue_name(queue) {
+fn queue_arg<'a>(args: Args, index: usize) -> Varlena<'a> {
+    let queue = args
+        .varlena(index)
+        .unwrap_or_else(|| error::null_argument(args.function, "queue", QUEUE_HINT));
+    if let Err(problem) = check_queue_name(queue.bytes) {
         error::invalid(
-            format!("{function}: invalid queue name \"{queue}\": {problem}"),
+            format!(
+                "{}: invalid queue name \"{}\": {problem}",
+                args.function,
+                String::from_utf8_lossy(queue.bytes)
+            ),
             QUEUE_HINT,
         );
     }
@@ -206,7 +239,7 @@ fn queue_arg<'a>(fcinfo: FcInfo, index: usize, function: &str) -> &'a str {
 }
 
 /// Checks a queue name against `^[A-Za-z0-9._-]{1,249}$` (and Kafka's ban on "." and "..").
-pub fn check_queue_name(queue: &str) -> Result<(), String> {
+pub fn check_queue_name(queue: &[u8]) -> Result<(), String> {
     if queue.is_empty() {
         return Err("it is empty".into());
     }
@@ -217,19 +250,23 @@ pub fn check_queue_name(queue: &str) -> Result<(), String> {
         ));
     }
     if let Some(bad) = queue
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .iter()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-')))
     {
-        return Err(format!("character {bad:?} is not allowed"));
+        return Err(if bad.is_ascii() {
+            format!("character {:?} is not allowed", *bad as char)
+        } else {
+            "only ASCII characters are allowed".into()
+        });
     }
-    if queue == "." || queue == ".." {
+    if queue == b"." || queue == b".." {
         return Err("\".\" and \"..\" are not valid Kafka topic names".into());
     }
     Ok(())
 }
 
-fn key_arg<'a>(key: Option<&'a str>, function: &str, name: &str) -> Option<&'a str> {
-    if key == Some("") {
+fn key_arg<'a>(key: Option<Varlena<'a>>, function: &str, name: &str) -> Option<Varlena<'a>> {
+    if key.is_some_and(|key| key.bytes.is_empty()) {
         error::invalid(
             format!("{function}: {name} must not be an empty string"),
             "Pass NULL for a message without a key.",
@@ -238,12 +275,11 @@ fn key_arg<'a>(key: Option<&'a str>, function: &str, name: &str) -> Option<&'a s
     key
 }
 
-fn headers_arg(fcinfo: FcInfo, index: usize, function: &str) -> Jsonb {
-    if unsafe { pg_arg_is_null(fcinfo, index) } {
-        // NULL means "no headers", like the default.
-        return unsafe { Jsonb::from_datum(jsonb::empty_object()) };
-    }
-    let headers = unsafe { Jsonb::from_datum(pg_getarg_datum_raw(fcinfo, index)) };
+fn headers_arg(args: Args, index: usize) -> Jsonb {
+    let function = args.function;
+    // SAFETY: the headers argument is declared jsonb; NULL means "no headers", like the default.
+    let headers =
+        unsafe { Jsonb::from_datum(args.datum(index).unwrap_or_else(jsonb::empty_object)) };
     if !headers.is_object() {
         error::invalid(
             format!(
@@ -283,15 +319,39 @@ pub fn check_headers(json: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The elements of a one-dimensional array argument (NULL elements as `None`).
+/// The elements of a one-dimensional array argument, as `deconstruct_array` lays them out
+/// (palloc'd for the call; no per-element copy on the Rust side).
+struct Elements {
+    datums: *mut pg_sys::Datum,
+    nulls: *mut bool,
+    count: usize,
+}
+
+impl Elements {
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Element `i` (0-based), `None` for NULL.
+    fn get(&self, i: usize) -> Option<pg_sys::Datum> {
+        assert!(i < self.count, "element {i} of {}", self.count);
+        // SAFETY: deconstruct_array filled `count` entries of both arrays.
+        unsafe { (!*self.nulls.add(i)).then(|| *self.datums.add(i)) }
+    }
+}
+
+/// # Safety
+/// `datum` must be a non-NULL array whose elements are of `element_type`.
 unsafe fn deconstruct(
     datum: pg_sys::Datum,
     element_type: pg_sys::Oid,
     function: &str,
     name: &str,
-) -> Vec<Option<pg_sys::Datum>> {
+) -> Elements {
+    // SAFETY: an array datum (contract); detoasted into the current memory context.
     let array: *mut pg_sys::ArrayType =
         unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) }.cast();
+    // SAFETY: a detoasted array header.
     let dims = unsafe { (*array).ndim };
     if dims > 1 {
         error::invalid(
@@ -299,8 +359,10 @@ unsafe fn deconstruct(
             "Pass a flat array.",
         );
     }
-    let (mut elems, mut nulls, mut count) = (std::ptr::null_mut(), std::ptr::null_mut(), 0);
+    let (mut datums, mut nulls, mut count) = (std::ptr::null_mut(), std::ptr::null_mut(), 0);
     let (mut typlen, mut typbyval, mut typalign) = (0i16, false, 0 as std::ffi::c_char);
+    // SAFETY: the element type's storage parameters come from the catalog, and
+    // deconstruct_array checks the array's element type against it.
     unsafe {
         pg_sys::get_typlenbyvalalign(element_type, &mut typlen, &mut typbyval, &mut typalign);
         pg_sys::deconstruct_array(
@@ -309,12 +371,14 @@ unsafe fn deconstruct(
             typlen.into(),
             typbyval,
             typalign,
-            &mut elems,
+            &mut datums,
             &mut nulls,
             &mut count,
         );
-        (0..count as usize)
-            .map(|i| (!*nulls.add(i)).then(|| *elems.add(i)))
-            .collect()
+    }
+    Elements {
+        datums,
+        nulls,
+        count: count as usize,
     }
 }

@@ -1,25 +1,27 @@
 //! Writes one message in the configured storage form: a row of `outbox.messages` (`table`) or a
-//! transactional logical decoding message (`wal`). Both are part of the caller's transaction.
+//! transactional logical decoding message (`wal`). Both are part of the caller's transaction, and
+//! both are refused where an INSERT would be (read-only transaction, standby) and above
+//! `pg_outbox.max_message_size`.
 
-use crate::envelope::{self, Envelope};
 use crate::error;
-use crate::guc::{Storage, STORAGE};
+use crate::guc::{Storage, MAX_MESSAGE_SIZE, STORAGE};
 use crate::jsonb::Jsonb;
+use crate::table::MessagesTable;
+use crate::varlena::Varlena;
+use crate::wal;
 use pgrx::pg_sys;
-use pgrx::IntoDatum;
 
 pub enum Payload<'a> {
     Json(Jsonb),
-    Bytes {
-        datum: pg_sys::Datum,
-        bytes: &'a [u8],
-    },
+    Bytes(Varlena<'a>),
 }
 
 pub struct Message<'a> {
     pub id: uuid::Uuid,
-    pub queue: &'a str,
-    pub key: Option<&'a str>,
+    /// Validated: ASCII `[A-Za-z0-9._-]`.
+    pub queue: Varlena<'a>,
+    /// Server encoding.
+    pub key: Option<Varlena<'a>>,
     pub headers: Jsonb,
     pub payload: Payload<'a>,
     pub created_at: pg_sys::TimestampTz,
@@ -33,10 +35,16 @@ pub enum Writer {
 }
 
 impl Writer {
-    pub fn open() -> Writer {
+    /// `function` names the SQL function in errors.
+    pub fn open(function: &'static str) -> Writer {
+        let name = std::ffi::CString::new(function).expect("a function name has no NUL");
+        // SAFETY: a NUL-terminated name; raises the executor's own ERROR (SQLSTATE 25006)
+        // in a read-only transaction or on a standby, exactly as an INSERT would.
+        unsafe { pg_sys::PreventCommandIfReadOnly(name.as_ptr()) };
         match STORAGE.get() {
-            Storage::Table => Writer::Table(MessagesTable::open()),
+            Storage::Table => Writer::Table(MessagesTable::open(function)),
             Storage::Wal => {
+                // SAFETY: reads a server setting fixed at start-up.
                 if unsafe { pg_sys::wal_level } < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
                     error::raise(
                         pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -52,196 +60,39 @@ impl Writer {
     pub fn write(&self, message: &Message) {
         match self {
             Writer::Table(table) => table.insert(message),
-            Writer::Wal => emit_logical_message(message),
+            Writer::Wal => wal::emit(message),
         }
     }
 }
 
-/// `outbox.messages`, written with `heap_insert` and `index_insert` directly: the executor and
-/// SPI would cost more than the insert itself (see BENCHMARKS.md). The table belongs to the
-/// extension: no triggers, no constraints beyond the NOT NULLs every message satisfies, and only
-/// plain-column indexes (any other kind is refused with a clear error).
-pub struct MessagesTable {
-    rel: pg_sys::Relation,
-}
-
-const COLUMNS: usize = 7;
-
-impl MessagesTable {
-    fn open() -> MessagesTable {
-        unsafe {
-            let namespace = pg_sys::get_namespace_oid(c"outbox".as_ptr(), false);
-            let relid = pg_sys::get_relname_relid(c"messages".as_ptr(), namespace);
-            if relid == pg_sys::InvalidOid {
-                error::raise(
-                    pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                    "pg_outbox: table outbox.messages does not exist".into(),
-                    "Recreate the extension: DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox;",
-                );
-            }
-            let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as _);
-            if (*(*rel).rd_att).natts as usize != COLUMNS {
-                error::raise(
-                    pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    "pg_outbox: outbox.messages does not have the columns this version expects".into(),
-                    "Do not alter outbox.messages; ALTER EXTENSION pg_outbox UPDATE brings it to this version.",
-                );
-            }
-            MessagesTable { rel }
-        }
-    }
-
-    fn insert(&self, message: &Message) {
-        let (payload, payload_bytes) = match &message.payload {
-            Payload::Json(json) => (Some(json.datum()), None),
-            Payload::Bytes { datum, .. } => (None, Some(*datum)),
-        };
-        let columns: [Option<pg_sys::Datum>; COLUMNS] = [
-            pgrx::Uuid::from_bytes(*message.id.as_bytes()).into_datum(),
-            message.queue.into_datum(),
-            message.key.and_then(|key| key.into_datum()),
-            payload,
-            payload_bytes,
-            Some(message.headers.datum()),
-            Some(pg_sys::Datum::from(message.created_at)),
-        ];
-        let mut values = columns.map(|c| c.unwrap_or(pg_sys::Datum::from(0)));
-        let mut nulls = columns.map(|c| c.is_none());
-        unsafe {
-            let tuple = pg_sys::heap_form_tuple(
-                (*self.rel).rd_att,
-                values.as_mut_ptr(),
-                nulls.as_mut_ptr(),
-            );
-            pg_sys::simple_heap_insert(self.rel, tuple);
-            self.insert_index_entries(tuple, &mut values, &mut nulls);
-            pg_sys::heap_freetuple(tuple);
-        }
-    }
-
-    unsafe fn insert_index_entries(
-        &self,
-        tuple: pg_sys::HeapTuple,
-        values: &mut [pg_sys::Datum],
-        nulls: &mut [bool],
-    ) {
-        unsafe {
-            let indexes = pg_sys::RelationGetIndexList(self.rel);
-            if indexes.is_null() {
-                return;
-            }
-            for i in 0..(*indexes).length as usize {
-                let index = pg_sys::index_open(
-                    (*(*indexes).elements.add(i)).oid_value,
-                    pg_sys::RowExclusiveLock as _,
-                );
-                let info = pg_sys::BuildIndexInfo(index);
-                if !(*info).ii_Expressions.is_null() || !(*info).ii_Predicate.is_null() {
-                    error::raise(
-                        pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                        "pg_outbox: an index on outbox.messages uses an expression or a predicate".into(),
-                        "Only plain-column indexes are supported on outbox.messages; drop that index.",
-                    );
-                }
-                let keys = (*info).ii_NumIndexAttrs as usize;
-                let mut key_values = [pg_sys::Datum::from(0); 32];
-                let mut key_nulls = [false; 32];
-                for k in 0..keys {
-                    let column = (*info).ii_IndexAttrNumbers[k] as usize - 1;
-                    key_values[k] = values[column];
-                    key_nulls[k] = nulls[column];
-                }
-                let unique = if (*info).ii_Unique {
-                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
-                } else {
-                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
-                };
-                pg_sys::index_insert(
-                    index,
-                    key_values.as_mut_ptr(),
-                    key_nulls.as_mut_ptr(),
-                    &mut (*tuple).t_self,
-                    self.rel,
-                    unique,
-                    false,
-                    info,
-                );
-                pg_sys::index_close(index, pg_sys::NoLock as _);
-            }
-            pg_sys::list_free(indexes);
-        }
-    }
-}
-
-impl Drop for MessagesTable {
-    fn drop(&mut self) {
-        // Keep the lock until the end of the transaction, as the executor does.
-        unsafe { pg_sys::table_close(self.rel, pg_sys::NoLock as _) };
-    }
-}
-
-unsafe extern "C-unwind" {
-    #[cfg(not(feature = "pg17"))]
-    fn LogLogicalMessage(
-        prefix: *const std::ffi::c_char,
-        message: *const std::ffi::c_char,
-        size: usize,
-        transactional: bool,
-    ) -> pg_sys::XLogRecPtr;
-    #[cfg(feature = "pg17")]
-    fn LogLogicalMessage(
-        prefix: *const std::ffi::c_char,
-        message: *const std::ffi::c_char,
-        size: usize,
-        transactional: bool,
-        flush: bool,
-    ) -> pg_sys::XLogRecPtr;
-}
-
-const PREFIX: &std::ffi::CStr = c"pg_outbox";
-const _: () = assert!(PREFIX.to_bytes().len() == envelope::PREFIX.len());
-
-fn emit_logical_message(message: &Message) {
-    let headers = if message.headers.is_empty_object() {
-        "{}".to_string()
-    } else {
-        message.headers.to_text()
+/// Refuses a message larger than `pg_outbox.max_message_size`: key + headers + payload, as
+/// stored (jsonb in its binary form, bytea as its bytes). Reads sizes from the datums' headers,
+/// so a huge TOASTed value is refused before it is detoasted.
+pub fn check_size(
+    function: &str,
+    key: Option<&Varlena>,
+    headers: pg_sys::Datum,
+    payload: pg_sys::Datum,
+) {
+    let limit = MAX_MESSAGE_SIZE.get() as usize * 1024;
+    // SAFETY: both are non-NULL varlena datums (headers defaults to '{}', payload is required).
+    let (headers, payload) = unsafe {
+        (
+            pg_sys::toast_raw_datum_size(headers) - pg_sys::VARHDRSZ,
+            pg_sys::toast_raw_datum_size(payload) - pg_sys::VARHDRSZ,
+        )
     };
-    let json_payload;
-    let payload = match &message.payload {
-        Payload::Json(json) => {
-            json_payload = json.to_text();
-            envelope::Payload::Json(&json_payload)
-        }
-        Payload::Bytes { bytes, .. } => envelope::Payload::Bytes(bytes),
-    };
-    let content = Envelope {
-        id: message.id,
-        queue: message.queue,
-        key: message.key,
-        created_at: &envelope::rfc3339(message.created_at),
-        headers: &headers,
-        payload,
+    let size = key.map_or(0, |k| k.bytes.len()) + headers + payload;
+    if size > limit {
+        error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "{function}: the message is {size} bytes (key {}, headers {headers}, payload {payload}), \
+                 more than pg_outbox.max_message_size ({limit} bytes)",
+                key.map_or(0, |k| k.bytes.len())
+            ),
+            "Brokers refuse large messages: store the large part elsewhere (a table, object storage) and publish a reference to it, \
+             or raise pg_outbox.max_message_size (superuser, at most 64MB) together with the broker's limit.",
+        );
     }
-    .encode();
-    // Transactional: decoded only if the caller's transaction commits, in commit order.
-    unsafe {
-        pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            #[cfg(not(feature = "pg17"))]
-            LogLogicalMessage(
-                PREFIX.as_ptr(),
-                content.as_ptr().cast(),
-                content.len(),
-                true,
-            );
-            #[cfg(feature = "pg17")]
-            LogLogicalMessage(
-                PREFIX.as_ptr(),
-                content.as_ptr().cast(),
-                content.len(),
-                true,
-                false,
-            );
-        })
-    };
 }

@@ -93,6 +93,8 @@ mod tests {
 
     #[pg_test]
     fn dedup_marks_once_per_consumer() {
+        Spi::run("SELECT outbox.register_consumer(c, current_user::regrole) FROM unnest(ARRAY['billing', 'shipping']) c")
+            .unwrap();
         assert_eq!(
             Spi::get_one::<bool>("SELECT outbox.try_mark_processed('billing', 'm1')").unwrap(),
             Some(true)

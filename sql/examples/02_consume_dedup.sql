@@ -1,5 +1,8 @@
 -- A consumer's exactly-once effect: mark the message id and apply the business change in ONE
 -- transaction in the consumer's own database. A redelivered id is skipped.
+-- Once, by an operator: the consumer name 'billing' belongs to the role the service runs as.
+SELECT outbox.register_consumer('billing', current_user::regrole);
+
 CREATE TABLE IF NOT EXISTS invoices (order_id bigint PRIMARY KEY, amount numeric NOT NULL);
 
 CREATE OR REPLACE FUNCTION handle_order(message_id text, order_id bigint, amount numeric)

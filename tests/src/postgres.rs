@@ -128,7 +128,28 @@ hostnossl replication all 127.0.0.1/32 reject
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        self.url_of("postgres", "postgres")
+    }
+
+    pub fn url_of(&self, user: &str, database: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Runs a client program of this PostgreSQL (pg_dump, psql, pg_restore) against the cluster
+    /// as the superuser; panics with its output when it fails.
+    pub fn client_program(&self, program: &str, args: &[&str]) -> Vec<u8> {
+        let port = self.port.to_string();
+        let out = Command::new(format!("{BIN}/{program}"))
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -140,7 +161,11 @@ hostnossl replication all 127.0.0.1/32 reject
     }
 
     pub async fn connect_as(&self, user: &str) -> Client {
-        let url = format!("postgres://{user}@127.0.0.1:{}/postgres", self.port);
+        self.connect_to(user, "postgres").await
+    }
+
+    pub async fn connect_to(&self, user: &str, database: &str) -> Client {
+        let url = self.url_of(user, database);
         let (client, connection) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
         tokio::spawn(connection);
         client

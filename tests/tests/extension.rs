@@ -169,6 +169,7 @@ async fn the_publication_streams_inserts_but_not_pruning() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_marks_of_the_same_id_let_exactly_one_through() {
     let pg = PgCluster::start().await;
+    register_consumers(&pg.superuser().await, &["billing"]).await;
     for (first_commits, expected_second) in [(true, false), (false, true)] {
         let id = uuid::Uuid::now_v7().to_string();
         let a = pg.superuser().await;
@@ -223,6 +224,7 @@ async fn concurrent_marks_of_the_same_id_let_exactly_one_through() {
 async fn a_rolled_back_mark_is_forgotten() {
     let pg = PgCluster::start().await;
     let db = pg.superuser().await;
+    register_consumers(&db, &["c"]).await;
     db.batch_execute("BEGIN").await.unwrap();
     let marked: bool = db
         .query_one("SELECT outbox.try_mark_processed('c', 'm-1')", &[])
@@ -381,4 +383,16 @@ async fn wal_storage_requires_wal_level_logical() {
         "pg_outbox.storage = 'wal' needs wal_level = logical"
     );
     assert!(hint.contains("wal_level = logical"), "{hint}");
+}
+
+/// Registers consumer names for the connected role (an operator's step before a consumer marks).
+async fn register_consumers(db: &Client, names: &[&str]) {
+    for name in names {
+        db.execute(
+            "SELECT outbox.register_consumer($1, current_user::regrole)",
+            &[name],
+        )
+        .await
+        .unwrap();
+    }
 }

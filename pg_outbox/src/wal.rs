@@ -1,0 +1,94 @@
+//! The `wal` storage form: one transactional logical decoding message per outbox message (the
+//! envelope of `envelope.rs`), written with `LogLogicalMessage` directly. That is why
+//! `pg_logical_emit_message` can be revoked from PUBLIC at install without affecting publish.
+
+use crate::envelope::{self, Envelope};
+use crate::error;
+use crate::storage::{Message, Payload};
+use pgrx::pg_sys;
+
+/// Whatever `pg_outbox.max_message_size` says, no envelope may come near the 1 GB PostgreSQL can
+/// allocate: a JSON text can be far longer than its binary form (e.g. numbers with huge scales),
+/// and a WAL record the walsender cannot read stops the slot for good.
+const ENVELOPE_CEILING: usize = 256 * 1024 * 1024;
+
+unsafe extern "C-unwind" {
+    #[cfg(not(feature = "pg17"))]
+    fn LogLogicalMessage(
+        prefix: *const std::ffi::c_char,
+        message: *const std::ffi::c_char,
+        size: usize,
+        transactional: bool,
+    ) -> pg_sys::XLogRecPtr;
+    #[cfg(feature = "pg17")]
+    fn LogLogicalMessage(
+        prefix: *const std::ffi::c_char,
+        message: *const std::ffi::c_char,
+        size: usize,
+        transactional: bool,
+        flush: bool,
+    ) -> pg_sys::XLogRecPtr;
+}
+
+const PREFIX: &std::ffi::CStr = c"pg_outbox";
+const _: () = assert!(PREFIX.to_bytes().len() == envelope::PREFIX.len());
+
+pub fn emit(message: &Message) {
+    let headers = if message.headers.is_empty_object() {
+        "{}".to_string()
+    } else {
+        message.headers.to_text()
+    };
+    let json_payload;
+    let payload = match &message.payload {
+        Payload::Json(json) => {
+            json_payload = json.to_text();
+            envelope::Payload::Json(&json_payload)
+        }
+        Payload::Bytes(bytes) => envelope::Payload::Bytes(bytes.bytes),
+    };
+    let key = message.key.as_ref().map(|key| key.to_utf8());
+    let queue = message.queue.to_utf8();
+    let envelope = Envelope {
+        id: message.id,
+        queue: &queue,
+        key: key.as_deref(),
+        created_at: &envelope::rfc3339(message.created_at),
+        headers: &headers,
+        payload,
+    };
+    let size = envelope.encoded_len_bound();
+    if size > ENVELOPE_CEILING {
+        error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "outbox.publish: the wal envelope of message {} would be {size} bytes, more than the ceiling of {ENVELOPE_CEILING}",
+                message.id
+            ),
+            "The payload's JSON text is far longer than its binary form: publish a smaller payload.",
+        );
+    }
+    let content = envelope.encode();
+    // Transactional: decoded only if the caller's transaction commits, in commit order.
+    // SAFETY: prefix and content are valid for the call; LogLogicalMessage copies them into
+    // WAL, and the guard turns a PostgreSQL ERROR into a Rust panic pgrx reports.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            #[cfg(not(feature = "pg17"))]
+            LogLogicalMessage(
+                PREFIX.as_ptr(),
+                content.as_ptr().cast(),
+                content.len(),
+                true,
+            );
+            #[cfg(feature = "pg17")]
+            LogLogicalMessage(
+                PREFIX.as_ptr(),
+                content.as_ptr().cast(),
+                content.len(),
+                true,
+                false,
+            );
+        })
+    };
+}

@@ -1,0 +1,157 @@
+//! `ALTER EXTENSION pg_outbox UPDATE` from every released version: old rows intact, everything
+//! works afterwards, and the upgraded schema is exactly a fresh install's.
+
+use outbox_tests::PgCluster;
+use tokio_postgres::Client;
+
+/// What makes two installs the same: every object of schema outbox with its definition, rights
+/// and comment, the extension's members and dumped tables, policies, the publication.
+const FINGERPRINT: &str = r#"
+SELECT string_agg(line, E'\n' ORDER BY line) FROM (
+  SELECT format('function %s secdef=%s volatile=%s parallel=%s strict=%s config=%s acl=%s body=%s comment=%s',
+                p.oid::regprocedure, p.prosecdef, p.provolatile, p.proparallel, p.proisstrict, p.proconfig,
+                (SELECT array_agg(a::text ORDER BY a::text) FROM unnest(p.proacl) a), md5(p.prosrc), obj_description(p.oid, 'pg_proc'))
+    FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
+  UNION ALL
+  SELECT format('column %s.%s %s notnull=%s default=%s', c.relname, a.attname,
+                format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+   WHERE c.relnamespace = 'outbox'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL
+  SELECT format('relation %s kind=%s acl=%s rls=%s replident=%s comment=%s', c.relname, c.relkind,
+                (SELECT array_agg(a::text ORDER BY a::text) FROM unnest(c.relacl) a), c.relrowsecurity, c.relreplident, obj_description(c.oid, 'pg_class'))
+    FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+  UNION ALL
+  SELECT format('index %s', pg_get_indexdef(i.indexrelid))
+    FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'outbox'::regnamespace
+  UNION ALL
+  SELECT format('constraint %s %s', c.conname, pg_get_constraintdef(c.oid))
+    FROM pg_constraint c WHERE c.connamespace = 'outbox'::regnamespace
+  UNION ALL
+  SELECT format('policy %s on %s cmd=%s roles=%s using=%s check=%s', p.polname, p.polrelid::regclass,
+                p.polcmd, p.polroles::regrole[], pg_get_expr(p.polqual, p.polrelid),
+                pg_get_expr(p.polwithcheck, p.polrelid))
+    FROM pg_policy p
+  UNION ALL
+  SELECT format('member %s', pg_describe_object(d.classid, d.objid, d.objsubid))
+    FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+   WHERE e.extname = 'pg_outbox' AND d.deptype = 'e'
+  UNION ALL
+  SELECT format('dumped %s', (SELECT array_agg(t::regclass::text ORDER BY t::regclass::text) FROM unnest(e.extconfig) t))
+    FROM pg_extension e WHERE e.extname = 'pg_outbox'
+  UNION ALL
+  SELECT format('publication %s insert=%s update=%s delete=%s tables=%s', p.pubname, p.pubinsert,
+                p.pubupdate, p.pubdelete,
+                (SELECT array_agg(t.tablename ORDER BY t.tablename) FROM pg_publication_tables t WHERE t.pubname = p.pubname))
+    FROM pg_publication p
+  UNION ALL
+  SELECT format('emit_message %s acl=%s', p.oid::regprocedure, p.proacl)
+    FROM pg_proc p WHERE p.proname = 'pg_logical_emit_message'
+) objects(line)
+"#;
+
+async fn fingerprint(db: &Client) -> String {
+    db.query_one(FINGERPRINT, &[]).await.unwrap().get(0)
+}
+
+async fn count(db: &Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_from_0_1_0_keeps_rows_and_equals_a_fresh_install() {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    for database in ["upgraded", "fresh"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
+    let fresh = pg.connect_to("postgres", "fresh").await;
+    fresh
+        .batch_execute("CREATE EXTENSION pg_outbox")
+        .await
+        .unwrap();
+    let current: String = fresh
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let db = pg.connect_to("postgres", "upgraded").await;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'test_decoding')")
+        .await
+        .unwrap();
+    db.batch_execute(
+        "CREATE EXTENSION pg_outbox VERSION '0.1.0';
+         SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'old-table');
+         BEGIN; SET LOCAL pg_outbox.storage = 'wal'; SELECT outbox.publish('orders', '{\"n\": 2}', '{}', 'old-wal'); COMMIT;
+         SELECT outbox.try_mark_processed('billing', 'm-1');
+         INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts)
+              VALUES ('018f0000-0000-7000-8000-000000000001', 'orders', '{}', now(), 'kafka:orders', 'too large', 5);",
+    )
+    .await
+    .unwrap();
+
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE")
+        .await
+        .unwrap();
+    let version: String = db
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, current);
+    assert_eq!(fingerprint(&db).await, fingerprint(&fresh).await);
+
+    // Old rows intact.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.messages WHERE key = 'old-table'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.dead_letters").await,
+        1
+    );
+    // The old mark still de-duplicates (0.1.0's consumer names stay usable by outbox_consumer).
+    let again: bool = db
+        .query_one("SELECT outbox.try_mark_processed('billing', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!again);
+    // Publish in both forms, decode, prune.
+    db.batch_execute(
+        "SELECT outbox.publish('orders', '{\"n\": 3}', '{}', 'new-table');
+         BEGIN; SET LOCAL pg_outbox.storage = 'wal'; SELECT outbox.publish('orders', '{\"n\": 4}', '{}', 'new-wal'); COMMIT;",
+    )
+    .await
+    .unwrap();
+    let changes: String = db
+        .query_one(
+            "SELECT string_agg(data, E'\\n') FROM pg_logical_slot_get_changes('probe', NULL, NULL)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for key in ["old-table", "old-wal", "new-table", "new-wal"] {
+        assert!(changes.contains(key), "{key} not decoded:\n{changes}");
+    }
+    db.batch_execute("UPDATE outbox.messages SET created_at = now() - interval '2 days'")
+        .await
+        .unwrap();
+    assert_eq!(count(&db, "SELECT outbox.prune()").await, 2);
+}
