@@ -7,7 +7,7 @@ use anyhow::Result;
 use tokio_postgres::Client;
 
 use crate::message::{Message, Payload};
-use crate::source::setup;
+use crate::source::{setup, Quarantined};
 
 /// Writes dead letters over an ordinary connection, reconnecting as needed.
 pub struct DeadLetters {
@@ -46,6 +46,29 @@ impl DeadLetters {
                 }
             }
         }
+    }
+
+    /// Keeps a quarantined message (destination `quarantine`, raw content in `payload_bytes`),
+    /// durably, like [`DeadLetters::write`]. Its id is the one it claimed, or one derived from
+    /// its position and content, so a re-streamed quarantine is written once.
+    pub async fn quarantine(&mut self, q: &Quarantined) {
+        let id = q.id.unwrap_or_else(|| {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            q.raw.hash(&mut hasher);
+            uuid::Uuid::from_u64_pair(q.commit_lsn, hasher.finish())
+        });
+        let message = Message {
+            id,
+            queue: "(quarantine)".into(),
+            key: None,
+            headers: Default::default(),
+            payload: Payload::Bytes(q.raw.clone()),
+            created_at: chrono::Utc::now(),
+            commit_lsn: q.commit_lsn,
+            committed_at: chrono::Utc::now(),
+        };
+        self.write(&message, "quarantine", &q.reason, 1).await;
     }
 
     async fn try_write(

@@ -182,6 +182,14 @@ async fn stream(
                         }
                     }
                 }
+                Ok(SourceEvent::Quarantine(q)) => {
+                    tx.context("a message outside a transaction")?;
+                    // Written before the stream goes on, so the slot never passes it first.
+                    tracing::error!(claimed_id = ?q.id, commit_lsn = %format_lsn(q.commit_lsn), reason = %q.reason,
+                        "quarantining a message not written by outbox.publish: not delivered, kept in outbox.dead_letters");
+                    metrics::counter!("outbox_messages_quarantined_total").increment(1);
+                    parts.dead_letters.quarantine(&q).await;
+                }
                 Ok(SourceEvent::Commit { end_lsn }) => {
                     let open = tx.take().context("a commit without a begin")?;
                     parts.delivery.commit(open, end_lsn);

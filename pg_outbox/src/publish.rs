@@ -225,12 +225,13 @@ fn queue_arg<'a>(args: Args, index: usize) -> Varlena<'a> {
     let queue = args
         .varlena(index)
         .unwrap_or_else(|| error::null_argument(args.function, "queue", QUEUE_HINT));
-    if let Err(problem) = check_queue_name(queue.bytes) {
+    // Lossy only for the message: a valid name is ASCII, so anything else is refused.
+    let name = String::from_utf8_lossy(queue.bytes);
+    if let Err(problem) = check_queue_name(&name) {
         error::invalid(
             format!(
-                "{}: invalid queue name \"{}\": {problem}",
-                args.function,
-                String::from_utf8_lossy(queue.bytes)
+                "{}: invalid queue name \"{name}\": {problem}",
+                args.function
             ),
             QUEUE_HINT,
         );
@@ -239,7 +240,7 @@ fn queue_arg<'a>(args: Args, index: usize) -> Varlena<'a> {
 }
 
 /// Checks a queue name against `^[A-Za-z0-9._-]{1,249}$` (and Kafka's ban on "." and "..").
-pub fn check_queue_name(queue: &[u8]) -> Result<(), String> {
+pub fn check_queue_name(queue: &str) -> Result<(), String> {
     if queue.is_empty() {
         return Err("it is empty".into());
     }
@@ -250,16 +251,12 @@ pub fn check_queue_name(queue: &[u8]) -> Result<(), String> {
         ));
     }
     if let Some(bad) = queue
-        .iter()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-')))
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(if bad.is_ascii() {
-            format!("character {:?} is not allowed", *bad as char)
-        } else {
-            "only ASCII characters are allowed".into()
-        });
+        return Err(format!("character {bad:?} is not allowed"));
     }
-    if queue == b"." || queue == b".." {
+    if queue == "." || queue == ".." {
         return Err("\".\" and \"..\" are not valid Kafka topic names".into());
     }
     Ok(())

@@ -346,3 +346,90 @@ async fn sslmode_require_streams_over_tls_where_plain_connections_are_refused() 
         .get(0);
     assert!(ssl_walsender, "the replication connection uses TLS");
 }
+
+/// The extension and the worker together against forgery: a role without grants cannot write a
+/// `pg_outbox` message at all; what a privileged hand writes that breaks the publish rules
+/// (garbage, an invalid queue) is quarantined, not delivered, and does not stop the stream; a
+/// legitimate publish right after both is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_and_garbage_messages_are_never_delivered_and_never_stop_the_worker() {
+    let pg = PgCluster::start().await;
+    let (_dir, out) = stdout_file();
+    let mut worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    db.batch_execute("CREATE ROLE stranger LOGIN")
+        .await
+        .unwrap();
+    let forged = r#"{"v":1,"id":"01a208bd-0000-7000-8000-000000000001","queue":"payments","key":"acct-7","created_at":"2026-11-23T00:00:00Z","headers":{},"payload":{"refund":1000000}}"#;
+    let refused = pg
+        .connect_as("stranger")
+        .await
+        .execute(
+            "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::text)",
+            &[&forged],
+        )
+        .await
+        .expect_err("a role without grants emitted a pg_outbox message");
+    let refused = refused
+        .as_db_error()
+        .expect("a server error")
+        .message()
+        .to_owned();
+    assert!(refused.contains("permission denied"), "{refused}");
+    let bad_queue = forged.replace("\"payments\"", "\"pay/ments\"");
+    for content in ["garbage", bad_queue.as_str()] {
+        db.execute(
+            "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::text)",
+            &[&content],
+        )
+        .await
+        .unwrap();
+    }
+    db.batch_execute("SELECT outbox.publish('payments', '{\"legit\": true}', '{}', 'acct-7')")
+        .await
+        .unwrap();
+    wait_for_lines(&out, 1).await;
+    eventually(
+        Duration::from_secs(10),
+        "the slot to confirm past the quarantined messages",
+        || {
+            let (pg, db) = (&pg, &db);
+            async move { pg.slot_lag(db).await < 1024 }
+        },
+    )
+    .await;
+    let delivered = read_json_lines(&out);
+    assert_eq!(delivered.len(), 1, "{}", worker.log());
+    assert_eq!(delivered[0].payload["legit"], true);
+    assert!(
+        worker.exited().is_none(),
+        "the worker stopped:\n{}",
+        worker.log()
+    );
+    let quarantined: Vec<(String, String)> = db
+        .query(
+            "SELECT convert_from(payload_bytes, 'UTF8'), error FROM outbox.dead_letters
+              WHERE destination = 'quarantine' ORDER BY failed_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+    assert_eq!(quarantined[0].0, "garbage");
+    assert!(
+        quarantined[1].1.contains("invalid queue name"),
+        "{quarantined:?}"
+    );
+    // A quarantined message is not redriven by accident.
+    let redriven: i64 = db
+        .query_one("SELECT outbox.redrive('(quarantine)')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(redriven, 0);
+    worker.terminate(Duration::from_secs(10));
+}

@@ -164,6 +164,43 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Decod
     })
 }
 
+/// The rules `outbox.publish` enforces, checked again on what the slot delivers: a message that
+/// breaks them was not written by publish (a superuser's hand, or a future bug) and is
+/// quarantined rather than sent.
+pub fn check_publish_rules(message: &Message) -> Result<(), DecodeError> {
+    let queue = &message.queue;
+    let valid_queue = (1..=249).contains(&queue.len())
+        && queue
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && queue != "."
+        && queue != "..";
+    let problem = if !valid_queue {
+        format!("invalid queue name {queue:?}")
+    } else if message.key.as_deref() == Some("") {
+        "the key is an empty string".into()
+    } else if let Some(name) = message
+        .headers
+        .keys()
+        .find(|name| name.is_empty() || name.to_ascii_lowercase().starts_with("outbox-"))
+    {
+        format!("header {name:?} is empty or uses the reserved prefix \"outbox-\"")
+    } else {
+        return Ok(());
+    };
+    Err(DecodeError {
+        id: Some(message.id),
+        problem,
+    })
+}
+
+impl DecodeError {
+    /// The id the message claimed, when it could be read.
+    pub fn claimed_id(&self) -> Option<Uuid> {
+        self.id
+    }
+}
+
 fn parse_id(text: &str) -> Result<Uuid, DecodeError> {
     Uuid::parse_str(text).map_err(|e| problem(format!("bad id {text:?}: {e}")))
 }
@@ -285,6 +322,17 @@ mod tests {
             decode_envelope(bytes, 9).unwrap().payload,
             Payload::Bytes(vec![0, 255])
         );
+    }
+
+    #[test]
+    fn envelopes_breaking_publish_rules_are_refused() {
+        for (queue, headers) in [("a/b", "{}"), ("", "{}"), ("q", r#"{"outbox-id":"x"}"#)] {
+            let content = format!(
+                r#"{{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"{queue}","key":null,"created_at":"2026-11-23T07:46:14Z","headers":{headers},"payload":1}}"#
+            );
+            let message = decode_envelope(content.as_bytes(), 9).unwrap();
+            assert!(check_publish_rules(&message).is_err(), "{content}");
+        }
     }
 
     #[test]

@@ -6,4 +6,4 @@ mod replication;
 pub mod setup;
 mod tls;
 
-pub use replication::{ReplicationSource, SlotSettings, SourceError, SourceEvent};
+pub use replication::{Quarantined, ReplicationSource, SlotSettings, SourceError, SourceEvent};

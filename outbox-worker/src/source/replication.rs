@@ -10,7 +10,9 @@ use pgwire_replication::{
 use thiserror::Error;
 use tokio_postgres::config::{Host, SslMode};
 
-use super::decode::{decode_envelope, TableLayout, MESSAGE_PREFIX};
+use super::decode::{
+    check_publish_rules, decode_envelope, DecodeError, TableLayout, MESSAGE_PREFIX,
+};
 use super::pgoutput::{self, Change};
 use crate::message::{Lsn, Message};
 
@@ -47,6 +49,9 @@ impl SourceError {
 pub enum SourceEvent {
     Begin,
     Message(Message),
+    /// Something in the outbox's place that is not a valid outbox message (not written by
+    /// `outbox.publish*`): never delivered, never a reason to stop.
+    Quarantine(Quarantined),
     Commit {
         end_lsn: Lsn,
     },
@@ -54,6 +59,16 @@ pub enum SourceEvent {
     KeepAlive {
         wal_end: Lsn,
     },
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Quarantined {
+    /// What the message claimed, when it could be read.
+    pub id: Option<uuid::Uuid>,
+    /// The raw content (wal form) or the row's values (table form).
+    pub raw: Vec<u8>,
+    pub reason: String,
+    pub commit_lsn: Lsn,
 }
 
 pub struct SlotSettings {
@@ -122,14 +137,12 @@ impl ReplicationSource {
                     content,
                     ..
                 } if prefix == MESSAGE_PREFIX => {
-                    let mut message = decode_envelope(&content, self.commit_lsn)?;
-                    message.committed_at = self.committed_at;
-                    return Ok(SourceEvent::Message(message));
+                    let decoded = decode_envelope(&content, self.commit_lsn);
+                    return Ok(self.checked(decoded, || content.to_vec()));
                 }
                 ReplicationEvent::XLogData { data, .. } => {
-                    if let Some(mut message) = self.decode_change(&data)? {
-                        message.committed_at = self.committed_at;
-                        return Ok(SourceEvent::Message(message));
+                    if let Some((decoded, values)) = self.decode_change(&data)? {
+                        return Ok(self.checked(decoded, || values.into_bytes()));
                     }
                 }
                 // Other prefixes, non-transactional messages (never written by pg_outbox: they
@@ -139,7 +152,32 @@ impl ReplicationSource {
         }
     }
 
-    fn decode_change(&mut self, data: &[u8]) -> Result<Option<Message>, SourceError> {
+    /// A decoded message that keeps the publish rules, or its quarantine.
+    fn checked(
+        &self,
+        decoded: Result<Message, DecodeError>,
+        raw: impl FnOnce() -> Vec<u8>,
+    ) -> SourceEvent {
+        match decoded.and_then(|m| check_publish_rules(&m).map(|()| m)) {
+            Ok(mut message) => {
+                message.committed_at = self.committed_at;
+                SourceEvent::Message(message)
+            }
+            Err(e) => SourceEvent::Quarantine(Quarantined {
+                id: e.claimed_id(),
+                raw: raw(),
+                reason: e.to_string(),
+                commit_lsn: self.commit_lsn,
+            }),
+        }
+    }
+
+    /// An insert into `outbox.messages`: its decoding and its values as text (for a quarantine).
+    #[allow(clippy::type_complexity)]
+    fn decode_change(
+        &mut self,
+        data: &[u8],
+    ) -> Result<Option<(Result<Message, DecodeError>, String)>, SourceError> {
         match pgoutput::decode(data)? {
             Change::Relation(relation) => {
                 self.layouts
@@ -147,7 +185,10 @@ impl ReplicationSource {
                 Ok(None)
             }
             Change::Insert { relation, values } => match self.layouts.get(&relation) {
-                Some(Some(layout)) => Ok(Some(layout.decode(&values, self.commit_lsn)?)),
+                Some(Some(layout)) => Ok(Some((
+                    layout.decode(&values, self.commit_lsn),
+                    format!("{values:?}"),
+                ))),
                 Some(None) => Ok(None),
                 None => Err(pgoutput::DecodeError::unknown_relation(relation).into()),
             },
