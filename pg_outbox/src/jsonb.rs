@@ -17,6 +17,8 @@ impl Jsonb {
     /// # Safety
     /// `datum` must be a non-NULL `jsonb` datum.
     pub unsafe fn from_datum(datum: pg_sys::Datum) -> Self {
+        // SAFETY: a non-NULL jsonb datum (contract); the detoasted copy lives in the current
+        // memory context, which outlives the call that reads it.
         Jsonb(unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) }.cast())
     }
 

@@ -10,7 +10,7 @@
 use crate::args::Args;
 use crate::error;
 use crate::jsonb::{self, Jsonb};
-use crate::storage::{check_size, Message, Payload, Writer};
+use crate::storage::{check_size, Message, Payload, SizeLimit, Writer};
 use crate::varlena::Varlena;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -66,7 +66,13 @@ fn publish_one<'a>(
     let queue = queue_arg(args, 0);
     let headers = headers_arg(args, 2);
     let key = key_arg(args.varlena(3), args.function, "key");
-    check_size(args.function, key.as_ref(), headers.datum(), payload);
+    check_size(
+        args.function,
+        SizeLimit::Setting,
+        key.as_ref(),
+        headers.datum(),
+        payload,
+    );
     let message = Message {
         id: uuid::Uuid::now_v7(),
         queue,
@@ -97,9 +103,10 @@ fn publish_batch(fcinfo: FcInfo) -> SetOfIterator<'static, pgrx::Uuid> {
         "payloads",
         "Pass an array of JSON values, e.g. ARRAY['{}']::jsonb[].",
     );
-    // SAFETY: arguments 1 and 3 are declared jsonb[] and text[].
+    // SAFETY: argument 1 is declared jsonb[].
     let payloads = unsafe { deconstruct(payloads, pg_sys::JSONBOID, f, "payloads") };
     let headers = headers_arg(args, 2);
+    // SAFETY: argument 3 is declared text[].
     let keys = args
         .datum(3)
         .map(|keys| unsafe { deconstruct(keys, pg_sys::TEXTOID, f, "keys") });
@@ -156,7 +163,13 @@ fn batch_element(
     // SAFETY: elements of a text[] are text datums.
     let key = key.map(|k| unsafe { Varlena::from_datum(k) });
     let key = key_arg(key, function, "keys element");
-    check_size(function, key.as_ref(), headers.datum(), payload);
+    check_size(
+        function,
+        SizeLimit::Setting,
+        key.as_ref(),
+        headers.datum(),
+        payload,
+    );
     let message = Message {
         id: uuid::Uuid::now_v7(),
         queue,
@@ -195,7 +208,7 @@ fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
             false,
         ),
     };
-    check_size(f, key.as_ref(), headers.datum(), datum);
+    check_size(f, SizeLimit::Ceiling, key.as_ref(), headers.datum(), datum);
     // SAFETY: argument 3 is jsonb, argument 4 bytea; both non-NULL here.
     let payload = unsafe {
         if is_json {

@@ -4,7 +4,7 @@
 //! `pg_outbox.max_message_size`.
 
 use crate::error;
-use crate::guc::{Storage, MAX_MESSAGE_SIZE, STORAGE};
+use crate::guc::{Storage, MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_CEILING_KB, STORAGE};
 use crate::jsonb::Jsonb;
 use crate::table::MessagesTable;
 use crate::varlena::Varlena;
@@ -65,16 +65,34 @@ impl Writer {
     }
 }
 
-/// Refuses a message larger than `pg_outbox.max_message_size`: key + headers + payload, as
-/// stored (jsonb in its binary form, bytea as its bytes). Reads sizes from the datums' headers,
-/// so a huge TOASTed value is refused before it is detoasted.
+/// Which size limit a publish is held to.
+#[derive(Clone, Copy)]
+pub enum SizeLimit {
+    /// `pg_outbox.max_message_size`: every new message.
+    Setting,
+    /// The setting's ceiling (64 MB): a redriven message, accepted once already, which the
+    /// operator re-publishes after raising the broker's limit.
+    Ceiling,
+}
+
+/// Refuses a message larger than the limit: key + headers + payload, as stored (jsonb in its
+/// binary form, bytea as its bytes). Reads sizes from the datums' headers, so a huge TOASTed
+/// value is refused before it is detoasted.
 pub fn check_size(
     function: &str,
+    limit: SizeLimit,
     key: Option<&Varlena>,
     headers: pg_sys::Datum,
     payload: pg_sys::Datum,
 ) {
-    let limit = MAX_MESSAGE_SIZE.get() as usize * 1024;
+    let (limit, name) = match limit {
+        SizeLimit::Setting => (MAX_MESSAGE_SIZE.get(), "pg_outbox.max_message_size"),
+        SizeLimit::Ceiling => (
+            MAX_MESSAGE_SIZE_CEILING_KB,
+            "the ceiling of pg_outbox.max_message_size",
+        ),
+    };
+    let limit = limit as usize * 1024;
     // SAFETY: both are non-NULL varlena datums (headers defaults to '{}', payload is required).
     let (headers, payload) = unsafe {
         (
@@ -88,7 +106,7 @@ pub fn check_size(
             pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!(
                 "{function}: the message is {size} bytes (key {}, headers {headers}, payload {payload}), \
-                 more than pg_outbox.max_message_size ({limit} bytes)",
+                 more than {name} ({limit} bytes)",
                 key.map_or(0, |k| k.bytes.len())
             ),
             "Brokers refuse large messages: store the large part elsewhere (a table, object storage) and publish a reference to it, \

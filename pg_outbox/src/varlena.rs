@@ -31,7 +31,7 @@ impl<'a> Varlena<'a> {
     }
 
     /// The text as UTF-8.
-    pub fn to_utf8(&self) -> Cow<'a, str> {
+    pub fn to_utf8(self) -> Cow<'a, str> {
         server_to_utf8(self.bytes)
     }
 }

@@ -12,6 +12,8 @@ use pgrx::pg_sys;
 /// and a WAL record the walsender cannot read stops the slot for good.
 const ENVELOPE_CEILING: usize = 256 * 1024 * 1024;
 
+// SAFETY: PostgreSQL's declaration of LogLogicalMessage (replication/message.h) for each major;
+// pgrx's bindings do not export it.
 unsafe extern "C-unwind" {
     #[cfg(not(feature = "pg17"))]
     fn LogLogicalMessage(

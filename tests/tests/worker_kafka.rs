@@ -203,7 +203,11 @@ async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_ra
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 
-    // 1.2 MB: over librdkafka's default message.max.bytes (1,000,000).
+    // 1.2 MB: over librdkafka's default message.max.bytes (1,000,000); the extension's own cap
+    // (pg_outbox.max_message_size) is raised so that the broker is what refuses it.
+    db.batch_execute("SET pg_outbox.max_message_size = '2MB'")
+        .await
+        .unwrap();
     let poison: uuid::Uuid = db
         .query_one(
             "SELECT outbox.publish('orders', jsonb_build_object('i', 1000000, 'key', 'k-0', 'blob', repeat('x', 1200000)), '{}', 'k-0')",
