@@ -37,10 +37,13 @@ pub enum Writer {
 impl Writer {
     /// `function` names the SQL function in errors.
     pub fn open(function: &'static str) -> Writer {
-        let name = std::ffi::CString::new(function).expect("a function name has no NUL");
-        // SAFETY: a NUL-terminated name; raises the executor's own ERROR (SQLSTATE 25006)
-        // in a read-only transaction or on a standby, exactly as an INSERT would.
-        unsafe { pg_sys::PreventCommandIfReadOnly(name.as_ptr()) };
+        // SAFETY: reads the transaction's read-only flag (true on a standby too).
+        if unsafe { pg_sys::XactReadOnly } {
+            let name = std::ffi::CString::new(function).expect("a function name has no NUL");
+            // SAFETY: a NUL-terminated name; raises the executor's own ERROR (SQLSTATE 25006),
+            // exactly as an INSERT would.
+            unsafe { pg_sys::PreventCommandIfReadOnly(name.as_ptr()) };
+        }
         match STORAGE.get() {
             Storage::Table => Writer::Table(MessagesTable::open(function)),
             Storage::Wal => {
