@@ -243,6 +243,24 @@ impl Drop for PgCluster {
     }
 }
 
+/// SQLSTATE, message and hint of the server error `sql` raises; panics if it succeeds.
+pub async fn expect_error(db: &Client, sql: &str) -> (String, String, String) {
+    let err = db.batch_execute(sql).await.expect_err(sql);
+    let db_err = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{sql}: not a server error: {err}"));
+    (
+        db_err.code().code().to_owned(),
+        db_err.message().to_owned(),
+        db_err.hint().unwrap_or_default().to_owned(),
+    )
+}
+
+/// The single bigint a query returns.
+pub async fn count(db: &Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 fn append_conf(data: &Path, lines: &str) {
     use std::io::Write;
     std::fs::OpenOptions::new()

@@ -1,6 +1,7 @@
 //! The extension against a real PostgreSQL 15 cluster: what a logical slot sees, concurrent
 //! de-duplication, privileges, and the error catalogue (message and hint of every bad input).
 
+use outbox_tests::postgres::expect_error;
 use outbox_tests::PgCluster;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -275,14 +276,14 @@ async fn a_role_with_only_execute_can_publish_but_not_write_the_table() {
         "SELECT outbox.redrive('orders')",
         "SELECT outbox._publish_message(gen_random_uuid(), 'q', NULL, '1', NULL, '{}')",
     ] {
-        let (message, _) = expect_error(&app, forbidden).await;
+        let (_, message, _) = expect_error(&app, forbidden).await;
         assert!(
             message.contains("permission denied"),
             "{forbidden}: {message}"
         );
     }
     let nobody = pg.connect_as("nobody").await;
-    let (message, _) = expect_error(&nobody, "SELECT outbox.publish('orders', '{}')").await;
+    let (_, message, _) = expect_error(&nobody, "SELECT outbox.publish('orders', '{}')").await;
     assert_eq!(message, "permission denied for schema outbox");
     let count: i64 = admin
         .query_one("SELECT count(*) FROM outbox.messages", &[])
@@ -290,15 +291,6 @@ async fn a_role_with_only_execute_can_publish_but_not_write_the_table() {
         .unwrap()
         .get(0);
     assert_eq!(count, 3);
-}
-
-async fn expect_error(db: &Client, sql: &str) -> (String, String) {
-    let err = db.batch_execute(sql).await.expect_err(sql);
-    let db_err = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
-    (
-        db_err.message().to_string(),
-        db_err.hint().unwrap_or_default().to_string(),
-    )
 }
 
 /// Every bad input gets an ERROR that names the problem, with a hint.
@@ -344,7 +336,7 @@ async fn bad_input_is_rejected_with_a_clear_error_and_hint() {
     ];
     assert!(cases.len() >= 15);
     for (sql, message, hint) in &cases {
-        let (got_message, got_hint) = expect_error(&db, sql).await;
+        let (_, got_message, got_hint) = expect_error(&db, sql).await;
         assert!(
             got_message.contains(message),
             "{sql}\n  message: {got_message}\n  expected: {message}"
@@ -373,7 +365,7 @@ async fn wal_storage_requires_wal_level_logical() {
     drop(db);
     pg.restart();
     let db = pg.superuser().await;
-    let (message, hint) = expect_error(
+    let (_, message, hint) = expect_error(
         &db,
         "SET pg_outbox.storage = 'wal'; SELECT outbox.publish('q', '{}')",
     )

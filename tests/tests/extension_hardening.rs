@@ -5,29 +5,10 @@
 
 use std::time::Duration;
 
+use outbox_tests::postgres::{count, expect_error};
 use outbox_tests::publish::read_json_lines;
 use outbox_tests::{eventually, PgCluster, Worker};
 use tokio_postgres::Client;
-
-/// SQLSTATE, message and hint of the error `sql` raises.
-async fn error_of(db: &Client, sql: &str) -> (String, String, String) {
-    let err = db
-        .batch_execute(sql)
-        .await
-        .expect_err(&format!("{sql} should fail"));
-    let db_err = err
-        .as_db_error()
-        .unwrap_or_else(|| panic!("{sql}: not a server error: {err}"));
-    (
-        db_err.code().code().to_owned(),
-        db_err.message().to_owned(),
-        db_err.hint().unwrap_or_default().to_owned(),
-    )
-}
-
-async fn count(db: &Client, sql: &str) -> i64 {
-    db.query_one(sql, &[]).await.unwrap().get(0)
-}
 
 /// Everything test_decoding decoded from `slot` so far, one change per line.
 async fn decoded(db: &Client, slot: &str) -> String {
@@ -68,13 +49,13 @@ async fn forged_logical_messages_need_a_grant_nobody_has_by_default() {
             "SELECT pg_logical_emit_message(true, 'pg_outbox', 'garbage')".into(),
             "SELECT pg_logical_emit_message(true, 'pg_outbox', '\\x00'::bytea)".into(),
         ] {
-            let (code, message, _) = error_of(&db, &sql).await;
+            let (code, message, _) = expect_error(&db, &sql).await;
             assert_eq!(code, "42501", "{role}: {message}");
             assert!(message.contains("pg_logical_emit_message"), "{message}");
         }
     }
     let stranger = pg.connect_as("stranger").await;
-    let (code, _, _) = error_of(&stranger, "SELECT outbox.publish('payments', '{}')").await;
+    let (code, _, _) = expect_error(&stranger, "SELECT outbox.publish('payments', '{}')").await;
     assert_eq!(code, "42501");
     // The publisher's own path still writes wal-form messages.
     pg.connect_as("app")
@@ -106,7 +87,7 @@ async fn oversized_messages_are_refused_before_anything_reaches_wal() {
             "SELECT outbox.publish_batch('big', ARRAY['1', to_jsonb(repeat('a', 600000))])",
             "SELECT outbox.publish('big', '1', '{}', repeat('k', 600000))",
         ] {
-            let (code, message, hint) = error_of(&db, sql).await;
+            let (code, message, hint) = expect_error(&db, sql).await;
             assert_eq!(code, "54000", "{storage}: {sql}: {message}");
             assert!(
                 message.contains("more than pg_outbox.max_message_size (524288 bytes)"),
@@ -122,7 +103,7 @@ async fn oversized_messages_are_refused_before_anything_reaches_wal() {
         .unwrap();
     }
     // The ceiling: 64MB at most, and a superuser setting.
-    let (code, message, _) = error_of(&db, "SET pg_outbox.max_message_size = '65MB'").await;
+    let (code, message, _) = expect_error(&db, "SET pg_outbox.max_message_size = '65MB'").await;
     assert_eq!(code, "22023", "{message}");
     db.batch_execute(
         "SET pg_outbox.max_message_size = '64MB'; SET pg_outbox.storage = 'wal';
@@ -130,7 +111,7 @@ async fn oversized_messages_are_refused_before_anything_reaches_wal() {
     )
     .await
     .unwrap();
-    let (code, _, _) = error_of(
+    let (code, _, _) = expect_error(
         &db,
         "SELECT outbox.publish_bytes('huge', convert_to(repeat('a', 65 * 1024 * 1024), 'UTF8'))",
     )
@@ -142,13 +123,13 @@ async fn oversized_messages_are_refused_before_anything_reaches_wal() {
     app.batch_execute("SET pg_outbox.max_message_size = '64MB'")
         .await
         .unwrap();
-    let (code, _, _) = error_of(
+    let (code, _, _) = expect_error(
         &app,
         "SELECT outbox.publish_bytes('big', convert_to(repeat('a', 600000), 'UTF8'))",
     )
     .await;
     assert_eq!(code, "54000");
-    let (code, message, _) = error_of(&app, "SET pg_outbox.max_message_size = '64MB'").await;
+    let (code, message, _) = expect_error(&app, "SET pg_outbox.max_message_size = '64MB'").await;
     assert_eq!(code, "42501", "{message}");
 
     let changes = decoded(&db, "probe").await;
@@ -175,7 +156,7 @@ async fn publish_in_a_read_only_transaction_is_refused_like_an_insert() {
             let sql = format!(
                 "BEGIN READ ONLY; SET LOCAL pg_outbox.storage = '{storage}'; SELECT {call}; COMMIT"
             );
-            let (code, message, _) = error_of(&db, &sql).await;
+            let (code, message, _) = expect_error(&db, &sql).await;
             db.batch_execute("ROLLBACK").await.unwrap();
             assert_eq!(code, "25006", "{storage} {call}: {message}");
             assert!(message.contains("read-only transaction"), "{message}");
@@ -277,7 +258,7 @@ async fn publish_honours_or_refuses_every_change_to_the_table() {
     ];
     for (ddl, code, fragment) in refused {
         db.batch_execute(&format!("BEGIN; {ddl}")).await.unwrap();
-        let (actual, message, hint) = error_of(&db, "SELECT outbox.publish('q', '1')").await;
+        let (actual, message, hint) = expect_error(&db, "SELECT outbox.publish('q', '1')").await;
         db.batch_execute("ROLLBACK").await.unwrap();
         assert_eq!(actual, code, "{ddl}: {message}");
         assert!(message.contains(fragment), "{ddl}: {message}");
@@ -303,7 +284,7 @@ async fn publish_honours_or_refuses_every_change_to_the_table() {
         .await,
         1
     );
-    let (code, message, _) = error_of(
+    let (code, message, _) = expect_error(
         &db,
         "SELECT outbox._publish_message(id, 'q', NULL, '1', NULL, '{}') FROM outbox.messages WHERE key = 'after-drop'",
     )
@@ -545,7 +526,7 @@ async fn one_consumer_cannot_mark_or_purge_for_another() {
         "SELECT outbox.try_mark_processed('shipping', 'm-2')",
         "SELECT outbox.is_processed('shipping', 'm-1')",
     ] {
-        let (code, message, hint) = error_of(&billing, sql).await;
+        let (code, message, hint) = expect_error(&billing, sql).await;
         assert_eq!(code, "42501", "{sql}");
         assert!(
             message.contains("may not act as consumer \"shipping\""),
@@ -554,7 +535,7 @@ async fn one_consumer_cannot_mark_or_purge_for_another() {
         assert!(hint.contains("registered for role shipping_svc"), "{hint}");
     }
     let (code, message, hint) =
-        error_of(&billing, "SELECT outbox.try_mark_processed('nobody', 'm')").await;
+        expect_error(&billing, "SELECT outbox.try_mark_processed('nobody', 'm')").await;
     assert_eq!(code, "42501");
     assert!(
         message.contains("consumer \"nobody\" is not registered"),
@@ -564,13 +545,13 @@ async fn one_consumer_cannot_mark_or_purge_for_another() {
         hint.contains("outbox.register_consumer('nobody', 'billing_svc')"),
         "{hint}"
     );
-    let (code, message, _) = error_of(
+    let (code, message, _) = expect_error(
         &billing,
         "INSERT INTO outbox.processed_messages (consumer, message_id) VALUES ('shipping', 'm-2')",
     )
     .await;
     assert_eq!(code, "42501", "{message}");
-    let (code, _, _) = error_of(
+    let (code, _, _) = expect_error(
         &billing,
         "SELECT outbox.register_consumer('shipping', 'billing_svc')",
     )
@@ -620,7 +601,7 @@ async fn create_extension_refuses_a_schema_it_cannot_trust() {
         )
         .await
         .unwrap();
-    let (code, message, hint) = error_of(&admin, "CREATE EXTENSION pg_outbox").await;
+    let (code, message, hint) = expect_error(&admin, "CREATE EXTENSION pg_outbox").await;
     assert_eq!(code, "42501", "{message}");
     assert!(
         message.contains("schema outbox belongs to role mallory"),
@@ -632,7 +613,7 @@ async fn create_extension_refuses_a_schema_it_cannot_trust() {
         .batch_execute("ALTER SCHEMA outbox OWNER TO postgres")
         .await
         .unwrap();
-    let (code, message, _) = error_of(&admin, "CREATE EXTENSION pg_outbox").await;
+    let (code, message, _) = expect_error(&admin, "CREATE EXTENSION pg_outbox").await;
     assert_eq!(code, "42P06", "{message}");
     assert!(message.contains("already contains objects"), "{message}");
     admin

@@ -1,6 +1,7 @@
 //! `ALTER EXTENSION pg_outbox UPDATE` from every released version: old rows intact, everything
 //! works afterwards, and the upgraded schema is exactly a fresh install's.
 
+use outbox_tests::postgres::count;
 use outbox_tests::PgCluster;
 use tokio_postgres::Client;
 
@@ -53,10 +54,6 @@ SELECT string_agg(line, E'\n' ORDER BY line) FROM (
 
 async fn fingerprint(db: &Client) -> String {
     db.query_one(FINGERPRINT, &[]).await.unwrap().get(0)
-}
-
-async fn count(db: &Client, sql: &str) -> i64 {
-    db.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
