@@ -13,6 +13,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::rules::{self, Template};
+use crate::secret::{self, Secret, SecretUrl};
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("{0}")]
@@ -49,7 +52,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// `postgres://user:password@host:port/database`; the user needs the REPLICATION attribute.
-    pub url: Option<String>,
+    pub url: Option<SecretUrl>,
     pub slot: String,
     pub publication: String,
     /// How often the confirmed position is reported to the server.
@@ -165,14 +168,55 @@ pub struct KafkaSinkConfig {
     /// Any librdkafka producer property (`compression.type`, `sasl.mechanism`, …). Nested tables
     /// join with dots, so `[sinks.kafka.properties.sasl] password = "…"` is `sasl.password`.
     #[serde(default)]
-    pub properties: BTreeMap<String, PropertyValue>,
+    pub properties: Properties,
+}
+
+/// librdkafka properties as written in the file; passwords and keys print redacted.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Properties(pub BTreeMap<String, PropertyValue>);
+
+impl Properties {
+    /// Dotted names with their values; secret-bearing ones wrapped in [`Secret`].
+    fn shown(&self) -> BTreeMap<String, ShownValue> {
+        flatten(&self.0)
+            .into_iter()
+            .map(|(key, value)| {
+                let shown = if secret::is_secret_property(&key) {
+                    ShownValue::Hidden(Secret::new(value))
+                } else {
+                    ShownValue::Plain(value)
+                };
+                (key, shown)
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ShownValue {
+    Plain(String),
+    Hidden(Secret),
+}
+
+impl Serialize for Properties {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.shown().serialize(serializer)
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.shown().fmt(f)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSinkConfig {
     /// `amqp://user:password@host:5672/vhost`.
-    pub url: String,
+    pub url: SecretUrl,
     /// The default exchange of this sink's routes; `""` is the default exchange (routing key =
     /// queue name).
     #[serde(default)]
@@ -199,39 +243,41 @@ pub enum Scalar {
 }
 
 impl KafkaSinkConfig {
-    /// The properties as librdkafka takes them: dotted names, text values.
+    /// The properties as librdkafka takes them: dotted names, text values (secrets included).
     pub fn flat_properties(&self) -> BTreeMap<String, String> {
-        fn walk(
-            prefix: &str,
-            table: &BTreeMap<String, PropertyValue>,
-            out: &mut BTreeMap<String, String>,
-        ) {
-            for (name, value) in table {
-                let key = if prefix.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{prefix}.{name}")
-                };
-                match value {
-                    PropertyValue::Table(inner) => walk(&key, inner, out),
-                    PropertyValue::Scalar(scalar) => {
-                        out.insert(
-                            key,
-                            match scalar {
-                                Scalar::Text(s) => s.clone(),
-                                Scalar::Integer(i) => i.to_string(),
-                                Scalar::Float(f) => f.to_string(),
-                                Scalar::Bool(b) => b.to_string(),
-                            },
-                        );
-                    }
+        flatten(&self.properties.0)
+    }
+}
+
+fn flatten(table: &BTreeMap<String, PropertyValue>) -> BTreeMap<String, String> {
+    fn walk(
+        prefix: &str,
+        table: &BTreeMap<String, PropertyValue>,
+        out: &mut BTreeMap<String, String>,
+    ) {
+        for (name, value) in table {
+            let key = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            match value {
+                PropertyValue::Table(inner) => walk(&key, inner, out),
+                PropertyValue::Scalar(scalar) => {
+                    let text = match scalar {
+                        Scalar::Text(s) => s.clone(),
+                        Scalar::Integer(i) => i.to_string(),
+                        Scalar::Float(f) => f.to_string(),
+                        Scalar::Bool(b) => b.to_string(),
+                    };
+                    out.insert(key, text);
                 }
             }
         }
-        let mut out = BTreeMap::new();
-        walk("", &self.properties, &mut out);
-        out
     }
+    let mut out = BTreeMap::new();
+    walk("", table, &mut out);
+    out
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -346,37 +392,35 @@ impl Config {
         }
     }
 
+    /// The PostgreSQL URL with its password, for connecting (validated: always set).
     pub fn url(&self) -> &str {
-        self.postgres.url.as_deref().unwrap_or_default()
+        self.postgres
+            .url
+            .as_ref()
+            .map(SecretUrl::expose)
+            .unwrap_or_default()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.postgres.url.as_deref().ok_or_else(|| {
+        let url = self.postgres.url.as_ref().ok_or_else(|| {
             invalid(
                 "postgres.url is not set: pass --postgres-url postgres://user@host/db, set \
                  OUTBOX_POSTGRES__URL, or set url under [postgres] in the config file",
             )
         })?;
-        url.parse::<tokio_postgres::Config>().map_err(|e| {
-            invalid(format!(
-                "postgres.url = {:?} is not a PostgreSQL connection string: {e}",
-                crate::source::setup::redact(url)
-            ))
-        })?;
+        url.expose()
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| {
+                invalid(format!(
+                    "postgres.url = \"{url}\" is not a PostgreSQL connection string: {e}"
+                ))
+            })?;
         for (key, value) in [
             ("postgres.slot", &self.postgres.slot),
             ("postgres.publication", &self.postgres.publication),
         ] {
-            if value.is_empty()
-                || value.len() > 63
-                || !value
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            {
-                return Err(invalid(format!(
-                    "{key} = {value:?}: use 1 to 63 lowercase letters, digits and underscores"
-                )));
-            }
+            rules::check_identifier(value)
+                .map_err(|e| invalid(format!("{key} = {value:?}: {e}")))?;
         }
         if self.postgres.status_interval.is_zero() {
             return Err(invalid(
@@ -406,9 +450,11 @@ impl Config {
             .map_err(|e| invalid(format!("log.level = {:?}: {e}", self.log.level)))?;
         for (name, sink) in &self.sinks {
             match sink {
-                SinkConfig::Kafka(kafka) => crate::sink::kafka::check_config(kafka)
+                SinkConfig::Kafka(kafka) => kafka
+                    .check()
                     .map_err(|e| invalid(format!("sinks.{name}.{e}")))?,
-                SinkConfig::Amqp(amqp) => crate::sink::amqp::check_config(amqp)
+                SinkConfig::Amqp(amqp) => amqp
+                    .check()
                     .map_err(|e| invalid(format!("sinks.{name}.{e}")))?,
                 _ => {}
             }
@@ -422,7 +468,6 @@ impl Config {
                     self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
                 ))
             })?;
-            use crate::router::{check_template, Template};
             let fields = [
                 (
                     "topic",
@@ -452,7 +497,7 @@ impl Config {
                         sink.kind()
                     )));
                 }
-                check_template(value, kind)
+                rules::check_template(value, kind)
                     .map_err(|e| invalid(format!("{key}.{field} = {value:?}: {e}")))?;
             }
             for pattern in route.queues.iter() {
@@ -468,6 +513,52 @@ impl Config {
                 self.sinks.len(),
                 self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
+        }
+        Ok(())
+    }
+}
+
+impl KafkaSinkConfig {
+    /// Brokers and every property, checked by librdkafka without connecting; the error starts
+    /// with the key.
+    pub fn check(&self) -> Result<(), String> {
+        if self.brokers.trim().is_empty() {
+            return Err("brokers = \"\": list at least one host:port".into());
+        }
+        for (key, value) in self.flat_properties() {
+            let shown = if secret::is_secret_property(&key) {
+                "(redacted)".to_owned()
+            } else {
+                format!("{value:?}")
+            };
+            rules::check_kafka_property(&key, &value)
+                .map_err(|e| format!("properties.{key} = {shown}: {e}"))?;
+            if key == "enable.idempotence" && value == "false" {
+                tracing::warn!(
+                    "enable.idempotence = false: retries may reorder and duplicate messages"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AmqpSinkConfig {
+    pub fn check(&self) -> Result<(), String> {
+        rules::check_amqp_url(self.url.expose())
+            .map_err(|e| format!("url = \"{}\": {e}", self.url))?;
+        rules::check_template(&self.exchange, Template::AmqpExchange)
+            .map_err(|e| format!("exchange = {:?}: {e}", self.exchange))?;
+        if let Some(kind) = &self.declare_exchange {
+            if !rules::EXCHANGE_KINDS.contains(&kind.as_str()) {
+                return Err(format!(
+                    "declare_exchange = {kind:?}: use one of {}",
+                    rules::EXCHANGE_KINDS.join(", ")
+                ));
+            }
+            if self.exchange.is_empty() {
+                return Err("declare_exchange is set but exchange is empty (the default exchange cannot be declared)".into());
+            }
         }
         Ok(())
     }

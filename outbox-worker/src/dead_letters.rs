@@ -1,13 +1,13 @@
-//! `outbox.dead_letters` from the worker's side: writing a message a broker refused for good, and
-//! the operator's commands (`status`, `dlq list`, `dlq redrive`) over the SQL functions.
+//! `outbox.dead_letters` from the worker's side: writing a message a broker refused for good, or
+//! one that `outbox.publish` did not write (a quarantine).
 
 use std::time::Duration;
 
 use anyhow::Result;
 use tokio_postgres::Client;
 
-use crate::message::{Message, Payload};
-use crate::source::{setup, Quarantined};
+use crate::message::{Message, Payload, Quarantined};
+use crate::pg;
 
 /// Writes dead letters over an ordinary connection, reconnecting as needed.
 pub struct DeadLetters {
@@ -56,7 +56,7 @@ impl DeadLetters {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             q.raw.hash(&mut hasher);
-            uuid::Uuid::from_u64_pair(q.commit_lsn, hasher.finish())
+            uuid::Uuid::from_u64_pair(q.commit_lsn.0, hasher.finish())
         });
         let message = Message {
             id,
@@ -79,7 +79,7 @@ impl DeadLetters {
         attempts: u32,
     ) -> Result<()> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(setup::connect(&self.url).await?);
+            self.client = Some(pg::connect(&self.url).await?);
         }
         let client = self.client.as_ref().expect("connected");
         let (payload, payload_bytes) = match &message.payload {
@@ -108,100 +108,4 @@ impl DeadLetters {
             .await?;
         Ok(())
     }
-}
-
-pub enum Command {
-    List {
-        queue: Option<String>,
-        limit: i64,
-    },
-    Redrive {
-        id: Option<uuid::Uuid>,
-        queue: Option<String>,
-    },
-}
-
-pub async fn run_command(url: &str, command: Command) -> Result<()> {
-    let client = setup::connect(url).await?;
-    match command {
-        Command::List { queue, limit } => {
-            let rows = client
-                .query(
-                    "SELECT id, queue, coalesce(key, ''), destination, attempts, failed_at::text, error
-                       FROM outbox.dead_letters WHERE $1::text IS NULL OR queue = $1
-                      ORDER BY failed_at, id LIMIT $2",
-                    &[&queue, &limit],
-                )
-                .await?;
-            println!("id\tqueue\tkey\tdestination\tattempts\tfailed_at\terror");
-            for row in &rows {
-                let id: uuid::Uuid = row.get(0);
-                let attempts: i32 = row.get(4);
-                let (queue, key, destination, failed_at, error): (
-                    String,
-                    String,
-                    String,
-                    String,
-                    String,
-                ) = (row.get(1), row.get(2), row.get(3), row.get(5), row.get(6));
-                println!("{id}\t{queue}\t{key}\t{destination}\t{attempts}\t{failed_at}\t{error}");
-            }
-            eprintln!("{} dead letter(s)", rows.len());
-        }
-        Command::Redrive { id: Some(id), .. } => {
-            client
-                .query_one("SELECT outbox.redrive($1::uuid)", &[&id])
-                .await?;
-            println!("redriven: {id}");
-        }
-        Command::Redrive { queue, .. } => {
-            let count: i64 = client
-                .query_one(
-                    "SELECT outbox.redrive($1::text)",
-                    &[&queue.unwrap_or_default()],
-                )
-                .await?
-                .get(0);
-            println!("redriven: {count} message(s)");
-        }
-    }
-    Ok(())
-}
-
-pub async fn status(url: &str) -> Result<()> {
-    let client = setup::connect(url).await?;
-    let rows = client
-        .query(
-            "SELECT slot_name::text, active, coalesce(active_pid::text, '-'), coalesce(confirmed_flush_lsn::text, '-'),
-                    coalesce(lag_bytes::text, '-'), coalesce(retained_wal_bytes::text, '-'),
-                    coalesce(wal_status, '-'), dead_letters
-               FROM outbox.status()",
-            &[],
-        )
-        .await?;
-    println!(
-        "slot\tactive\tpid\tconfirmed_lsn\tlag_bytes\tretained_wal_bytes\twal_status\tdead_letters"
-    );
-    for row in &rows {
-        let active: bool = row.get(1);
-        let dead: i64 = row.get(7);
-        let text = |i: usize| row.get::<_, String>(i);
-        println!(
-            "{}\t{active}\t{}\t{}\t{}\t{}\t{}\t{dead}",
-            text(0),
-            text(2),
-            text(3),
-            text(4),
-            text(5),
-            text(6)
-        );
-    }
-    if rows.is_empty() {
-        let dead: i64 = client
-            .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
-            .await?
-            .get(0);
-        println!("(no pgoutput slot in this database)\t\t\t\t\t\t\t{dead}");
-    }
-    Ok(())
 }

@@ -39,9 +39,11 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     const BUCKETS: [f64; 14] = [
         0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0,
     ];
-    Ok(PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)?
-        .install_recorder()?)
+        .install_recorder()?;
+    crate::telemetry::describe();
+    Ok(handle)
 }
 
 pub async fn serve(

@@ -1,23 +1,14 @@
-//! outbox-worker: streams the pg_outbox replication slot to Kafka or stdout and confirms the slot
-//! only up to what the broker acknowledged.
-
-mod config;
-mod dead_letters;
-mod delivery;
-mod http;
-mod message;
-mod pipeline;
-mod router;
-mod sink;
-mod source;
+//! The `outbox-worker` command line: parses flags into a [`Config`] and one [`Action`], then calls
+//! the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use outbox_worker::admin::{self, DlqCommand as Dlq};
+use outbox_worker::config::{self, Config, LogFormat, Overrides};
+use outbox_worker::pipeline;
 use tokio_util::sync::CancellationToken;
-
-use config::{Config, LogFormat, Overrides};
 
 /// glibc malloc took a third of the CPU under librdkafka's and tokio's threads (perf, Kafka drain);
 /// the `override` feature gives librdkafka's C allocations to mimalloc as well.
@@ -157,34 +148,40 @@ fn on_signal(shutdown: CancellationToken) {
     });
 }
 
+/// What to do once the configuration is loaded.
+enum Action {
+    Run,
+    Setup,
+    CheckConfig,
+    Status,
+    Dlq(Dlq),
+}
+
+impl Command {
+    fn into_parts(self) -> (Options, Action) {
+        match self {
+            Command::Run(o) => (o, Action::Run),
+            Command::Setup(o) => (o, Action::Setup),
+            Command::CheckConfig(o) => (o, Action::CheckConfig),
+            Command::Status(o) => (o, Action::Status),
+            Command::Dlq {
+                command:
+                    DlqCommand::List {
+                        options,
+                        queue,
+                        limit,
+                    },
+            } => (options, Action::Dlq(Dlq::List { queue, limit })),
+            Command::Dlq {
+                command: DlqCommand::Redrive { options, id, queue },
+            } => (options, Action::Dlq(Dlq::Redrive { id, queue })),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let (command, options, dlq) = match cli.command {
-        Command::Run(o) => ("run", o, None),
-        Command::Setup(o) => ("setup", o, None),
-        Command::CheckConfig(o) => ("check-config", o, None),
-        Command::Status(o) => ("status", o, None),
-        Command::Dlq {
-            command:
-                DlqCommand::List {
-                    options,
-                    queue,
-                    limit,
-                },
-        } => (
-            "dlq",
-            options,
-            Some(dead_letters::Command::List { queue, limit }),
-        ),
-        Command::Dlq {
-            command: DlqCommand::Redrive { options, id, queue },
-        } => (
-            "dlq",
-            options,
-            Some(dead_letters::Command::Redrive { id, queue }),
-        ),
-    };
+    let (options, action) = Cli::parse().command.into_parts();
     let config = match options.load() {
         Ok(config) => config,
         Err(e) => {
@@ -193,36 +190,15 @@ async fn main() -> ExitCode {
         }
     };
     init_logging(&config);
-    let result = match command {
-        "check-config" => {
-            let mut shown = config.clone();
-            shown.postgres.url = shown.postgres.url.as_deref().map(source::setup::redact);
-            print!(
-                "{}",
-                toml::to_string_pretty(&shown).expect("config serializes")
-            );
+    let result = match action {
+        Action::CheckConfig => {
+            print!("{}", admin::show_config(&config));
             Ok(())
         }
-        "setup" => {
-            async {
-                let client = source::setup::connect(config.url()).await?;
-                source::setup::ensure_slot(
-                    &client,
-                    &config.postgres.slot,
-                    &config.postgres.publication,
-                )
-                .await?;
-                println!(
-                    "publication {:?} and slot {:?} are ready",
-                    config.postgres.publication, config.postgres.slot
-                );
-                Ok(())
-            }
-            .await
-        }
-        "status" => dead_letters::status(config.url()).await,
-        "dlq" => dead_letters::run_command(config.url(), dlq.expect("a dlq command")).await,
-        _ => {
+        Action::Setup => admin::setup(&config).await,
+        Action::Status => admin::status(config.url()).await,
+        Action::Dlq(command) => admin::dlq(config.url(), command).await,
+        Action::Run => {
             let shutdown = CancellationToken::new();
             on_signal(shutdown.clone());
             pipeline::run(config, shutdown).await

@@ -8,8 +8,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-/// A position in the WAL.
-pub type Lsn = u64;
+use crate::lsn::Lsn;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
@@ -104,6 +103,18 @@ impl Message {
     }
 }
 
+/// Something in the outbox's place that `outbox.publish` did not write: kept in the dead letters,
+/// never delivered.
+#[derive(Debug, PartialEq)]
+pub struct Quarantined {
+    /// What the message claimed, when it could be read.
+    pub id: Option<Uuid>,
+    /// The raw content (wal form) or the row's values (table form).
+    pub raw: Vec<u8>,
+    pub reason: String,
+    pub commit_lsn: Lsn,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,7 +129,7 @@ mod tests {
             created_at: DateTime::parse_from_rfc3339("2026-11-23T07:43:13.123456Z")
                 .unwrap()
                 .to_utc(),
-            commit_lsn: 1,
+            commit_lsn: Lsn(1),
             committed_at: Utc::now(),
         }
     }

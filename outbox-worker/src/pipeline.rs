@@ -8,12 +8,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dead_letters::DeadLetters;
-use crate::delivery::{Delivery, Undeliverable};
+use crate::delivery::{self, Delivery, Undeliverable};
 use crate::http::{self, Health};
-use crate::message::Lsn;
+use crate::pg;
 use crate::router::Router;
-use crate::sink;
+use crate::sink::Sinks;
 use crate::source::{setup, ReplicationSource, SlotSettings, SourceError, SourceEvent};
+use crate::telemetry;
 
 /// Why a stream ended.
 enum Stop {
@@ -25,12 +26,12 @@ enum Stop {
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     if config.postgres.setup {
-        let client = setup::connect(config.url()).await?;
+        let client = pg::connect(config.url()).await?;
         setup::ensure_slot(&client, &config.postgres.slot, &config.postgres.publication).await?;
     }
     let mut router = Router::new(&config);
-    let sinks = sink::build_all(&config)?;
-    let health = Health::new(sinks.clone());
+    let sinks = Sinks::build(&config)?;
+    let health = Health::new(sinks.iter().map(|(_, s)| s.sink.clone()).collect());
     if let Some(listen) = config.http.listen {
         let metrics = http::install_metrics()?;
         tokio::spawn(http::serve(
@@ -45,7 +46,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             shutdown.clone(),
         ));
     }
-    let mut delivery = Delivery::new(sinks, router.sink_names().to_vec(), config.delivery.clone());
+    let mut delivery = Delivery::new(&sinks, config.delivery.clone());
     let mut dead_letters = DeadLetters::new(config.url());
     let settings = SlotSettings {
         url: config.url().to_owned(),
@@ -55,13 +56,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     };
     tracing::info!(
         slot = settings.slot, publication = settings.publication,
-        sinks = ?router.sink_names(), max_in_flight = config.delivery.max_in_flight,
+        sinks = ?sinks.names(), max_in_flight = config.delivery.max_in_flight,
         "outbox-worker starting"
     );
 
     let mut reconnects = 0u32;
     let result = loop {
-        // 0 = the slot's confirmed position; after a lost connection, what this run has confirmed.
+        // None = the slot's confirmed position; after a lost connection, what this run confirmed.
         let start = delivery.confirmed();
         let mut source = tokio::select! {
             connected = ReplicationSource::connect(&settings, start) => match connected {
@@ -89,7 +90,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         };
         reconnects = 0;
         health.set_streaming(true);
-        tracing::info!(slot = settings.slot, start = %format_lsn(start), "streaming");
+        match start {
+            Some(lsn) => tracing::info!(slot = settings.slot, start = %lsn, "streaming"),
+            None => tracing::info!(
+                slot = settings.slot,
+                "streaming from the slot's confirmed position"
+            ),
+        }
         let mut parts = Parts {
             router: &mut router,
             delivery: &mut delivery,
@@ -99,7 +106,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         health.set_streaming(false);
         match stopped {
             Ok(Stop::Requested) => {
-                source.confirm(delivery.confirmed());
+                if let Some(lsn) = delivery.confirmed() {
+                    source.confirm(lsn);
+                }
                 source.close().await;
                 break Ok(());
             }
@@ -115,7 +124,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     };
     delivery.close().await;
-    tracing::info!(confirmed = %format_lsn(delivery.confirmed()), "outbox-worker stopped");
+    match delivery.confirmed() {
+        Some(lsn) => tracing::info!(confirmed = %lsn, "outbox-worker stopped"),
+        None => tracing::info!("outbox-worker stopped"),
+    }
     result
 }
 
@@ -127,24 +139,21 @@ struct Parts<'a> {
 }
 
 impl Parts<'_> {
-    /// Waits for the next acknowledgement; a message refused for good goes to the dead letters.
-    async fn progress(&mut self) {
-        if let Some(u) = self.delivery.progress().await {
-            dead_letter(self.dead_letters, &u).await;
-            self.delivery.dead_lettered(&u);
-        }
+    /// Handles what [`Delivery::progress`] returned: a message refused for good goes to the dead
+    /// letters. Called from a `select!` branch's body, never raced: once the write started it
+    /// finishes, so a dead letter cannot be dropped half way.
+    async fn settle_one(&mut self, undeliverable: Option<Undeliverable>) {
+        let Some(u) = undeliverable else { return };
+        let destination = format!("{}:{}", u.sink, u.destination);
+        tracing::error!(
+            id = %u.message.id, queue = %u.message.queue, destination, attempts = u.attempts,
+            error = %u.error, "dead-lettering a message the broker refused"
+        );
+        self.dead_letters
+            .write(&u.message, &destination, &u.error.to_string(), u.attempts)
+            .await;
+        self.delivery.dead_lettered(&u);
     }
-}
-
-async fn dead_letter(dead_letters: &mut DeadLetters, u: &Undeliverable) {
-    let destination = format!("{}:{}", u.sink, u.destination);
-    tracing::error!(
-        id = %u.message.id, queue = %u.message.queue, destination, attempts = u.attempts,
-        error = %u.error, "dead-lettering a message the broker refused"
-    );
-    dead_letters
-        .write(&u.message, &destination, &u.error.to_string(), u.attempts)
-        .await;
 }
 
 async fn stream(
@@ -162,8 +171,9 @@ async fn stream(
                 drain(parts, config.delivery.shutdown_timeout).await;
                 return Ok(Stop::Requested);
             }
-            _ = parts.progress() => {
-                if let Some(lsn) = confirmable(parts.delivery) {
+            settled = parts.delivery.progress() => {
+                parts.settle_one(settled).await;
+                if let Some(lsn) = parts.delivery.confirmed() {
                     source.confirm(lsn);
                 }
             }
@@ -177,7 +187,7 @@ async fn stream(
                             // Written before the stream goes on, so the slot never passes it first.
                             let error = format!("no route matches queue {:?}", message.queue);
                             tracing::error!(id = %message.id, queue = %message.queue, "{error}; dead-lettering it");
-                            metrics::counter!("outbox_messages_dead_lettered_total", "sink" => "", "queue" => message.queue.clone()).increment(1);
+                            delivery::count_dead_letter("", &message);
                             parts.dead_letters.write(&message, "(no route)", &error, 1).await;
                         }
                     }
@@ -185,22 +195,22 @@ async fn stream(
                 Ok(SourceEvent::Quarantine(q)) => {
                     tx.context("a message outside a transaction")?;
                     // Written before the stream goes on, so the slot never passes it first.
-                    tracing::error!(claimed_id = ?q.id, commit_lsn = %format_lsn(q.commit_lsn), reason = %q.reason,
+                    tracing::error!(claimed_id = ?q.id, commit_lsn = %q.commit_lsn, reason = %q.reason,
                         "quarantining a message not written by outbox.publish: not delivered, kept in outbox.dead_letters");
-                    metrics::counter!("outbox_messages_quarantined_total").increment(1);
+                    metrics::counter!(telemetry::QUARANTINED).increment(1);
                     parts.dead_letters.quarantine(&q).await;
                 }
                 Ok(SourceEvent::Commit { end_lsn }) => {
                     let open = tx.take().context("a commit without a begin")?;
                     parts.delivery.commit(open, end_lsn);
-                    if let Some(lsn) = confirmable(parts.delivery) {
+                    if let Some(lsn) = parts.delivery.confirmed() {
                         source.confirm(lsn);
                     }
                 }
                 Ok(SourceEvent::KeepAlive { wal_end }) => {
                     // Nothing of ours is pending: the server's WAL end is safe to confirm, so an
                     // idle outbox never holds back WAL that other tables write.
-                    if parts.delivery.is_idle() && wal_end > parts.delivery.confirmed() {
+                    if parts.delivery.is_idle() && parts.delivery.confirmed().is_none_or(|c| wal_end > c) {
                         source.confirm(wal_end);
                     }
                 }
@@ -211,16 +221,11 @@ async fn stream(
     }
 }
 
-/// The confirmed position, when it moved.
-fn confirmable(delivery: &Delivery) -> Option<Lsn> {
-    Some(delivery.confirmed()).filter(|&lsn| lsn > 0)
-}
-
 /// Waits for every in-flight message, retrying failures, unless shutdown comes first.
 async fn settle(parts: &mut Parts<'_>, shutdown: &CancellationToken) {
     while !parts.delivery.is_settled() {
         tokio::select! {
-            _ = parts.progress() => {}
+            settled = parts.delivery.progress() => parts.settle_one(settled).await,
             _ = shutdown.cancelled() => return,
         }
     }
@@ -234,7 +239,8 @@ async fn drain(parts: &mut Parts<'_>, timeout: Duration) {
     );
     let drained = tokio::time::timeout(timeout, async {
         while !parts.delivery.is_settled() {
-            parts.progress().await;
+            let settled = parts.delivery.progress().await;
+            parts.settle_one(settled).await;
         }
     })
     .await;
@@ -251,7 +257,7 @@ async fn poll_slot_lag(url: String, slot: String, shutdown: CancellationToken) {
     let mut client = None;
     while !shutdown.is_cancelled() {
         if client.is_none() {
-            client = setup::connect(&url).await.ok();
+            client = pg::connect(&url).await.ok();
         }
         if let Some(c) = &client {
             let lag = c
@@ -261,7 +267,7 @@ async fn poll_slot_lag(url: String, slot: String, shutdown: CancellationToken) {
                 )
                 .await;
             match lag {
-                Ok(Some(row)) => metrics::gauge!("outbox_slot_lag_bytes")
+                Ok(Some(row)) => metrics::gauge!(telemetry::SLOT_LAG)
                     .set(row.get::<_, Option<f64>>(0).unwrap_or(0.0)),
                 Ok(None) => {}
                 Err(_) => client = None,
@@ -281,8 +287,4 @@ async fn wait_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool
         _ = tokio::time::sleep(delay) => false,
         _ = shutdown.cancelled() => true,
     }
-}
-
-pub fn format_lsn(lsn: Lsn) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }

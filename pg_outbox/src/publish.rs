@@ -154,7 +154,7 @@ fn publish_batch(fcinfo: FcInfo) -> SetOfIterator<'static, pgrx::Uuid> {
 fn batch_element(
     writer: &Writer,
     function: &str,
-    queue: Varlena,
+    queue: Varlena<'_>,
     headers: &Jsonb,
     key: Option<pg_sys::Datum>,
     payload: pg_sys::Datum,

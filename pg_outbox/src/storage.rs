@@ -60,7 +60,7 @@ impl Writer {
         }
     }
 
-    pub fn write(&self, message: &Message) {
+    pub fn write(&self, message: &Message<'_>) {
         match self {
             Writer::Table(table) => table.insert(message),
             Writer::Wal => wal::emit(message),
@@ -84,7 +84,7 @@ pub enum SizeLimit {
 pub fn check_size(
     function: &str,
     limit: SizeLimit,
-    key: Option<&Varlena>,
+    key: Option<&Varlena<'_>>,
     headers: pg_sys::Datum,
     payload: pg_sys::Datum,
 ) {

@@ -222,7 +222,7 @@ impl MessagesTable {
         }
     }
 
-    pub fn insert(&self, message: &Message) {
+    pub fn insert(&self, message: &Message<'_>) {
         let (payload, payload_bytes) = match &message.payload {
             Payload::Json(json) => (Some(json.datum()), None),
             Payload::Bytes(bytes) => (None, Some(bytes.datum)),

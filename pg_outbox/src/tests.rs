@@ -205,7 +205,7 @@ mod tests {
             .map(|_| ())
         })
         .unwrap();
-        let (active, lag) = Spi::get_two::<bool, pgrx::AnyNumeric>(
+        let (active, lag) = Spi::get_two::<bool, AnyNumeric>(
             "SELECT active, lag_bytes FROM outbox.status() WHERE slot_name = 'status_probe'",
         )
         .unwrap();

@@ -35,7 +35,7 @@ unsafe extern "C-unwind" {
 const PREFIX: &std::ffi::CStr = c"pg_outbox";
 const _: () = assert!(PREFIX.to_bytes().len() == envelope::PREFIX.len());
 
-pub fn emit(message: &Message) {
+pub fn emit(message: &Message<'_>) {
     let headers = if message.headers.is_empty_object() {
         "{}".to_string()
     } else {
@@ -91,6 +91,6 @@ pub fn emit(message: &Message) {
                 true,
                 false,
             );
-        })
+        });
     };
 }

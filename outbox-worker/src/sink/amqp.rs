@@ -5,7 +5,6 @@
 //! many messages are in flight. A lost connection fails what is pending (the caller re-sends it in
 //! order) and is reopened on the next message.
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -18,31 +17,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Ack, Sink, SinkError};
 use crate::config::AmqpSinkConfig;
 use crate::message::Message;
-
-const EXCHANGE_KINDS: [&str; 4] = ["direct", "topic", "fanout", "headers"];
-
-pub fn check_config(config: &AmqpSinkConfig) -> Result<(), String> {
-    lapin::uri::AMQPUri::from_str(&config.url)
-        .map_err(|e| format!("url = {:?}: {e}", redact(&config.url)))?;
-    crate::router::check_template(&config.exchange, crate::router::Template::AmqpExchange)
-        .map_err(|e| format!("exchange = {:?}: {e}", config.exchange))?;
-    if let Some(kind) = &config.declare_exchange {
-        if !EXCHANGE_KINDS.contains(&kind.as_str()) {
-            return Err(format!(
-                "declare_exchange = {kind:?}: use one of {}",
-                EXCHANGE_KINDS.join(", ")
-            ));
-        }
-        if config.exchange.is_empty() {
-            return Err("declare_exchange is set but exchange is empty (the default exchange cannot be declared)".into());
-        }
-    }
-    Ok(())
-}
-
-fn redact(url: &str) -> String {
-    crate::source::setup::redact(url)
-}
 
 struct Publish {
     exchange: String,
@@ -70,7 +44,8 @@ impl AmqpSink {
 }
 
 async fn open(config: &AmqpSinkConfig) -> Result<(Connection, Channel), lapin::Error> {
-    let connection = Connection::connect(&config.url, ConnectionProperties::default()).await?;
+    let connection =
+        Connection::connect(config.url.expose(), ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -106,7 +81,7 @@ async fn publish_loop(
         {
             session = match open(&config).await {
                 Ok(s) => {
-                    tracing::info!(url = %redact(&config.url), "amqp connected");
+                    tracing::info!(url = %config.url, "amqp connected");
                     Some(s)
                 }
                 Err(e) => {

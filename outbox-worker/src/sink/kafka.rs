@@ -12,6 +12,7 @@ use rdkafka::ClientConfig;
 use super::{Ack, Sink, SinkError};
 use crate::config::KafkaSinkConfig;
 use crate::message::Message;
+use crate::rules::describe_kafka_error;
 
 pub struct KafkaSink {
     client_config: ClientConfig,
@@ -50,36 +51,13 @@ fn client_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig
     client
 }
 
-/// Validates brokers and properties without connecting; the error starts with the key.
-pub fn check_config(config: &KafkaSinkConfig) -> Result<(), String> {
-    if config.brokers.trim().is_empty() {
-        return Err("brokers = \"\": list at least one host:port".into());
-    }
-    let properties = config.flat_properties();
-    for (key, value) in &properties {
-        let mut one = ClientConfig::new();
-        one.set(key, value);
-        one.create_native_config()
-            .map_err(|e| format!("properties.{key} = {value:?}: {}", describe(&e)))?;
-    }
-    if properties.get("enable.idempotence").map(String::as_str) == Some("false") {
-        tracing::warn!("enable.idempotence = false: retries may reorder and duplicate messages");
-    }
-    Ok(())
-}
-
-fn describe(e: &KafkaError) -> String {
-    match e {
-        KafkaError::ClientConfig(_, message, _, _) => message.clone(),
-        other => other.to_string(),
-    }
-}
-
 impl KafkaSink {
     pub fn new(config: &KafkaSinkConfig, max_in_flight: usize) -> Result<KafkaSink, String> {
-        check_config(config)?;
+        config.check()?;
         let client_config = client_config(config, max_in_flight);
-        let producer = client_config.create().map_err(|e| describe(&e))?;
+        let producer = client_config
+            .create()
+            .map_err(|e| describe_kafka_error(&e))?;
         Ok(KafkaSink {
             client_config,
             producer: RwLock::new(producer),

@@ -2,6 +2,8 @@
 
 pub mod amqp;
 pub mod kafka;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod scripted;
 mod stdout;
 
 use std::sync::Arc;
@@ -50,6 +52,94 @@ pub trait Sink: Send + Sync {
     }
 }
 
+/// A sink's place among `[sinks]` (sorted by name): the router and [`Sinks`] agree on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SinkId(usize);
+
+impl SinkId {
+    /// The id of `[sinks.NAME]`, if defined.
+    pub fn of(config: &Config, name: &str) -> Option<SinkId> {
+        config.sinks.keys().position(|n| n == name).map(SinkId)
+    }
+}
+
+/// A sink and the name it has under `[sinks]`.
+pub struct NamedSink {
+    pub name: String,
+    pub sink: Arc<dyn Sink>,
+}
+
+/// One value per configured sink, found by [`SinkId`].
+pub struct BySink<T>(Vec<T>);
+
+/// Every configured sink.
+pub type Sinks = BySink<NamedSink>;
+
+impl Sinks {
+    /// One sink per `[sinks.NAME]`, connecting lazily.
+    pub fn build(config: &Config) -> anyhow::Result<Sinks> {
+        let sinks = config
+            .sinks
+            .iter()
+            .map(|(name, sink)| -> anyhow::Result<NamedSink> {
+                let sink: Arc<dyn Sink> = match sink {
+                    SinkConfig::Kafka(kafka) => Arc::new(
+                        kafka::KafkaSink::new(kafka, config.delivery.max_in_flight)
+                            .map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?,
+                    ),
+                    SinkConfig::Amqp(amqp) => Arc::new(amqp::AmqpSink::start(amqp)),
+                    SinkConfig::Stdout => Arc::new(stdout::StdoutSink::start()),
+                    SinkConfig::Discard => Arc::new(Discard),
+                };
+                Ok(NamedSink {
+                    name: name.clone(),
+                    sink,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(BySink(sinks))
+    }
+
+    /// Sinks made by hand, in [`SinkId`] order (tests).
+    pub fn from_named(sinks: Vec<(String, Arc<dyn Sink>)>) -> Sinks {
+        BySink(
+            sinks
+                .into_iter()
+                .map(|(name, sink)| NamedSink { name, sink })
+                .collect(),
+        )
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+impl<T> BySink<T> {
+    pub fn iter(&self) -> impl Iterator<Item = (SinkId, &T)> {
+        self.0.iter().enumerate().map(|(i, s)| (SinkId(i), s))
+    }
+
+    /// The same sinks with other values.
+    pub fn map<U>(&self, f: impl FnMut(&T) -> U) -> BySink<U> {
+        BySink(self.0.iter().map(f).collect())
+    }
+}
+
+impl<T> std::ops::Index<SinkId> for BySink<T> {
+    type Output = T;
+
+    fn index(&self, id: SinkId) -> &T {
+        &self.0[id.0]
+    }
+}
+
+impl<T> std::ops::IndexMut<SinkId> for BySink<T> {
+    fn index_mut(&mut self, id: SinkId) -> &mut T {
+        &mut self.0[id.0]
+    }
+}
+
 /// Acknowledges without sending: measures the worker without a broker.
 struct Discard;
 
@@ -57,23 +147,4 @@ impl Sink for Discard {
     fn send(&self, _: &str, _: &Message) -> Ack {
         Box::pin(async { Ok(()) })
     }
-}
-
-/// One sink per `[sinks.NAME]`, in the router's order (sorted by name).
-pub fn build_all(config: &Config) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
-    config
-        .sinks
-        .iter()
-        .map(|(name, sink)| -> anyhow::Result<Arc<dyn Sink>> {
-            Ok(match sink {
-                SinkConfig::Kafka(kafka) => Arc::new(
-                    kafka::KafkaSink::new(kafka, config.delivery.max_in_flight)
-                        .map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?,
-                ),
-                SinkConfig::Amqp(amqp) => Arc::new(amqp::AmqpSink::start(amqp)),
-                SinkConfig::Stdout => Arc::new(stdout::StdoutSink::start()),
-                SinkConfig::Discard => Arc::new(Discard),
-            })
-        })
-        .collect()
 }

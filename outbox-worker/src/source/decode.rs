@@ -11,20 +11,21 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use super::pgoutput::{Relation, Value};
-use crate::message::{Lsn, Message, Payload};
+use crate::lsn::Lsn;
+use crate::message::{Message, Payload};
 
 /// The prefix of wal-form logical messages.
 pub const MESSAGE_PREFIX: &str = "pg_outbox";
 
 #[derive(Debug, Error)]
 #[error("cannot decode outbox message{}: {problem}", id.map(|id| format!(" {id}")).unwrap_or_default())]
-pub struct DecodeError {
+pub struct EnvelopeError {
     id: Option<Uuid>,
     problem: String,
 }
 
-fn problem(problem: impl Into<String>) -> DecodeError {
-    DecodeError {
+fn problem(problem: impl Into<String>) -> EnvelopeError {
+    EnvelopeError {
         id: None,
         problem: problem.into(),
     }
@@ -44,7 +45,7 @@ pub struct TableLayout {
 
 impl TableLayout {
     /// `None` for any relation other than `outbox.messages`.
-    pub fn of(relation: &Relation) -> Result<Option<TableLayout>, DecodeError> {
+    pub fn of(relation: &Relation) -> Result<Option<TableLayout>, EnvelopeError> {
         if relation.namespace != "outbox" || relation.name != "messages" {
             return Ok(None);
         }
@@ -66,8 +67,8 @@ impl TableLayout {
         }))
     }
 
-    pub fn decode(&self, values: &[Value], commit_lsn: Lsn) -> Result<Message, DecodeError> {
-        let text = |index: usize, name: &str| -> Result<Option<&str>, DecodeError> {
+    pub fn decode(&self, values: &[Value], commit_lsn: Lsn) -> Result<Message, EnvelopeError> {
+        let text = |index: usize, name: &str| -> Result<Option<&str>, EnvelopeError> {
             match values.get(index) {
                 Some(Value::Text(bytes)) => std::str::from_utf8(bytes)
                     .map(Some)
@@ -83,7 +84,7 @@ impl TableLayout {
             text(index, name)?.ok_or_else(|| problem(format!("column {name} is NULL")))
         };
         let id = parse_id(required(self.id, "id")?)?;
-        let with_id = |mut e: DecodeError| {
+        let with_id = |mut e: EnvelopeError| {
             e.id = Some(id);
             e
         };
@@ -114,7 +115,7 @@ impl TableLayout {
 }
 
 /// The wal form: the content of a `pg_outbox` logical decoding message.
-pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, DecodeError> {
+pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, EnvelopeError> {
     #[derive(Deserialize)]
     struct Envelope<'a> {
         v: u32,
@@ -127,7 +128,7 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Decod
         payload: Option<&'a RawValue>,
         payload_base64: Option<String>,
     }
-    let envelope: Envelope =
+    let envelope: Envelope<'_> =
         serde_json::from_slice(content).map_err(|e| problem(format!("bad envelope: {e}")))?;
     if envelope.v != 1 {
         return Err(problem(format!(
@@ -140,13 +141,13 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Decod
         (None, Some(b64)) => Payload::Bytes(
             base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|e| DecodeError {
+                .map_err(|e| EnvelopeError {
                     id: Some(envelope.id),
                     problem: format!("bad payload_base64: {e}"),
                 })?,
         ),
         _ => {
-            return Err(DecodeError {
+            return Err(EnvelopeError {
                 id: Some(envelope.id),
                 problem: "the envelope needs exactly one of payload and payload_base64".into(),
             })
@@ -167,7 +168,7 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Decod
 /// The rules `outbox.publish` enforces, checked again on what the slot delivers: a message that
 /// breaks them was not written by publish (a superuser's hand, or a future bug) and is
 /// quarantined rather than sent.
-pub fn check_publish_rules(message: &Message) -> Result<(), DecodeError> {
+pub fn check_publish_rules(message: &Message) -> Result<(), EnvelopeError> {
     let queue = &message.queue;
     let valid_queue = (1..=249).contains(&queue.len())
         && queue
@@ -188,30 +189,30 @@ pub fn check_publish_rules(message: &Message) -> Result<(), DecodeError> {
     } else {
         return Ok(());
     };
-    Err(DecodeError {
+    Err(EnvelopeError {
         id: Some(message.id),
         problem,
     })
 }
 
-impl DecodeError {
+impl EnvelopeError {
     /// The id the message claimed, when it could be read.
     pub fn claimed_id(&self) -> Option<Uuid> {
         self.id
     }
 }
 
-fn parse_id(text: &str) -> Result<Uuid, DecodeError> {
+fn parse_id(text: &str) -> Result<Uuid, EnvelopeError> {
     Uuid::parse_str(text).map_err(|e| problem(format!("bad id {text:?}: {e}")))
 }
 
-fn parse_headers(text: &str) -> Result<BTreeMap<String, String>, DecodeError> {
+fn parse_headers(text: &str) -> Result<BTreeMap<String, String>, EnvelopeError> {
     serde_json::from_str(text)
         .map_err(|e| problem(format!("headers are not an object of strings: {e}")))
 }
 
 /// bytea in `bytea_output = hex`, the default and what the replication session uses.
-fn parse_bytea(text: &str) -> Result<Vec<u8>, DecodeError> {
+fn parse_bytea(text: &str) -> Result<Vec<u8>, EnvelopeError> {
     let hex = text
         .strip_prefix("\\x")
         .ok_or_else(|| problem("payload_bytes is not in hex bytea format"))?;
@@ -227,7 +228,7 @@ fn parse_bytea(text: &str) -> Result<Vec<u8>, DecodeError> {
 
 /// timestamptz text in DateStyle ISO with TimeZone UTC, both pinned on the replication session:
 /// `2026-11-23 07:46:14.494952+00`.
-fn parse_timestamptz(text: &str) -> Result<DateTime<Utc>, DecodeError> {
+fn parse_timestamptz(text: &str) -> Result<DateTime<Utc>, EnvelopeError> {
     let local = text
         .strip_suffix("+00")
         .ok_or_else(|| problem(format!("created_at {text:?} is not in UTC")))?;
@@ -275,11 +276,11 @@ mod tests {
             text(r#"{"a": "b"}"#),
             text("2026-11-23 07:46:14.494952+00"),
         ];
-        let message = layout().decode(&values, 7).unwrap();
+        let message = layout().decode(&values, Lsn(7)).unwrap();
         assert_eq!(message.payload, Payload::Bytes(vec![0, 255, 16]));
         assert_eq!(message.headers["a"], "b");
         assert_eq!(message.created_at_rfc3339(), "2026-11-23T07:46:14.494952Z");
-        assert_eq!(message.commit_lsn, 7);
+        assert_eq!(message.commit_lsn, Lsn(7));
     }
 
     #[test]
@@ -293,7 +294,7 @@ mod tests {
             text("{}"),
             text("2026-11-23 07:46:14+00"),
         ];
-        let err = layout().decode(&values, 7).unwrap_err().to_string();
+        let err = layout().decode(&values, Lsn(7)).unwrap_err().to_string();
         assert_eq!(
             err,
             "cannot decode outbox message 01a2075e-ab60-72df-a257-c9236de1f4c9: both payload and payload_bytes are NULL"
@@ -314,12 +315,12 @@ mod tests {
     #[test]
     fn an_envelope_decodes() {
         let content = br#"{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":null,"created_at":"2026-11-23T07:46:14.494952Z","headers":{},"payload":{"n": [1, 2]}}"#;
-        let message = decode_envelope(content, 9).unwrap();
+        let message = decode_envelope(content, Lsn(9)).unwrap();
         assert_eq!(message.payload, Payload::Json(r#"{"n": [1, 2]}"#.into()));
         assert_eq!(message.key, None);
         let bytes = br#"{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":"k","created_at":"2026-11-23T07:46:14Z","headers":{"h":"v"},"payload_base64":"AP8="}"#;
         assert_eq!(
-            decode_envelope(bytes, 9).unwrap().payload,
+            decode_envelope(bytes, Lsn(9)).unwrap().payload,
             Payload::Bytes(vec![0, 255])
         );
     }
@@ -330,7 +331,7 @@ mod tests {
             let content = format!(
                 r#"{{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"{queue}","key":null,"created_at":"2026-11-23T07:46:14Z","headers":{headers},"payload":1}}"#
             );
-            let message = decode_envelope(content.as_bytes(), 9).unwrap();
+            let message = decode_envelope(content.as_bytes(), Lsn(9)).unwrap();
             assert!(check_publish_rules(&message).is_err(), "{content}");
         }
     }
@@ -338,7 +339,7 @@ mod tests {
     #[test]
     fn a_future_envelope_version_says_upgrade() {
         let content = br#"{"v":2,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":null,"created_at":"2026-11-23T07:46:14Z","headers":{},"payload":1}"#;
-        let err = decode_envelope(content, 9).unwrap_err().to_string();
+        let err = decode_envelope(content, Lsn(9)).unwrap_err().to_string();
         assert!(err.contains("upgrade outbox-worker"), "{err}");
     }
 }

@@ -4,6 +4,5 @@ pub mod decode;
 pub mod pgoutput;
 mod replication;
 pub mod setup;
-mod tls;
 
-pub use replication::{Quarantined, ReplicationSource, SlotSettings, SourceError, SourceEvent};
+pub use replication::{ReplicationSource, SlotSettings, SourceError, SourceEvent};

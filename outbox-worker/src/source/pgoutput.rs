@@ -9,14 +9,14 @@ use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq)]
 #[error("malformed pgoutput {message} message: {problem}")]
-pub struct DecodeError {
+pub struct ProtocolError {
     message: &'static str,
     problem: String,
 }
 
-impl DecodeError {
+impl ProtocolError {
     pub fn unknown_relation(id: u32) -> Self {
-        DecodeError {
+        ProtocolError {
             message: "Insert",
             problem: format!("relation {id} was not announced by a Relation message"),
         }
@@ -52,9 +52,9 @@ pub enum Change {
     Other(u8),
 }
 
-pub fn decode(data: &[u8]) -> Result<Change, DecodeError> {
+pub fn decode(data: &[u8]) -> Result<Change, ProtocolError> {
     let Some((&tag, body)) = data.split_first() else {
-        return Err(DecodeError {
+        return Err(ProtocolError {
             message: "(empty)",
             problem: "no message type byte".into(),
         });
@@ -66,7 +66,7 @@ pub fn decode(data: &[u8]) -> Result<Change, DecodeError> {
     }
 }
 
-fn decode_relation(r: &mut Reader) -> Result<Relation, DecodeError> {
+fn decode_relation(r: &mut Reader<'_>) -> Result<Relation, ProtocolError> {
     let id = r.u32()?;
     let namespace = r.cstring()?;
     let name = r.cstring()?;
@@ -87,7 +87,7 @@ fn decode_relation(r: &mut Reader) -> Result<Relation, DecodeError> {
     })
 }
 
-fn decode_insert(r: &mut Reader) -> Result<Change, DecodeError> {
+fn decode_insert(r: &mut Reader<'_>) -> Result<Change, ProtocolError> {
     let relation = r.u32()?;
     let marker = r.u8()?;
     if marker != b'N' {
@@ -123,14 +123,14 @@ impl<'a> Reader<'a> {
         Reader { message, rest }
     }
 
-    fn error(&self, problem: String) -> DecodeError {
-        DecodeError {
+    fn error(&self, problem: String) -> ProtocolError {
+        ProtocolError {
             message: self.message,
             problem,
         }
     }
 
-    fn bytes(&mut self, len: usize) -> Result<&'a [u8], DecodeError> {
+    fn bytes(&mut self, len: usize) -> Result<&'a [u8], ProtocolError> {
         if self.rest.len() < len {
             return Err(self.error(format!(
                 "truncated: needed {len} more bytes, {} left",
@@ -142,19 +142,19 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.bytes(1)?[0])
     }
 
-    fn i16(&mut self) -> Result<i16, DecodeError> {
+    fn i16(&mut self) -> Result<i16, ProtocolError> {
         Ok(i16::from_be_bytes(self.bytes(2)?.try_into().unwrap()))
     }
 
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
         Ok(u32::from_be_bytes(self.bytes(4)?.try_into().unwrap()))
     }
 
-    fn cstring(&mut self) -> Result<String, DecodeError> {
+    fn cstring(&mut self) -> Result<String, ProtocolError> {
         let Some(end) = self.rest.iter().position(|&b| b == 0) else {
             return Err(self.error("unterminated string".into()));
         };

@@ -11,10 +11,11 @@ use thiserror::Error;
 use tokio_postgres::config::{Host, SslMode};
 
 use super::decode::{
-    check_publish_rules, decode_envelope, DecodeError, TableLayout, MESSAGE_PREFIX,
+    check_publish_rules, decode_envelope, EnvelopeError, TableLayout, MESSAGE_PREFIX,
 };
 use super::pgoutput::{self, Change};
-use crate::message::{Lsn, Message};
+use crate::lsn::Lsn;
+use crate::message::{Message, Quarantined};
 
 #[derive(Debug, Error)]
 pub enum SourceError {
@@ -23,9 +24,9 @@ pub enum SourceError {
     Connection(#[from] PgWireError),
     /// The stream carries something this worker cannot read: stopping is the only safe move.
     #[error(transparent)]
-    Decode(#[from] super::decode::DecodeError),
+    Envelope(#[from] EnvelopeError),
     #[error(transparent)]
-    Protocol(#[from] pgoutput::DecodeError),
+    Protocol(#[from] pgoutput::ProtocolError),
 }
 
 impl SourceError {
@@ -61,16 +62,6 @@ pub enum SourceEvent {
     },
 }
 
-#[derive(Debug, PartialEq)]
-pub struct Quarantined {
-    /// What the message claimed, when it could be read.
-    pub id: Option<uuid::Uuid>,
-    /// The raw content (wal form) or the row's values (table form).
-    pub raw: Vec<u8>,
-    pub reason: String,
-    pub commit_lsn: Lsn,
-}
-
 pub struct SlotSettings {
     pub url: String,
     pub slot: String,
@@ -89,9 +80,11 @@ pub struct ReplicationSource {
 }
 
 impl ReplicationSource {
-    /// Starts streaming. `start` = 0 resumes from the slot's confirmed position; a later LSN
-    /// (a commit end this worker saw fully acknowledged) skips what came before it.
-    pub async fn connect(settings: &SlotSettings, start: Lsn) -> Result<Self, SourceError> {
+    /// Starts streaming. `None` resumes from the slot's confirmed position; an LSN (a commit end
+    /// this worker saw fully acknowledged) skips what came before it.
+    pub async fn connect(settings: &SlotSettings, start: Option<Lsn>) -> Result<Self, SourceError> {
+        // 0 asks the server for the slot's confirmed position.
+        let start = start.map_or(0, |lsn| lsn.0);
         let config = replication_config(settings)
             .map_err(|e| SourceError::Connection(PgWireError::Internal(e)))?
             .with_start_lsn(WireLsn(start));
@@ -101,7 +94,7 @@ impl ReplicationSource {
         Ok(ReplicationSource {
             client,
             layouts: HashMap::new(),
-            commit_lsn: 0,
+            commit_lsn: Lsn(0),
             committed_at: chrono::Utc::now(),
             status_interval: settings.status_interval,
         })
@@ -121,15 +114,19 @@ impl ReplicationSource {
                     commit_time_micros,
                     ..
                 } => {
-                    self.commit_lsn = final_lsn.0;
+                    self.commit_lsn = Lsn(final_lsn.0);
                     self.committed_at = postgres_time(commit_time_micros);
                     return Ok(SourceEvent::Begin);
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
-                    return Ok(SourceEvent::Commit { end_lsn: end_lsn.0 })
+                    return Ok(SourceEvent::Commit {
+                        end_lsn: Lsn(end_lsn.0),
+                    })
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    return Ok(SourceEvent::KeepAlive { wal_end: wal_end.0 })
+                    return Ok(SourceEvent::KeepAlive {
+                        wal_end: Lsn(wal_end.0),
+                    })
                 }
                 ReplicationEvent::Message {
                     transactional: true,
@@ -155,7 +152,7 @@ impl ReplicationSource {
     /// A decoded message that keeps the publish rules, or its quarantine.
     fn checked(
         &self,
-        decoded: Result<Message, DecodeError>,
+        decoded: Result<Message, EnvelopeError>,
         raw: impl FnOnce() -> Vec<u8>,
     ) -> SourceEvent {
         match decoded.and_then(|m| check_publish_rules(&m).map(|()| m)) {
@@ -177,7 +174,7 @@ impl ReplicationSource {
     fn decode_change(
         &mut self,
         data: &[u8],
-    ) -> Result<Option<(Result<Message, DecodeError>, String)>, SourceError> {
+    ) -> Result<Option<(Result<Message, EnvelopeError>, String)>, SourceError> {
         match pgoutput::decode(data)? {
             Change::Relation(relation) => {
                 self.layouts
@@ -190,7 +187,7 @@ impl ReplicationSource {
                     format!("{values:?}"),
                 ))),
                 Some(None) => Ok(None),
-                None => Err(pgoutput::DecodeError::unknown_relation(relation).into()),
+                None => Err(pgoutput::ProtocolError::unknown_relation(relation).into()),
             },
             Change::Other(_) => Ok(None),
         }
@@ -199,7 +196,7 @@ impl ReplicationSource {
     /// Everything before `lsn` is delivered: the slot may release it. Sent to the server within
     /// one status interval.
     pub fn confirm(&self, lsn: Lsn) {
-        self.client.update_applied_lsn(WireLsn(lsn));
+        self.client.update_applied_lsn(WireLsn(lsn.0));
     }
 
     /// Ends the session after the last confirmation reached the server (`shutdown` itself sends

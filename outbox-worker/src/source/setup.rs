@@ -2,37 +2,8 @@
 //! safe to run from several workers at once.
 
 use anyhow::{bail, Context, Result};
-use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
-
-/// An ordinary (non-replication) connection, TLS as `sslmode` says; its driver task ends with
-/// the client.
-pub async fn connect(url: &str) -> Result<Client> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .with_context(|| format!("postgres.url {}", redact(url)))?;
-    let context = || format!("cannot connect to PostgreSQL at {}", redact(url));
-    let client = if config.get_ssl_mode() == SslMode::Disable {
-        let (client, connection) = config.connect(NoTls).await.with_context(context)?;
-        tokio::spawn(drive(connection));
-        client
-    } else {
-        let (client, connection) = config
-            .connect(super::tls::connector())
-            .await
-            .with_context(context)?;
-        tokio::spawn(drive(connection));
-        client
-    };
-    Ok(client)
-}
-
-async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
-    if let Err(e) = connection.await {
-        tracing::debug!(error = %e, "postgres connection ended");
-    }
-}
+use tokio_postgres::Client;
 
 pub async fn ensure_slot(client: &Client, slot: &str, publication: &str) -> Result<()> {
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
@@ -124,30 +95,4 @@ fn ignore_duplicate(
 
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}@{host}")
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redact_hides_the_password() {
-        assert_eq!(
-            super::redact("postgres://u:secret@h:5/db"),
-            "postgres://u@h:5/db"
-        );
-        assert_eq!(super::redact("postgres://h/db"), "postgres://h/db");
-    }
 }

@@ -1,0 +1,120 @@
+//! The operator's commands: `setup`, `check-config`, `status`, `dlq list`, `dlq redrive`.
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::pg;
+use crate::source::setup;
+
+/// `setup`: the publication and the slot, created when missing.
+pub async fn setup(config: &Config) -> Result<()> {
+    let client = pg::connect(config.url()).await?;
+    setup::ensure_slot(&client, &config.postgres.slot, &config.postgres.publication).await?;
+    println!(
+        "publication {:?} and slot {:?} are ready",
+        config.postgres.publication, config.postgres.slot
+    );
+    Ok(())
+}
+
+/// `check-config`: the configuration with defaults filled in, secrets redacted.
+pub fn show_config(config: &Config) -> String {
+    toml::to_string_pretty(config).expect("the configuration serializes")
+}
+
+/// `outbox-worker dlq …`.
+pub enum DlqCommand {
+    List {
+        queue: Option<String>,
+        limit: i64,
+    },
+    Redrive {
+        id: Option<uuid::Uuid>,
+        queue: Option<String>,
+    },
+}
+
+pub async fn dlq(url: &str, command: DlqCommand) -> Result<()> {
+    let client = pg::connect(url).await?;
+    match command {
+        DlqCommand::List { queue, limit } => {
+            let rows = client
+                .query(
+                    "SELECT id, queue, coalesce(key, ''), destination, attempts, failed_at::text, error
+                       FROM outbox.dead_letters WHERE $1::text IS NULL OR queue = $1
+                      ORDER BY failed_at, id LIMIT $2",
+                    &[&queue, &limit],
+                )
+                .await?;
+            println!("id\tqueue\tkey\tdestination\tattempts\tfailed_at\terror");
+            for row in &rows {
+                let id: uuid::Uuid = row.get(0);
+                let attempts: i32 = row.get(4);
+                let (queue, key, destination, failed_at, error): (
+                    String,
+                    String,
+                    String,
+                    String,
+                    String,
+                ) = (row.get(1), row.get(2), row.get(3), row.get(5), row.get(6));
+                println!("{id}\t{queue}\t{key}\t{destination}\t{attempts}\t{failed_at}\t{error}");
+            }
+            eprintln!("{} dead letter(s)", rows.len());
+        }
+        DlqCommand::Redrive { id: Some(id), .. } => {
+            client
+                .query_one("SELECT outbox.redrive($1::uuid)", &[&id])
+                .await?;
+            println!("redriven: {id}");
+        }
+        DlqCommand::Redrive { queue, .. } => {
+            let count: i64 = client
+                .query_one(
+                    "SELECT outbox.redrive($1::text)",
+                    &[&queue.unwrap_or_default()],
+                )
+                .await?
+                .get(0);
+            println!("redriven: {count} message(s)");
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(url: &str) -> Result<()> {
+    let client = pg::connect(url).await?;
+    let rows = client
+        .query(
+            "SELECT slot_name::text, active, coalesce(active_pid::text, '-'), coalesce(confirmed_flush_lsn::text, '-'),
+                    coalesce(lag_bytes::text, '-'), coalesce(retained_wal_bytes::text, '-'),
+                    coalesce(wal_status, '-'), dead_letters
+               FROM outbox.status()",
+            &[],
+        )
+        .await?;
+    println!(
+        "slot\tactive\tpid\tconfirmed_lsn\tlag_bytes\tretained_wal_bytes\twal_status\tdead_letters"
+    );
+    for row in &rows {
+        let active: bool = row.get(1);
+        let dead: i64 = row.get(7);
+        let text = |i: usize| row.get::<_, String>(i);
+        println!(
+            "{}\t{active}\t{}\t{}\t{}\t{}\t{}\t{dead}",
+            text(0),
+            text(2),
+            text(3),
+            text(4),
+            text(5),
+            text(6)
+        );
+    }
+    if rows.is_empty() {
+        let dead: i64 = client
+            .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+            .await?
+            .get(0);
+        println!("(no pgoutput slot in this database)\t\t\t\t\t\t\t{dead}");
+    }
+    Ok(())
+}
