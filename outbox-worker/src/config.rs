@@ -91,6 +91,20 @@ pub struct DeliveryConfig {
     /// redelivered by the next run, never lost).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How a key's messages keep their order when a broker refuses some of them.
+    pub ordering: KeyOrdering,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrdering {
+    /// A sink whose client cannot keep a key's order through a partial refusal (RabbitMQ,
+    /// stdout) gets one message per key at a time; later ones of that key wait. Kafka's
+    /// idempotent producer keeps the order itself and stays pipelined.
+    PerKey,
+    /// Every sink pipelined: faster for few keys, and a refused message may arrive after later
+    /// messages of its key.
+    Pipelined,
 }
 
 impl Default for DeliveryConfig {
@@ -101,6 +115,7 @@ impl Default for DeliveryConfig {
             retry_max: Duration::from_secs(30),
             max_attempts: 5,
             shutdown_timeout: Duration::from_secs(30),
+            ordering: KeyOrdering::PerKey,
         }
     }
 }

@@ -1,5 +1,6 @@
 """An independent AMQP client (pika): reads QUEUE with basic_get until EXPECTED messages arrived
-or TIMEOUT seconds passed; prints one JSON object per message."""
+or TIMEOUT seconds passed; prints one JSON object per message. An optional fifth argument is a
+pause after each message, in seconds (a slow consumer)."""
 import json
 import sys
 import time
@@ -7,6 +8,7 @@ import time
 import pika
 
 url, queue, expected, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+pause = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 connection = pika.BlockingConnection(pika.URLParameters(url))
 channel = connection.channel()
 count = 0
@@ -17,6 +19,8 @@ while count < expected and time.time() < deadline:
         time.sleep(0.05)
         continue
     count += 1
+    if pause:
+        time.sleep(pause)
     headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in (properties.headers or {}).items()}
     print(json.dumps({
         "message_id": properties.message_id,

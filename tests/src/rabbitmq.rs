@@ -146,6 +146,19 @@ impl RabbitMq {
         run_python(&script, &[]);
     }
 
+    /// Like [`RabbitMq::declare`], with a queue that holds at most `max_length` messages and
+    /// refuses (nacks) publishes beyond that (`x-overflow = reject-publish`).
+    pub fn declare_bounded(&self, exchange: &str, queue: &str, max_length: u32) {
+        let script = format!(
+            "import pika\nc = pika.BlockingConnection(pika.URLParameters('{}'))\nch = c.channel()\n\
+             ch.exchange_declare('{exchange}', 'direct', durable=True)\n\
+             ch.queue_declare('{queue}', durable=True, arguments={{'x-max-length': {max_length}, 'x-overflow': 'reject-publish'}})\n\
+             ch.queue_bind('{queue}', '{exchange}', routing_key='{queue}')\nc.close()\n",
+            self.url()
+        );
+        run_python(&script, &[]);
+    }
+
     /// Every message in `queue`, read with pika (an independent client) as JSON lines:
     /// `{"message_id", "content_type", "headers", "body"}`; waits until `expected` arrived.
     pub fn drain_queue(
@@ -153,6 +166,17 @@ impl RabbitMq {
         queue: &str,
         expected: usize,
         timeout: Duration,
+    ) -> Vec<serde_json::Value> {
+        self.drain_queue_slowly(queue, expected, timeout, Duration::ZERO)
+    }
+
+    /// [`RabbitMq::drain_queue`] by a consumer that pauses `pause` after each message.
+    pub fn drain_queue_slowly(
+        &self,
+        queue: &str,
+        expected: usize,
+        timeout: Duration,
+        pause: Duration,
     ) -> Vec<serde_json::Value> {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/amqp_consume.py");
         let out = Command::new("python3")
@@ -162,6 +186,7 @@ impl RabbitMq {
                 queue,
                 &expected.to_string(),
                 &timeout.as_secs().to_string(),
+                &pause.as_secs_f64().to_string(),
             ])
             .output()
             .expect("python3");

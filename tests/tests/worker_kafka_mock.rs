@@ -1,12 +1,13 @@
 //! Broker faults injected with librdkafka's mock cluster (in this process; the worker subprocess
-//! connects to it over TCP): produce errors, then every broker down for 10 s. Nothing is lost.
+//! connects to it over TCP): produce errors, then every broker down for 10 s; a message refused
+//! for good in the middle of a steady stream. Nothing is lost.
 
 use std::time::Duration;
 
 use outbox_tests::kafka::read_until;
 use outbox_tests::publish::{check_delivery, publish_range, Storage};
 use outbox_tests::worker::kafka_args;
-use outbox_tests::{PgCluster, Worker};
+use outbox_tests::{eventually, PgCluster, Worker};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
@@ -62,4 +63,87 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
         "the worker's retry path ran:\n{}",
         worker.log()
     );
+}
+
+/// One 3 kB message, refused by the producer (`message.max.bytes = 2000`), in the middle of a
+/// steady stream: its dead-letter write races the next events. It must be written (one row), the
+/// stream must go on, and the slot must keep moving. 0.2.0 dropped the write when an event came
+/// first: no row, the slot frozen for good.
+async fn refused_message_in_a_steady_stream(max_attempts: u32) {
+    const TOTAL: u64 = 3_000;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("orders", 3, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(&format!(
+        "[delivery]\nmax_attempts = {max_attempts}\nretry_initial = \"10ms\"\n\
+         [sinks.kafka.properties]\n\"message.max.bytes\" = 2000\n"
+    ));
+    let worker = Worker::start(&kafka_args(&pg.url(), &brokers, config.path()), None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    for first in (0..TOTAL).step_by(100) {
+        publish_range(&db, "orders", first, 100, 10, Storage::Mixed).await;
+        if first == TOTAL / 2 {
+            db.batch_execute(
+                "SELECT outbox.publish('orders', jsonb_build_object('i', -1, 'pad', repeat('x', 3000)), '{}', 'k-0')",
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let end: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let records = tokio::task::spawn_blocking(move || {
+        read_until(
+            &brokers,
+            &["orders"],
+            TOTAL as usize,
+            Duration::from_secs(120),
+        )
+    })
+    .await
+    .unwrap();
+    let seen: Vec<_> = records.iter().map(|r| r.seen()).collect();
+    check_delivery(&seen, TOTAL);
+    let db = &db;
+    let end = &end;
+    eventually(Duration::from_secs(30), "the slot confirmed past the stream", || async move {
+        db.query_one(
+            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'pg_outbox'",
+            &[end],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    })
+    .await;
+    let (count, error): (i64, String) = {
+        let row = db
+            .query_one("SELECT count(*), max(error) FROM outbox.dead_letters", &[])
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(count, 1, "exactly the refused message: {}", worker.log());
+    assert!(
+        error.contains("too large") || error.contains("MessageSizeTooLarge"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_is_written_while_the_stream_goes_on_after_one_attempt() {
+    refused_message_in_a_steady_stream(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_is_written_while_the_stream_goes_on_after_five_attempts() {
+    refused_message_in_a_steady_stream(5).await;
 }

@@ -7,6 +7,7 @@
 //! again in their original order after a backoff ([`window`]), so a broker outage neither drops
 //! nor reorders messages.
 
+mod keys;
 mod metrics;
 mod tracker;
 mod window;
@@ -16,15 +17,16 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use self::keys::KeyQueues;
 pub use self::metrics::dead_lettered as count_dead_letter;
 use self::metrics::SinkMetrics;
 pub use self::tracker::{AckTracker, TxId};
 use self::window::{Entry, Window};
-use crate::config::DeliveryConfig;
+use crate::config::{DeliveryConfig, KeyOrdering};
 use crate::lsn::Lsn;
 use crate::message::Message;
 use crate::router::Route;
-use crate::sink::{BySink, Sink, SinkError, Sinks};
+use crate::sink::{BySink, Sink, SinkError, SinkId, Sinks};
 use crate::telemetry;
 
 /// A message the broker refused permanently `max_attempts` times. It stays unacknowledged until
@@ -33,17 +35,20 @@ use crate::telemetry;
 pub struct Undeliverable {
     pub tx: TxId,
     pub message: Arc<Message>,
+    pub sink_id: SinkId,
     pub sink: String,
     pub destination: Arc<str>,
     pub attempts: u32,
     pub error: SinkError,
 }
 
-/// A sink with its name and metric handles.
+/// A sink with its name, metric handles and, when it sends one message per key at a time, the
+/// messages waiting for their key.
 struct Target {
     name: String,
     sink: Arc<dyn Sink>,
     metrics: SinkMetrics,
+    keys: Option<KeyQueues>,
 }
 
 pub struct Delivery {
@@ -68,6 +73,8 @@ impl Delivery {
                 name: s.name.clone(),
                 sink: s.sink.clone(),
                 metrics: SinkMetrics::new(&s.name),
+                keys: (config.ordering == KeyOrdering::PerKey && !s.sink.keeps_key_order())
+                    .then(KeyQueues::default),
             }),
             window: Window::new(config.max_in_flight),
             config,
@@ -90,21 +97,30 @@ impl Delivery {
 
     /// Room for one more message, and no failed message waiting or being sent again.
     pub fn can_accept(&self) -> bool {
-        self.window.can_accept()
+        self.window.can_accept(self.waiting())
     }
 
     /// Nothing in flight, nothing failed, no transaction open.
     pub fn is_idle(&self) -> bool {
-        self.window.is_settled() && self.tracker.is_empty()
+        self.is_settled() && self.tracker.is_empty()
     }
 
-    /// Nothing in flight and nothing failed (an open transaction may remain).
+    /// Nothing in flight, waiting or failed (an open transaction may remain).
     pub fn is_settled(&self) -> bool {
-        self.window.is_settled()
+        self.window.is_settled() && self.waiting() == 0
     }
 
+    /// Messages not yet acknowledged.
     pub fn in_flight(&self) -> usize {
-        self.window.len()
+        self.window.len() + self.waiting()
+    }
+
+    /// Messages waiting for an earlier one of their key.
+    fn waiting(&self) -> usize {
+        self.targets
+            .iter()
+            .map(|(_, t)| t.keys.as_ref().map_or(0, KeyQueues::len))
+            .sum()
     }
 
     /// The commit end up to which everything is acknowledged; `None` before the first one.
@@ -123,7 +139,21 @@ impl Delivery {
             permanent_failures: 0,
         };
         self.next_seq += 1;
-        self.dispatch(entry);
+        let admitted = match self.targets[entry.route.sink].keys.as_mut() {
+            Some(keys) => keys.admit(entry),
+            None => Some(entry),
+        };
+        if let Some(entry) = admitted {
+            self.dispatch(entry);
+        }
+    }
+
+    /// A message of `key` settled on `sink`: the next one of that key may go.
+    fn next_of_key(&mut self, sink: SinkId, key: Option<&str>) {
+        let keys = self.targets[sink].keys.as_mut();
+        if let Some(next) = keys.and_then(|keys| keys.settled(key)) {
+            self.dispatch(next);
+        }
     }
 
     fn dispatch(&mut self, entry: Entry) {
@@ -146,6 +176,7 @@ impl Delivery {
                         .metrics
                         .published(&entry.message);
                     self.tracker.acked(entry.tx);
+                    self.next_of_key(entry.route.sink, entry.message.key.as_deref());
                     self.advance();
                     None
                 }
@@ -199,6 +230,7 @@ impl Delivery {
             return Some(Undeliverable {
                 tx: entry.tx,
                 message: entry.message,
+                sink_id: entry.route.sink,
                 sink: target.name.clone(),
                 destination: entry.route.destination,
                 attempts: entry.attempts,
@@ -225,11 +257,12 @@ impl Delivery {
     pub fn dead_lettered(&mut self, u: &Undeliverable) {
         metrics::dead_lettered(&u.sink, &u.message);
         self.tracker.acked(u.tx);
+        self.next_of_key(u.sink_id, u.message.key.as_deref());
         self.advance();
     }
 
     fn advance(&mut self) {
-        ::metrics::gauge!(telemetry::IN_FLIGHT).set(self.window.len() as f64);
+        ::metrics::gauge!(telemetry::IN_FLIGHT).set(self.in_flight() as f64);
         if let Some(lsn) = self.tracker.confirmable() {
             self.confirmed = Some(lsn);
             ::metrics::gauge!(telemetry::CONFIRMED_LSN).set(lsn.0 as f64);
@@ -262,10 +295,14 @@ mod tests {
     const END: Lsn = Lsn(0x100);
 
     fn message(n: u128) -> Message {
+        keyed(n, "customer-1")
+    }
+
+    fn keyed(n: u128, key: &str) -> Message {
         Message {
             id: Uuid::from_u128(n),
             queue: "orders".into(),
-            key: Some("customer-1".into()),
+            key: Some(key.into()),
             headers: BTreeMap::new(),
             payload: Payload::Json(format!("{{\"n\": {n}}}")),
             created_at: chrono::Utc::now(),
@@ -279,6 +316,15 @@ mod tests {
         max_in_flight: usize,
         max_attempts: u32,
     ) -> (Delivery, Route) {
+        delivery_with(sink, max_in_flight, max_attempts, KeyOrdering::PerKey)
+    }
+
+    fn delivery_with(
+        sink: &Arc<ScriptedSink>,
+        max_in_flight: usize,
+        max_attempts: u32,
+        ordering: KeyOrdering,
+    ) -> (Delivery, Route) {
         let sinks = Sinks::from_named(vec![("scripted".into(), sink.clone() as Arc<dyn Sink>)]);
         let route = Route {
             sink: sinks.iter().next().unwrap().0,
@@ -287,6 +333,7 @@ mod tests {
         let config = DeliveryConfig {
             max_in_flight,
             max_attempts,
+            ordering,
             ..DeliveryConfig::default()
         };
         (Delivery::new(&sinks, config), route)
@@ -327,11 +374,53 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn failed_sends_are_sent_again_in_their_original_order() {
+    async fn per_key_a_refused_message_is_never_overtaken_by_later_ones_of_its_key() {
+        let sink = ScriptedSink::new();
+        sink.on_id(Uuid::from_u128(6), Step::Reject(transient()), Some(2));
+        sink.on_id(Uuid::from_u128(3), Step::Reject(transient()), Some(1));
+        let (mut delivery, route) = delivery(&sink, 100, 5);
+        let dead = deliver(&mut delivery, &route, 10).await;
+        assert!(dead.is_empty());
+        assert_eq!(ids(&sink), (1..=10).collect::<Vec<_>>());
+        assert_eq!(delivery.confirmed(), Some(END));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_key_other_keys_go_on_while_one_key_waits() {
+        let sink = ScriptedSink::new();
+        sink.on(|_, _| true, Step::Hold, None);
+        let (mut delivery, route) = delivery(&sink, 100, 5);
+        let tx = delivery.begin();
+        for n in 0..9 {
+            delivery.send(tx, route.clone(), keyed(n, &format!("k-{}", n % 3)));
+        }
+        delivery.commit(tx, END);
+        assert_eq!(ids(&sink), [0, 1, 2], "one message per key on the wire");
+        assert_eq!(delivery.in_flight(), 9);
+        sink.release();
+        while !delivery.is_settled() {
+            delivery.progress().await;
+        }
+        let mut by_key = std::collections::HashMap::<_, Vec<u128>>::new();
+        for stored in sink.stored() {
+            by_key
+                .entry(stored.key.unwrap())
+                .or_default()
+                .push(stored.id.as_u128());
+        }
+        assert_eq!(by_key["k-0"], [0, 3, 6]);
+        assert_eq!(by_key["k-1"], [1, 4, 7]);
+        assert_eq!(delivery.confirmed(), Some(END));
+    }
+
+    /// The trade-off of `ordering = "pipelined"`: refused messages are retried in their original
+    /// order, but after later messages that were already accepted.
+    #[tokio::test(start_paused = true)]
+    async fn pipelined_failed_sends_go_again_in_order_after_later_ones() {
         let sink = ScriptedSink::new();
         sink.on_id(Uuid::from_u128(6), Step::Reject(transient()), Some(1));
         sink.on_id(Uuid::from_u128(3), Step::Reject(transient()), Some(1));
-        let (mut delivery, route) = delivery(&sink, 100, 5);
+        let (mut delivery, route) = delivery_with(&sink, 100, 5, KeyOrdering::Pipelined);
         let dead = deliver(&mut delivery, &route, 10).await;
         assert!(dead.is_empty());
         assert_eq!(ids(&sink), [1, 2, 4, 5, 7, 8, 9, 10, 3, 6]);
@@ -383,18 +472,25 @@ mod tests {
         delivery.send(tx, route.clone(), message(1));
         delivery.send(tx, route, message(2));
         delivery.commit(tx, END);
-        let mut undeliverable = None;
-        while undeliverable.is_none() || !delivery.is_settled() {
+        let undeliverable = loop {
             if let Some(u) = delivery.progress().await {
-                undeliverable = Some(u);
+                break u;
             }
-        }
+        };
         assert_eq!(
             delivery.confirmed(),
             None,
             "the slot must not pass an unwritten dead letter"
         );
-        delivery.dead_lettered(&undeliverable.unwrap());
+        assert!(
+            ids(&sink).is_empty(),
+            "message 2 waits for its key's dead letter"
+        );
+        delivery.dead_lettered(&undeliverable);
+        while !delivery.is_settled() {
+            delivery.progress().await;
+        }
+        assert_eq!(ids(&sink), [2]);
         assert_eq!(delivery.confirmed(), Some(END));
     }
 
@@ -403,7 +499,7 @@ mod tests {
         let sink = ScriptedSink::new();
         // The first send and the first retry of message 1 fail.
         sink.on_id(Uuid::from_u128(1), Step::Reject(transient()), Some(2));
-        let (mut delivery, route) = delivery(&sink, 3, 5);
+        let (mut delivery, route) = delivery_with(&sink, 3, 5, KeyOrdering::Pipelined);
         let dead = deliver(&mut delivery, &route, 6).await;
         assert!(dead.is_empty());
         assert_eq!(sink.attempts(Uuid::from_u128(1)), 3);
@@ -424,7 +520,11 @@ mod tests {
         );
         let (mut delivery, route) = delivery(&sink, 100, 5);
         deliver(&mut delivery, &route, 3).await;
-        assert_eq!(ids(&sink), [1, 2, 3, 2]);
+        assert_eq!(
+            ids(&sink),
+            [1, 2, 2, 3],
+            "3 waits for its key: the duplicate comes first"
+        );
         assert_eq!(delivery.confirmed(), Some(END));
     }
 
@@ -445,10 +545,16 @@ mod tests {
         })
         .await;
         assert!(waited.is_err());
-        assert_eq!(delivery.in_flight(), 1);
+        assert_eq!(
+            delivery.in_flight(),
+            3,
+            "1 held by the broker, 2 and 3 waiting for it"
+        );
         assert_eq!(delivery.confirmed(), None);
         sink.release();
-        delivery.progress().await;
+        while !delivery.is_settled() {
+            delivery.progress().await;
+        }
         assert_eq!(delivery.confirmed(), Some(END));
     }
 

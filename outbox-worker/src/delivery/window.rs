@@ -55,13 +55,13 @@ impl Window {
             .push(Box::pin(async move { (entry, ack.await) }));
     }
 
-    /// Room for one more message, no failed message waiting to be sent again, and no re-sent one
-    /// still unacknowledged: a message sent behind a retry could otherwise overtake it if the
-    /// retry fails again.
-    pub fn can_accept(&self) -> bool {
+    /// Room for one more message besides `waiting` others, no failed message waiting to be sent
+    /// again, and no re-sent one still unacknowledged: a message sent behind a retry could
+    /// otherwise overtake it if the retry fails again.
+    pub fn can_accept(&self, waiting: usize) -> bool {
         self.failed.is_empty()
             && self.retries_in_flight == 0
-            && self.in_flight.len() < self.max_in_flight
+            && self.in_flight.len() + waiting < self.max_in_flight
     }
 
     /// Nothing in flight and nothing failed.

@@ -23,6 +23,8 @@ pub struct KafkaSink {
     broken: Arc<AtomicBool>,
     /// The last send succeeded (or none failed yet): `/health/ready`.
     healthy: Arc<AtomicBool>,
+    /// `enable.idempotence` is on (our default): the producer keeps per-partition order.
+    idempotent: bool,
 }
 
 /// Our defaults; any property in the config overrides them.
@@ -55,6 +57,7 @@ impl KafkaSink {
     pub fn new(config: &KafkaSinkConfig, max_in_flight: usize) -> Result<KafkaSink, String> {
         config.check()?;
         let client_config = client_config(config, max_in_flight);
+        let idempotent = client_config.get("enable.idempotence") != Some("false");
         let producer = client_config
             .create()
             .map_err(|e| describe_kafka_error(&e))?;
@@ -63,6 +66,7 @@ impl KafkaSink {
             producer: RwLock::new(producer),
             broken: Arc::new(AtomicBool::new(false)),
             healthy: Arc::new(AtomicBool::new(true)),
+            idempotent,
         })
     }
 
@@ -176,6 +180,10 @@ impl Sink for KafkaSink {
 
     fn is_ready(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
+    }
+
+    fn keeps_key_order(&self) -> bool {
+        self.idempotent
     }
 
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {

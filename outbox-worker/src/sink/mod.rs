@@ -46,6 +46,13 @@ pub trait Sink: Send + Sync {
         Box::pin(async {})
     }
 
+    /// The client keeps each key's messages in order by itself even when some sends fail (Kafka's
+    /// idempotent producer fails every later message of the partition too). When false, delivery
+    /// sends one message per key at a time (`delivery.ordering = "per_key"`).
+    fn keeps_key_order(&self) -> bool {
+        false
+    }
+
     /// Connected, as far as the sink knows (for `/health/ready`).
     fn is_ready(&self) -> bool {
         true
@@ -146,5 +153,9 @@ struct Discard;
 impl Sink for Discard {
     fn send(&self, _: &str, _: &Message) -> Ack {
         Box::pin(async { Ok(()) })
+    }
+
+    fn keeps_key_order(&self) -> bool {
+        true
     }
 }
