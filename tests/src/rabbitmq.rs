@@ -160,7 +160,7 @@ impl RabbitMq {
     }
 
     /// Every message in `queue`, read with pika (an independent client) as JSON lines:
-    /// `{"message_id", "content_type", "headers", "body"}`; waits until `expected` arrived.
+    /// `{"message_id", "content_type", "headers", "body"}`; waits until `expected` distinct ids arrived.
     pub fn drain_queue(
         &self,
         queue: &str,
