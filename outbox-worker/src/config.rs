@@ -542,7 +542,7 @@ impl KafkaSinkConfig {
         }
         for (key, value) in self.flat_properties() {
             let shown = if secret::is_secret_property(&key) {
-                "(redacted)".to_owned()
+                secret::HIDDEN.to_owned()
             } else {
                 format!("{value:?}")
             };

@@ -6,7 +6,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-const HIDDEN: &str = "(redacted)";
+/// What a hidden value prints as.
+pub const HIDDEN: &str = "(redacted)";
 
 /// A connection URL (`postgres://`, `amqp://`) that may carry a password: printed without it.
 #[derive(Clone, PartialEq, Deserialize)]

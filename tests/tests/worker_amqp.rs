@@ -33,6 +33,15 @@ async fn rabbit_and_worker(
 ) -> (RabbitMq, PgCluster, Worker, tokio_postgres::Client) {
     let rabbit = RabbitMq::start();
     rabbit.declare("events", "direct", "orders", "orders");
+    worker_for(rabbit, extra).await
+}
+
+/// PostgreSQL and a worker routing every queue to exchange `events` of `rabbit` (declared by the
+/// caller) with `extra` flags, holding the slot.
+async fn worker_for(
+    rabbit: RabbitMq,
+    extra: &[&str],
+) -> (RabbitMq, PgCluster, Worker, tokio_postgres::Client) {
     let pg = PgCluster::start().await;
     let url = pg.url();
     let amqp = rabbit.url();
@@ -271,26 +280,10 @@ async fn kafka_and_rabbitmq_routes_in_one_run_deliver_each_message_once() {
 async fn a_queue_refusing_some_messages_never_breaks_per_key_order() {
     let rabbit = RabbitMq::start();
     rabbit.declare_bounded("events", "orders", 20);
-    let pg = PgCluster::start().await;
-    let (url, amqp) = (pg.url(), rabbit.url());
     let config =
         Worker::config_file("[delivery]\nretry_initial = \"10ms\"\nretry_max = \"100ms\"\n");
-    let worker = Worker::start(
-        &[
-            "run",
-            "--postgres-url",
-            &url,
-            "--amqp-url",
-            &amqp,
-            "--amqp-exchange",
-            "events",
-            "--config",
-            config.path().to_str().unwrap(),
-        ],
-        None,
-    );
-    let db = pg.superuser().await;
-    pg.wait_for_slot(&db).await;
+    let (rabbit, _pg, worker, db) =
+        worker_for(rabbit, &["--config", config.path().to_str().unwrap()]).await;
     const TOTAL: u64 = 2_000;
     db.batch_execute(&format!(
         "SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'key', 'k'), '{{}}', 'k'))
