@@ -4,12 +4,19 @@ use anyhow::Result;
 
 use crate::config::Config;
 use crate::pg;
-use crate::source::setup;
+use crate::source::setup::{self, SlotSetup};
 
-/// `setup`: the publication and the slot, created when missing.
-pub async fn setup(config: &Config) -> Result<()> {
+/// `setup`: the publication and the slot, created on first setup; `SlotSetup::Replace`
+/// (`--new-slot`) replaces a slot that was lost.
+pub async fn setup(config: &Config, mode: SlotSetup) -> Result<()> {
     let client = pg::connect(config.url()).await?;
-    setup::ensure_slot(&client, &config.postgres.slot, &config.postgres.publication).await?;
+    setup::ensure_slot(
+        &client,
+        &config.postgres.slot,
+        &config.postgres.publication,
+        mode,
+    )
+    .await?;
     println!(
         "publication {:?} and slot {:?} are ready",
         config.postgres.publication, config.postgres.slot

@@ -1,57 +1,108 @@
 //! `outbox.dead_letters` from the worker's side: writing a message a broker refused for good, or
 //! one that `outbox.publish` did not write (a quarantine).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
+use crate::fatal::Fatal;
+use crate::health::Health;
 use crate::message::{Message, Payload, Quarantined};
 use crate::pg;
+
+/// A write taking longer than this makes the worker not ready.
+const STALLED_AFTER: Duration = Duration::from_secs(5);
+
+/// Why a dead letter was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum NotWritten {
+    /// Shutdown was requested while the database could not be reached: the message stays
+    /// unconfirmed and comes back with the next run.
+    #[error("shutdown requested before the dead letter could be written")]
+    Shutdown,
+    /// No retry can fix it (a right is missing): the worker stops.
+    #[error(transparent)]
+    Fatal(#[from] Fatal),
+}
 
 /// Writes dead letters over an ordinary connection, reconnecting as needed.
 pub struct DeadLetters {
     url: String,
     client: Option<Client>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
 }
 
 impl DeadLetters {
-    pub fn new(url: &str) -> DeadLetters {
+    pub fn new(url: &str, health: Arc<Health>, shutdown: CancellationToken) -> DeadLetters {
         DeadLetters {
             url: url.to_owned(),
             client: None,
+            health,
+            shutdown,
         }
     }
 
-    /// Durable before it returns: only then may the slot move past the message. A database that
-    /// cannot be reached is waited for (with backoff), never skipped. Already there (the worker
-    /// died after writing it and before confirming): kept as it is, so INSERT is the only right
-    /// needed (`outbox_operator` has it).
+    /// Durable before it returns `Ok`: only then may the slot move past the message. A database
+    /// that cannot be reached is waited for (with backoff, not ready meanwhile), never skipped,
+    /// until shutdown. Already there (the worker died after writing it and before confirming):
+    /// kept as it is, so INSERT is the only right needed (`outbox_operator` has it).
     pub async fn write(
         &mut self,
         message: &Message,
         destination: &str,
         error: &str,
         attempts: u32,
-    ) {
+    ) -> Result<(), NotWritten> {
+        let (health, shutdown) = (self.health.clone(), self.shutdown.clone());
+        // While draining after SIGTERM, writing is still worth trying: the drain timeout bounds it.
+        let interruptible = !shutdown.is_cancelled();
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.try_write(message, destination, error, attempts).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(id = %message.id, error = %format!("{e:#}"), "cannot write the dead letter; retrying");
-                    self.client = None;
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
+            let result = {
+                let attempt = self.try_write(message, destination, error, attempts);
+                tokio::pin!(attempt);
+                // An attempt that hangs (a locked table) stalls delivery as surely as a failure.
+                let stall = tokio::time::sleep(STALLED_AFTER);
+                tokio::pin!(stall);
+                loop {
+                    tokio::select! {
+                        result = &mut attempt => break result,
+                        () = &mut stall, if !health.is_stalled() => health.set_stalled(true),
+                        // The INSERT may still complete on the server: harmless, the next
+                        // run's write of the same id does nothing.
+                        () = shutdown.cancelled(), if interruptible => return Err(NotWritten::Shutdown),
+                    }
                 }
+            };
+            let failure = match result {
+                Ok(()) => {
+                    health.set_stalled(false);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if let Some(fatal) = pg::permanent_in(&failure, "outbox_operator") {
+                return Err(fatal.into());
             }
+            tracing::warn!(id = %message.id, error = %format!("{failure:#}"), "cannot write the dead letter; retrying");
+            health.set_stalled(true);
+            self.client = None;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled(), if interruptible => return Err(NotWritten::Shutdown),
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
         }
     }
 
     /// Keeps a quarantined message (destination `quarantine`, raw content in `payload_bytes`),
     /// durably, like [`DeadLetters::write`]. Its id is the one it claimed, or one derived from
     /// its position and content, so a re-streamed quarantine is written once.
-    pub async fn quarantine(&mut self, q: &Quarantined) {
+    pub async fn quarantine(&mut self, q: &Quarantined) -> Result<(), NotWritten> {
         let id = q.id.unwrap_or_else(|| {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -68,7 +119,7 @@ impl DeadLetters {
             commit_lsn: q.commit_lsn,
             committed_at: chrono::Utc::now(),
         };
-        self.write(&message, "quarantine", &q.reason, 1).await;
+        self.write(&message, "quarantine", &q.reason, 1).await
     }
 
     async fn try_write(

@@ -1,7 +1,6 @@
 //! `/metrics` (Prometheus text) and `/health/live`, `/health/ready` over HTTP.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -9,30 +8,8 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::sink::Sink;
-
-/// Ready = the replication slot is held and every sink is connected.
-pub struct Health {
-    pub streaming: AtomicBool,
-    pub sinks: Vec<Arc<dyn Sink>>,
-}
-
-impl Health {
-    pub fn new(sinks: Vec<Arc<dyn Sink>>) -> Arc<Health> {
-        Arc::new(Health {
-            streaming: AtomicBool::new(false),
-            sinks,
-        })
-    }
-
-    pub fn set_streaming(&self, streaming: bool) {
-        self.streaming.store(streaming, Ordering::Release);
-    }
-
-    fn ready(&self) -> bool {
-        self.streaming.load(Ordering::Acquire) && self.sinks.iter().all(|s| s.is_ready())
-    }
-}
+use crate::config::ConfigError;
+use crate::health::Health;
 
 /// Installs the process-wide metrics recorder; latencies get histogram buckets from 1 ms to 60 s.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -46,8 +23,15 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// Binds before anything else starts, so a busy port is a start-up error, not a silent one.
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, ConfigError> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ConfigError::Invalid(format!("http.listen = {listen}: cannot listen: {e}")))
+}
+
 pub async fn serve(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
     health: Arc<Health>,
     shutdown: CancellationToken,
@@ -65,10 +49,7 @@ pub async fn serve(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("http.listen = {listen}: {e}"))?;
-    tracing::info!(%listen, "serving /metrics and /health");
+    tracing::info!(listen = %listener.local_addr()?, "serving /metrics and /health");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

@@ -9,7 +9,7 @@
 //!    pgoutput,   Quarantined) SinkId,   RabbitMQ, tracker,     dead letters, shutdown)
 //!    decode)                 topic)    stdout)   metrics)
 //!
-//!   leaves: lsn · secret · rules · telemetry · config (→ rules, secret) · pg (SQL connections)
+//!   leaves: fatal · lsn · secret · rules · telemetry · config (→ rules, secret) · pg (SQL connections)
 //! ```
 //!
 //! `main.rs` is the command line over [`pipeline::run`] and [`admin`].
@@ -18,6 +18,8 @@ pub mod admin;
 pub mod config;
 pub mod dead_letters;
 pub mod delivery;
+pub mod fatal;
+pub mod health;
 pub mod http;
 pub mod lsn;
 pub mod message;

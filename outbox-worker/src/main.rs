@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use outbox_worker::admin::{self, DlqCommand as Dlq};
 use outbox_worker::config::{self, Config, LogFormat, Overrides};
 use outbox_worker::pipeline;
+use outbox_worker::source::setup::SlotSetup;
 use tokio_util::sync::CancellationToken;
 
 /// glibc malloc took a third of the CPU under librdkafka's and tokio's threads (perf, Kafka drain);
@@ -30,7 +31,14 @@ enum Command {
     /// Stream the slot and deliver messages until SIGTERM.
     Run(Options),
     /// Check the database, create the publication and the slot, then exit.
-    Setup(Options),
+    Setup {
+        #[command(flatten)]
+        options: Options,
+        /// Start a new slot at the current position, in place of one that was dropped or
+        /// invalidated (messages it had not delivered must be sent again: README, "A lost slot").
+        #[arg(long)]
+        new_slot: bool,
+    },
     /// Load and validate the configuration, print it with defaults filled in, then exit.
     CheckConfig(Options),
     /// Print the slot, its lag and the dead-letter count (outbox.status()).
@@ -123,7 +131,14 @@ impl Options {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level))
+        // The replication library logs every failed connection as an ERROR of its own (once a
+        // second for a standby waiting for the slot); the worker logs each with its remedy.
+        .add_directive(
+            "pgwire_replication::client::tokio_client=off"
+                .parse()
+                .expect("a valid directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -151,7 +166,7 @@ fn on_signal(shutdown: CancellationToken) {
 /// What to do once the configuration is loaded.
 enum Action {
     Run,
-    Setup,
+    Setup(SlotSetup),
     CheckConfig,
     Status,
     Dlq(Dlq),
@@ -161,7 +176,14 @@ impl Command {
     fn into_parts(self) -> (Options, Action) {
         match self {
             Command::Run(o) => (o, Action::Run),
-            Command::Setup(o) => (o, Action::Setup),
+            Command::Setup { options, new_slot } => (
+                options,
+                Action::Setup(if new_slot {
+                    SlotSetup::Replace
+                } else {
+                    SlotSetup::Keep
+                }),
+            ),
             Command::CheckConfig(o) => (o, Action::CheckConfig),
             Command::Status(o) => (o, Action::Status),
             Command::Dlq {
@@ -195,7 +217,7 @@ async fn main() -> ExitCode {
             print!("{}", admin::show_config(&config));
             Ok(())
         }
-        Action::Setup => admin::setup(&config).await,
+        Action::Setup(mode) => admin::setup(&config, mode).await,
         Action::Status => admin::status(config.url()).await,
         Action::Dlq(command) => admin::dlq(config.url(), command).await,
         Action::Run => {
@@ -209,7 +231,12 @@ async fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("outbox-worker: {e:#}");
-            ExitCode::FAILURE
+            // 2: the configuration is wrong (as for a bad config file); 1: everything else.
+            if e.downcast_ref::<config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

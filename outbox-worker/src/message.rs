@@ -48,7 +48,20 @@ impl Payload {
     }
 }
 
+/// Whether a header is the content type (header names compare without case, as in HTTP).
+pub fn is_content_type(header: &str) -> bool {
+    header.eq_ignore_ascii_case("content-type")
+}
+
 impl Message {
+    /// The publisher's `content-type` header if it set one, else what the payload form implies.
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .iter()
+            .find(|(key, _)| is_content_type(key))
+            .map_or(self.payload.content_type(), |(_, value)| value.as_str())
+    }
+
     /// RFC 3339, UTC, microseconds: the `outbox-created-at` header and the JSON field. Written
     /// by hand: chrono's formatter showed up in the Kafka path's profile (once per message).
     pub fn created_at_rfc3339(&self) -> String {

@@ -7,13 +7,16 @@ use anyhow::{anyhow, Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dead_letters::DeadLetters;
+use crate::dead_letters::{DeadLetters, NotWritten};
 use crate::delivery::{self, Delivery, Undeliverable};
-use crate::http::{self, Health};
+use crate::fatal::Fatal;
+use crate::health::Health;
+use crate::http;
 use crate::pg;
 use crate::router::Router;
 use crate::sink::Sinks;
-use crate::source::{setup, ReplicationSource, SlotSettings, SourceError, SourceEvent};
+use crate::source::setup::{self, SlotSetup};
+use crate::source::{Remedy, ReplicationSource, SlotSettings, SourceError, SourceEvent};
 use crate::telemetry;
 
 /// Why a stream ended.
@@ -24,30 +27,48 @@ enum Stop {
     Lost(SourceError),
 }
 
+/// A stream that lasted this long was healthy: the reconnect backoff starts over.
+const HEALTHY_STREAM: Duration = Duration::from_secs(30);
+
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    // A busy port is a configuration error (exit 2), found before anything starts.
+    let listener = match config.http.listen {
+        Some(listen) => Some(http::bind(listen).await?),
+        None => None,
+    };
+    let Some(client) = connect_at_start(config.url(), &shutdown).await? else {
+        return Ok(());
+    };
+    setup::check_rights(&client).await?;
     if config.postgres.setup {
-        let client = pg::connect(config.url()).await?;
-        setup::ensure_slot(&client, &config.postgres.slot, &config.postgres.publication).await?;
+        setup::ensure_slot(
+            &client,
+            &config.postgres.slot,
+            &config.postgres.publication,
+            SlotSetup::Keep,
+        )
+        .await?;
     }
+    drop(client);
     let mut router = Router::new(&config);
     let sinks = Sinks::build(&config)?;
     let health = Health::new(sinks.iter().map(|(_, s)| s.sink.clone()).collect());
-    if let Some(listen) = config.http.listen {
+    if let Some(listener) = listener {
         let metrics = http::install_metrics()?;
         tokio::spawn(http::serve(
-            listen,
+            listener,
             metrics,
             health.clone(),
             shutdown.clone(),
         ));
-        tokio::spawn(poll_slot_lag(
-            config.url().to_owned(),
-            config.postgres.slot.clone(),
-            shutdown.clone(),
-        ));
     }
+    tokio::spawn(watch_slot(
+        config.url().to_owned(),
+        config.postgres.slot.clone(),
+        shutdown.clone(),
+    ));
     let mut delivery = Delivery::new(&sinks, config.delivery.clone());
-    let mut dead_letters = DeadLetters::new(config.url());
+    let mut dead_letters = DeadLetters::new(config.url(), health.clone(), shutdown.clone());
     let settings = SlotSettings {
         url: config.url().to_owned(),
         slot: config.postgres.slot.clone(),
@@ -60,35 +81,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         "outbox-worker starting"
     );
 
+    // Failed connections and short-lived streams since the last healthy stream.
     let mut reconnects = 0u32;
+    let mut waiting_for_slot = false;
     let result = loop {
         // None = the slot's confirmed position; after a lost connection, what this run confirmed.
         let start = delivery.confirmed();
         let mut source = tokio::select! {
             connected = ReplicationSource::connect(&settings, start) => match connected {
                 Ok(source) => source,
-                Err(e) if e.is_retryable() => {
-                    reconnects += 1;
-                    // A standby polls a held slot every second, so it takes over quickly.
-                    let delay = if e.is_slot_busy() {
-                        if reconnects == 1 {
-                            tracing::info!(slot = settings.slot, "slot is active in another process; waiting for it");
+                Err(e) => {
+                    let delay = match e.remedy() {
+                        // A standby polls a held slot every second, so it takes over quickly.
+                        Remedy::WaitForSlot => {
+                            if !waiting_for_slot {
+                                tracing::info!(slot = settings.slot, "slot is active in another process; waiting for it");
+                                waiting_for_slot = true;
+                            }
+                            Duration::from_secs(1)
                         }
-                        Duration::from_secs(1)
-                    } else {
-                        tracing::warn!(error = %e, "cannot start replication; retrying");
-                        reconnect_delay(reconnects)
+                        Remedy::Reconnect => {
+                            reconnects += 1;
+                            tracing::warn!(error = %e, "cannot start replication; retrying");
+                            reconnect_delay(reconnects)
+                        }
+                        Remedy::SlotGone(what) => break Err(slot_gone(&settings, &what).await),
+                        Remedy::Stop(fatal) => break Err(fatal.into()),
                     };
                     if wait_or_shutdown(delay, &shutdown).await {
                         break Ok(());
                     }
                     continue;
                 }
-                Err(e) => break Err(anyhow!(e).context("cannot start replication")),
             },
             _ = shutdown.cancelled() => break Ok(()),
         };
-        reconnects = 0;
+        waiting_for_slot = false;
+        let connected_at = tokio::time::Instant::now();
         health.set_streaming(true);
         match start {
             Some(lsn) => tracing::info!(slot = settings.slot, start = %lsn, "streaming"),
@@ -114,9 +143,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             }
             Ok(Stop::Lost(e)) => {
                 tracing::warn!(error = %e, "replication connection lost; reconnecting");
-                settle(&mut parts, &shutdown).await;
+                if let Err(e) = settle(&mut parts, &shutdown).await {
+                    break Err(e);
+                }
                 delivery.reset_stream();
-                if wait_or_shutdown(reconnect_delay(0), &shutdown).await {
+                if connected_at.elapsed() >= HEALTHY_STREAM {
+                    reconnects = 0;
+                }
+                reconnects += 1;
+                if wait_or_shutdown(reconnect_delay(reconnects), &shutdown).await {
                     break Ok(());
                 }
             }
@@ -131,6 +166,44 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     result
 }
 
+/// The first SQL connection: waits (with backoff) for a server that is down or starting, stops
+/// at once on what waiting cannot fix (wrong password, missing database). `None`: shutdown.
+async fn connect_at_start(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<tokio_postgres::Client>> {
+    let mut attempt = 0;
+    loop {
+        match pg::connect(url).await {
+            Ok(client) => return Ok(Some(client)),
+            Err(e) => {
+                if let Some(fatal) = pg::permanent_in(&e, "outbox_operator") {
+                    return Err(fatal.into());
+                }
+                attempt += 1;
+                tracing::warn!(error = %format!("{e:#}"), "cannot connect to PostgreSQL; retrying");
+                if wait_or_shutdown(reconnect_delay(attempt), shutdown).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// The error that stops the worker when its slot is missing or invalidated.
+async fn slot_gone(settings: &SlotSettings, what: &str) -> anyhow::Error {
+    let what = format!("is gone ({what})");
+    match pg::connect(&settings.url).await {
+        Ok(client) => setup::slot_gone(&client, &settings.slot, &what).await.into(),
+        Err(_) => anyhow!(
+            "replication slot {:?} {what}: messages committed since its last confirmed position \
+             may not have been delivered; run `outbox-worker setup --new-slot` (README, \"A lost \
+             slot\")",
+            settings.slot
+        ),
+    }
+}
+
 /// What a stream works with, borrowed for its lifetime.
 struct Parts<'a> {
     router: &'a mut Router,
@@ -142,8 +215,11 @@ impl Parts<'_> {
     /// Handles what [`Delivery::progress`] returned: a message refused for good goes to the dead
     /// letters. Called from a `select!` branch's body, never raced: once the write started it
     /// finishes, so a dead letter cannot be dropped half way.
-    async fn settle_one(&mut self, undeliverable: Option<Undeliverable>) {
-        let Some(u) = undeliverable else { return };
+    async fn settle_one(
+        &mut self,
+        settled: Result<Option<Undeliverable>, Fatal>,
+    ) -> Result<(), NotWritten> {
+        let Some(u) = settled? else { return Ok(()) };
         let destination = format!("{}:{}", u.sink, u.destination);
         tracing::error!(
             id = %u.message.id, queue = %u.message.queue, destination, attempts = u.attempts,
@@ -151,8 +227,9 @@ impl Parts<'_> {
         );
         self.dead_letters
             .write(&u.message, &destination, &u.error.to_string(), u.attempts)
-            .await;
+            .await?;
         self.delivery.dead_lettered(&u);
+        Ok(())
     }
 }
 
@@ -168,11 +245,13 @@ async fn stream(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                drain(parts, config.delivery.shutdown_timeout).await;
+                drain(parts, config.delivery.shutdown_timeout).await?;
                 return Ok(Stop::Requested);
             }
             settled = parts.delivery.progress() => {
-                parts.settle_one(settled).await;
+                if let Some(stop) = stopped(parts.settle_one(settled).await)? {
+                    return Ok(stop);
+                }
                 if let Some(lsn) = parts.delivery.confirmed() {
                     source.confirm(lsn);
                 }
@@ -188,7 +267,10 @@ async fn stream(
                             let error = format!("no route matches queue {:?}", message.queue);
                             tracing::error!(id = %message.id, queue = %message.queue, "{error}; dead-lettering it");
                             delivery::count_dead_letter("", &message);
-                            parts.dead_letters.write(&message, "(no route)", &error, 1).await;
+                            let written = parts.dead_letters.write(&message, "(no route)", &error, 1).await;
+                            if let Some(stop) = stopped(written)? {
+                                return Ok(stop);
+                            }
                         }
                     }
                 }
@@ -198,7 +280,9 @@ async fn stream(
                     tracing::error!(claimed_id = ?q.id, commit_lsn = %q.commit_lsn, reason = %q.reason,
                         "quarantining a message not written by outbox.publish: not delivered, kept in outbox.dead_letters");
                     metrics::counter!(telemetry::QUARANTINED).increment(1);
-                    parts.dead_letters.quarantine(&q).await;
+                    if let Some(stop) = stopped(parts.dead_letters.quarantine(&q).await)? {
+                        return Ok(stop);
+                    }
                 }
                 Ok(SourceEvent::Commit { end_lsn }) => {
                     let open = tx.take().context("a commit without a begin")?;
@@ -214,25 +298,43 @@ async fn stream(
                         source.confirm(wal_end);
                     }
                 }
-                Err(e) if e.is_retryable() => return Ok(Stop::Lost(e)),
-                Err(e) => return Err(anyhow!(e)),
+                Err(e) => return match e.remedy() {
+                    Remedy::Reconnect | Remedy::WaitForSlot => Ok(Stop::Lost(e)),
+                    Remedy::SlotGone(what) => Err(anyhow!("replication slot is gone: {what}")),
+                    Remedy::Stop(fatal) => Err(fatal.into()),
+                },
             },
         }
     }
 }
 
-/// Waits for every in-flight message, retrying failures, unless shutdown comes first.
-async fn settle(parts: &mut Parts<'_>, shutdown: &CancellationToken) {
-    while !parts.delivery.is_settled() {
-        tokio::select! {
-            settled = parts.delivery.progress() => parts.settle_one(settled).await,
-            _ = shutdown.cancelled() => return,
-        }
+/// A dead letter not written: shutdown stops the stream (the message stays unconfirmed), a
+/// missing right stops the worker.
+fn stopped(written: Result<(), NotWritten>) -> Result<Option<Stop>> {
+    match written {
+        Ok(()) => Ok(None),
+        Err(NotWritten::Shutdown) => Ok(Some(Stop::Requested)),
+        Err(NotWritten::Fatal(fatal)) => Err(fatal.into()),
     }
 }
 
+/// Waits for every in-flight message, retrying failures, unless shutdown comes first.
+async fn settle(parts: &mut Parts<'_>, shutdown: &CancellationToken) -> Result<()> {
+    while !parts.delivery.is_settled() {
+        tokio::select! {
+            settled = parts.delivery.progress() => {
+                if stopped(parts.settle_one(settled).await)?.is_some() {
+                    return Ok(());
+                }
+            }
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 /// SIGTERM: wait for in-flight messages, at most `timeout`; what is left is redelivered later.
-async fn drain(parts: &mut Parts<'_>, timeout: Duration) {
+async fn drain(parts: &mut Parts<'_>, timeout: Duration) -> Result<()> {
     tracing::info!(
         in_flight = parts.delivery.in_flight(),
         "stopping: draining in-flight messages"
@@ -240,41 +342,67 @@ async fn drain(parts: &mut Parts<'_>, timeout: Duration) {
     let drained = tokio::time::timeout(timeout, async {
         while !parts.delivery.is_settled() {
             let settled = parts.delivery.progress().await;
-            parts.settle_one(settled).await;
+            if stopped(parts.settle_one(settled).await)?.is_some() {
+                break;
+            }
         }
+        anyhow::Ok(())
     })
     .await;
-    if drained.is_err() {
-        tracing::warn!(
-            in_flight = parts.delivery.in_flight(),
-            "drain timed out; unacknowledged messages will be delivered again by the next run"
-        );
+    match drained {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                in_flight = parts.delivery.in_flight(),
+                "drain timed out; unacknowledged messages will be delivered again by the next run"
+            );
+            Ok(())
+        }
     }
 }
 
-/// The slot's lag for `/metrics`, every 5 s, over an ordinary connection.
-async fn poll_slot_lag(url: String, slot: String, shutdown: CancellationToken) {
+/// Every 5 s over an ordinary connection: the slot's lag for `/metrics`, and in `outbox.slots` up
+/// to when everything was delivered (what a lost slot's error reports).
+async fn watch_slot(url: String, slot: String, shutdown: CancellationToken) {
     let mut client = None;
     while !shutdown.is_cancelled() {
         if client.is_none() {
             client = pg::connect(&url).await.ok();
         }
         if let Some(c) = &client {
-            let lag = c
-                .query_opt(
-                    "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await;
-            match lag {
-                Ok(Some(row)) => metrics::gauge!(telemetry::SLOT_LAG)
-                    .set(row.get::<_, Option<f64>>(0).unwrap_or(0.0)),
-                Ok(None) => {}
-                Err(_) => client = None,
+            match record_slot(c, &slot).await {
+                Ok(lag) => metrics::gauge!(telemetry::SLOT_LAG).set(lag.unwrap_or(0.0)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the slot's position");
+                    client = None;
+                }
             }
         }
         wait_or_shutdown(Duration::from_secs(5), &shutdown).await;
     }
+}
+
+/// Once the slot confirmed past the last mark (the server's WAL position at a known time), that
+/// time becomes `delivered_before` and a new mark is taken. Returns the lag in bytes.
+async fn record_slot(client: &tokio_postgres::Client, slot: &str) -> Result<Option<f64>> {
+    client
+        .execute(
+            "UPDATE outbox.slots t
+                SET delivered_before = t.mark_at, mark_lsn = pg_current_wal_lsn(), mark_at = now()
+               FROM pg_replication_slots s
+              WHERE t.slot_name = $1 AND s.slot_name = t.slot_name
+                AND s.database = current_database() AND s.confirmed_flush_lsn >= t.mark_lsn
+                AND t.mark_at < now() - interval '30 seconds'",
+            &[&slot],
+        )
+        .await?;
+    let lag = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(lag.and_then(|row| row.get(0)))
 }
 
 fn reconnect_delay(attempt: u32) -> Duration {

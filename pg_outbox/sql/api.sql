@@ -274,3 +274,4 @@ GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
     TO outbox_operator;
 GRANT SELECT ON outbox.messages TO outbox_operator;
 GRANT SELECT, INSERT, DELETE ON outbox.dead_letters TO outbox_operator;
+GRANT SELECT, INSERT, UPDATE ON outbox.slots TO outbox_operator;

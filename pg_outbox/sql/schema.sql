@@ -135,3 +135,22 @@ CREATE TABLE outbox.dead_letters (
 );
 CREATE INDEX dead_letters_queue ON outbox.dead_letters (queue);
 SELECT pg_catalog.pg_extension_config_dump('outbox.dead_letters', '');
+
+-- The slots a worker has streamed from. A slot that disappears (dropped, invalidated, lost in a
+-- failover or a restore) then stops the worker with what may be missing, instead of being
+-- created again at the current position over undelivered messages. Kept by outbox-worker;
+-- dumped, so a restored database remembers it too.
+CREATE TABLE outbox.slots (
+    slot_name        name        PRIMARY KEY,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- Every message committed before this time was delivered: the slot confirmed past the WAL
+    -- position the server had then.
+    delivered_before timestamptz NOT NULL DEFAULT now(),
+    -- The server's WAL position at mark_at; once the slot confirms past it, mark_at becomes
+    -- delivered_before and a new mark is taken.
+    mark_lsn         pg_lsn      NOT NULL DEFAULT pg_catalog.pg_current_wal_lsn(),
+    mark_at          timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('outbox.slots', '');
+COMMENT ON TABLE outbox.slots IS
+    'Replication slots outbox-worker has used, and up to when everything was delivered.';

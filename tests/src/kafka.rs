@@ -17,6 +17,8 @@ pub struct Record {
     pub key: Option<String>,
     pub payload: Vec<u8>,
     pub headers: BTreeMap<String, String>,
+    /// Every header in wire order, repeats included.
+    pub header_list: Vec<(String, String)>,
 }
 
 impl Record {
@@ -62,7 +64,7 @@ pub fn read_until(
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                let headers = m
+                let header_list: Vec<(String, String)> = m
                     .headers()
                     .map(|hs| {
                         hs.iter()
@@ -81,7 +83,8 @@ pub fn read_until(
                     partition: m.partition(),
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     payload: m.payload().unwrap_or_default().to_vec(),
-                    headers,
+                    headers: header_list.iter().cloned().collect(),
+                    header_list,
                 };
                 ids.insert(record.headers.get("outbox-id").cloned().unwrap_or_default());
                 records.push(record);

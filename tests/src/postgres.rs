@@ -29,6 +29,29 @@ impl PgCluster {
         Self::start_configured(|_| {})
     }
 
+    /// TCP connections of roles other than `postgres` must give their password (SCRAM).
+    pub async fn start_with_passwords() -> PgCluster {
+        let cluster = Self::start_configured(|data| {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust
+                 host all postgres 127.0.0.1/32 trust
+                 host replication postgres 127.0.0.1/32 trust
+                 host all all 127.0.0.1/32 scram-sha-256
+                 host replication all 127.0.0.1/32 scram-sha-256
+",
+            )
+            .unwrap();
+        });
+        cluster
+            .superuser()
+            .await
+            .batch_execute("CREATE EXTENSION pg_outbox")
+            .await
+            .unwrap();
+        cluster
+    }
+
     /// TCP connections only over TLS (a fresh self-signed certificate); plain ones are rejected.
     /// Unix-socket connections stay open for the harness ([`PgCluster::socket_client`]).
     pub async fn start_tls_only() -> PgCluster {

@@ -15,7 +15,12 @@ pub struct Worker {
 
 /// `target/<profile>/outbox-worker`, built by `cargo test --workspace` before any test runs
 /// (tests live in `target/<profile>/deps/`, the bench binary in `target/<profile>/`).
+/// `OUTBOX_WORKER_BIN` runs the tests against another build (an older release, to show that a
+/// test fails without its fix).
 pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("OUTBOX_WORKER_BIN") {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
     let profile_dir = if dir.ends_with("deps") {
@@ -63,25 +68,25 @@ pub fn run_once(args: &[&str], env: &[(&str, &str)]) -> Output {
 impl Worker {
     /// Starts `outbox-worker ARGS`; its stdout is appended to `stdout` (or discarded).
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S], stdout: Option<&Path>) -> Worker {
+        Self::start_with(args, &[], stdout.map(stdout_to))
+    }
+
+    /// Starts `outbox-worker ARGS` with extra environment variables and the given stdout.
+    pub fn start_with<S: AsRef<std::ffi::OsStr>>(
+        args: &[S],
+        env: &[(&str, &str)],
+        stdout: Option<Stdio>,
+    ) -> Worker {
         let dir = tempfile::Builder::new()
             .prefix("outbox_worker")
             .tempdir()
             .unwrap();
         let log = dir.path().join("stderr.log");
-        let out = match stdout {
-            Some(path) => Stdio::from(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .expect("stdout file"),
-            ),
-            None => Stdio::null(),
-        };
         let child = Command::new(binary())
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
-            .stdout(out)
+            .stdout(stdout.unwrap_or_else(Stdio::null))
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn outbox-worker");
@@ -135,6 +140,30 @@ impl Worker {
         }
     }
 
+    /// The worker's stdout, when it was started with `Stdio::piped()`.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        let child = self.child.as_mut().expect("running");
+        child.stdout.take().expect("stdout was piped")
+    }
+
+    /// Waits for the worker to exit on its own; panics with its log if it is still running after
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "worker still running {timeout:?} later, expected it to exit:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The exit status if it has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().unwrap())
@@ -148,6 +177,17 @@ impl Drop for Worker {
             eprintln!("--- outbox-worker stderr ---\n{}", self.log());
         }
     }
+}
+
+/// Appends the worker's stdout to `path`.
+pub fn stdout_to(path: &Path) -> Stdio {
+    Stdio::from(
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("stdout file"),
+    )
 }
 
 /// A plain HTTP/1.0 GET (enough for /metrics and /health): (status code, body).

@@ -14,7 +14,7 @@ async fn dropping_next_mid_await_never_loses_an_event() {
     let pg = PgCluster::start().await;
     let db = pg.superuser().await;
     let client = outbox_worker::pg::connect(&pg.url()).await.unwrap();
-    setup::ensure_slot(&client, "pg_outbox", "pg_outbox")
+    setup::ensure_slot(&client, "pg_outbox", "pg_outbox", setup::SlotSetup::Keep)
         .await
         .unwrap();
     const COUNT: u64 = 1500;

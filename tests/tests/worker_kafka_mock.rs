@@ -1,12 +1,14 @@
 //! Broker faults injected with librdkafka's mock cluster (in this process; the worker subprocess
 //! connects to it over TCP): produce errors, then every broker down for 10 s; a message refused
-//! for good in the middle of a steady stream. Nothing is lost.
+//! for good in the middle of a steady stream; one key's order through refusals. Nothing is lost.
+//! Also what needs no real broker: readiness and the content-type header.
 
 use std::time::Duration;
 
 use outbox_tests::kafka::read_until;
+use outbox_tests::postgres::free_port;
 use outbox_tests::publish::{check_delivery, publish_range, Storage};
-use outbox_tests::worker::kafka_args;
+use outbox_tests::worker::{http_get, kafka_args};
 use outbox_tests::{eventually, PgCluster, Worker};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -146,4 +148,141 @@ async fn a_dead_letter_is_written_while_the_stream_goes_on_after_one_attempt() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_is_written_while_the_stream_goes_on_after_five_attempts() {
     refused_message_in_a_steady_stream(5).await;
+}
+
+/// The shape of the RabbitMQ refusal test, on Kafka: 2,000 messages of one key in one
+/// transaction while the broker is down (every send times out and is retried by the worker), then
+/// refuses produce requests now and then. Kafka stays pipelined (its idempotent producer keeps a
+/// partition's order by itself); the first arrivals must still be in commit order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_refusing_some_sends_never_breaks_per_key_order() {
+    const TOTAL: u64 = 2_000;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("orders", 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(
+        "[delivery]\nretry_initial = \"10ms\"\nretry_max = \"500ms\"\n\
+         [sinks.kafka.properties]\n\"message.timeout.ms\" = 1500\n",
+    );
+    let worker = Worker::start(&kafka_args(&pg.url(), &brokers, config.path()), None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    mock.broker_down(-1).unwrap();
+    db.batch_execute(&format!(
+        "SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'key', 'k-0'), '{{}}', 'k-0'))
+           FROM generate_series(0, {}) AS i",
+        TOTAL - 1
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    use RDKafkaRespErr::*;
+    let refusals: Vec<_> = (0..30)
+        .map(|n| match n % 3 {
+            0 => RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            1 => RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            _ => RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        })
+        .collect();
+    mock.request_errors(RDKafkaApiKey::Produce, &refusals);
+    mock.broker_up(-1).unwrap();
+
+    let records = tokio::task::spawn_blocking(move || {
+        read_until(
+            &brokers,
+            &["orders"],
+            TOTAL as usize,
+            Duration::from_secs(120),
+        )
+    })
+    .await
+    .unwrap();
+    let seen: Vec<_> = records.iter().map(|r| r.seen()).collect();
+    let tally = check_delivery(&seen, TOTAL);
+    eprintln!("one key, broker down then refusing: {tally:?}");
+    assert!(
+        worker.log().contains("retrying them in order"),
+        "the worker's retry path ran:\n{}",
+        worker.log()
+    );
+}
+
+/// `/health/ready` on Kafka: not ready until the brokers answer, ready while they do, not ready
+/// again when they stop answering, even with no traffic at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_readiness_follows_whether_the_brokers_answer() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("orders", 1, 1).unwrap();
+    mock.broker_down(-1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file("");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = kafka_args(&pg.url(), &brokers, config.path());
+    args.extend(["--http-listen".into(), listen.clone()]);
+    let _worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    let listen = &listen;
+    let ready = || http_get(listen, "/health/ready").map(|(status, _)| status).ok();
+    for _ in 0..3 {
+        assert_eq!(ready(), Some(503), "brokers down, streaming: not ready");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    mock.broker_up(-1).unwrap();
+    eventually(Duration::from_secs(30), "ready once the brokers answer", || async move {
+        ready() == Some(200)
+    })
+    .await;
+    mock.broker_down(-1).unwrap();
+    eventually(Duration::from_secs(30), "not ready, with no traffic", || async move {
+        ready() == Some(503)
+    })
+    .await;
+}
+
+/// A publisher's `content-type` header is the one consumers see, once; without one, the payload
+/// form's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_publishers_content_type_wins_and_is_sent_once() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("orders", 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file("");
+    let _worker = Worker::start(&kafka_args(&pg.url(), &brokers, config.path()), None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    db.batch_execute(
+        "SELECT outbox.publish_bytes('orders', '\\x0a0b'::bytea, '{\"content-type\": \"application/avro\"}');
+         SELECT outbox.publish('orders', '{\"n\": 1}', '{\"Content-Type\": \"application/cloudevents+json\"}');
+         SELECT outbox.publish('orders', '{\"n\": 2}');",
+    )
+    .await
+    .unwrap();
+    let records = tokio::task::spawn_blocking(move || {
+        read_until(&brokers, &["orders"], 3, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let content_types: Vec<Vec<&str>> = records
+        .iter()
+        .map(|r| {
+            r.header_list
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.as_str())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        content_types,
+        [
+            vec!["application/avro"],
+            vec!["application/cloudevents+json"],
+            vec!["application/json"]
+        ]
+    );
 }

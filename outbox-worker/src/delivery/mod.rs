@@ -23,6 +23,7 @@ use self::metrics::SinkMetrics;
 pub use self::tracker::{AckTracker, TxId};
 use self::window::{Entry, Window};
 use crate::config::{DeliveryConfig, KeyOrdering};
+use crate::fatal::Fatal;
 use crate::lsn::Lsn;
 use crate::message::Message;
 use crate::router::Route;
@@ -168,7 +169,7 @@ impl Delivery {
     /// Pending forever when there is nothing to wait for: use in `select!` with other branches.
     /// Cancel-safe: nothing is lost when the future is dropped at its await points (a settled send
     /// is handled without awaiting; a backoff cut short resumes where it was).
-    pub async fn progress(&mut self) -> Option<Undeliverable> {
+    pub async fn progress(&mut self) -> Result<Option<Undeliverable>, Fatal> {
         if let Some((entry, result)) = self.window.next_settled().await {
             return match result {
                 Ok(()) => {
@@ -178,7 +179,7 @@ impl Delivery {
                     self.tracker.acked(entry.tx);
                     self.next_of_key(entry.route.sink, entry.message.key.as_deref());
                     self.advance();
-                    None
+                    Ok(None)
                 }
                 Err(error) => self.failed(entry, error),
             };
@@ -207,13 +208,21 @@ impl Delivery {
             self.targets[entry.route.sink].metrics.retried();
             self.dispatch(entry);
         }
-        None
+        Ok(None)
     }
 
     /// A failed send: parked for a retry, or given up on after `max_attempts` permanent refusals.
-    fn failed(&mut self, mut entry: Entry, error: SinkError) -> Option<Undeliverable> {
+    /// A sink that can never deliver again stops the worker (the message stays unacknowledged).
+    fn failed(&mut self, mut entry: Entry, error: SinkError) -> Result<Option<Undeliverable>, Fatal> {
         let target = &self.targets[entry.route.sink];
         let kind = match error {
+            SinkError::Closed(_) => {
+                return Err(Fatal::new(
+                    format!("sink {}: {error}", target.name),
+                    "nothing can be delivered through it any more; unacknowledged messages are \
+                     delivered again by the next run",
+                ))
+            }
             SinkError::Permanent(_) => {
                 entry.permanent_failures += 1;
                 "permanent"
@@ -227,7 +236,7 @@ impl Delivery {
             %error, "send failed"
         );
         if entry.permanent_failures >= self.config.max_attempts {
-            return Some(Undeliverable {
+            return Ok(Some(Undeliverable {
                 tx: entry.tx,
                 message: entry.message,
                 sink_id: entry.route.sink,
@@ -235,11 +244,11 @@ impl Delivery {
                 destination: entry.route.destination,
                 attempts: entry.attempts,
                 error,
-            });
+            }));
         }
         self.last_error = Some((target.name.clone(), error));
         self.window.park(entry);
-        None
+        Ok(None)
     }
 
     /// Exponential, capped, with jitter (half to full delay) so that many workers do not retry
@@ -358,7 +367,7 @@ mod tests {
             if next > count && delivery.is_idle() {
                 return dead;
             }
-            if let Some(u) = delivery.progress().await {
+            if let Some(u) = delivery.progress().await.expect("no sink closed") {
                 dead.push(u.message.id);
                 delivery.dead_lettered(&u);
             }
@@ -399,7 +408,7 @@ mod tests {
         assert_eq!(delivery.in_flight(), 9);
         sink.release();
         while !delivery.is_settled() {
-            delivery.progress().await;
+            delivery.progress().await.expect("no sink closed");
         }
         let mut by_key = std::collections::HashMap::<_, Vec<u128>>::new();
         for stored in sink.stored() {
@@ -473,7 +482,7 @@ mod tests {
         delivery.send(tx, route, message(2));
         delivery.commit(tx, END);
         let undeliverable = loop {
-            if let Some(u) = delivery.progress().await {
+            if let Some(u) = delivery.progress().await.expect("no sink closed") {
                 break u;
             }
         };
@@ -488,7 +497,7 @@ mod tests {
         );
         delivery.dead_lettered(&undeliverable);
         while !delivery.is_settled() {
-            delivery.progress().await;
+            delivery.progress().await.expect("no sink closed");
         }
         assert_eq!(ids(&sink), [2]);
         assert_eq!(delivery.confirmed(), Some(END));
@@ -540,7 +549,7 @@ mod tests {
         delivery.commit(tx, END);
         let waited = tokio::time::timeout(Duration::from_secs(60), async {
             loop {
-                delivery.progress().await;
+                delivery.progress().await.expect("no sink closed");
             }
         })
         .await;
@@ -553,7 +562,7 @@ mod tests {
         assert_eq!(delivery.confirmed(), None);
         sink.release();
         while !delivery.is_settled() {
-            delivery.progress().await;
+            delivery.progress().await.expect("no sink closed");
         }
         assert_eq!(delivery.confirmed(), Some(END));
     }
@@ -588,11 +597,12 @@ mod tests {
             }
             // Cut every wait short after 1 ms: most calls are dropped mid-await.
             match tokio::time::timeout(Duration::from_millis(1), delivery.progress()).await {
-                Ok(Some(u)) => {
+                Ok(Ok(Some(u))) => {
                     dead.push(u.message.id.as_u128());
                     delivery.dead_lettered(&u);
                 }
-                Ok(None) => {}
+                Ok(Ok(None)) => {}
+                Ok(Err(fatal)) => panic!("{fatal}"),
                 Err(_) => cancelled += 1,
             }
         }

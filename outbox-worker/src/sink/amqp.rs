@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Ack, Sink, SinkError};
 use crate::config::AmqpSinkConfig;
-use crate::message::Message;
+use crate::message::{is_content_type, Message};
 
 struct Publish {
     exchange: String,
@@ -146,7 +146,8 @@ fn properties(message: &Message) -> BasicProperties {
             AMQPValue::LongString(LongString::from(value.to_owned())),
         );
     };
-    for (key, value) in &message.headers {
+    // The publisher's content-type becomes the content_type property, sent once.
+    for (key, value) in message.headers.iter().filter(|(k, _)| !is_content_type(k)) {
         put(key, value);
     }
     put("outbox-id", &message.id.to_string());
@@ -154,7 +155,7 @@ fn properties(message: &Message) -> BasicProperties {
     put("outbox-created-at", &message.created_at_rfc3339());
     BasicProperties::default()
         .with_message_id(ShortString::from(message.id.to_string()))
-        .with_content_type(ShortString::from(message.payload.content_type().to_owned()))
+        .with_content_type(ShortString::from(message.content_type().to_owned()))
         .with_timestamp(message.created_at.timestamp().max(0) as u64)
         .with_delivery_mode(2) // persistent
         .with_headers(headers)

@@ -2,7 +2,8 @@
 //! murmur2 partitioner (same key, same partition as a Java producer would pick), outbox headers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -11,18 +12,20 @@ use rdkafka::ClientConfig;
 
 use super::{Ack, Sink, SinkError};
 use crate::config::KafkaSinkConfig;
-use crate::message::Message;
+use crate::message::{is_content_type, Message};
 use crate::rules::describe_kafka_error;
 
 pub struct KafkaSink {
     client_config: ClientConfig,
-    producer: RwLock<FutureProducer>,
+    producer: Arc<RwLock<FutureProducer>>,
     /// Set when the producer hit a fatal error (for example fenced after an epoch bump that the
     /// broker refused): the next send replaces it. The caller re-sends everything that failed, in
     /// order, only after all in-flight sends settled, so nothing is left on the old one.
     broken: Arc<AtomicBool>,
-    /// The last send succeeded (or none failed yet): `/health/ready`.
+    /// The last send succeeded (or none failed yet): one half of `/health/ready`.
     healthy: Arc<AtomicBool>,
+    /// The brokers answered the last metadata request ([`probe_brokers`]): the other half.
+    brokers_answer: Arc<AtomicBool>,
     /// `enable.idempotence` is on (our default): the producer keeps per-partition order.
     idempotent: bool,
 }
@@ -61,11 +64,19 @@ impl KafkaSink {
         let producer = client_config
             .create()
             .map_err(|e| describe_kafka_error(&e))?;
+        let producer = Arc::new(RwLock::new(producer));
+        let brokers_answer = Arc::new(AtomicBool::new(false));
+        let (weak, answer) = (Arc::downgrade(&producer), brokers_answer.clone());
+        std::thread::Builder::new()
+            .name("kafka-probe".into())
+            .spawn(move || probe_brokers(&weak, &answer))
+            .map_err(|e| format!("cannot start the broker probe: {e}"))?;
         Ok(KafkaSink {
             client_config,
-            producer: RwLock::new(producer),
+            producer,
             broken: Arc::new(AtomicBool::new(false)),
             healthy: Arc::new(AtomicBool::new(true)),
+            brokers_answer,
             idempotent,
         })
     }
@@ -83,6 +94,48 @@ impl KafkaSink {
     }
 }
 
+/// Every few seconds, for as long as the sink lives: do the brokers answer a metadata request?
+/// Only then is the sink ready, so an unreachable cluster reads not-ready even with no traffic.
+fn probe_brokers(producer: &Weak<RwLock<FutureProducer>>, answer: &AtomicBool) {
+    const EVERY: Duration = Duration::from_secs(5);
+    while let Some(producer) = producer.upgrade() {
+        let client = producer.read().unwrap().clone();
+        drop(producer);
+        let answered = brokers_answer(&client, EVERY);
+        match (answer.swap(answered, Ordering::AcqRel), answered) {
+            (false, true) => tracing::info!("kafka brokers answer"),
+            (true, false) => tracing::warn!("kafka brokers do not answer metadata requests"),
+            _ => {}
+        }
+        std::thread::sleep(if answered { EVERY } else { Duration::from_millis(500) });
+    }
+}
+
+/// A metadata request for the brokers and the topics the producer already knows (not every topic
+/// of the cluster, which rdkafka's `fetch_metadata(None)` asks for).
+fn brokers_answer(producer: &FutureProducer, timeout: Duration) -> bool {
+    use rdkafka::bindings::{rd_kafka_metadata, rd_kafka_metadata_destroy, rd_kafka_metadata_t};
+    let mut metadata: *const rd_kafka_metadata_t = std::ptr::null();
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the client pointer is valid while `producer` is borrowed; all_topics = 0 with no
+    // topic handle is librdkafka's "known topics" request; on success the result is ours to
+    // destroy, once.
+    unsafe {
+        let error = rd_kafka_metadata(
+            producer.client().native_ptr(),
+            0,
+            std::ptr::null_mut(),
+            &mut metadata,
+            timeout_ms,
+        );
+        if error != rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return false;
+        }
+        rd_kafka_metadata_destroy(metadata);
+    }
+    true
+}
+
 fn is_fatal(error: &KafkaError, producer: &FutureProducer) -> bool {
     matches!(
         error.rdkafka_error_code(),
@@ -92,7 +145,8 @@ fn is_fatal(error: &KafkaError, producer: &FutureProducer) -> bool {
 
 fn headers(message: &Message) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 4);
-    for (key, value) in &message.headers {
+    // The publisher's content-type wins and is sent once, among the fixed headers.
+    for (key, value) in message.headers.iter().filter(|(k, _)| !is_content_type(k)) {
         headers = headers.insert(Header {
             key,
             value: Some(value),
@@ -104,7 +158,7 @@ fn headers(message: &Message) -> OwnedHeaders {
         ("outbox-id", id.as_str()),
         ("outbox-queue", message.queue.as_str()),
         ("outbox-created-at", created_at.as_str()),
-        ("content-type", message.payload.content_type()),
+        ("content-type", message.content_type()),
     ];
     for (key, value) in fixed {
         headers = headers.insert(Header {
@@ -179,7 +233,7 @@ impl Sink for KafkaSink {
     }
 
     fn is_ready(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+        self.brokers_answer.load(Ordering::Acquire) && self.healthy.load(Ordering::Acquire)
     }
 
     fn keeps_key_order(&self) -> bool {
@@ -190,7 +244,7 @@ impl Sink for KafkaSink {
         Box::pin(async move {
             let producer = self.producer.read().unwrap().clone();
             let _ = tokio::task::spawn_blocking(move || {
-                producer.flush(std::time::Duration::from_secs(10))
+                producer.flush(Duration::from_secs(10))
             })
             .await;
         })

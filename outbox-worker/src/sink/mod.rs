@@ -26,6 +26,9 @@ pub enum SinkError {
     /// retrying the same bytes is unlikely to help.
     #[error("{0}")]
     Permanent(String),
+    /// The sink can never deliver again (stdout's reader went away): the worker stops.
+    #[error("{0}")]
+    Closed(String),
 }
 
 /// A broker the worker delivers to.

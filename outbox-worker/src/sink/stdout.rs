@@ -32,8 +32,15 @@ async fn write_lines(mut rx: mpsc::UnboundedReceiver<Pending>) {
             result = result.and(out.write_all(b"\n").await);
         }
         result = result.and(out.flush().await);
-        let result =
-            result.map_err(|e| SinkError::Transient(format!("cannot write to stdout: {e}")));
+        let result = result.map_err(|e| {
+            let message = format!("cannot write to stdout: {e}");
+            // A closed pipe never opens again; other errors (a full disk) may pass.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                SinkError::Closed(message)
+            } else {
+                SinkError::Transient(message)
+            }
+        });
         for (_, ack) in batch.drain(..) {
             let _ = ack.send(result.clone());
         }

@@ -5,4 +5,4 @@ pub mod pgoutput;
 mod replication;
 pub mod setup;
 
-pub use replication::{ReplicationSource, SlotSettings, SourceError, SourceEvent};
+pub use replication::{Remedy, ReplicationSource, SlotSettings, SourceError, SourceEvent};

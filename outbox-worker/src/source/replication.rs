@@ -14,6 +14,7 @@ use super::decode::{
     check_publish_rules, decode_envelope, EnvelopeError, TableLayout, MESSAGE_PREFIX,
 };
 use super::pgoutput::{self, Change};
+use crate::fatal::{self, Fatal};
 use crate::lsn::Lsn;
 use crate::message::{Message, Quarantined};
 
@@ -29,19 +30,71 @@ pub enum SourceError {
     Protocol(#[from] pgoutput::ProtocolError),
 }
 
-impl SourceError {
+/// What to do about a [`SourceError`].
+#[derive(Debug)]
+pub enum Remedy {
+    /// A dropped connection, a restarting server, too many connections: reconnect.
+    Reconnect,
     /// The slot is held by another process (a standby waiting, or the walsender of a worker that
-    /// just died and has not noticed yet).
-    pub fn is_slot_busy(&self) -> bool {
-        matches!(self, SourceError::Connection(PgWireError::Server(m)) if m.contains("SQLSTATE 55006"))
-    }
+    /// just died and has not noticed yet): poll until it is free.
+    WaitForSlot,
+    /// The slot does not exist or was invalidated: messages may be missing; never recreate it
+    /// silently.
+    SlotGone(String),
+    /// No retry can fix it: stop and say what to do.
+    Stop(Fatal),
+}
 
-    /// Worth a reconnect: connection and server errors. A message the worker cannot decode will
-    /// not decode better next time.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            SourceError::Connection(e) => !e.is_auth(),
-            _ => false,
+impl SourceError {
+    pub fn remedy(&self) -> Remedy {
+        let wire = match self {
+            SourceError::Connection(e) => e,
+            other => {
+                return Remedy::Stop(Fatal::new(
+                    other.to_string(),
+                    "the replication stream holds something this worker cannot read; upgrade \
+                     outbox-worker to the extension's version",
+                ))
+            }
+        };
+        match wire {
+            PgWireError::Io(_) | PgWireError::Task(_) => Remedy::Reconnect,
+            PgWireError::Server(message) => {
+                let code = fatal::sqlstate_in(message).unwrap_or("");
+                match code {
+                    "55006" => Remedy::WaitForSlot,
+                    "42704" if message.contains("replication slot") => {
+                        Remedy::SlotGone(message.clone())
+                    }
+                    "42704" if message.contains("publication") => Remedy::Stop(Fatal::new(
+                        message,
+                        "create the publication with `outbox-worker setup`. A slot reads each \
+                         transaction with the catalog of its time, so if the publication was \
+                         dropped while messages were written it cannot read past the drop: run \
+                         `outbox-worker setup --new-slot`, then replay what is missing (README, \
+                         \"A lost slot\")",
+                    )),
+                    "55000" if !message.contains("wal_level") => Remedy::SlotGone(message.clone()),
+                    _ => fatal::permanent_server_error(
+                        code,
+                        message,
+                        "the REPLICATION attribute (ALTER ROLE … REPLICATION)",
+                    )
+                    .map_or(Remedy::Reconnect, Remedy::Stop),
+                }
+            }
+            PgWireError::Auth(message) => Remedy::Stop(Fatal::new(
+                format!("authentication failed: {message}"),
+                "check the user and password in postgres.url",
+            )),
+            PgWireError::Tls(message) => Remedy::Stop(Fatal::new(
+                format!("TLS: {message}"),
+                "check sslmode in postgres.url and the server's certificate",
+            )),
+            other => Remedy::Stop(Fatal::new(
+                other.to_string(),
+                "check postgres.url; if it is right, this is a bug: please report it",
+            )),
         }
     }
 }

@@ -1,11 +1,29 @@
-//! `outbox-worker setup`: checks the database and creates the publication and the slot. Idempotent,
-//! safe to run from several workers at once.
+//! `outbox-worker setup`: checks the database and creates the publication and the slot, and
+//! remembers the slot in `outbox.slots`. Idempotent, safe to run from several workers at once.
 
 use anyhow::{bail, Context, Result};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-pub async fn ensure_slot(client: &Client, slot: &str, publication: &str) -> Result<()> {
+use crate::fatal::Fatal;
+
+/// What to do with a slot that was used before and is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotSetup {
+    /// Create the slot only on first setup; stop if a slot used before is missing or invalidated.
+    Keep,
+    /// `setup --new-slot`: a new slot at the current position, in place of the old one if any
+    /// (the operator accepts that what it had not delivered must be sent again).
+    Replace,
+}
+
+/// Checks the database, creates the publication when missing, and the slot on first setup.
+pub async fn ensure_slot(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+    mode: SlotSetup,
+) -> Result<()> {
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         bail!(
@@ -43,16 +61,26 @@ pub async fn ensure_slot(client: &Client, slot: &str, publication: &str) -> Resu
             .with_context(|| format!("cannot create publication {publication:?}"))?;
         tracing::info!(publication, "created publication");
     }
-    match client
+    let slot_state = client
         .query_opt(
-            "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, database,
+                    wal_status = 'lost' OR coalesce((to_jsonb(s) ->> 'conflicting')::boolean, false)
+               FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
-        .await?
-    {
+        .await?;
+    let known = client
+        .query_opt(
+            "SELECT delivered_before FROM outbox.slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .context("cannot read outbox.slots")?
+        .is_some();
+    let created = match slot_state {
         Some(row) => {
-            let (plugin, slot_database): (Option<String>, Option<String>) =
-                (row.get(0), row.get(1));
+            let (plugin, slot_database, invalidated): (Option<String>, Option<String>, bool) =
+                (row.get(0), row.get(1), row.get(2));
             if plugin.as_deref() != Some("pgoutput") || slot_database.as_deref() != Some(&database)
             {
                 bail!(
@@ -61,26 +89,147 @@ pub async fn ensure_slot(client: &Client, slot: &str, publication: &str) -> Resu
                      postgres.slot or drop it"
                 );
             }
-        }
-        None => {
-            let created = client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await;
-            match created {
-                Ok(row) => tracing::info!(
-                    slot,
-                    lsn = row.get::<_, String>(0),
-                    "created replication slot"
-                ),
-                Err(e) => ignore_duplicate(Err(e))
-                    .with_context(|| format!("cannot create replication slot {slot:?}"))?,
+            match mode {
+                SlotSetup::Keep if invalidated => {
+                    return Err(slot_gone(client, slot, "was invalidated (wal_status lost)")
+                        .await
+                        .into())
+                }
+                SlotSetup::Keep => false,
+                SlotSetup::Replace => {
+                    client
+                        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                        .await
+                        .with_context(|| {
+                            format!("cannot drop slot {slot:?} (stop every worker using it first)")
+                        })?;
+                    tracing::warn!(slot, "dropped the replication slot");
+                    create_slot(client, slot).await?;
+                    true
+                }
             }
         }
+        None if known && mode == SlotSetup::Keep => {
+            return Err(slot_gone(client, slot, "does not exist").await.into())
+        }
+        None => {
+            create_slot(client, slot).await?;
+            true
+        }
+    };
+    // A new slot starts a new record; an existing slot without one (set up by an older worker)
+    // is adopted.
+    client
+        .execute(
+            "INSERT INTO outbox.slots AS t (slot_name) VALUES ($1)
+             ON CONFLICT (slot_name) DO UPDATE SET
+                 created_at = now(), delivered_before = now(),
+                 mark_lsn = pg_current_wal_lsn(), mark_at = now()
+             WHERE $2",
+            &[&slot, &created],
+        )
+        .await
+        .context("cannot record the slot in outbox.slots")?;
+    Ok(())
+}
+
+/// The rights `run` needs beyond the replication connection, checked before anything streams: a
+/// dead letter that cannot be written would stop delivery later, mid-stream.
+pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, quote_ident(current_user),
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                    has_schema_privilege('outbox', 'USAGE')
+                      AND has_table_privilege(to_regclass('outbox.dead_letters'), 'INSERT'),
+                    has_schema_privilege('outbox', 'USAGE')
+                      AND has_table_privilege(to_regclass('outbox.slots'), 'SELECT')
+                      AND has_table_privilege(to_regclass('outbox.slots'), 'INSERT')
+                      AND has_table_privilege(to_regclass('outbox.slots'), 'UPDATE')",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            crate::pg::permanent(&e, "outbox_operator").unwrap_or_else(|| {
+                Fatal::new(
+                    format!("cannot check the worker's rights: {e}"),
+                    "is the pg_outbox extension installed in this database?",
+                )
+            })
+        })?;
+    let (role, quoted, replication, dead_letters, slots): (String, String, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if !replication {
+        return Err(Fatal::new(
+            format!("role {role:?} may not stream a replication slot"),
+            format!("ALTER ROLE {quoted} REPLICATION"),
+        ));
+    }
+    if !dead_letters || !slots {
+        return Err(Fatal::new(
+            format!(
+                "role {role:?} cannot write outbox.dead_letters and outbox.slots, so a message a \
+                 broker refuses could never be set aside"
+            ),
+            format!("GRANT outbox_operator TO {quoted}"),
+        ));
     }
     Ok(())
+}
+
+async fn create_slot(client: &Client, slot: &str) -> Result<()> {
+    let created = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await;
+    match created {
+        Ok(row) => tracing::info!(
+            slot,
+            lsn = row.get::<_, String>(0),
+            "created replication slot"
+        ),
+        Err(e) => ignore_duplicate(Err(e))
+            .with_context(|| format!("cannot create replication slot {slot:?}"))?,
+    }
+    Ok(())
+}
+
+/// What `outbox.slots` says about a slot that is gone, as an error that stops the worker.
+pub async fn slot_gone(client: &Client, slot: &str, what_happened: &str) -> Fatal {
+    let delivered_before: Option<String> = client
+        .query_opt(
+            "SELECT to_char(delivered_before AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+               FROM outbox.slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|row| row.get(0));
+    let since = match &delivered_before {
+        Some(time) => format!(
+            "every message committed before {time} was delivered; messages committed since \
+             then may not have been"
+        ),
+        None => "messages committed since its last confirmed position may not have been \
+                 delivered"
+            .to_owned(),
+    };
+    Fatal::new(
+        format!("replication slot {slot:?} {what_happened}: {since}"),
+        format!(
+            "the worker never creates a slot it has used before on its own, since that would \
+             skip those messages for good. Table-form messages are still in outbox.messages \
+             (for pg_outbox.retention); wal-form ones cannot be recovered. Run `outbox-worker \
+             setup --new-slot` to start a new slot at the current position, then send again \
+             what is missing{} (README, \"A lost slot\")",
+            delivered_before
+                .map(|t| format!(" (created_at >= '{t}')"))
+                .unwrap_or_default()
+        ),
+    )
 }
 
 /// Another worker may have created it a moment ago.
