@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -79,6 +80,9 @@ impl Default for PostgresConfig {
 pub struct DeliveryConfig {
     /// Messages sent and not yet acknowledged, at most. A crash can duplicate up to this many.
     pub max_in_flight: usize,
+    /// Bytes of those messages (key, headers, payload), at most: bounds the worker's memory
+    /// whatever the message size. One message larger than this still goes, alone.
+    pub max_in_flight_bytes: ByteSize,
     /// First retry delay after a failed send; doubles up to `retry_max`, with jitter.
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
@@ -111,6 +115,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             max_in_flight: 10_000,
+            max_in_flight_bytes: ByteSize::mib(128),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             max_attempts: 5,
@@ -446,6 +451,12 @@ impl Config {
             return Err(invalid(
                 "delivery.max_in_flight = 0: at least 1 message must be in flight",
             ));
+        }
+        if self.delivery.max_in_flight_bytes.as_u64() < 1024 * 1024 {
+            return Err(invalid(format!(
+                "delivery.max_in_flight_bytes = \"{}\": at least 1 MiB",
+                self.delivery.max_in_flight_bytes
+            )));
         }
         if self.delivery.max_attempts == 0 {
             return Err(invalid(

@@ -54,6 +54,15 @@ pub fn is_content_type(header: &str) -> bool {
 }
 
 impl Message {
+    /// What the message takes in memory, near enough: queue, key, headers and payload.
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.queue.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + headers
+            + self.payload.as_bytes().len()
+    }
+
     /// The publisher's `content-type` header if it set one, else what the payload form implies.
     pub fn content_type(&self) -> &str {
         self.headers

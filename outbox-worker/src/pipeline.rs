@@ -194,7 +194,9 @@ async fn connect_at_start(
 async fn slot_gone(settings: &SlotSettings, what: &str) -> anyhow::Error {
     let what = format!("is gone ({what})");
     match pg::connect(&settings.url).await {
-        Ok(client) => setup::slot_gone(&client, &settings.slot, &what).await.into(),
+        Ok(client) => setup::slot_gone(&client, &settings.slot, &what)
+            .await
+            .into(),
         Err(_) => anyhow!(
             "replication slot {:?} {what}: messages committed since its last confirmed position \
              may not have been delivered; run `outbox-worker setup --new-slot` (README, \"A lost \

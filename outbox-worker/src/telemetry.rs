@@ -10,6 +10,7 @@ pub const RETRIES: &str = "outbox_retries_total";
 pub const DEAD_LETTERED: &str = "outbox_messages_dead_lettered_total";
 pub const QUARANTINED: &str = "outbox_messages_quarantined_total";
 pub const IN_FLIGHT: &str = "outbox_in_flight";
+pub const IN_FLIGHT_BYTES: &str = "outbox_in_flight_bytes";
 pub const CONFIRMED_LSN: &str = "outbox_confirmed_lsn";
 pub const SLOT_LAG: &str = "outbox_slot_lag_bytes";
 
@@ -38,6 +39,10 @@ pub fn describe() {
         "Messages outbox.publish did not write (forged or undecodable), kept in outbox.dead_letters"
     );
     describe_gauge!(IN_FLIGHT, "Messages sent and not yet acknowledged");
+    describe_gauge!(
+        IN_FLIGHT_BYTES,
+        "Bytes of the messages sent and not yet acknowledged (delivery.max_in_flight_bytes)"
+    );
     describe_gauge!(
         CONFIRMED_LSN,
         "The position up to which the slot has been confirmed"

@@ -400,3 +400,36 @@ fn environment_overrides_the_file_and_flags_override_the_environment() {
         "{shown}"
     );
 }
+
+#[test]
+fn the_byte_budget_reads_sizes_with_units_and_refuses_a_tiny_one() {
+    let config = load(
+        None,
+        url(),
+        &[("OUTBOX_DELIVERY__MAX_IN_FLIGHT_BYTES", "64 MiB")],
+    )
+    .unwrap();
+    assert_eq!(
+        config.delivery.max_in_flight_bytes.as_u64(),
+        64 * 1024 * 1024
+    );
+    let config = load(
+        Some("[delivery]\nmax_in_flight_bytes = 1000000000\n"),
+        url(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.delivery.max_in_flight_bytes.as_u64(), 1_000_000_000);
+    rejects(
+        Some("[delivery]\nmax_in_flight_bytes = \"4 KiB\"\n"),
+        url(),
+        &[],
+        &["delivery.max_in_flight_bytes = \"4.0 KiB\": at least 1 MiB"],
+    );
+    rejects(
+        Some("[delivery]\nmax_in_flight_bytes = \"lots\"\n"),
+        url(),
+        &[],
+        &["max_in_flight_bytes"],
+    );
+}

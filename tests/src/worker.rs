@@ -15,10 +15,10 @@ pub struct Worker {
 
 /// `target/<profile>/outbox-worker`, built by `cargo test --workspace` before any test runs
 /// (tests live in `target/<profile>/deps/`, the bench binary in `target/<profile>/`).
-/// `OUTBOX_WORKER_BIN` runs the tests against another build (an older release, to show that a
+/// `TEST_WORKER_BIN` runs the tests against another build (an older release, to show that a
 /// test fails without its fix).
 pub fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("OUTBOX_WORKER_BIN") {
+    if let Some(path) = std::env::var_os("TEST_WORKER_BIN") {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current exe");

@@ -313,3 +313,31 @@ async fn a_queue_refusing_some_messages_never_breaks_per_key_order() {
         worker.log()
     );
 }
+
+/// A publisher's `content-type` header becomes the AMQP `content_type` property, once (not also
+/// in the headers table); without one, the payload form's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_publishers_content_type_is_the_amqp_content_type() {
+    let (rabbit, _pg, _worker, db) = rabbit_and_worker(&[]).await;
+    db.batch_execute(
+        "SELECT outbox.publish('orders', '{\"n\": 1}', '{\"Content-Type\": \"application/cloudevents+json\"}');
+         SELECT outbox.publish('orders', '{\"n\": 2}');",
+    )
+    .await
+    .unwrap();
+    let messages = rabbit.drain_queue("orders", 2, Duration::from_secs(60));
+    let content_types: Vec<_> = messages.iter().map(|m| m["content_type"].clone()).collect();
+    assert_eq!(
+        content_types,
+        ["application/cloudevents+json", "application/json"]
+    );
+    for m in &messages {
+        let headers = m["headers"].as_object().unwrap();
+        assert!(
+            !headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("content-type")),
+            "sent once: {m}"
+        );
+    }
+}

@@ -88,7 +88,10 @@ async fn a_slot_dropped_while_the_worker_was_down_stops_it_and_says_what_may_be_
         .unwrap()
         .get(0);
     let missing_table: chrono::DateTime<chrono::Utc> = db
-        .query_one("SELECT created_at FROM outbox.messages WHERE id = $1", &[&id])
+        .query_one(
+            "SELECT created_at FROM outbox.messages WHERE id = $1",
+            &[&id],
+        )
         .await
         .unwrap()
         .get(0);
@@ -116,10 +119,7 @@ async fn a_slot_dropped_while_the_worker_was_down_stops_it_and_says_what_may_be_
     );
 
     // The operator's way out: a new slot on purpose; then delivery goes on.
-    let out = run_once(
-        &["setup", "--new-slot", "--postgres-url", &pg.url()],
-        &[],
-    );
+    let out = run_once(&["setup", "--new-slot", "--postgres-url", &pg.url()], &[]);
     assert!(out.status.success(), "{out:?}");
     let (_dir, out) = stdout_file();
     let _worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
@@ -185,10 +185,7 @@ async fn an_invalidated_slot_stops_the_worker_until_setup_makes_a_new_one() {
     ] {
         db.batch_execute(sql).await.unwrap();
     }
-    let out = run_once(
-        &["setup", "--new-slot", "--postgres-url", &pg.url()],
-        &[],
-    );
+    let out = run_once(&["setup", "--new-slot", "--postgres-url", &pg.url()], &[]);
     assert!(out.status.success(), "{out:?}");
     let (_dir, out) = stdout_file();
     let _worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
@@ -243,7 +240,10 @@ async fn a_role_without_replication_stops_the_worker_with_a_hint() {
     expect_exit_1(
         &["run", "--postgres-url", &pg.url_of("relay", "postgres")],
         &[],
-        &["role \"relay\" may not stream", "ALTER ROLE relay REPLICATION"],
+        &[
+            "role \"relay\" may not stream",
+            "ALTER ROLE relay REPLICATION",
+        ],
     );
 }
 
@@ -259,7 +259,10 @@ async fn a_role_that_cannot_write_dead_letters_is_refused_at_start() {
     expect_exit_1(
         &["run", "--postgres-url", &pg.url_of("relay", "postgres")],
         &[],
-        &["cannot write outbox.dead_letters", "GRANT outbox_operator TO relay"],
+        &[
+            "cannot write outbox.dead_letters",
+            "GRANT outbox_operator TO relay",
+        ],
     );
 }
 
@@ -279,7 +282,10 @@ async fn a_wrong_password_stops_the_worker_with_a_hint() {
     let log = expect_exit_1(
         &["run", "--postgres-url", &url],
         &[("OUTBOX_POSTGRES__SETUP", "false")],
-        &["password authentication failed", "hint: check the user and password"],
+        &[
+            "password authentication failed",
+            "hint: check the user and password",
+        ],
     );
     assert!(!log.contains("wrong"), "the password is not logged:\n{log}");
 }
@@ -311,7 +317,10 @@ async fn a_dropped_publication_stops_the_worker_with_a_hint() {
     expect_exit_1(
         &args,
         &[("OUTBOX_POSTGRES__SETUP", "false")],
-        &["publication \"relay\" does not exist", "outbox-worker setup"],
+        &[
+            "publication \"relay\" does not exist",
+            "outbox-worker setup",
+        ],
     );
 }
 
@@ -332,7 +341,9 @@ async fn a_closed_stdout_stops_the_worker() {
     // Read one line, then go away as `| head -1` would.
     let first = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
         line
     })
     .await
@@ -403,7 +414,11 @@ async fn a_dead_letter_write_that_hangs_reads_not_ready_and_sigterm_still_stops_
     let _worker = Worker::start_with(&args, &[], Some(stdout_to(&out)));
     wait_for_lines(&out, 1).await;
     assert_eq!(
-        count(&db, "SELECT count(*) FROM outbox.dead_letters WHERE queue = 'audit'").await,
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.dead_letters WHERE queue = 'audit'"
+        )
+        .await,
         1
     );
 }

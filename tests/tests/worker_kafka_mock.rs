@@ -226,20 +226,28 @@ async fn kafka_readiness_follows_whether_the_brokers_answer() {
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
     let listen = &listen;
-    let ready = || http_get(listen, "/health/ready").map(|(status, _)| status).ok();
+    let ready = || {
+        http_get(listen, "/health/ready")
+            .map(|(status, _)| status)
+            .ok()
+    };
     for _ in 0..3 {
         assert_eq!(ready(), Some(503), "brokers down, streaming: not ready");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     mock.broker_up(-1).unwrap();
-    eventually(Duration::from_secs(30), "ready once the brokers answer", || async move {
-        ready() == Some(200)
-    })
+    eventually(
+        Duration::from_secs(30),
+        "ready once the brokers answer",
+        || async move { ready() == Some(200) },
+    )
     .await;
     mock.broker_down(-1).unwrap();
-    eventually(Duration::from_secs(30), "not ready, with no traffic", || async move {
-        ready() == Some(503)
-    })
+    eventually(
+        Duration::from_secs(30),
+        "not ready, with no traffic",
+        || async move { ready() == Some(503) },
+    )
     .await;
 }
 

@@ -58,6 +58,8 @@ pub struct Delivery {
     tracker: AckTracker,
     window: Window,
     next_seq: u64,
+    /// Bytes of the messages sent and not yet settled ([`Message::size`]).
+    bytes_in_flight: usize,
     /// Highest commit end whose transaction and all before it are acknowledged.
     confirmed: Option<Lsn>,
     /// The latest failure (sink name, error), reported once per retry round.
@@ -81,6 +83,7 @@ impl Delivery {
             config,
             tracker: AckTracker::default(),
             next_seq: 0,
+            bytes_in_flight: 0,
             confirmed: None,
             last_error: None,
             retry_at: None,
@@ -96,9 +99,12 @@ impl Delivery {
         self.advance();
     }
 
-    /// Room for one more message, and no failed message waiting or being sent again.
+    /// Room for one more message (by count and by bytes; one message always fits), and no
+    /// failed message waiting or being sent again.
     pub fn can_accept(&self) -> bool {
         self.window.can_accept(self.waiting())
+            && (self.bytes_in_flight < self.config.max_in_flight_bytes.as_u64() as usize
+                || self.in_flight() == 0)
     }
 
     /// Nothing in flight, nothing failed, no transaction open.
@@ -131,6 +137,7 @@ impl Delivery {
 
     pub fn send(&mut self, tx: TxId, route: Route, message: Message) {
         self.tracker.sent(tx);
+        self.bytes_in_flight += message.size();
         let entry = Entry {
             seq: self.next_seq,
             tx,
@@ -177,6 +184,7 @@ impl Delivery {
                         .metrics
                         .published(&entry.message);
                     self.tracker.acked(entry.tx);
+                    self.bytes_in_flight -= entry.message.size();
                     self.next_of_key(entry.route.sink, entry.message.key.as_deref());
                     self.advance();
                     Ok(None)
@@ -213,22 +221,25 @@ impl Delivery {
 
     /// A failed send: parked for a retry, or given up on after `max_attempts` permanent refusals.
     /// A sink that can never deliver again stops the worker (the message stays unacknowledged).
-    fn failed(&mut self, mut entry: Entry, error: SinkError) -> Result<Option<Undeliverable>, Fatal> {
+    fn failed(
+        &mut self,
+        mut entry: Entry,
+        error: SinkError,
+    ) -> Result<Option<Undeliverable>, Fatal> {
         let target = &self.targets[entry.route.sink];
-        let kind = match error {
-            SinkError::Closed(_) => {
-                return Err(Fatal::new(
+        let kind =
+            match error {
+                SinkError::Closed(_) => return Err(Fatal::new(
                     format!("sink {}: {error}", target.name),
                     "nothing can be delivered through it any more; unacknowledged messages are \
                      delivered again by the next run",
-                ))
-            }
-            SinkError::Permanent(_) => {
-                entry.permanent_failures += 1;
-                "permanent"
-            }
-            SinkError::Transient(_) => "transient",
-        };
+                )),
+                SinkError::Permanent(_) => {
+                    entry.permanent_failures += 1;
+                    "permanent"
+                }
+                SinkError::Transient(_) => "transient",
+            };
         target.metrics.failed(&entry.message, kind);
         tracing::debug!(
             id = %entry.message.id, queue = %entry.message.queue, sink = target.name,
@@ -266,12 +277,14 @@ impl Delivery {
     pub fn dead_lettered(&mut self, u: &Undeliverable) {
         metrics::dead_lettered(&u.sink, &u.message);
         self.tracker.acked(u.tx);
+        self.bytes_in_flight -= u.message.size();
         self.next_of_key(u.sink_id, u.message.key.as_deref());
         self.advance();
     }
 
     fn advance(&mut self) {
         ::metrics::gauge!(telemetry::IN_FLIGHT).set(self.in_flight() as f64);
+        ::metrics::gauge!(telemetry::IN_FLIGHT_BYTES).set(self.bytes_in_flight as f64);
         if let Some(lsn) = self.tracker.confirmable() {
             self.confirmed = Some(lsn);
             ::metrics::gauge!(telemetry::CONFIRMED_LSN).set(lsn.0 as f64);
@@ -420,6 +433,57 @@ mod tests {
         assert_eq!(by_key["k-0"], [0, 3, 6]);
         assert_eq!(by_key["k-1"], [1, 4, 7]);
         assert_eq!(delivery.confirmed(), Some(END));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_budget_holds_intake_and_a_message_larger_than_it_still_goes() {
+        let sink = ScriptedSink::new();
+        sink.on(|_, _| true, Step::Hold, None);
+        let (mut delivery, route) = delivery(&sink, 100, 5);
+        delivery.config.max_in_flight_bytes = bytesize::ByteSize::mib(1);
+        let sized = |n: u128, bytes: usize| Message {
+            payload: Payload::Bytes(vec![0; bytes]),
+            ..keyed(n, &format!("k-{n}"))
+        };
+        let tx = delivery.begin();
+        delivery.send(tx, route.clone(), sized(1, 400_000));
+        delivery.send(tx, route.clone(), sized(2, 400_000));
+        assert!(delivery.can_accept(), "800 kB of 1 MiB");
+        delivery.send(tx, route.clone(), sized(3, 400_000));
+        assert!(!delivery.can_accept(), "1.2 MB: intake waits");
+        sink.release();
+        while !delivery.is_settled() {
+            delivery.progress().await.expect("no sink closed");
+        }
+        assert!(delivery.can_accept());
+        delivery.send(tx, route.clone(), sized(4, 3_000_000));
+        assert!(!delivery.can_accept(), "a 3 MB message went alone");
+        while !delivery.is_settled() {
+            delivery.progress().await.expect("no sink closed");
+        }
+        delivery.commit(tx, END);
+        assert_eq!(ids(&sink), [1, 2, 3, 4]);
+        assert_eq!(delivery.confirmed(), Some(END));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_sink_stops_delivery_and_confirms_nothing_past_it() {
+        let sink = ScriptedSink::new();
+        let closed = SinkError::Closed("cannot write to stdout: Broken pipe".into());
+        sink.on_id(Uuid::from_u128(2), Step::Reject(closed), None);
+        let (mut delivery, route) = delivery(&sink, 100, 5);
+        let tx = delivery.begin();
+        for n in 1..=3 {
+            delivery.send(tx, route.clone(), keyed(n, &format!("k-{n}")));
+        }
+        delivery.commit(tx, END);
+        let stopped = loop {
+            if let Err(fatal) = delivery.progress().await {
+                break fatal;
+            }
+        };
+        assert!(stopped.problem.contains("Broken pipe"), "{stopped}");
+        assert_eq!(delivery.confirmed(), None);
     }
 
     /// The trade-off of `ordering = "pipelined"`: refused messages are retried in their original

@@ -162,7 +162,7 @@ fn properties(message: &Message) -> BasicProperties {
 }
 
 impl Sink for AmqpSink {
-    fn send(&self, destination: &str, message: &Message) -> Ack {
+    fn send(&self, destination: &str, message: &Arc<Message>) -> Ack {
         let (exchange, routing_key) = destination.split_once('/').unwrap_or(("", destination));
         let (ack, acked) = oneshot::channel();
         let queued = self.publishes.send(Publish {

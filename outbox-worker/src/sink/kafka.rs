@@ -107,7 +107,11 @@ fn probe_brokers(producer: &Weak<RwLock<FutureProducer>>, answer: &AtomicBool) {
             (true, false) => tracing::warn!("kafka brokers do not answer metadata requests"),
             _ => {}
         }
-        std::thread::sleep(if answered { EVERY } else { Duration::from_millis(500) });
+        std::thread::sleep(if answered {
+            EVERY
+        } else {
+            Duration::from_millis(500)
+        });
     }
 }
 
@@ -187,7 +191,7 @@ fn classify(error: KafkaError) -> SinkError {
 }
 
 impl Sink for KafkaSink {
-    fn send(&self, topic: &str, message: &Message) -> Ack {
+    fn send(&self, topic: &str, message: &Arc<Message>) -> Ack {
         let mut record = FutureRecord::to(topic)
             .payload(message.payload.as_bytes())
             .headers(headers(message))
@@ -243,10 +247,8 @@ impl Sink for KafkaSink {
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async move {
             let producer = self.producer.read().unwrap().clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                producer.flush(Duration::from_secs(10))
-            })
-            .await;
+            let _ =
+                tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
         })
     }
 }

@@ -43,7 +43,7 @@ pub enum SinkError {
 ///   and never retries behind the caller's back in a way that reorders messages.
 /// - `close` is called at most once, after the last `send`, and waits for pending sends.
 pub trait Sink: Send + Sync {
-    fn send(&self, destination: &str, message: &Message) -> Ack;
+    fn send(&self, destination: &str, message: &Arc<Message>) -> Ack;
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -154,7 +154,7 @@ impl<T> std::ops::IndexMut<SinkId> for BySink<T> {
 struct Discard;
 
 impl Sink for Discard {
-    fn send(&self, _: &str, _: &Message) -> Ack {
+    fn send(&self, _: &str, _: &Arc<Message>) -> Ack {
         Box::pin(async { Ok(()) })
     }
 

@@ -138,7 +138,7 @@ impl ScriptedSink {
 }
 
 impl Sink for ScriptedSink {
-    fn send(&self, destination: &str, message: &Message) -> Ack {
+    fn send(&self, destination: &str, message: &Arc<Message>) -> Ack {
         let step = self.step(destination, message);
         let mut released = self.released.subscribe();
         Box::pin(async move {

@@ -1,13 +1,17 @@
 //! JSON lines on standard output: the zero-setup sink. A message counts as delivered once its
 //! line has been written and stdout flushed.
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Ack, Sink, SinkError};
 use crate::message::Message;
 
-type Pending = (String, oneshot::Sender<Result<(), SinkError>>);
+/// The message itself, not its line: a line is built only when it is written, so what waits for
+/// a slow reader is counted once, in delivery's budget.
+type Pending = (Arc<Message>, oneshot::Sender<Result<(), SinkError>>);
 
 pub struct StdoutSink {
     lines: mpsc::UnboundedSender<Pending>,
@@ -27,7 +31,8 @@ async fn write_lines(mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut batch = Vec::with_capacity(1024);
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let mut result = Ok(());
-        for (line, _) in &batch {
+        for (message, _) in &batch {
+            let line = message.to_json_line();
             result = result.and(out.write_all(line.as_bytes()).await);
             result = result.and(out.write_all(b"\n").await);
         }
@@ -48,9 +53,9 @@ async fn write_lines(mut rx: mpsc::UnboundedReceiver<Pending>) {
 }
 
 impl Sink for StdoutSink {
-    fn send(&self, _: &str, message: &Message) -> Ack {
+    fn send(&self, _: &str, message: &Arc<Message>) -> Ack {
         let (ack, acked) = oneshot::channel();
-        let sent = self.lines.send((message.to_json_line(), ack));
+        let sent = self.lines.send((message.clone(), ack));
         Box::pin(async move {
             sent.map_err(|_| SinkError::Transient("the stdout writer has stopped".into()))?;
             acked.await.unwrap_or_else(|_| {

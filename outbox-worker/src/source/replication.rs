@@ -115,6 +115,10 @@ pub enum SourceEvent {
     },
 }
 
+/// Events read from the slot ahead of delivery (the replication library's default is 8,192,
+/// which for 1 MB messages is 8 GB); delivery.max_in_flight_bytes bounds what is behind them.
+pub const READ_AHEAD_EVENTS: usize = 32;
+
 pub struct SlotSettings {
     pub url: String,
     pub slot: String,
@@ -192,7 +196,8 @@ impl ReplicationSource {
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     if let Some((decoded, values)) = self.decode_change(&data)? {
-                        return Ok(self.checked(decoded, || values.into_bytes()));
+                        // The raw values are formatted only for a quarantine.
+                        return Ok(self.checked(decoded, || format!("{values:?}").into_bytes()));
                     }
                 }
                 // Other prefixes, non-transactional messages (never written by pg_outbox: they
@@ -222,12 +227,12 @@ impl ReplicationSource {
         }
     }
 
-    /// An insert into `outbox.messages`: its decoding and its values as text (for a quarantine).
+    /// An insert into `outbox.messages`: its decoding and its values (for a quarantine).
     #[allow(clippy::type_complexity)]
     fn decode_change(
         &mut self,
         data: &[u8],
-    ) -> Result<Option<(Result<Message, EnvelopeError>, String)>, SourceError> {
+    ) -> Result<Option<(Result<Message, EnvelopeError>, Vec<pgoutput::Value>)>, SourceError> {
         match pgoutput::decode(data)? {
             Change::Relation(relation) => {
                 self.layouts
@@ -235,10 +240,7 @@ impl ReplicationSource {
                 Ok(None)
             }
             Change::Insert { relation, values } => match self.layouts.get(&relation) {
-                Some(Some(layout)) => Ok(Some((
-                    layout.decode(&values, self.commit_lsn),
-                    format!("{values:?}"),
-                ))),
+                Some(Some(layout)) => Ok(Some((layout.decode(&values, self.commit_lsn), values))),
                 Some(None) => Ok(None),
                 None => Err(pgoutput::ProtocolError::unknown_relation(relation).into()),
             },
@@ -320,6 +322,7 @@ fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, Stri
         .with_port(port),
     };
     Ok(config
+        .with_buffer_size(READ_AHEAD_EVENTS)
         .with_status_interval(settings.status_interval)
         .with_wakeup_interval(settings.status_interval)
         .with_application_name("outbox-worker")

@@ -1,0 +1,101 @@
+//! Memory is bounded in bytes, not in messages: large messages behind a sink that does not move
+//! stay within `delivery.max_in_flight_bytes` plus a fixed overhead, and all arrive once it moves.
+
+use std::io::BufRead;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use outbox_tests::publish::{check_delivery, Seen};
+use outbox_tests::{PgCluster, Worker};
+
+/// `delivery.max_in_flight_bytes`'s default.
+const BUDGET_MB: u64 = 128;
+/// The worker's own footprint, the read-ahead (32 events) and allocator slack.
+const OVERHEAD_MB: u64 = 150;
+
+/// A /proc/PID/status field in MB.
+fn status_mb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} missing"));
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_hundred_one_megabyte_messages_behind_a_blocked_sink_stay_within_the_budget() {
+    const TOTAL: u64 = 500;
+    let pg = PgCluster::start().await;
+    let db = pg.superuser().await;
+    // stdout is a pipe nobody reads yet: once its 64 kB fill up, the sink does not move.
+    let mut worker = Worker::start_with(
+        &["run", "--postgres-url", &pg.url()],
+        &[],
+        Some(Stdio::piped()),
+    );
+    let stdout = worker.take_stdout();
+    pg.wait_for_slot(&db).await;
+    let pid = worker.pid();
+
+    for tx in 0..TOTAL / 10 {
+        let form = if tx % 2 == 0 { "table" } else { "wal" };
+        db.batch_execute(&format!(
+            "BEGIN; SET LOCAL pg_outbox.max_message_size = '2MB'; SET LOCAL pg_outbox.storage = '{form}';
+             SELECT count(outbox.publish('big', jsonb_build_object('i', i, 'pad', repeat('x', 1000000)),
+                                         '{{}}', 'k-' || i % 10))
+               FROM generate_series({first}, {last}) AS i;
+             COMMIT;",
+            first = tx * 10,
+            last = tx * 10 + 9
+        ))
+        .await
+        .unwrap();
+    }
+    // Give the worker time to read all it would: the slot streams far faster than this.
+    let watch = Instant::now();
+    let mut peak_rss = 0;
+    while watch.elapsed() < Duration::from_secs(15) {
+        peak_rss = peak_rss.max(status_mb(pid, "VmRSS:"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let high_water = status_mb(pid, "VmHWM:");
+    eprintln!(
+        "{TOTAL} x 1 MB behind a blocked sink: peak RSS {peak_rss} MB, VmHWM {high_water} MB \
+         (budget {BUDGET_MB} MB + {OVERHEAD_MB} MB)"
+    );
+    assert!(
+        high_water <= BUDGET_MB + OVERHEAD_MB,
+        "VmHWM {high_water} MB is over {BUDGET_MB} + {OVERHEAD_MB} MB:\n{}",
+        worker.log()
+    );
+
+    // The reader comes back: everything arrives, in order per key.
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            let id = line["id"].as_str().unwrap().to_owned();
+            ids.insert(id.clone());
+            seen.push(Seen {
+                id,
+                key: line["key"].as_str().map(str::to_owned),
+                payload: serde_json::json!({ "i": line["payload"]["i"] }),
+            });
+            if ids.len() as u64 == TOTAL {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    check_delivery(&seen, TOTAL);
+    assert!(status_mb(pid, "VmHWM:") <= BUDGET_MB + OVERHEAD_MB);
+}
