@@ -299,6 +299,15 @@ async fn a_standby_worker_takes_over_when_the_active_one_is_killed() {
         !read_json_lines(&out_b).is_empty(),
         "the standby delivered the rest"
     );
+    // The wait is announced once, and the replication library's own error line (once a second)
+    // is not repeated.
+    let log = standby.log();
+    assert_eq!(
+        log.matches("slot is active in another process").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("replication worker terminated"), "{log}");
 }
 
 /// The pid of the walsender holding the slot, if any.
