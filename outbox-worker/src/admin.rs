@@ -5,18 +5,13 @@ use anyhow::Result;
 use crate::config::Config;
 use crate::pg;
 use crate::source::setup::{self, SlotSetup};
+use crate::source::SlotSettings;
 
 /// `setup`: the publication and the slot, created on first setup; `SlotSetup::Replace`
 /// (`--new-slot`) replaces a slot that was lost.
 pub async fn setup(config: &Config, mode: SlotSetup) -> Result<()> {
     let client = pg::connect(config.url()).await?;
-    setup::ensure_slot(
-        &client,
-        &config.postgres.slot,
-        &config.postgres.publication,
-        mode,
-    )
-    .await?;
+    setup::ensure_slot(&client, &SlotSettings::of(config), mode).await?;
     println!(
         "publication {:?} and slot {:?} are ready",
         config.postgres.publication, config.postgres.slot

@@ -61,6 +61,19 @@ pub struct PostgresConfig {
     pub status_interval: Duration,
     /// Create the publication and slot at start-up when missing.
     pub setup: bool,
+    /// Create the slot so that it survives a failover to a standby (PostgreSQL 17+).
+    pub failover_slot: FailoverSlot,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverSlot {
+    /// A failover slot where the server has them (PostgreSQL 17 and later).
+    #[default]
+    Auto,
+    /// Required: older servers are refused.
+    On,
+    Off,
 }
 
 impl Default for PostgresConfig {
@@ -71,6 +84,7 @@ impl Default for PostgresConfig {
             publication: "pg_outbox".into(),
             status_interval: Duration::from_millis(250),
             setup: true,
+            failover_slot: FailoverSlot::Auto,
         }
     }
 }

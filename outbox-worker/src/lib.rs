@@ -12,7 +12,7 @@
 //!   leaves: fatal · lsn · secret · rules · telemetry · config (→ rules, secret) · pg (SQL connections)
 //! ```
 //!
-//! `main.rs` is the command line over [`pipeline::run`] and [`admin`].
+//! `main.rs` is the command line over [`pipeline::run`], [`replay::replay`] and [`admin`].
 
 pub mod admin;
 pub mod config;
@@ -25,6 +25,7 @@ pub mod lsn;
 pub mod message;
 pub mod pg;
 pub mod pipeline;
+pub mod replay;
 pub mod router;
 pub mod rules;
 pub mod secret;

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use outbox_worker::admin::{self, DlqCommand as Dlq};
 use outbox_worker::config::{self, Config, LogFormat, Overrides};
 use outbox_worker::pipeline;
+use outbox_worker::replay::{self, ReplayRange};
 use outbox_worker::source::setup::SlotSetup;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +45,22 @@ enum Command {
     CheckConfig(Options),
     /// Print the slot, its lag and the dead-letter count (outbox.status()).
     Status(Options),
+    /// Send table-form messages again from outbox.messages (after a lost slot or a failover), with
+    /// their ids, in id order, through the configured routes and sinks.
+    Replay {
+        #[command(flatten)]
+        options: Options,
+        /// Messages created at or after this: an RFC 3339 time (2026-11-23T17:04:05Z) or a
+        /// duration ago (90m, 2h).
+        #[arg(long, value_parser = parse_time)]
+        since: DateTime<Utc>,
+        /// Messages created before this (same forms).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<DateTime<Utc>>,
+        /// Only queues matching this glob (orders.*).
+        #[arg(long)]
+        queue: Option<String>,
+    },
     /// Dead letters: messages a broker refused for good.
     Dlq {
         #[command(subcommand)]
@@ -163,12 +181,27 @@ fn on_signal(shutdown: CancellationToken) {
     });
 }
 
+/// `--since` / `--until`: an RFC 3339 time, or a duration before now.
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    humantime::parse_duration(text)
+        .ok()
+        .and_then(|ago| chrono::Duration::from_std(ago).ok())
+        .map(|ago| Utc::now() - ago)
+        .ok_or_else(|| {
+            format!("{text:?} is neither an RFC 3339 time (2026-11-23T17:04:05Z) nor a duration ago (90m)")
+        })
+}
+
 /// What to do once the configuration is loaded.
 enum Action {
     Run,
     Setup(SlotSetup),
     CheckConfig,
     Status,
+    Replay(ReplayRange),
     Dlq(Dlq),
 }
 
@@ -186,6 +219,19 @@ impl Command {
             ),
             Command::CheckConfig(o) => (o, Action::CheckConfig),
             Command::Status(o) => (o, Action::Status),
+            Command::Replay {
+                options,
+                since,
+                until,
+                queue,
+            } => (
+                options,
+                Action::Replay(ReplayRange {
+                    since,
+                    until,
+                    queue,
+                }),
+            ),
             Command::Dlq {
                 command:
                     DlqCommand::List {
@@ -219,6 +265,11 @@ async fn main() -> ExitCode {
         }
         Action::Setup(mode) => admin::setup(&config, mode).await,
         Action::Status => admin::status(config.url()).await,
+        Action::Replay(range) => {
+            let shutdown = CancellationToken::new();
+            on_signal(shutdown.clone());
+            replay::replay(&config, range, shutdown).await.map(|_| ())
+        }
         Action::Dlq(command) => admin::dlq(config.url(), command).await,
         Action::Run => {
             let shutdown = CancellationToken::new();

@@ -20,7 +20,7 @@ use crate::source::{Remedy, ReplicationSource, SlotSettings, SourceError, Source
 use crate::telemetry;
 
 /// Why a stream ended.
-enum Stop {
+pub(crate) enum Stop {
     /// Shutdown was requested and in-flight messages have drained (or the drain timed out).
     Requested,
     /// The replication connection was lost or refused: reconnect.
@@ -40,14 +40,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         return Ok(());
     };
     setup::check_rights(&client).await?;
+    let settings = SlotSettings::of(&config);
     if config.postgres.setup {
-        setup::ensure_slot(
-            &client,
-            &config.postgres.slot,
-            &config.postgres.publication,
-            SlotSetup::Keep,
-        )
-        .await?;
+        setup::ensure_slot(&client, &settings, SlotSetup::Keep).await?;
     }
     drop(client);
     let mut router = Router::new(&config);
@@ -69,12 +64,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     ));
     let mut delivery = Delivery::new(&sinks, config.delivery.clone());
     let mut dead_letters = DeadLetters::new(config.url(), health.clone(), shutdown.clone());
-    let settings = SlotSettings {
-        url: config.url().to_owned(),
-        slot: config.postgres.slot.clone(),
-        publication: config.postgres.publication.clone(),
-        status_interval: config.postgres.status_interval,
-    };
     tracing::info!(
         slot = settings.slot, publication = settings.publication,
         sinks = ?sinks.names(), max_in_flight = config.delivery.max_in_flight,
@@ -206,18 +195,18 @@ async fn slot_gone(settings: &SlotSettings, what: &str) -> anyhow::Error {
     }
 }
 
-/// What a stream works with, borrowed for its lifetime.
-struct Parts<'a> {
-    router: &'a mut Router,
-    delivery: &'a mut Delivery,
-    dead_letters: &'a mut DeadLetters,
+/// What a stream (or a replay) works with, borrowed for its lifetime.
+pub(crate) struct Parts<'a> {
+    pub(crate) router: &'a mut Router,
+    pub(crate) delivery: &'a mut Delivery,
+    pub(crate) dead_letters: &'a mut DeadLetters,
 }
 
 impl Parts<'_> {
     /// Handles what [`Delivery::progress`] returned: a message refused for good goes to the dead
     /// letters. Called from a `select!` branch's body, never raced: once the write started it
     /// finishes, so a dead letter cannot be dropped half way.
-    async fn settle_one(
+    pub(crate) async fn settle_one(
         &mut self,
         settled: Result<Option<Undeliverable>, Fatal>,
     ) -> Result<(), NotWritten> {
@@ -312,7 +301,7 @@ async fn stream(
 
 /// A dead letter not written: shutdown stops the stream (the message stays unconfirmed), a
 /// missing right stops the worker.
-fn stopped(written: Result<(), NotWritten>) -> Result<Option<Stop>> {
+pub(crate) fn stopped(written: Result<(), NotWritten>) -> Result<Option<Stop>> {
     match written {
         Ok(()) => Ok(None),
         Err(NotWritten::Shutdown) => Ok(Some(Stop::Requested)),

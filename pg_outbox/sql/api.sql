@@ -224,19 +224,22 @@ COMMENT ON FUNCTION outbox.prune(interval, integer) IS
 
 CREATE FUNCTION outbox.status()
 RETURNS TABLE (slot_name name, active boolean, active_pid integer, confirmed_flush_lsn pg_lsn,
-               lag_bytes numeric, retained_wal_bytes numeric, wal_status text, dead_letters bigint)
+               lag_bytes numeric, retained_wal_bytes numeric, wal_status text, dead_letters bigint,
+               failover boolean)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT s.slot_name, s.active, s.active_pid, s.confirmed_flush_lsn,
            pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn),
            pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn),
            s.wal_status,
-           (SELECT count(*) FROM outbox.dead_letters)
+           (SELECT count(*) FROM outbox.dead_letters),
+           -- PostgreSQL 17+ copies a failover slot to standbys; older ones have no such column.
+           coalesce((to_jsonb(s) ->> 'failover')::boolean, false)
       FROM pg_replication_slots s
      WHERE s.slot_type = 'logical' AND s.plugin = 'pgoutput' AND s.database = current_database()
      ORDER BY s.slot_name
 $$;
 COMMENT ON FUNCTION outbox.status() IS
-    'One row per pgoutput slot of this database: activity, worker pid, bytes not yet confirmed, WAL retained.';
+    'One row per pgoutput slot of this database: activity, worker pid, bytes not yet confirmed, WAL retained, whether it survives a failover.';
 
 ------------------------------------------------------------------------------------------------
 -- Rights: nothing for PUBLIC; three roles the README names.

@@ -15,14 +15,14 @@ const ENVELOPE_CEILING: usize = 256 * 1024 * 1024;
 // SAFETY: PostgreSQL's declaration of LogLogicalMessage (replication/message.h) for each major;
 // pgrx's bindings do not export it.
 unsafe extern "C-unwind" {
-    #[cfg(not(feature = "pg17"))]
+    #[cfg(not(any(feature = "pg17", feature = "pg18")))]
     fn LogLogicalMessage(
         prefix: *const std::ffi::c_char,
         message: *const std::ffi::c_char,
         size: usize,
         transactional: bool,
     ) -> pg_sys::XLogRecPtr;
-    #[cfg(feature = "pg17")]
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
     fn LogLogicalMessage(
         prefix: *const std::ffi::c_char,
         message: *const std::ffi::c_char,
@@ -76,14 +76,14 @@ pub fn emit(message: &Message<'_>) {
     // WAL, and the guard turns a PostgreSQL ERROR into a Rust panic pgrx reports.
     unsafe {
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            #[cfg(not(feature = "pg17"))]
+            #[cfg(not(any(feature = "pg17", feature = "pg18")))]
             LogLogicalMessage(
                 PREFIX.as_ptr(),
                 content.as_ptr().cast(),
                 content.len(),
                 true,
             );
-            #[cfg(feature = "pg17")]
+            #[cfg(any(feature = "pg17", feature = "pg18"))]
             LogLogicalMessage(
                 PREFIX.as_ptr(),
                 content.as_ptr().cast(),

@@ -1,7 +1,8 @@
-# Sourced by scripts: a throw-away PostgreSQL 15 cluster run as the postgres user.
+# Sourced by scripts: a throw-away PostgreSQL cluster run as the postgres user, of the
+# installation PG_CONFIG names (PostgreSQL 15 from Debian by default).
 # pg_cluster_start [extra postgresql.conf lines...] sets PGHOST, PGPORT, PGUSER, PGDATABASE and
 # PG_CLUSTER_DIR; pg_cluster_stop removes it.
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
 
 pg_free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -1,15 +1,80 @@
-//! A throw-away PostgreSQL 15 cluster with `wal_level = logical`, run as the `postgres` user
-//! (PostgreSQL refuses root) on a free port, removed on drop.
+//! A throw-away PostgreSQL cluster with `wal_level = logical`, run as the `postgres` user
+//! (PostgreSQL refuses root) on a free port, removed on drop. `PG_CONFIG` chooses the
+//! installation (scripts/lib/pg-versions.sh knows where each major is); PostgreSQL 15 otherwise.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use tokio_postgres::{Client, NoTls};
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// A PostgreSQL installation: its programs and major version.
+#[derive(Clone, Debug)]
+pub struct Installation {
+    pub bin: PathBuf,
+    pub major: u32,
+}
+
+impl Installation {
+    /// The one the tests run on: `PG_CONFIG`'s, else Debian's PostgreSQL 15.
+    pub fn under_test() -> &'static Installation {
+        static UNDER_TEST: OnceLock<Installation> = OnceLock::new();
+        UNDER_TEST.get_or_init(|| {
+            Installation::of(
+                &std::env::var("PG_CONFIG")
+                    .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into()),
+            )
+        })
+    }
+
+    /// Another major, where `scripts/install-deps` put it (`scripts/lib/pg-versions.sh`).
+    pub fn major(major: u32) -> Installation {
+        let versions = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/lib/pg-versions.sh");
+        let out = Command::new("bash")
+            .args(["-c", &format!("source {versions} && pg_config_for {major}")])
+            .output()
+            .expect("bash");
+        assert!(out.status.success(), "PostgreSQL {major}: {out:?}");
+        Installation::of(String::from_utf8(out.stdout).unwrap().trim())
+    }
+
+    fn of(pg_config: &str) -> Installation {
+        let ask = |flag: &str| {
+            let out = Command::new(pg_config)
+                .arg(flag)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("{pg_config} {flag}: {e} (scripts/install-deps installs every major)")
+                });
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        };
+        // "PostgreSQL 16.2" → 16
+        let major = ask("--version")
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .expect("a PostgreSQL version");
+        Installation {
+            bin: PathBuf::from(ask("--bindir")),
+            major,
+        }
+    }
+
+    /// One of its programs (`initdb`, `pg_ctl`, `psql`...).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+}
+
+/// A program of the PostgreSQL under test.
+pub fn program(name: &str) -> PathBuf {
+    Installation::under_test().program(name)
+}
 
 pub struct PgCluster {
     dir: tempfile::TempDir,
     pub port: u16,
+    installation: Installation,
 }
 
 impl PgCluster {
@@ -115,6 +180,11 @@ hostnossl replication all 127.0.0.1/32 reject
 
     /// initdb, our settings, `configure(data_dir)`, start.
     fn start_configured(configure: impl FnOnce(&Path)) -> PgCluster {
+        Self::start_on(Installation::under_test().clone(), configure)
+    }
+
+    /// [`PgCluster::start_configured`] on a chosen installation; no extension created.
+    pub fn start_on(installation: Installation, configure: impl FnOnce(&Path)) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("pg_outbox_test")
             .tempdir()
@@ -123,7 +193,7 @@ hostnossl replication all 127.0.0.1/32 reject
         let port = free_port();
         let data = dir.path().join("data");
         as_postgres(
-            &format!("{BIN}/initdb"),
+            path(&installation.program("initdb")),
             &[
                 "-D",
                 path(&data),
@@ -145,9 +215,77 @@ hostnossl replication all 127.0.0.1/32 reject
         );
         append_conf(&data, &conf);
         configure(&data);
-        let cluster = PgCluster { dir, port };
+        let cluster = PgCluster {
+            dir,
+            port,
+            installation,
+        };
         cluster.pg_ctl(&["start", "-w", "-t", "60", "-l", path(&cluster.log_path())]);
         cluster
+    }
+
+    /// A physical standby of this cluster (`pg_basebackup -R` with its own physical slot
+    /// `standby`), ready to keep synced copies of failover slots (PostgreSQL 17+):
+    /// `sync_replication_slots`, `hot_standby_feedback`, a dbname in `primary_conninfo`.
+    pub fn start_standby(&self) -> PgCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("pg_outbox_standby")
+            .tempdir()
+            .expect("temp dir");
+        run("chown", &["postgres:postgres", path(dir.path())]);
+        let port = free_port();
+        let data = dir.path().join("data");
+        let primary = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres application_name=standby",
+            self.port
+        );
+        as_postgres(
+            path(&self.installation.program("pg_basebackup")),
+            &[
+                "-d",
+                &primary,
+                "-D",
+                path(&data),
+                "-R",
+                "-X",
+                "stream",
+                "-C",
+                "-S",
+                "standby",
+            ],
+        );
+        append_conf(
+            &data,
+            &format!(
+                "port = {port}\nunix_socket_directories = '{}'\nsync_replication_slots = on\n\
+                 hot_standby_feedback = on\n",
+                path(dir.path())
+            ),
+        );
+        // Later lines win: the connection string with the dbname slot sync needs.
+        let auto = data.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).unwrap();
+        text.push_str(&format!("primary_conninfo = '{primary}'\n"));
+        std::fs::write(&auto, text).unwrap();
+        let standby = PgCluster {
+            dir,
+            port,
+            installation: self.installation.clone(),
+        };
+        standby.pg_ctl(&["start", "-w", "-t", "60", "-l", path(&standby.log_path())]);
+        standby
+    }
+
+    /// SIGKILL to the postmaster: a crash, not a shutdown.
+    pub fn kill(&self) {
+        let pid_file = self.dir.path().join("data").join("postmaster.pid");
+        let pid = std::fs::read_to_string(pid_file).expect("postmaster.pid");
+        run("kill", &["-9", pid.lines().next().unwrap().trim()]);
+    }
+
+    /// A standby becomes a primary.
+    pub fn promote(&self) {
+        self.pg_ctl(&["promote", "-w", "-t", "60"]);
     }
 
     pub fn url(&self) -> String {
@@ -160,16 +298,16 @@ hostnossl replication all 127.0.0.1/32 reject
 
     /// Runs a client program of this PostgreSQL (pg_dump, psql, pg_restore) against the cluster
     /// as the superuser; panics with its output when it fails.
-    pub fn client_program(&self, program: &str, args: &[&str]) -> Vec<u8> {
+    pub fn client_program(&self, name: &str, args: &[&str]) -> Vec<u8> {
         let port = self.port.to_string();
-        let out = Command::new(format!("{BIN}/{program}"))
+        let out = Command::new(self.installation.program(name))
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
             .args(args)
             .output()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(
             out.status.success(),
-            "{program} {args:?} failed: {}",
+            "{name} {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         out.stdout
@@ -243,7 +381,7 @@ hostnossl replication all 127.0.0.1/32 reject
         let data = self.dir.path().join("data");
         let mut all = vec!["-D", path(&data)];
         all.extend_from_slice(args);
-        as_postgres(&format!("{BIN}/pg_ctl"), &all);
+        as_postgres(path(&self.installation.program("pg_ctl")), &all);
     }
 }
 
@@ -255,7 +393,7 @@ impl Drop for PgCluster {
                 "-u",
                 "postgres",
                 "--",
-                &format!("{BIN}/pg_ctl"),
+                path(&self.installation.program("pg_ctl")),
                 "-D",
                 path(&data),
                 "-m",

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use outbox_tests::publish::{publish_range, Storage};
 use outbox_tests::PgCluster;
+use outbox_worker::config::FailoverSlot;
 use outbox_worker::source::{setup, ReplicationSource, SlotSettings, SourceEvent};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -14,16 +15,17 @@ async fn dropping_next_mid_await_never_loses_an_event() {
     let pg = PgCluster::start().await;
     let db = pg.superuser().await;
     let client = outbox_worker::pg::connect(&pg.url()).await.unwrap();
-    setup::ensure_slot(&client, "pg_outbox", "pg_outbox", setup::SlotSetup::Keep)
-        .await
-        .unwrap();
     const COUNT: u64 = 1500;
     let settings = SlotSettings {
         url: pg.url(),
         slot: "pg_outbox".into(),
         publication: "pg_outbox".into(),
         status_interval: Duration::from_millis(250),
+        failover: FailoverSlot::Auto,
     };
+    setup::ensure_slot(&client, &settings, setup::SlotSetup::Keep)
+        .await
+        .unwrap();
     let mut source = ReplicationSource::connect(&settings, None).await.unwrap();
     // Published while streaming, so that `next` often has to wait.
     let publisher = tokio::spawn(async move {

@@ -60,6 +60,9 @@ pub struct Delivery {
     next_seq: u64,
     /// Bytes of the messages sent and not yet settled ([`Message::size`]).
     bytes_in_flight: usize,
+    /// Messages acknowledged, and dead-lettered, since the start.
+    acknowledged: u64,
+    dead_lettered: u64,
     /// Highest commit end whose transaction and all before it are acknowledged.
     confirmed: Option<Lsn>,
     /// The latest failure (sink name, error), reported once per retry round.
@@ -84,6 +87,8 @@ impl Delivery {
             tracker: AckTracker::default(),
             next_seq: 0,
             bytes_in_flight: 0,
+            acknowledged: 0,
+            dead_lettered: 0,
             confirmed: None,
             last_error: None,
             retry_at: None,
@@ -128,6 +133,16 @@ impl Delivery {
             .iter()
             .map(|(_, t)| t.keys.as_ref().map_or(0, KeyQueues::len))
             .sum()
+    }
+
+    /// Messages a broker acknowledged since the start.
+    pub fn acknowledged(&self) -> u64 {
+        self.acknowledged
+    }
+
+    /// Messages given up on and dead-lettered since the start.
+    pub fn dead_lettered_count(&self) -> u64 {
+        self.dead_lettered
     }
 
     /// The commit end up to which everything is acknowledged; `None` before the first one.
@@ -184,6 +199,7 @@ impl Delivery {
                         .metrics
                         .published(&entry.message);
                     self.tracker.acked(entry.tx);
+                    self.acknowledged += 1;
                     self.bytes_in_flight -= entry.message.size();
                     self.next_of_key(entry.route.sink, entry.message.key.as_deref());
                     self.advance();
@@ -277,6 +293,7 @@ impl Delivery {
     pub fn dead_lettered(&mut self, u: &Undeliverable) {
         metrics::dead_lettered(&u.sink, &u.message);
         self.tracker.acked(u.tx);
+        self.dead_lettered += 1;
         self.bytes_in_flight -= u.message.size();
         self.next_of_key(u.sink_id, u.message.key.as_deref());
         self.advance();

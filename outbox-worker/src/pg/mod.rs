@@ -4,7 +4,9 @@
 mod tls;
 
 use anyhow::{Context, Result};
-use tokio_postgres::config::SslMode;
+use std::time::Duration;
+
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, NoTls};
 
 use crate::fatal::{self, Fatal};
@@ -13,23 +15,90 @@ use crate::secret::redact_url;
 /// An ordinary (non-replication) connection, TLS as `sslmode` says; its driver task ends with
 /// the client.
 pub async fn connect(url: &str) -> Result<Client> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .with_context(|| format!("postgres.url {}", redact_url(url)))?;
-    let context = || format!("cannot connect to PostgreSQL at {}", redact_url(url));
+    let config = parse(url)?;
+    connect_with(&config)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact_url(url)))
+}
+
+fn parse(url: &str) -> Result<tokio_postgres::Config> {
+    url.parse()
+        .with_context(|| format!("postgres.url {}", redact_url(url)))
+}
+
+async fn connect_with(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
     let client = if config.get_ssl_mode() == SslMode::Disable {
-        let (client, connection) = config.connect(NoTls).await.with_context(context)?;
+        let (client, connection) = config.connect(NoTls).await?;
         tokio::spawn(drive(connection));
         client
     } else {
-        let (client, connection) = config
-            .connect(tls::connector())
-            .await
-            .with_context(context)?;
+        let (client, connection) = config.connect(tls::connector()).await?;
         tokio::spawn(drive(connection));
         client
     };
     Ok(client)
+}
+
+/// The host and port of `url`'s server that accepts writes. With several hosts
+/// (`postgres://u@a:5432,b:5432/db`, as libpq's multi-host URLs) each is asked in turn whether it
+/// is in recovery, so after a failover the replication connection goes to the new primary; one
+/// host is returned as it is.
+pub async fn primary_of(url: &str) -> Result<(Host, u16)> {
+    let config = parse(url)?;
+    let hosts = config.get_hosts();
+    let port_of = |i: usize| {
+        let ports = config.get_ports();
+        ports.get(i).or(ports.first()).copied().unwrap_or(5432)
+    };
+    let Some(first) = hosts.first() else {
+        return Ok((Host::Tcp("localhost".into()), port_of(0)));
+    };
+    if hosts.len() == 1 {
+        return Ok((first.clone(), port_of(0)));
+    }
+    let mut last_error = None;
+    for (i, host) in hosts.iter().enumerate() {
+        let mut one = tokio_postgres::Config::new();
+        if let Some(user) = config.get_user() {
+            one.user(user);
+        }
+        if let Some(password) = config.get_password() {
+            one.password(password);
+        }
+        if let Some(dbname) = config.get_dbname() {
+            one.dbname(dbname);
+        }
+        one.ssl_mode(config.get_ssl_mode())
+            .connect_timeout(
+                config
+                    .get_connect_timeout()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(5)),
+            )
+            .port(port_of(i));
+        match host {
+            Host::Tcp(name) => one.host(name),
+            Host::Unix(path) => one.host_path(path),
+        };
+        let in_recovery = match connect_with(&one).await {
+            Ok(client) => client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map(|row| row.get::<_, bool>(0)),
+            Err(e) => Err(e),
+        };
+        match in_recovery {
+            Ok(false) => return Ok((host.clone(), port_of(i))),
+            Ok(true) => {}
+            Err(e) => last_error = Some(e),
+        }
+    }
+    match last_error {
+        Some(e) => Err(anyhow::Error::new(e).context("no host of postgres.url answered")),
+        None => Err(anyhow::anyhow!(
+            "every host of postgres.url is a standby (in recovery): waiting for a primary"
+        )),
+    }
 }
 
 async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {

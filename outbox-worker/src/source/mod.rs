@@ -5,4 +5,6 @@ pub mod pgoutput;
 mod replication;
 pub mod setup;
 
-pub use replication::{Remedy, ReplicationSource, SlotSettings, SourceError, SourceEvent};
+pub use replication::{
+    make_failover_slot, Remedy, ReplicationSource, SlotSettings, SourceError, SourceEvent,
+};

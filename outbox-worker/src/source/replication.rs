@@ -14,6 +14,7 @@ use super::decode::{
     check_publish_rules, decode_envelope, EnvelopeError, TableLayout, MESSAGE_PREFIX,
 };
 use super::pgoutput::{self, Change};
+use crate::config::{Config, FailoverSlot};
 use crate::fatal::{self, Fatal};
 use crate::lsn::Lsn;
 use crate::message::{Message, Quarantined};
@@ -124,6 +125,34 @@ pub struct SlotSettings {
     pub slot: String,
     pub publication: String,
     pub status_interval: Duration,
+    pub failover: FailoverSlot,
+}
+
+impl SlotSettings {
+    pub fn of(config: &Config) -> SlotSettings {
+        SlotSettings {
+            url: config.url().to_owned(),
+            slot: config.postgres.slot.clone(),
+            publication: config.postgres.publication.clone(),
+            status_interval: config.postgres.status_interval,
+            failover: config.postgres.failover_slot,
+        }
+    }
+}
+
+/// `ALTER_REPLICATION_SLOT … (FAILOVER true)` (PostgreSQL 17+) is a replication command: it runs
+/// on a replication connection that never starts streaming.
+pub async fn make_failover_slot(settings: &SlotSettings) -> Result<(), SourceError> {
+    let config = replication_config(settings, primary(settings).await?)
+        .map_err(|e| SourceError::Connection(PgWireError::Internal(e)))?;
+    let mut client = ReplicationClient::connect_gated(config).await?;
+    client
+        .simple_query(&format!(
+            "ALTER_REPLICATION_SLOT \"{}\" ( FAILOVER true )",
+            settings.slot.replace('"', "\"\"")
+        ))
+        .await?;
+    Ok(())
 }
 
 pub struct ReplicationSource {
@@ -142,7 +171,7 @@ impl ReplicationSource {
     pub async fn connect(settings: &SlotSettings, start: Option<Lsn>) -> Result<Self, SourceError> {
         // 0 asks the server for the slot's confirmed position.
         let start = start.map_or(0, |lsn| lsn.0);
-        let config = replication_config(settings)
+        let config = replication_config(settings, primary(settings).await?)
             .map_err(|e| SourceError::Connection(PgWireError::Internal(e)))?
             .with_start_lsn(WireLsn(start));
         let mut client = ReplicationClient::connect(config).await?;
@@ -271,7 +300,27 @@ fn postgres_time(micros: i64) -> chrono::DateTime<chrono::Utc> {
         .unwrap_or_default()
 }
 
-fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, String> {
+/// Where to open the replication connection: the primary among `postgres.url`'s hosts. A server
+/// error keeps its SQLSTATE (so a wrong password stops the worker); anything else is retried.
+async fn primary(settings: &SlotSettings) -> Result<(Host, u16), SourceError> {
+    crate::pg::primary_of(&settings.url).await.map_err(|e| {
+        let db = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+            .and_then(tokio_postgres::Error::as_db_error);
+        SourceError::Connection(match db {
+            Some(db) => {
+                PgWireError::Server(format!("{} (SQLSTATE {})", db.message(), db.code().code()))
+            }
+            None => PgWireError::Io(std::sync::Arc::new(std::io::Error::other(format!("{e:#}")))),
+        })
+    })
+}
+
+fn replication_config(
+    settings: &SlotSettings,
+    (host, port): (Host, u16),
+) -> Result<ReplicationConfig, String> {
     let pg: tokio_postgres::Config = settings
         .url
         .parse()
@@ -282,9 +331,8 @@ fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, Stri
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let database = pg.get_dbname().unwrap_or(&user).to_owned();
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let config = match pg.get_hosts().first() {
-        Some(Host::Unix(dir)) => ReplicationConfig::unix(
+    let config = match host {
+        Host::Unix(dir) => ReplicationConfig::unix(
             dir.to_string_lossy(),
             port,
             user,
@@ -293,7 +341,7 @@ fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, Stri
             &settings.slot,
             settings.publication.as_str(),
         ),
-        Some(Host::Tcp(host)) => ReplicationConfig::new(
+        Host::Tcp(host) => ReplicationConfig::new(
             host,
             user,
             password,
@@ -302,7 +350,7 @@ fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, Stri
             settings.publication.as_str(),
         )
         .with_port(port)
-        // The same sslmode semantics as the SQL connection (source/tls.rs).
+        // The same sslmode semantics as the SQL connection (pg/tls.rs).
         .with_tls(match pg.get_ssl_mode() {
             SslMode::Require => TlsConfig::require(),
             SslMode::Prefer => TlsConfig {
@@ -311,15 +359,6 @@ fn replication_config(settings: &SlotSettings) -> Result<ReplicationConfig, Stri
             },
             _ => TlsConfig::disabled(),
         }),
-        None => ReplicationConfig::new(
-            "localhost",
-            user,
-            password,
-            database,
-            &settings.slot,
-            settings.publication.as_str(),
-        )
-        .with_port(port),
     };
     Ok(config
         .with_buffer_size(READ_AHEAD_EVENTS)

@@ -5,6 +5,8 @@ use anyhow::{bail, Context, Result};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use super::{make_failover_slot, SlotSettings};
+use crate::config::FailoverSlot;
 use crate::fatal::Fatal;
 
 /// What to do with a slot that was used before and is gone.
@@ -17,13 +19,11 @@ pub enum SlotSetup {
     Replace,
 }
 
-/// Checks the database, creates the publication when missing, and the slot on first setup.
-pub async fn ensure_slot(
-    client: &Client,
-    slot: &str,
-    publication: &str,
-    mode: SlotSetup,
-) -> Result<()> {
+/// Checks the database, creates the publication when missing, and the slot on first setup (a
+/// failover slot where `settings.failover` asks for one and the server has them).
+pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSetup) -> Result<()> {
+    let (slot, publication) = (settings.slot.as_str(), settings.publication.as_str());
+    let failover = wants_failover(client, settings.failover).await?;
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         bail!(
@@ -64,7 +64,8 @@ pub async fn ensure_slot(
     let slot_state = client
         .query_opt(
             "SELECT plugin, database,
-                    wal_status = 'lost' OR coalesce((to_jsonb(s) ->> 'conflicting')::boolean, false)
+                    wal_status = 'lost' OR coalesce((to_jsonb(s) ->> 'conflicting')::boolean, false),
+                    coalesce((to_jsonb(s) ->> 'failover')::boolean, false), active
                FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
@@ -81,6 +82,7 @@ pub async fn ensure_slot(
         Some(row) => {
             let (plugin, slot_database, invalidated): (Option<String>, Option<String>, bool) =
                 (row.get(0), row.get(1), row.get(2));
+            let (is_failover, active): (bool, bool) = (row.get(3), row.get(4));
             if plugin.as_deref() != Some("pgoutput") || slot_database.as_deref() != Some(&database)
             {
                 bail!(
@@ -95,7 +97,12 @@ pub async fn ensure_slot(
                         .await
                         .into())
                 }
-                SlotSetup::Keep => false,
+                SlotSetup::Keep => {
+                    if failover && !is_failover {
+                        convert_to_failover(settings, active).await?;
+                    }
+                    false
+                }
                 SlotSetup::Replace => {
                     client
                         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
@@ -104,7 +111,7 @@ pub async fn ensure_slot(
                             format!("cannot drop slot {slot:?} (stop every worker using it first)")
                         })?;
                     tracing::warn!(slot, "dropped the replication slot");
-                    create_slot(client, slot).await?;
+                    create_slot(client, slot, failover).await?;
                     true
                 }
             }
@@ -113,7 +120,7 @@ pub async fn ensure_slot(
             return Err(slot_gone(client, slot, "does not exist").await.into())
         }
         None => {
-            create_slot(client, slot).await?;
+            create_slot(client, slot, failover).await?;
             true
         }
     };
@@ -177,17 +184,66 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
     Ok(())
 }
 
-async fn create_slot(client: &Client, slot: &str) -> Result<()> {
-    let created = client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
+/// Whether the slot should be a failover slot: `auto` where the server has them (17+), `on`
+/// refuses an older server.
+async fn wants_failover(client: &Client, setting: FailoverSlot) -> Result<bool> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    let supported = version >= 170_000;
+    match setting {
+        FailoverSlot::Off => Ok(false),
+        FailoverSlot::Auto => Ok(supported),
+        FailoverSlot::On if supported => Ok(true),
+        FailoverSlot::On => Err(Fatal::new(
+            format!("postgres.failover_slot = \"on\" needs PostgreSQL 17 or later; this server is {version}"),
+            "set postgres.failover_slot = \"auto\" (or \"off\"); on older servers see the README's failover runbook",
         )
-        .await;
+        .into()),
+    }
+}
+
+/// An existing slot made a failover slot. Not while another worker streams it (a standby's
+/// setup must not fail because the active worker holds the slot): the next setup converts it.
+async fn convert_to_failover(settings: &SlotSettings, active: bool) -> Result<()> {
+    let slot = &settings.slot;
+    if active {
+        tracing::warn!(
+            slot,
+            "the slot is not a failover slot and is in use; run `outbox-worker setup` while no worker streams it to convert it"
+        );
+        return Ok(());
+    }
+    make_failover_slot(settings)
+        .await
+        .with_context(|| format!("cannot make {slot:?} a failover slot"))?;
+    tracing::info!(slot, "made the replication slot a failover slot");
+    Ok(())
+}
+
+async fn create_slot(client: &Client, slot: &str, failover: bool) -> Result<()> {
+    // The five-argument form (temporary, two-phase, failover) exists from PostgreSQL 17 on.
+    let created = if failover {
+        client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
+                &[&slot],
+            )
+            .await
+    } else {
+        client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+    };
     match created {
         Ok(row) => tracing::info!(
             slot,
             lsn = row.get::<_, String>(0),
+            failover,
             "created replication slot"
         ),
         Err(e) => ignore_duplicate(Err(e))
@@ -221,13 +277,13 @@ pub async fn slot_gone(client: &Client, slot: &str, what_happened: &str) -> Fata
         format!("replication slot {slot:?} {what_happened}: {since}"),
         format!(
             "the worker never creates a slot it has used before on its own, since that would \
-             skip those messages for good. Table-form messages are still in outbox.messages \
-             (for pg_outbox.retention); wal-form ones cannot be recovered. Run `outbox-worker \
-             setup --new-slot` to start a new slot at the current position, then send again \
-             what is missing{} (README, \"A lost slot\")",
+             skip those messages for good. Run `outbox-worker setup --new-slot` to start a new \
+             slot at the current position, then `outbox-worker replay --since {}` to send the \
+             table-form messages of that time again (consumers drop duplicates); wal-form ones \
+             cannot be recovered (README, \"A lost slot\")",
             delivered_before
-                .map(|t| format!(" (created_at >= '{t}')"))
-                .unwrap_or_default()
+                .as_deref()
+                .unwrap_or("<when it was last confirmed>")
         ),
     )
 }

@@ -56,7 +56,7 @@ async fn main() {
             .get(0);
 
         let started = Instant::now();
-        let status = Command::new("/usr/lib/postgresql/15/bin/pg_recvlogical")
+        let status = Command::new(outbox_tests::postgres::program("pg_recvlogical"))
             .args([
                 "-h",
                 "127.0.0.1",

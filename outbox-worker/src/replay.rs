@@ -1,0 +1,218 @@
+//! `outbox-worker replay`: sends table-form messages again from `outbox.messages`, with their
+//! original ids, through the configured routes and sinks. For what a lost slot (or a failover on
+//! PostgreSQL 15/16) did not deliver; consumers drop what had already arrived by `outbox-id`.
+//!
+//! Order: by id. Ids are UUIDv7 taken when `outbox.publish` runs, so a key's messages come in the
+//! order they were published; for writers that serialize on the key (a row lock on the business
+//! row), that is their commit order.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use globset::{Glob, GlobMatcher};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::dead_letters::DeadLetters;
+use crate::delivery::{self, Delivery};
+use crate::health::Health;
+use crate::lsn::Lsn;
+use crate::message::{Message, Payload};
+use crate::pg;
+use crate::pipeline::{stopped, Parts};
+use crate::router::Router;
+use crate::sink::Sinks;
+use crate::source::decode::check_publish_rules;
+
+/// Which messages to send again.
+pub struct ReplayRange {
+    /// `created_at` at or after this.
+    pub since: DateTime<Utc>,
+    /// `created_at` before this, if given.
+    pub until: Option<DateTime<Utc>>,
+    /// Only queues matching this glob.
+    pub queue: Option<String>,
+}
+
+/// What a replay did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReplaySummary {
+    /// Acknowledged by a broker.
+    pub sent: u64,
+    /// Refused for good (or without a route): written to `outbox.dead_letters`.
+    pub dead_lettered: u64,
+    /// Rows that break the rules `outbox.publish` keeps (not written by it): not sent.
+    pub skipped: u64,
+    /// Filtered out by `--queue`.
+    pub other_queues: u64,
+}
+
+/// Rows fetched per round trip.
+const PAGE: i32 = 1_000;
+
+pub async fn replay(
+    config: &Config,
+    range: ReplayRange,
+    shutdown: CancellationToken,
+) -> Result<ReplaySummary> {
+    let queue = range
+        .queue
+        .as_deref()
+        .map(|glob| Glob::new(glob).map(|g| g.compile_matcher()))
+        .transpose()
+        .context("--queue")?;
+    let mut client = pg::connect(config.url()).await?;
+    let total: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox.messages
+              WHERE created_at >= $1 AND ($2::timestamptz IS NULL OR created_at < $2)",
+            &[&range.since, &range.until],
+        )
+        .await
+        .context("cannot read outbox.messages (the worker's role needs outbox_operator)")?
+        .get(0);
+    eprintln!(
+        "replaying up to {total} message(s) created from {}{}",
+        range.since.to_rfc3339(),
+        range
+            .until
+            .map(|u| format!(" until {}", u.to_rfc3339()))
+            .unwrap_or_default()
+    );
+
+    let mut router = Router::new(config);
+    let sinks = Sinks::build(config)?;
+    let health = Health::new(Vec::new());
+    let mut delivery = Delivery::new(&sinks, config.delivery.clone());
+    let mut dead_letters = DeadLetters::new(config.url(), health, shutdown.clone());
+    let mut parts = Parts {
+        router: &mut router,
+        delivery: &mut delivery,
+        dead_letters: &mut dead_letters,
+    };
+    let mut summary = ReplaySummary::default();
+    let mut report = Instant::now();
+
+    // One cursor over the range in id order: one sort, rows streamed a page at a time.
+    let tx = client.transaction().await?;
+    let statement = tx
+        .prepare(
+            "SELECT id, queue, key, payload::text, payload_bytes, headers::text, created_at
+               FROM outbox.messages
+              WHERE created_at >= $1 AND ($2::timestamptz IS NULL OR created_at < $2)
+              ORDER BY id",
+        )
+        .await?;
+    let portal = tx.bind(&statement, &[&range.since, &range.until]).await?;
+    let mut page_number = 0u64;
+    loop {
+        let rows = tx.query_portal(&portal, PAGE).await?;
+        if rows.is_empty() {
+            break;
+        }
+        page_number += 1;
+        let page = parts.delivery.begin();
+        for row in &rows {
+            let message = match message_of(row) {
+                Ok(message) => message,
+                Err(problem) => {
+                    tracing::warn!(%problem, "not sent again");
+                    summary.skipped += 1;
+                    continue;
+                }
+            };
+            if queue
+                .as_ref()
+                .is_some_and(|q: &GlobMatcher| !q.is_match(&message.queue))
+            {
+                summary.other_queues += 1;
+                continue;
+            }
+            while !parts.delivery.can_accept() {
+                settle(&mut parts, &shutdown).await?;
+            }
+            match parts.router.route(&message.queue) {
+                Some(route) => parts.delivery.send(page, route, message),
+                None => {
+                    let error = format!("no route matches queue {:?}", message.queue);
+                    delivery::count_dead_letter("", &message);
+                    let written = parts
+                        .dead_letters
+                        .write(&message, "(no route)", &error, 1)
+                        .await;
+                    interrupted(stopped(written)?.is_some())?;
+                    summary.dead_lettered += 1;
+                }
+            }
+        }
+        // A stand-in commit position: replay confirms no slot, it only waits for the acks.
+        parts.delivery.commit(page, Lsn(page_number));
+        if report.elapsed() > Duration::from_secs(5) {
+            eprintln!("... {} of {total} sent", parts.delivery.acknowledged());
+            report = Instant::now();
+        }
+    }
+    tx.commit().await?;
+    while !parts.delivery.is_idle() {
+        settle(&mut parts, &shutdown).await?;
+    }
+    delivery.close().await;
+    summary.sent = delivery.acknowledged();
+    summary.dead_lettered += delivery.dead_lettered_count();
+    eprintln!(
+        "replayed {} message(s): {} sent, {} dead-lettered, {} skipped (not written by outbox.publish), {} of other queues",
+        total, summary.sent, summary.dead_lettered, summary.skipped, summary.other_queues
+    );
+    Ok(summary)
+}
+
+/// Waits for the next acknowledgement or refusal; a message refused for good is dead-lettered.
+async fn settle(parts: &mut Parts<'_>, shutdown: &CancellationToken) -> Result<()> {
+    let settled = tokio::select! {
+        settled = parts.delivery.progress() => settled,
+        () = shutdown.cancelled() => return interrupted(true),
+    };
+    interrupted(stopped(parts.settle_one(settled).await)?.is_some())
+}
+
+fn interrupted(yes: bool) -> Result<()> {
+    if yes {
+        anyhow::bail!(
+            "replay interrupted: run it again with the same range (consumers drop duplicates)"
+        );
+    }
+    Ok(())
+}
+
+/// A row of `outbox.messages` as the stream would have carried it.
+fn message_of(row: &tokio_postgres::Row) -> Result<Message, String> {
+    let id: uuid::Uuid = row.get(0);
+    let payload = match (
+        row.get::<_, Option<String>>(3),
+        row.get::<_, Option<Vec<u8>>>(4),
+    ) {
+        (Some(json), None) => Payload::Json(json),
+        (None, Some(bytes)) => Payload::Bytes(bytes),
+        _ => {
+            return Err(format!(
+                "message {id}: not exactly one of payload, payload_bytes"
+            ))
+        }
+    };
+    let headers: BTreeMap<String, String> = serde_json::from_str(&row.get::<_, String>(5))
+        .map_err(|e| format!("message {id}: headers are not an object of strings: {e}"))?;
+    let message = Message {
+        id,
+        queue: row.get(1),
+        key: row.get(2),
+        headers,
+        payload,
+        created_at: row.get(6),
+        commit_lsn: Lsn(0),
+        committed_at: Utc::now(),
+    };
+    check_publish_rules(&message).map_err(|e| e.to_string())?;
+    Ok(message)
+}
