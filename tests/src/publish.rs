@@ -122,6 +122,23 @@ pub fn check_delivery(seen: &[Seen], expected: u64) -> Tally {
     }
 }
 
+/// A file for a worker's stdout, in a directory that lives as long as the returned handle.
+pub fn stdout_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stdout.jsonl");
+    (dir, path)
+}
+
+/// Waits (at most a minute) until the stdout sink wrote `count` lines to `path`.
+pub async fn wait_for_lines(path: &std::path::Path, count: usize) {
+    crate::eventually(
+        std::time::Duration::from_secs(60),
+        &format!("{count} lines on stdout"),
+        || async move { read_json_lines(path).len() >= count },
+    )
+    .await;
+}
+
 /// Lines the stdout sink wrote, parsed.
 pub fn read_json_lines(path: &std::path::Path) -> Vec<Seen> {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -8,26 +8,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outbox_tests::postgres::{count, free_port};
-use outbox_tests::publish::read_json_lines;
+use outbox_tests::publish::{read_json_lines, stdout_file, wait_for_lines};
 use outbox_tests::worker::{http_get, run_once, stdout_to};
 use outbox_tests::{eventually, PgCluster, Worker};
 
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
-
-fn stdout_file() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stdout.jsonl");
-    (dir, path)
-}
-
-async fn wait_for_lines(path: &std::path::Path, count: usize) {
-    eventually(
-        Duration::from_secs(60),
-        &format!("{count} lines on stdout"),
-        || async move { read_json_lines(path).len() >= count },
-    )
-    .await;
-}
 
 /// Runs `outbox-worker ARGS` (with `env`) and expects it to stop by itself with status 1, its
 /// log holding every one of `expected`.
@@ -228,42 +213,40 @@ async fn a_slot_dropped_under_a_running_worker_stops_it() {
     assert_eq!(slot_count(&db).await, 0, "the slot was not created again");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_role_without_replication_stops_the_worker_with_a_hint() {
+/// A worker role made by `create`, on a set-up database: refused at start with `expected`.
+async fn role_is_refused(create: &str, expected: &[&str]) {
     let pg = PgCluster::start().await;
-    pg.superuser()
-        .await
-        .batch_execute("CREATE ROLE relay LOGIN; GRANT outbox_operator TO relay")
-        .await
-        .unwrap();
+    pg.superuser().await.batch_execute(create).await.unwrap();
     setup(&pg);
     expect_exit_1(
         &["run", "--postgres-url", &pg.url_of("relay", "postgres")],
         &[],
-        &[
-            "role \"relay\" may not stream",
-            "ALTER ROLE relay REPLICATION",
-        ],
+        expected,
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_role_without_replication_stops_the_worker_with_a_hint() {
+    role_is_refused(
+        "CREATE ROLE relay LOGIN; GRANT outbox_operator TO relay",
+        &[
+            "role \"relay\" may not stream",
+            "ALTER ROLE relay REPLICATION",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_role_that_cannot_write_dead_letters_is_refused_at_start() {
-    let pg = PgCluster::start().await;
-    pg.superuser()
-        .await
-        .batch_execute("CREATE ROLE relay LOGIN REPLICATION")
-        .await
-        .unwrap();
-    setup(&pg);
-    expect_exit_1(
-        &["run", "--postgres-url", &pg.url_of("relay", "postgres")],
-        &[],
+    role_is_refused(
+        "CREATE ROLE relay LOGIN REPLICATION",
         &[
             "cannot write outbox.dead_letters",
             "GRANT outbox_operator TO relay",
         ],
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,17 +13,55 @@ use outbox_tests::{eventually, PgCluster, Worker};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
+/// What each test here runs against: a mock cluster with topic `orders`, PostgreSQL, and a worker
+/// delivering every queue to it with `config` (TOML) and `extra` flags, holding the slot.
+struct Setup {
+    mock: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    brokers: String,
+    _pg: PgCluster,
+    worker: Worker,
+    db: tokio_postgres::Client,
+    _config: tempfile::NamedTempFile,
+}
+
+async fn setup(brokers: i32, partitions: i32, config: &str, extra: &[&str]) -> Setup {
+    let mock = MockCluster::new(brokers).expect("mock cluster");
+    mock.create_topic("orders", partitions, brokers).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(config);
+    let mut args = kafka_args(&pg.url(), &brokers, config.path());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    Setup {
+        mock,
+        brokers,
+        _pg: pg,
+        worker,
+        db,
+        _config: config,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
     const TOTAL: u64 = 15_000;
-    let mock = MockCluster::new(3).expect("mock cluster");
-    mock.create_topic("orders", 3, 3).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let pg = PgCluster::start().await;
-    let config = Worker::config_file("[sinks.kafka.properties]\n\"message.timeout.ms\" = 3000\n");
-    let worker = Worker::start(&kafka_args(&pg.url(), &brokers, config.path()), None);
-    let db = pg.superuser().await;
-    pg.wait_for_slot(&db).await;
+    let Setup {
+        mock,
+        brokers,
+        worker,
+        db,
+        _pg,
+        _config,
+    } = setup(
+        3,
+        3,
+        "[sinks.kafka.properties]\n\"message.timeout.ms\" = 3000\n",
+        &[],
+    )
+    .await;
 
     // Retriable errors on the next produce requests; librdkafka retries them itself, in order.
     // (A permanent one is not injected here: unlike Kafka, the mock broker accepts the batches
@@ -73,17 +111,23 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
 /// first: no row, the slot frozen for good.
 async fn refused_message_in_a_steady_stream(max_attempts: u32) {
     const TOTAL: u64 = 3_000;
-    let mock = MockCluster::new(1).expect("mock cluster");
-    mock.create_topic("orders", 3, 1).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let pg = PgCluster::start().await;
-    let config = Worker::config_file(&format!(
-        "[delivery]\nmax_attempts = {max_attempts}\nretry_initial = \"10ms\"\n\
+    let Setup {
+        mock: _mock,
+        brokers,
+        worker,
+        db,
+        _pg,
+        _config,
+    } = setup(
+        1,
+        3,
+        &&format!(
+            "[delivery]\nmax_attempts = {max_attempts}\nretry_initial = \"10ms\"\n\
          [sinks.kafka.properties]\n\"message.max.bytes\" = 2000\n"
-    ));
-    let worker = Worker::start(&kafka_args(&pg.url(), &brokers, config.path()), None);
-    let db = pg.superuser().await;
-    pg.wait_for_slot(&db).await;
+        ),
+        &[],
+    )
+    .await;
 
     for first in (0..TOTAL).step_by(100) {
         publish_range(&db, "orders", first, 100, 10, Storage::Mixed).await;
@@ -157,17 +201,21 @@ async fn a_dead_letter_is_written_while_the_stream_goes_on_after_five_attempts()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_refusing_some_sends_never_breaks_per_key_order() {
     const TOTAL: u64 = 2_000;
-    let mock = MockCluster::new(1).expect("mock cluster");
-    mock.create_topic("orders", 1, 1).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let pg = PgCluster::start().await;
-    let config = Worker::config_file(
+    let Setup {
+        mock,
+        brokers,
+        worker,
+        db,
+        _pg,
+        _config,
+    } = setup(
+        1,
+        1,
         "[delivery]\nretry_initial = \"10ms\"\nretry_max = \"500ms\"\n\
          [sinks.kafka.properties]\n\"message.timeout.ms\" = 1500\n",
-    );
-    let worker = Worker::start(&kafka_args(&pg.url(), &brokers, config.path()), None);
-    let db = pg.superuser().await;
-    pg.wait_for_slot(&db).await;
+        &[],
+    )
+    .await;
 
     mock.broker_down(-1).unwrap();
     db.batch_execute(&format!(
@@ -255,14 +303,14 @@ async fn kafka_readiness_follows_whether_the_brokers_answer() {
 /// form's.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_publishers_content_type_wins_and_is_sent_once() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    mock.create_topic("orders", 1, 1).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let pg = PgCluster::start().await;
-    let config = Worker::config_file("");
-    let _worker = Worker::start(&kafka_args(&pg.url(), &brokers, config.path()), None);
-    let db = pg.superuser().await;
-    pg.wait_for_slot(&db).await;
+    let Setup {
+        mock: _mock,
+        brokers,
+        worker: _worker,
+        db,
+        _pg,
+        _config,
+    } = setup(1, 1, "", &[]).await;
     db.batch_execute(
         "SELECT outbox.publish_bytes('orders', '\\x0a0b'::bytea, '{\"content-type\": \"application/avro\"}');
          SELECT outbox.publish('orders', '{\"n\": 1}', '{\"Content-Type\": \"application/cloudevents+json\"}');

@@ -4,18 +4,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox_tests::publish::{check_delivery, publish_range, read_json_lines, Storage};
+use outbox_tests::publish::{
+    check_delivery, publish_range, read_json_lines, wait_for_lines, Storage,
+};
 use outbox_tests::worker::run_once;
-use outbox_tests::{eventually, PgCluster, Worker};
-
-async fn wait_for_lines(path: &std::path::Path, count: usize) {
-    eventually(
-        Duration::from_secs(60),
-        &format!("{count} lines on stdout"),
-        || async move { read_json_lines(path).len() >= count },
-    )
-    .await;
-}
+use outbox_tests::{PgCluster, Worker};
 
 /// The time a lost-slot error names (`--since` for the replay).
 fn delivered_before(log: &str) -> String {

@@ -4,25 +4,11 @@
 use std::time::Duration;
 
 use outbox_tests::publish::{
-    check_delivery, only_dead_letter, publish_range, publish_rolled_back, read_json_lines, Storage,
+    check_delivery, only_dead_letter, publish_range, publish_rolled_back, read_json_lines,
+    stdout_file, wait_for_lines, Storage,
 };
 use outbox_tests::worker::run_once;
 use outbox_tests::{eventually, PgCluster, Worker};
-
-fn stdout_file() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stdout.jsonl");
-    (dir, path)
-}
-
-async fn wait_for_lines(path: &std::path::Path, count: usize) {
-    eventually(
-        Duration::from_secs(60),
-        &format!("{count} lines on stdout"),
-        || async move { read_json_lines(path).len() >= count },
-    )
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn zero_config_prints_each_committed_message_as_one_json_line() {
