@@ -17,7 +17,7 @@ const KEYS: u64 = 20;
 /// Publishes messages `first..first+10` (key `k-{i % KEYS}`) in one transaction, alternating the
 /// storage form; true once the commit is acknowledged.
 async fn publish_ten(db: &Client, first: u64) -> bool {
-    let form = if (first / 10) % 2 == 0 {
+    let form = if (first / 10).is_multiple_of(2) {
         "table"
     } else {
         "wal"

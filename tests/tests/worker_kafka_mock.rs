@@ -121,7 +121,7 @@ async fn refused_message_in_a_steady_stream(max_attempts: u32) {
     } = setup(
         1,
         3,
-        &&format!(
+        &format!(
             "[delivery]\nmax_attempts = {max_attempts}\nretry_initial = \"10ms\"\n\
          [sinks.kafka.properties]\n\"message.max.bytes\" = 2000\n"
         ),
