@@ -89,20 +89,21 @@ pub async fn status(url: &str) -> Result<()> {
         .query(
             "SELECT slot_name::text, active, coalesce(active_pid::text, '-'), coalesce(confirmed_flush_lsn::text, '-'),
                     coalesce(lag_bytes::text, '-'), coalesce(retained_wal_bytes::text, '-'),
-                    coalesce(wal_status, '-'), dead_letters
+                    coalesce(wal_status, '-'), dead_letters, failover
                FROM outbox.status()",
             &[],
         )
         .await?;
     println!(
-        "slot\tactive\tpid\tconfirmed_lsn\tlag_bytes\tretained_wal_bytes\twal_status\tdead_letters"
+        "slot\tactive\tpid\tconfirmed_lsn\tlag_bytes\tretained_wal_bytes\twal_status\tdead_letters\tfailover"
     );
     for row in &rows {
         let active: bool = row.get(1);
         let dead: i64 = row.get(7);
+        let failover: bool = row.get(8);
         let text = |i: usize| row.get::<_, String>(i);
         println!(
-            "{}\t{active}\t{}\t{}\t{}\t{}\t{}\t{dead}",
+            "{}\t{active}\t{}\t{}\t{}\t{}\t{}\t{dead}\t{failover}",
             text(0),
             text(2),
             text(3),
