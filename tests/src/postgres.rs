@@ -94,6 +94,18 @@ impl PgCluster {
         Self::start_configured(|_| {})
     }
 
+    /// With `lines` added to postgresql.conf (later settings win), and the extension created.
+    pub async fn start_with_conf(lines: &str) -> PgCluster {
+        let cluster = Self::start_configured(|data| append_conf(data, lines));
+        cluster
+            .superuser()
+            .await
+            .batch_execute("CREATE EXTENSION pg_outbox")
+            .await
+            .unwrap();
+        cluster
+    }
+
     /// TCP connections of roles other than `postgres` must give their password (SCRAM).
     pub async fn start_with_passwords() -> PgCluster {
         let cluster = Self::start_configured(|data| {

@@ -405,3 +405,52 @@ async fn a_dead_letter_write_that_hangs_reads_not_ready_and_sigterm_still_stops_
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_level_below_logical_stops_the_worker_with_a_hint() {
+    let pg = PgCluster::start_with_conf("wal_level = replica\n").await;
+    // Without start-up setup (which would say it first), streaming meets it.
+    expect_exit_1(
+        &["run", "--postgres-url", &pg.url()],
+        &[("OUTBOX_POSTGRES__SETUP", "false")],
+        &["wal_level", "hint: set wal_level = logical"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_right_revoked_mid_run_stops_the_worker_at_the_dead_letter_it_cannot_write() {
+    let pg = PgCluster::start().await;
+    let db = pg.superuser().await;
+    db.batch_execute("CREATE ROLE relay LOGIN REPLICATION; GRANT outbox_operator TO relay")
+        .await
+        .unwrap();
+    setup(&pg);
+    let config = Worker::config_file(
+        "[sinks.out]\ntype = \"stdout\"\n[[routes]]\nqueues = \"orders.*\"\nsink = \"out\"\n",
+    );
+    let url = pg.url_of("relay", "postgres");
+    let args = [
+        "run",
+        "--postgres-url",
+        &url,
+        "--config",
+        config.path().to_str().unwrap(),
+    ];
+    let mut worker = Worker::start(&args, None);
+    pg.wait_for_slot(&db).await;
+    db.batch_execute("REVOKE outbox_operator FROM relay; SELECT outbox.publish('audit', '{}')")
+        .await
+        .unwrap();
+    let status = worker.wait_exit(EXIT_WITHIN);
+    let log = worker.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("permission denied"), "{log}");
+    assert!(
+        log.contains("hint: the worker's role lacks a right it needs: outbox_operator"),
+        "{log}"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.dead_letters").await,
+        0
+    );
+}
