@@ -433,3 +433,31 @@ fn the_byte_budget_reads_sizes_with_units_and_refuses_a_tiny_one() {
         &["max_in_flight_bytes"],
     );
 }
+
+#[test]
+fn kafka_over_tls_with_sasl_is_accepted() {
+    // librdkafka built without OpenSSL refuses these: "OpenSSL not available at build time".
+    let config = load(
+        Some(
+            "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"kafka:9093\"\n\
+             [sinks.kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\
+             \"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"worker\"\n\
+             \"sasl.password\" = \"s3cret\"\n\"ssl.ca.location\" = \"/etc/ssl/certs\"\n",
+        ),
+        url(),
+        &[],
+    );
+    assert!(config.is_ok(), "{config:?}");
+}
+
+#[test]
+fn the_readme_configuration_example_is_valid() {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("```toml\n[postgres]")
+        .expect("the README's configuration example")
+        + "```toml\n".len();
+    let example = &readme[start..start + readme[start..].find("```").unwrap()];
+    let config = load(Some(example), Overrides::default(), &[]);
+    assert!(config.is_ok(), "{config:?}");
+}
