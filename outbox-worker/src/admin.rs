@@ -83,19 +83,23 @@ pub async fn dlq(url: &str, command: DlqCommand) -> Result<()> {
     Ok(())
 }
 
+/// `status`: one line per slot, and up to when the worker delivered everything
+/// (`outbox.slots.delivered_before`: what a lost slot's error would name).
 pub async fn status(url: &str) -> Result<()> {
     let client = pg::connect(url).await?;
     let rows = client
         .query(
             "SELECT slot_name::text, active, coalesce(active_pid::text, '-'), coalesce(confirmed_flush_lsn::text, '-'),
                     coalesce(lag_bytes::text, '-'), coalesce(retained_wal_bytes::text, '-'),
-                    coalesce(wal_status, '-'), dead_letters, failover
-               FROM outbox.status()",
+                    coalesce(wal_status, '-'), dead_letters, failover,
+                    coalesce((SELECT to_char(t.delivered_before AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                                FROM outbox.slots t WHERE t.slot_name = s.slot_name), '-')
+               FROM outbox.status() s",
             &[],
         )
         .await?;
     println!(
-        "slot\tactive\tpid\tconfirmed_lsn\tlag_bytes\tretained_wal_bytes\twal_status\tdead_letters\tfailover"
+        "slot\tactive\tpid\tconfirmed_lsn\tlag_bytes\tretained_wal_bytes\twal_status\tdead_letters\tfailover\tdelivered_before"
     );
     for row in &rows {
         let active: bool = row.get(1);
@@ -103,13 +107,14 @@ pub async fn status(url: &str) -> Result<()> {
         let failover: bool = row.get(8);
         let text = |i: usize| row.get::<_, String>(i);
         println!(
-            "{}\t{active}\t{}\t{}\t{}\t{}\t{}\t{dead}\t{failover}",
+            "{}\t{active}\t{}\t{}\t{}\t{}\t{}\t{dead}\t{failover}\t{}",
             text(0),
             text(2),
             text(3),
             text(4),
             text(5),
-            text(6)
+            text(6),
+            text(9)
         );
     }
     if rows.is_empty() {

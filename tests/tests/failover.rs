@@ -191,8 +191,10 @@ async fn setup_makes_an_existing_slot_a_failover_slot() {
     let text = String::from_utf8_lossy(&status.stdout);
     let header: Vec<&str> = text.lines().next().unwrap().split('\t').collect();
     let row: Vec<&str> = text.lines().nth(1).unwrap().split('\t').collect();
-    let column = header.iter().position(|h| *h == "failover").unwrap();
-    assert_eq!(row[column], "true", "{text}");
+    let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(column("failover"), "true", "{text}");
+    // setup adopted the slot: it is remembered from now on.
+    assert!(column("delivered_before").ends_with('Z'), "{text}");
 }
 
 /// `failover_slot = "on"` where the server has no failover slots is refused with what to do.

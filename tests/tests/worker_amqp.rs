@@ -186,11 +186,14 @@ max_attempts = 2
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&poison.to_string()));
     let status = run_once(&["status", "--postgres-url", &pg.url()], &[]);
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
-    assert!(
-        status
-            .lines()
-            .nth(1)
-            .is_some_and(|l| l.starts_with("pg_outbox\ttrue") && l.ends_with("\t1")),
+    let column = |name: &str| {
+        let header: Vec<&str> = status.lines().next().unwrap().split('\t').collect();
+        let row: Vec<&str> = status.lines().nth(1).unwrap().split('\t').collect();
+        row[header.iter().position(|h| *h == name).unwrap()].to_owned()
+    };
+    assert_eq!(
+        (column("slot"), column("active"), column("dead_letters")),
+        ("pg_outbox".into(), "true".into(), "1".into()),
         "{status}"
     );
 
