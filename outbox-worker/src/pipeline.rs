@@ -40,7 +40,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         return Ok(());
     };
     setup::check_rights(&client).await?;
-    let settings = SlotSettings::of(&config);
+    let mut settings = SlotSettings::of(&config);
+    settings.wal_form = setup::installed(&client).await? != Some(setup::Install::Sql);
     if config.postgres.setup {
         setup::ensure_slot(&client, &settings, SlotSetup::Keep).await?;
     }

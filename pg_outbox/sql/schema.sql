@@ -1,5 +1,7 @@
 -- pg_outbox: tables, roles and the publication. Runs first (bootstrap); the functions that use
--- these objects follow, then api.sql grants rights.
+-- these objects follow, then api.sql grants rights. The SQL install (sql/pg_outbox.sql, made by
+-- scripts/build-sql-install) uses this file too, without the @extension-only blocks and the
+-- pg_extension_config_dump lines.
 
 -- CREATE EXTENSION adopts an existing schema outbox. One created by another role could hold
 -- overloads that capture the application's calls (outbox.publish(text, text)...): refuse it.
@@ -23,6 +25,7 @@ BEGIN
 END
 $schema$;
 
+-- @extension-only:begin (revoking from PUBLIC needs superuser; the SQL install accepts only the table form instead)
 -- Only outbox.publish* may put a message on the wire: PostgreSQL lets PUBLIC write logical
 -- decoding messages with any prefix, so anyone could forge a 'pg_outbox' message. Our C code
 -- calls LogLogicalMessage directly and needs no grant. Not undone by DROP EXTENSION.
@@ -37,6 +40,7 @@ BEGIN
     END LOOP;
 END
 $forgery$;
+-- @extension-only:end
 
 -- Roles the docs name. Cluster-wide, so created only when missing and never dropped with the
 -- extension. Grant them to your application roles.
@@ -86,6 +90,7 @@ BEGIN
     END IF;
 END
 $publication$;
+-- @extension-only:begin
 -- Recorded as a member of the extension, as CREATE EXTENSION records its other objects
 -- (PostgreSQL has no ALTER EXTENSION ... ADD PUBLICATION): pg_dump then leaves it to CREATE
 -- EXTENSION instead of dumping a second CREATE PUBLICATION that makes `psql -1` fail (and
@@ -96,6 +101,7 @@ SELECT 'pg_catalog.pg_publication'::regclass, p.oid, 0, 'pg_catalog.pg_extension
  WHERE p.pubname = 'pg_outbox' AND e.extname = 'pg_outbox'
    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
                     WHERE d.classid = 'pg_catalog.pg_publication'::regclass AND d.objid = p.oid AND d.deptype = 'e');
+-- @extension-only:end
 
 -- Idempotent consumers: one row per (consumer, message) already processed.
 CREATE TABLE outbox.processed_messages (

@@ -94,6 +94,54 @@ impl PgCluster {
         Self::start_configured(|_| {})
     }
 
+    /// pg_outbox as the SQL install (`sql/pg_outbox.sql`, no C extension) in database `postgres`,
+    /// installed by `installer`, a role without superuser holding what a managed service gives its
+    /// admin role: CREATE on the database, CREATEROLE, REPLICATION.
+    pub async fn start_sql_install() -> PgCluster {
+        let cluster = Self::start_without_extension();
+        cluster.sql_install("postgres").await;
+        cluster
+    }
+
+    /// Runs `sql/pg_outbox.sql` in `database` as `installer` (created when missing).
+    pub async fn sql_install(&self, database: &str) {
+        self.superuser()
+            .await
+            .batch_execute(&format!(
+                "DO $$ BEGIN
+                     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'installer') THEN
+                         CREATE ROLE installer LOGIN CREATEROLE REPLICATION;
+                     END IF;
+                 END $$;
+                 GRANT CREATE ON DATABASE {database} TO installer;"
+            ))
+            .await
+            .unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/pg_outbox.sql");
+        let port = self.port.to_string();
+        let out = Command::new(self.installation.program("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "installer",
+                "-d",
+                database,
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-f", script])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql -f sql/pg_outbox.sql as installer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// With `lines` added to postgresql.conf (later settings win), and the extension created.
     pub async fn start_with_conf(lines: &str) -> PgCluster {
         let cluster = Self::start_configured(|data| append_conf(data, lines));
@@ -473,4 +521,44 @@ fn run(program: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Bad calls of the SQL API with the start of their message and a piece of their hint: the same
+/// for the extension and the SQL install (tests/tests/extension.rs, sql_install.rs).
+pub fn bad_inputs() -> Vec<(String, &'static str, &'static str)> {
+    let long = "q".repeat(250);
+    vec![
+    ("SELECT outbox.publish(NULL, '{}')".into(), "outbox.publish: queue must not be NULL", "Queue names"),
+    ("SELECT outbox.publish('', '{}')".into(), "outbox.publish: invalid queue name \"\": it is empty", "A-Z a-z 0-9"),
+    ("SELECT outbox.publish('orders/eu', '{}')".into(), "outbox.publish: invalid queue name \"orders/eu\": character '/' is not allowed", "Kafka topics"),
+    ("SELECT outbox.publish('ordérs', '{}')".into(), "outbox.publish: invalid queue name \"ordérs\": character 'é' is not allowed", "Queue names"),
+    ("SELECT outbox.publish('a b', '{}')".into(), "outbox.publish: invalid queue name \"a b\": character ' ' is not allowed", "Queue names"),
+    (format!("SELECT outbox.publish('{long}', '{{}}')"), "it is 250 characters long, the limit is 249", "Queue names"),
+    ("SELECT outbox.publish('..', '{}')".into(), "outbox.publish: invalid queue name \"..\": \".\" and \"..\" are not valid Kafka topic names", "Queue names"),
+    ("SELECT outbox.publish('orders', NULL)".into(), "outbox.publish: payload must not be NULL", "JSON value"),
+    ("SELECT outbox.publish('orders', '{}', '[1]')".into(), "outbox.publish: headers must be a JSON object, got a JSON array", "JSON object whose values are strings"),
+    ("SELECT outbox.publish('orders', '{}', '\"x\"')".into(), "outbox.publish: headers must be a JSON object, got a JSON scalar", "JSON object"),
+    ("SELECT outbox.publish('orders', '{}', '{\"attempt\": 3}')".into(), "outbox.publish: header \"attempt\" must be a string, got 3", "values are strings"),
+    ("SELECT outbox.publish('orders', '{}', '{\"outbox-id\": \"x\"}')".into(), "outbox.publish: header \"outbox-id\" uses the reserved prefix \"outbox-\"", "values are strings"),
+    ("SELECT outbox.publish('orders', '{}', '{\"\": \"x\"}')".into(), "outbox.publish: a header name is empty", "JSON object"),
+    ("SELECT outbox.publish('orders', '{}', '{}', '')".into(), "outbox.publish: key must not be an empty string", "Pass NULL"),
+    ("SELECT outbox.publish_bytes('blobs', NULL)".into(), "outbox.publish_bytes: payload must not be NULL", "bytea"),
+    ("SELECT outbox.publish_bytes('bad queue', '\\x00')".into(), "outbox.publish_bytes: invalid queue name \"bad queue\"", "Queue names"),
+    ("SELECT outbox.publish_batch('q', NULL)".into(), "outbox.publish_batch: payloads must not be NULL", "array of JSON values"),
+    ("SELECT outbox.publish_batch('q', ARRAY['1','2']::jsonb[], '{}', ARRAY['a'])".into(), "outbox.publish_batch: payloads has 2 elements but keys has 1", "one key per payload"),
+    ("SELECT outbox.publish_batch('q', ARRAY['1',NULL]::jsonb[])".into(), "outbox.publish_batch: payloads[2] must not be NULL", "Every element"),
+    ("SELECT outbox.publish_batch('q', ARRAY[['1'],['2']]::jsonb[])".into(), "outbox.publish_batch: payloads must be a one-dimensional array, got 2 dimensions", "flat array"),
+    ("SELECT outbox.publish_batch('q', ARRAY['1']::jsonb[], '{}', ARRAY[''])".into(), "outbox.publish_batch: keys element must not be an empty string", "Pass NULL"),
+    ("SELECT outbox.publish_batch('q!', ARRAY['1']::jsonb[])".into(), "outbox.publish_batch: invalid queue name \"q!\"", "Queue names"),
+    ("SET pg_outbox.storage = 'disk'; SELECT outbox.publish('q', '{}')".into(), "invalid value for parameter \"pg_outbox.storage\": \"disk\"", "Available values: table, wal"),
+    ("SELECT outbox.try_mark_processed(NULL, 'm')".into(), "outbox.try_mark_processed: consumer must not be NULL", "Name the consumer"),
+    ("SELECT outbox.try_mark_processed('c', '')".into(), "outbox.try_mark_processed: message_id must not be an empty string", "outbox-id header"),
+    ("SELECT outbox.is_processed('c', NULL)".into(), "outbox.is_processed: message_id must not be NULL", "outbox-id header"),
+    ("SELECT outbox.purge_processed(interval '-1 day')".into(), "outbox.purge_processed: older_than must be a non-negative interval, got -1 days", "redelivery window"),
+    ("SELECT outbox.purge_processed(NULL)".into(), "outbox.purge_processed: older_than must be a non-negative interval, got NULL", "redelivery window"),
+    ("SELECT outbox.redrive(NULL::uuid)".into(), "outbox.redrive: id must not be NULL", "outbox.dead_letters"),
+    ("SELECT outbox.redrive('01890a5d-ac96-774b-bcce-b302099a8057'::uuid)".into(), "outbox.redrive: no dead letter with id", "SELECT id, queue, error FROM outbox.dead_letters"),
+    ("SELECT outbox.redrive(''::text)".into(), "outbox.redrive: queue must not be an empty string", "queue whose dead letters"),
+    ("SELECT outbox.prune(max_rows => 0)".into(), "outbox.prune: max_rows must be a positive integer, got 0", "repeatedly"),
+    ]
 }

@@ -22,6 +22,7 @@ async fn dropping_next_mid_await_never_loses_an_event() {
         publication: "pg_outbox".into(),
         status_interval: Duration::from_millis(250),
         failover: FailoverSlot::Auto,
+        wal_form: true,
     };
     setup::ensure_slot(&client, &settings, setup::SlotSetup::Keep)
         .await

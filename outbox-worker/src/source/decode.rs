@@ -196,6 +196,15 @@ pub fn check_publish_rules(message: &Message) -> Result<(), EnvelopeError> {
 }
 
 impl EnvelopeError {
+    /// A wal-form message where pg_outbox is the SQL install: any role can write one there
+    /// (`pg_logical_emit_message` cannot be revoked without superuser), so none is trusted.
+    pub fn untrusted_wal_form() -> EnvelopeError {
+        problem(
+            "a wal-form message in a database with the SQL install, where pg_logical_emit_message \
+             is open to every role and outbox.publish writes only the table form: not trusted",
+        )
+    }
+
     /// The id the message claimed, when it could be read.
     pub fn claimed_id(&self) -> Option<Uuid> {
         self.id

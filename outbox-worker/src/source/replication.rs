@@ -126,6 +126,8 @@ pub struct SlotSettings {
     pub publication: String,
     pub status_interval: Duration,
     pub failover: FailoverSlot,
+    /// Wal-form messages are trusted only where the extension keeps them to `outbox.publish*`.
+    pub wal_form: bool,
 }
 
 impl SlotSettings {
@@ -136,6 +138,7 @@ impl SlotSettings {
             publication: config.postgres.publication.clone(),
             status_interval: config.postgres.status_interval,
             failover: config.postgres.failover_slot,
+            wal_form: true,
         }
     }
 }
@@ -163,6 +166,7 @@ pub struct ReplicationSource {
     commit_lsn: Lsn,
     committed_at: chrono::DateTime<chrono::Utc>,
     status_interval: Duration,
+    wal_form: bool,
 }
 
 impl ReplicationSource {
@@ -183,6 +187,7 @@ impl ReplicationSource {
             commit_lsn: Lsn(0),
             committed_at: chrono::Utc::now(),
             status_interval: settings.status_interval,
+            wal_form: settings.wal_form,
         })
     }
 
@@ -220,7 +225,11 @@ impl ReplicationSource {
                     content,
                     ..
                 } if prefix == MESSAGE_PREFIX => {
-                    let decoded = decode_envelope(&content, self.commit_lsn);
+                    let decoded = if self.wal_form {
+                        decode_envelope(&content, self.commit_lsn)
+                    } else {
+                        Err(EnvelopeError::untrusted_wal_form())
+                    };
                     return Ok(self.checked(decoded, || content.to_vec()));
                 }
                 ReplicationEvent::XLogData { data, .. } => {

@@ -35,15 +35,11 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         .query_one("SELECT current_database()", &[])
         .await?
         .get(0);
-    if client
-        .query_opt(
-            "SELECT 1 FROM pg_extension WHERE extname = 'pg_outbox'",
-            &[],
-        )
-        .await?
-        .is_none()
-    {
-        bail!("the pg_outbox extension is not installed in database {database:?}: run CREATE EXTENSION pg_outbox");
+    if installed(client).await?.is_none() {
+        bail!(
+            "the pg_outbox extension is not installed in database {database:?}: run CREATE \
+             EXTENSION pg_outbox (or, where no C extension can be loaded, psql -f sql/pg_outbox.sql)"
+        );
     }
     if client
         .query_opt(
@@ -138,6 +134,32 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         .await
         .context("cannot record the slot in outbox.slots")?;
     Ok(())
+}
+
+/// How pg_outbox is installed in a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// `CREATE EXTENSION pg_outbox`: only `outbox.publish*` can write a wal-form message.
+    Extension,
+    /// `sql/pg_outbox.sql`: `pg_logical_emit_message` stays open to every role, so wal-form
+    /// messages are not trusted (the SQL install writes only the table form).
+    Sql,
+}
+
+/// `None` when pg_outbox is not installed in the connected database.
+pub async fn installed(client: &Client) -> Result<Option<Install>> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_outbox'),
+                    to_regclass('outbox.sql_install') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(match (row.get(0), row.get(1)) {
+        (true, _) => Some(Install::Extension),
+        (false, true) => Some(Install::Sql),
+        (false, false) => None,
+    })
 }
 
 /// The rights `run` needs beyond the replication connection, checked before anything streams: a

@@ -1,0 +1,261 @@
+//! The SQL install (`sql/pg_outbox.sql`, for servers that cannot load a C extension): generated
+//! from the extension's own SQL files, installed by a role without superuser, the same errors as
+//! the extension for every bad input, the same rights, and a worker delivering from it while
+//! refusing wal-form messages anyone could write there.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use outbox_tests::postgres::{bad_inputs, count, expect_error};
+use outbox_tests::publish::{
+    check_delivery, publish_range, read_json_lines, stdout_file, wait_for_lines, Storage,
+};
+use outbox_tests::{eventually, PgCluster, Worker};
+
+#[test]
+fn the_sql_install_is_generated_from_the_extensions_sql() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-sql-install");
+    let out = Command::new(script).arg("--check").output().unwrap();
+    assert!(
+        out.status.success(),
+        "sql/pg_outbox.sql drifted from pg_outbox/sql/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_bad_input_gets_the_extensions_error_and_hint() {
+    // One cluster, two databases: the extension in one, the SQL install in the other.
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    for database in ["with_extension", "with_sql"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
+    pg.connect_to("postgres", "with_extension")
+        .await
+        .batch_execute("CREATE EXTENSION pg_outbox")
+        .await
+        .unwrap();
+    pg.sql_install("with_sql").await;
+    let extension = pg.connect_to("postgres", "with_extension").await;
+    let sql = pg.connect_to("postgres", "with_sql").await;
+    for (statement, message, hint) in bad_inputs() {
+        let from_extension = expect_error(&extension, &statement).await;
+        let from_sql = expect_error(&sql, &statement).await;
+        assert!(from_sql.1.contains(message), "{statement}: {from_sql:?}");
+        assert!(from_sql.2.contains(hint), "{statement}: {from_sql:?}");
+        assert_eq!(from_sql, from_extension, "{statement}");
+    }
+    assert_eq!(count(&sql, "SELECT count(*) FROM outbox.messages").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_without_superuser_installs_it_and_the_rights_are_the_extensions() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    db.batch_execute(
+        "CREATE ROLE app LOGIN; GRANT outbox_publisher TO app;
+         CREATE ROLE stranger LOGIN;",
+    )
+    .await
+    .unwrap();
+    let app = pg.connect_as("app").await;
+    let id: uuid::Uuid = app
+        .query_one(
+            "SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'k-1')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(id.get_version_num(), 7, "a UUIDv7");
+    let ids: Vec<uuid::Uuid> = app
+        .query(
+            "SELECT outbox.publish_batch('orders', ARRAY['1', '2', '3']::jsonb[])",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend: {ids:?}");
+    assert!(ids[0] > id);
+
+    // What the extension refuses, this install refuses too.
+    let stranger = pg.connect_as("stranger").await;
+    for sql in [
+        "SELECT outbox.publish('orders', '{}')",
+        "INSERT INTO outbox.messages (id, queue, payload) VALUES (gen_random_uuid(), 'orders', '{}')",
+    ] {
+        let (code, message, _) = expect_error(&stranger, sql).await;
+        assert_eq!(code, "42501", "{sql}: {message}");
+    }
+    let (_, message, _) = expect_error(
+        &app,
+        "INSERT INTO outbox.messages (id, queue, payload) VALUES (gen_random_uuid(), 'orders', '{}')",
+    )
+    .await;
+    assert!(message.contains("permission denied"), "{message}");
+    // The wal form is not offered: anyone could forge it here.
+    let (code, message, hint) = expect_error(
+        &app,
+        "SET pg_outbox.storage = 'wal'; SELECT outbox.publish('orders', '{}')",
+    )
+    .await;
+    assert_eq!(code, "0A000");
+    assert!(
+        message.contains("not available in the SQL install"),
+        "{message}"
+    );
+    assert!(hint.contains("pg_outbox.storage = 'table'"), "{hint}");
+    // A read-only transaction is refused as an INSERT would be.
+    let (code, _, _) = expect_error(
+        &app,
+        "BEGIN READ ONLY; SELECT outbox.publish('orders', '{}')",
+    )
+    .await;
+    assert_eq!(code, "25006");
+    app.batch_execute("ROLLBACK").await.unwrap();
+    // A publisher cannot raise the size limit: only the database's setting counts.
+    app.batch_execute("SET pg_outbox.max_message_size = '64MB'")
+        .await
+        .unwrap();
+    let (code, message, _) = expect_error(
+        &app,
+        "SELECT outbox.publish('orders', jsonb_build_object('pad', repeat('x', 600000)))",
+    )
+    .await;
+    assert_eq!(code, "54000", "{message}");
+    assert!(
+        message.contains("more than pg_outbox.max_message_size (524288 bytes)"),
+        "{message}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_delivers_from_it_through_a_sigkill_and_refuses_forged_wal_messages() {
+    const TOTAL: u64 = 5_000;
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    db.batch_execute("GRANT outbox_operator TO installer; CREATE ROLE stranger LOGIN;")
+        .await
+        .unwrap();
+    let (_dir, out) = stdout_file();
+    // The installer runs the worker: REPLICATION and outbox_operator, no superuser.
+    let args = ["run", "--postgres-url", &pg.url_of("installer", "postgres")];
+    let mut worker = Worker::start(&args, Some(&out));
+    pg.wait_for_slot(&db).await;
+
+    // A role with no grant at all writes a well-formed wal-form envelope: on the extension only
+    // outbox.publish could; here pg_logical_emit_message is open to it.
+    let stranger = pg.connect_as("stranger").await;
+    stranger
+        .batch_execute(
+            "BEGIN; SELECT pg_logical_emit_message(true, 'pg_outbox',
+               '{\"v\":1,\"id\":\"01890a5d-ac96-774b-bcce-b302099a8057\",\"queue\":\"orders\",\"key\":\"k-0\",\"headers\":{},\"payload\":{\"i\":0,\"forged\":true},\"created_at\":\"2026-01-01T00:00:00Z\"}');
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+
+    let publisher = {
+        let db = pg.superuser().await;
+        tokio::spawn(
+            async move { publish_range(&db, "orders", 0, TOTAL, 20, Storage::Table).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.kill();
+    let _worker = Worker::start(&args, Some(&out));
+    publisher.await.unwrap();
+    wait_for_lines(&out, TOTAL as usize).await;
+    let out_ref = &out;
+    eventually(Duration::from_secs(60), "every message", || async move {
+        read_json_lines(out_ref)
+            .iter()
+            .map(|s| s.id.clone())
+            .collect::<HashSet<_>>()
+            .len() as u64
+            >= TOTAL
+    })
+    .await;
+    let seen = read_json_lines(&out);
+    assert!(
+        seen.iter().all(|s| s.payload.get("forged").is_none()),
+        "the forged message was delivered"
+    );
+    let tally = check_delivery(&seen, TOTAL);
+    eprintln!("SQL install, SIGKILL mid-stream: {tally:?}");
+    let quarantined = count(
+        &db,
+        "SELECT count(*) FROM outbox.dead_letters WHERE destination = 'quarantine'
+            AND error LIKE '%SQL install%'",
+    )
+    .await;
+    assert_eq!(quarantined, 1, "the forged message is kept aside");
+}
+
+/// Moving from the SQL install to CREATE EXTENSION (a server that can load it now), with the
+/// README's statements: the slot, the consumers' marks and the dead letters carry over, and the
+/// worker goes on without losing a message.
+#[tokio::test(flavor = "multi_thread")]
+async fn moving_to_the_extension_keeps_the_slot_marks_and_dead_letters() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    db.batch_execute(
+        "SELECT outbox.register_consumer('billing', 'outbox_consumer');
+         SELECT outbox.try_mark_processed('billing', 'm-1');
+         INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts)
+              VALUES (gen_random_uuid(), 'orders', '{}', now(), 'kafka:orders', 'too large', 5);",
+    )
+    .await
+    .unwrap();
+    let (_dir, out) = stdout_file();
+    let args = ["run", "--postgres-url", &pg.url()];
+    let mut worker = Worker::start(&args, Some(&out));
+    pg.wait_for_slot(&db).await;
+    publish_range(&db, "orders", 0, 100, 5, Storage::Table).await;
+    wait_for_lines(&out, 100).await;
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    publish_range(&db, "orders", 100, 100, 5, Storage::Table).await;
+
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("```sql\n-- SQL install → extension")
+        .expect("the README's steps")
+        + "```sql\n".len();
+    let steps = &readme[start..start + readme[start..].find("```").unwrap()];
+    db.batch_execute(steps).await.unwrap();
+
+    let _worker = Worker::start(&args, Some(&out));
+    publish_range(&db, "orders", 200, 100, 5, Storage::Mixed).await;
+    wait_for_lines(&out, 300).await;
+    check_delivery(&read_json_lines(&out), 300);
+    let marked_again: bool = db
+        .query_one("SELECT outbox.try_mark_processed('billing', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !marked_again,
+        "a mark from before the move is still a duplicate"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.dead_letters").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_extension WHERE extname = 'pg_outbox'"
+        )
+        .await,
+        1
+    );
+}
