@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Publish throughput, one run, same payload: outbox.publish (table and wal storage),
-# outbox.publish_batch, a bare INSERT into an unindexed jsonb table, pg_logical_emit_message and a
+# outbox.publish_batch, the same two from the SQL install (sql/pg_outbox.sql, table form, in its
+# own database), a bare INSERT into an unindexed jsonb table, pg_logical_emit_message and a
 # Debezium-style outbox table; 100 rows per transaction and 1 row per transaction. Then the cost of
 # retention: batched deletes (outbox.prune) against dropping a time partition of the same size.
 # Writes the tables into BENCHMARKS.md between the publish markers.
@@ -26,7 +27,9 @@ CREATE EXTENSION pg_outbox;
 CREATE TABLE bare (payload jsonb);
 CREATE TABLE debezium_outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype varchar(255) NOT NULL,
   aggregateid varchar(255) NOT NULL, type varchar(255) NOT NULL, payload jsonb);
+CREATE DATABASE sql_install;
 SQL
+psql -qX -v ON_ERROR_STOP=1 -d sql_install -f sql/pg_outbox.sql >/dev/null
 
 # statement for one row of each variant (pgbench script syntax)
 declare -A ROW=(
@@ -35,13 +38,17 @@ declare -A ROW=(
   [emit_message]="SELECT pg_logical_emit_message(true, 'bench', '$PAYLOAD');"
   [publish_table]="SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
   [publish_wal]="SET pg_outbox.storage = 'wal'; SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
+  [sql_install_publish]="SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
 )
-VARIANTS=(bare_insert debezium_outbox emit_message publish_table publish_wal publish_batch_table publish_batch_wal)
+VARIANTS=(bare_insert debezium_outbox emit_message publish_table publish_wal publish_batch_table publish_batch_wal
+  sql_install_publish sql_install_publish_batch)
+# The SQL install's variants run in its own database.
+database() { [[ $1 == sql_install_* ]] && echo sql_install || echo "$PGDATABASE"; }
 
 script() { # variant rows_per_tx
   local v=$1 n=$2
   case $v in
-    publish_batch_table|publish_batch_wal)
+    publish_batch_table|publish_batch_wal|sql_install_publish_batch)
       [[ $v == publish_batch_wal ]] && echo "SET pg_outbox.storage = 'wal';"
       echo "SELECT count(*) FROM outbox.publish_batch('orders', array_fill('$PAYLOAD'::jsonb, ARRAY[$n]));" ;;
     *)
@@ -55,8 +62,9 @@ run() { # variant rows_per_tx -> rows/s
   local v=$1 n=$2
   script "$v" "$n" >"$work/$v.$n.sql"
   psql -qX -c "TRUNCATE bare, debezium_outbox, outbox.messages" -c "CHECKPOINT" >/dev/null
+  psql -qX -d sql_install -c "TRUNCATE outbox.messages" >/dev/null
   local tps
-  tps=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" -f "$work/$v.$n.sql" 2>&1 |
+  tps=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" -f "$work/$v.$n.sql" "$(database "$v")" 2>&1 |
     sed -n 's/^tps = \([0-9.]*\) .*/\1/p')
   awk -v t="$tps" -v n="$n" 'BEGIN { printf "%.0f", t * n }'
 }
@@ -116,6 +124,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f×", a / b }'; }
   for v in "${VARIANTS[@]}"; do
     echo "| \`$v\` | ${RESULT[$v.100]} | $(ratio "${RESULT[$v.100]}" "${RESULT[bare_insert.100]}") | ${RESULT[$v.1]} | $(ratio "${RESULT[$v.1]}" "${RESULT[bare_insert.1]}") |"
   done
+  echo
+  echo "The SQL install (PL/pgSQL, table form) against the extension's table form: \`publish\` $(ratio "${RESULT[sql_install_publish.1]}" "${RESULT[publish_table.1]}") at 1 row/tx and $(ratio "${RESULT[sql_install_publish.100]}" "${RESULT[publish_table.100]}") at 100 rows/tx; \`publish_batch\` $(ratio "${RESULT[sql_install_publish_batch.100]}" "${RESULT[publish_batch_table.100]}") at 100 rows/tx."
   echo
   echo "### Retention: removing 200,000 expired rows (200,000 newer rows kept)"
   echo

@@ -27,3 +27,23 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Runs each `async fn name(install: Install)` of the calling file twice, as the tests
+/// `name::extension` and `name::sql_install`: the same test code against both installs.
+#[macro_export]
+macro_rules! on_both_installs {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread")]
+                async fn extension() {
+                    super::$name($crate::postgres::Install::Extension).await;
+                }
+                #[tokio::test(flavor = "multi_thread")]
+                async fn sql_install() {
+                    super::$name($crate::postgres::Install::Sql).await;
+                }
+            }
+        )*
+    };
+}

@@ -7,6 +7,15 @@ use std::process::Command;
 use std::sync::OnceLock;
 use tokio_postgres::{Client, NoTls};
 
+/// How pg_outbox is installed in a test cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Install {
+    /// `CREATE EXTENSION pg_outbox`, by the superuser.
+    Extension,
+    /// `sql/pg_outbox.sql`, by a role without superuser ([`PgCluster::start_sql_install`]).
+    Sql,
+}
+
 /// A PostgreSQL installation: its programs and major version.
 #[derive(Clone, Debug)]
 pub struct Installation {
@@ -92,6 +101,14 @@ impl PgCluster {
 
     pub fn start_without_extension() -> PgCluster {
         Self::start_configured(|_| {})
+    }
+
+    /// pg_outbox installed one way or the other in database `postgres`.
+    pub async fn start_install(install: Install) -> PgCluster {
+        match install {
+            Install::Extension => Self::start().await,
+            Install::Sql => Self::start_sql_install().await,
+        }
     }
 
     /// pg_outbox as the SQL install (`sql/pg_outbox.sql`, no C extension) in database `postgres`,

@@ -1,11 +1,18 @@
-//! The extension against a real PostgreSQL 15 cluster: what a logical slot sees, concurrent
+//! The extension against a real PostgreSQL cluster: what a logical slot sees, concurrent
 //! de-duplication, privileges, and the error catalogue (message and hint of every bad input).
+//! The tests that do not depend on the wal form run on the SQL install too (`on_both_installs!`).
 
-use outbox_tests::postgres::bad_inputs;
-use outbox_tests::postgres::expect_error;
-use outbox_tests::PgCluster;
+use outbox_tests::postgres::{bad_inputs, expect_error, Install};
+use outbox_tests::{on_both_installs, PgCluster};
 use std::time::Duration;
 use tokio_postgres::Client;
+
+on_both_installs!(
+    the_publication_streams_inserts_but_not_pruning,
+    concurrent_marks_of_the_same_id_let_exactly_one_through,
+    a_rolled_back_mark_is_forgotten,
+    a_role_with_only_execute_can_publish_but_not_write_the_table,
+);
 
 /// Publishes in both storage forms, commits some and rolls back others, and reads the slot with
 /// test_decoding: exactly the committed messages are decoded, with the documented wal encoding.
@@ -122,9 +129,8 @@ async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_
 }
 
 /// The publication streams inserts only: pruning deletes are never sent to the worker.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_publication_streams_inserts_but_not_pruning() {
-    let pg = PgCluster::start().await;
+async fn the_publication_streams_inserts_but_not_pruning(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let db = pg.superuser().await;
     db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'pgoutput')")
         .await
@@ -132,12 +138,9 @@ async fn the_publication_streams_inserts_but_not_pruning() {
     db.batch_execute("SELECT outbox.publish('q', '1'); SELECT outbox.publish('q', '2')")
         .await
         .unwrap();
-    db.batch_execute("SET pg_outbox.retention = '1s'")
-        .await
-        .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let pruned: i64 = db
-        .query_one("SELECT outbox.prune()", &[])
+        .query_one("SELECT outbox.prune(interval '1s')", &[])
         .await
         .unwrap()
         .get(0);
@@ -168,9 +171,8 @@ async fn the_publication_streams_inserts_but_not_pruning() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_marks_of_the_same_id_let_exactly_one_through() {
-    let pg = PgCluster::start().await;
+async fn concurrent_marks_of_the_same_id_let_exactly_one_through(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     register_consumers(&pg.superuser().await, &["billing"]).await;
     for (first_commits, expected_second) in [(true, false), (false, true)] {
         let id = uuid::Uuid::now_v7().to_string();
@@ -222,9 +224,8 @@ async fn concurrent_marks_of_the_same_id_let_exactly_one_through() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_rolled_back_mark_is_forgotten() {
-    let pg = PgCluster::start().await;
+async fn a_rolled_back_mark_is_forgotten(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let db = pg.superuser().await;
     register_consumers(&db, &["c"]).await;
     db.batch_execute("BEGIN").await.unwrap();
@@ -250,9 +251,8 @@ async fn a_rolled_back_mark_is_forgotten() {
 }
 
 /// A login role holding only outbox_publisher can publish, and can touch nothing else.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_role_with_only_execute_can_publish_but_not_write_the_table() {
-    let pg = PgCluster::start().await;
+async fn a_role_with_only_execute_can_publish_but_not_write_the_table(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let admin = pg.superuser().await;
     admin
         .batch_execute(

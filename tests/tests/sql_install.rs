@@ -259,3 +259,113 @@ async fn moving_to_the_extension_keeps_the_slot_marks_and_dead_letters() {
         1
     );
 }
+
+/// What a logical slot sees: every committed publish (each form of call) as one INSERT into
+/// outbox.messages, nothing of a rolled-back one.
+#[tokio::test(flavor = "multi_thread")]
+async fn committed_publishes_are_decoded_aborted_ones_are_not() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'test_decoding')")
+        .await
+        .unwrap();
+    let mut committed = Vec::new();
+    let mut aborted = Vec::new();
+    for (commit, ids) in [(true, &mut committed), (false, &mut aborted)] {
+        db.batch_execute("BEGIN").await.unwrap();
+        for sql in [
+            "SELECT outbox.publish('orders', '{\"n\": 1}', '{\"traceparent\": \"00-1\"}', 'k')",
+            "SELECT outbox.publish_bytes('blobs', '\\x00ff'::bytea)",
+            "SELECT outbox.publish_batch('orders', ARRAY['1', '2']::jsonb[])",
+        ] {
+            for row in db.query(sql, &[]).await.unwrap() {
+                ids.push(row.get::<_, uuid::Uuid>(0));
+            }
+        }
+        db.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
+            .await
+            .unwrap();
+    }
+    let changes: Vec<String> = db
+        .query(
+            "SELECT data FROM pg_logical_slot_get_changes('probe', NULL, NULL)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let inserts: Vec<&String> = changes
+        .iter()
+        .filter(|c| c.starts_with("table outbox.messages: INSERT"))
+        .collect();
+    assert_eq!(inserts.len(), 4, "{changes:?}");
+    for id in &committed {
+        assert!(inserts.iter().any(|c| c.contains(&id.to_string())), "{id}");
+    }
+    for id in &aborted {
+        assert!(!changes.iter().any(|c| c.contains(&id.to_string())), "{id}");
+    }
+}
+
+/// Dead letters and redrive, prune by the database's retention, status: the SQL functions the
+/// extension shares with this install, on this install.
+#[tokio::test(flavor = "multi_thread")]
+async fn redrive_prune_and_status_work() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    let id: uuid::Uuid = db
+        .query_one(
+            "INSERT INTO outbox.dead_letters (id, queue, key, payload, created_at, destination, error, attempts)
+             VALUES ('01890a5d-ac96-774b-bcce-b302099a8057', 'orders', 'k', '{\"n\": 1}', now(), 'kafka:orders', 'too large', 5)
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let redriven: uuid::Uuid = db
+        .query_one("SELECT outbox.redrive($1::uuid)", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(redriven, id, "the same id");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.dead_letters").await,
+        0
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.messages WHERE id = '01890a5d-ac96-774b-bcce-b302099a8057'").await,
+        1
+    );
+
+    // Retention comes from the database's setting; a session's SET cannot shorten it.
+    db.batch_execute("UPDATE outbox.messages SET created_at = now() - interval '2 hours'")
+        .await
+        .unwrap();
+    db.batch_execute("SET pg_outbox.retention = '1s'")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&db, "SELECT outbox.prune()").await,
+        0,
+        "1 day by default"
+    );
+    db.batch_execute("ALTER DATABASE postgres SET pg_outbox.retention = '1h'")
+        .await
+        .unwrap();
+    assert_eq!(count(&db, "SELECT outbox.prune()").await, 1);
+
+    db.batch_execute("SELECT pg_create_logical_replication_slot('pg_outbox', 'pgoutput')")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.status() WHERE slot_name = 'pg_outbox' AND NOT active"
+        )
+        .await,
+        1
+    );
+}
