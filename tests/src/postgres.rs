@@ -134,9 +134,19 @@ impl PgCluster {
             ))
             .await
             .unwrap();
+        let out = self.run_sql_install(database);
+        assert!(
+            out.status.success(),
+            "psql -f sql/pg_outbox.sql as installer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `psql -v ON_ERROR_STOP=1 -f sql/pg_outbox.sql` in `database` as `installer`, as it ran.
+    pub fn run_sql_install(&self, database: &str) -> std::process::Output {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/pg_outbox.sql");
         let port = self.port.to_string();
-        let out = Command::new(self.installation.program("psql"))
+        Command::new(self.installation.program("psql"))
             .args([
                 "-X",
                 "-q",
@@ -146,17 +156,10 @@ impl PgCluster {
                 &port,
                 "-U",
                 "installer",
-                "-d",
-                database,
             ])
-            .args(["-v", "ON_ERROR_STOP=1", "-f", script])
+            .args(["-d", database, "-v", "ON_ERROR_STOP=1", "-f", script])
             .output()
-            .expect("psql");
-        assert!(
-            out.status.success(),
-            "psql -f sql/pg_outbox.sql as installer: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .expect("psql")
     }
 
     /// With `lines` added to postgresql.conf (later settings win), and the extension created.

@@ -369,3 +369,33 @@ async fn redrive_prune_and_status_work() {
         1
     );
 }
+
+/// Deploy pipelines may run the script on every deploy: the same version again changes nothing,
+/// and another version is refused with what to do rather than half-applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_the_script_again_keeps_everything() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    db.batch_execute("SELECT outbox.publish('orders', '{\"n\": 1}')")
+        .await
+        .unwrap();
+    let again = pg.run_sql_install("postgres");
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("already installed"),
+        "{again:?}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 1);
+
+    db.batch_execute("UPDATE outbox.sql_install SET version = '0.1.9'")
+        .await
+        .unwrap();
+    let other = pg.run_sql_install("postgres");
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success());
+    assert!(
+        stderr.contains("the SQL install 0.1.9 is in this database, this script is"),
+        "{stderr}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 1);
+}
