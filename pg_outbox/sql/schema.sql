@@ -3,6 +3,7 @@
 -- scripts/build-sql-install) uses this file too, without the @extension-only blocks and the
 -- pg_extension_config_dump lines.
 
+-- @extension-only:begin (the SQL install creates the schema itself, or upgrades its own)
 -- CREATE EXTENSION adopts an existing schema outbox. One created by another role could hold
 -- overloads that capture the application's calls (outbox.publish(text, text)...): refuse it.
 DO $schema$
@@ -24,6 +25,7 @@ BEGIN
     END IF;
 END
 $schema$;
+-- @extension-only:end
 
 -- @extension-only:begin (revoking from PUBLIC needs superuser; the SQL install accepts only the table form instead)
 -- Only outbox.publish* may put a message on the wire: PostgreSQL lets PUBLIC write logical

@@ -370,32 +370,74 @@ async fn redrive_prune_and_status_work() {
     );
 }
 
-/// Deploy pipelines may run the script on every deploy: the same version again changes nothing,
-/// and another version is refused with what to do rather than half-applied.
+/// Deploy pipelines may run the script on every deploy: over the same version it changes
+/// nothing; over an older install it upgrades in place, keeping every row; over a newer one it
+/// stops before changing anything. (0.2.0 is the first SQL install: the older one is this one
+/// marked 0.1.9 and missing what it would not have had, a function and a table.)
 #[tokio::test(flavor = "multi_thread")]
-async fn running_the_script_again_keeps_everything() {
+async fn running_the_script_again_keeps_or_upgrades_in_place() {
     let pg = PgCluster::start_sql_install().await;
     let db = pg.superuser().await;
-    db.batch_execute("SELECT outbox.publish('orders', '{\"n\": 1}')")
-        .await
-        .unwrap();
+    db.batch_execute(
+        "SELECT outbox.publish('orders', '{\"n\": 1}');
+         SELECT outbox.register_consumer('billing', 'outbox_consumer');
+         SELECT outbox.try_mark_processed('billing', 'm-1');",
+    )
+    .await
+    .unwrap();
     let again = pg.run_sql_install("postgres");
     assert!(again.status.success(), "{again:?}");
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("already installed"),
         "{again:?}"
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 1);
 
-    db.batch_execute("UPDATE outbox.sql_install SET version = '0.1.9'")
+    db.batch_execute(
+        "UPDATE outbox.sql_install SET version = '0.1.9';
+         DROP FUNCTION outbox.status(); DROP TABLE outbox.slots;",
+    )
+    .await
+    .unwrap();
+    let upgrade = pg.run_sql_install("postgres");
+    assert!(upgrade.status.success(), "{upgrade:?}");
+    assert!(
+        String::from_utf8_lossy(&upgrade.stdout).contains("upgrading the SQL install from 0.1.9"),
+        "{upgrade:?}"
+    );
+    let db = pg.superuser().await;
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.processed_messages").await,
+        1
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.status()").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.slots").await, 0);
+    let version: String = db
+        .query_one("SELECT version FROM outbox.sql_install", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    // The functions and policies were made again: publishing and the consumers' rules work.
+    db.batch_execute("SELECT outbox.publish('orders', '{\"n\": 2}')")
         .await
         .unwrap();
-    let other = pg.run_sql_install("postgres");
-    let stderr = String::from_utf8_lossy(&other.stderr);
-    assert!(!other.status.success());
+    let again: bool = db
+        .query_one("SELECT outbox.try_mark_processed('billing', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!again);
+
+    db.batch_execute("UPDATE outbox.sql_install SET version = '9.9.9'")
+        .await
+        .unwrap();
+    let newer = pg.run_sql_install("postgres");
+    let stderr = String::from_utf8_lossy(&newer.stderr);
+    assert!(!newer.status.success());
     assert!(
-        stderr.contains("the SQL install 0.1.9 is in this database, this script is"),
+        stderr.contains("the SQL install 9.9.9 is newer than this script"),
         "{stderr}"
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 2);
 }

@@ -1,9 +1,10 @@
 -- Which SQL install this is: the worker reads it (no extension, so only the table form is
 -- accepted), and so will later versions of this script.
-CREATE TABLE outbox.sql_install (
+CREATE TABLE IF NOT EXISTS outbox.sql_install (
     version      text        NOT NULL,
     installed_at timestamptz NOT NULL DEFAULT now()
 );
+DELETE FROM outbox.sql_install;
 INSERT INTO outbox.sql_install (version) VALUES ('@VERSION@');
 GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_operator;
 COMMIT;
