@@ -173,10 +173,14 @@ COMMENT ON TABLE outbox.slots IS
 -- wal-form message; the worker therefore accepts only the table form where the extension is not
 -- installed (README, "Managed PostgreSQL").
 
+-- The helpers below run only inside the SECURITY DEFINER publish functions, whose
+-- SET search_path = pg_catalog, pg_temp they inherit: without a SET clause of their own, which
+-- would cost a settings save and restore per call (several per publish).
+
 -- A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, 12 bits of sub-millisecond time, random
 -- bits; ascending within a session even within one microsecond, as the extension's ids are.
 CREATE FUNCTION outbox._uuid_v7() RETURNS uuid
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     micros bigint := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
     sub_ms int := ((micros % 1000) * 4096 / 1000)::int;
@@ -206,7 +210,7 @@ $$;
 -- Not the session's value: the extension makes it a superuser setting that a publisher cannot
 -- raise; here only ALTER DATABASE ... SET (the database owner) can.
 CREATE FUNCTION outbox._max_message_size() RETURNS bigint
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT least(pg_size_bytes(coalesce(
         (SELECT substring(c FROM '^pg_outbox\.max_message_size=(.*)$')
            FROM pg_db_role_setting s, unnest(s.setconfig) AS c
@@ -217,7 +221,7 @@ $$;
 
 -- pg_outbox.retention in seconds (default 1 day), read the same way: the database's setting.
 CREATE FUNCTION outbox._retention_seconds() RETURNS integer
-LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT extract(epoch FROM coalesce(
         (SELECT substring(c FROM '^pg_outbox\.retention=(.*)$')::interval
            FROM pg_db_role_setting s, unnest(s.setconfig) AS c
@@ -229,7 +233,7 @@ $$;
 -- What every publish checks before it writes, as the extension's Writer::open does: a read-only
 -- transaction is refused like an INSERT, and only the table form exists here.
 CREATE FUNCTION outbox._check_writable(function_name text) RETURNS void
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF current_setting('transaction_read_only')::boolean THEN
         RAISE EXCEPTION 'cannot execute % in a read-only transaction', function_name
@@ -250,7 +254,7 @@ $$;
 
 -- The queue name rules of publish.rs (check_queue_name).
 CREATE FUNCTION outbox._check_queue(function_name text, queue text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     hint constant text := 'Queue names become Kafka topics and AMQP routing keys: use 1 to 249 of the characters A-Z a-z 0-9 . _ - (not "." or "..").';
     problem text;
@@ -274,14 +278,14 @@ $$;
 
 -- A character as Rust's {:?} prints it in publish.rs's messages: 'x', with \n, \t, \' escaped.
 CREATE FUNCTION outbox._char_literal(c text) RETURNS text
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql IMMUTABLE AS $$
     SELECT '''' || CASE c WHEN E'\n' THEN '\n' WHEN E'\t' THEN '\t' WHEN E'\r' THEN '\r'
                           WHEN '''' THEN '\''' WHEN '\' THEN '\\' ELSE c END || ''''
 $$;
 
 -- The key and headers rules of publish.rs (key_arg, headers_arg, check_headers).
 CREATE FUNCTION outbox._check_key(function_name text, argument_name text, key text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF key = '' THEN
         RAISE EXCEPTION '%: % must not be an empty string', function_name, argument_name
@@ -291,7 +295,7 @@ END
 $$;
 
 CREATE FUNCTION outbox._check_headers(function_name text, headers jsonb) RETURNS void
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     hint constant text := 'Pass a JSON object whose values are strings, e.g. ''{"traceparent": "00-..."}'', or ''{}'' for none.';
     header record;
@@ -319,7 +323,7 @@ $$;
 -- The size rule of storage.rs (check_size): key + headers + payload as stored, against
 -- pg_outbox.max_message_size, or its 64MB ceiling for a redriven message.
 CREATE FUNCTION outbox._check_size(function_name text, key text, headers jsonb, payload_size bigint, ceiling boolean)
-RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql STABLE AS $$
 DECLARE
     key_size bigint := coalesce(octet_length(key), 0);
     headers_size bigint := pg_column_size(headers) - 4;
@@ -340,7 +344,7 @@ $$;
 -- One checked message into outbox.messages.
 CREATE FUNCTION outbox._write(function_name text, id uuid, queue text, key text, payload jsonb,
                               payload_bytes bytea, headers jsonb, ceiling boolean)
-RETURNS uuid LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS uuid LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     PERFORM outbox._check_size(function_name, key, headers,
         coalesce(pg_column_size(payload), pg_column_size(payload_bytes)) - 4, ceiling);
