@@ -117,7 +117,13 @@ pub fn permanent(e: &tokio_postgres::Error, role_hint: &str) -> Option<Fatal> {
 
 /// [`permanent`] for an error with context (as [`connect`] returns).
 pub fn permanent_in(e: &anyhow::Error, role_hint: &str) -> Option<Fatal> {
+    db_error_in(e)
+        .and_then(|db| fatal::permanent_server_error(db.code().code(), db.message(), role_hint))
+}
+
+/// The server's error behind an error with context, if the server answered with one.
+pub fn db_error_in(e: &anyhow::Error) -> Option<&tokio_postgres::error::DbError> {
     e.chain()
         .find_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
-        .and_then(|e| permanent(e, role_hint))
+        .and_then(tokio_postgres::Error::as_db_error)
 }

@@ -313,11 +313,7 @@ fn postgres_time(micros: i64) -> chrono::DateTime<chrono::Utc> {
 /// error keeps its SQLSTATE (so a wrong password stops the worker); anything else is retried.
 async fn primary(settings: &SlotSettings) -> Result<(Host, u16), SourceError> {
     crate::pg::primary_of(&settings.url).await.map_err(|e| {
-        let db = e
-            .chain()
-            .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
-            .and_then(tokio_postgres::Error::as_db_error);
-        SourceError::Connection(match db {
+        SourceError::Connection(match crate::pg::db_error_in(&e) {
             Some(db) => {
                 PgWireError::Server(format!("{} (SQLSTATE {})", db.message(), db.code().code()))
             }
