@@ -54,6 +54,85 @@ async fn every_bad_input_gets_the_extensions_error_and_hint() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_databases_settings_mean_what_they_mean_to_the_extension() {
+    // The extension's settings are checked GUCs; here they are strings the script parses, so a
+    // number without a unit, a unit, an upper-case value must come out the same.
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    for database in ["with_extension", "with_sql"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
+    pg.connect_to("postgres", "with_extension")
+        .await
+        .batch_execute("CREATE EXTENSION pg_outbox")
+        .await
+        .unwrap();
+    pg.sql_install("with_sql").await;
+    for database in ["with_extension", "with_sql"] {
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {database} SET pg_outbox.max_message_size = '2';
+                 ALTER DATABASE {database} SET pg_outbox.retention = '5400';"
+            ))
+            .await
+            .unwrap();
+    }
+    let extension = pg.connect_to("postgres", "with_extension").await;
+    let sql = pg.connect_to("postgres", "with_sql").await;
+    for db in [&extension, &sql] {
+        let retention: i32 = db
+            .query_one("SELECT outbox._retention_seconds()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(retention, 5400, "a number without a unit is seconds");
+        // '2' is 2kB: 1,500 bytes pass, 3,000 do not.
+        db.batch_execute(
+            "SET pg_outbox.storage = 'TABLE';
+             SELECT outbox.publish('orders', to_jsonb(repeat('x', 1500)));",
+        )
+        .await
+        .unwrap();
+    }
+    let too_large = "SELECT outbox.publish('orders', to_jsonb(repeat('x', 3000)))";
+    let from_extension = expect_error(&extension, too_large).await;
+    assert!(
+        from_extension.1.contains("(2048 bytes)"),
+        "{from_extension:?}"
+    );
+    assert_eq!(expect_error(&sql, too_large).await, from_extension);
+
+    // A value the extension refuses when it is set can only be refused when it is read here: by
+    // every publish that the smallest valid limit (1kB) does not already allow.
+    let (code, message, _) = expect_error(
+        &extension,
+        "ALTER DATABASE with_extension SET pg_outbox.max_message_size = '100B'",
+    )
+    .await;
+    assert_eq!(code, "22023", "{message}");
+    for value in ["100B", "1TB", "lots"] {
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE with_sql SET pg_outbox.max_message_size = '{value}'"
+            ))
+            .await
+            .unwrap();
+        let sql = pg.connect_to("postgres", "with_sql").await;
+        let (code, message, hint) = expect_error(&sql, too_large).await;
+        assert_eq!(code, "22023", "{value}: {message}");
+        assert_eq!(
+            message,
+            format!("invalid value for parameter \"pg_outbox.max_message_size\": \"{value}\"")
+        );
+        assert!(hint.contains("from 1kB to 64MB"), "{hint}");
+    }
+    assert_eq!(count(&sql, "SELECT count(*) FROM outbox.messages").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_role_without_superuser_installs_it_and_the_rights_are_the_extensions() {
     let pg = PgCluster::start_sql_install().await;
     let db = pg.superuser().await;
@@ -73,6 +152,7 @@ async fn a_role_without_superuser_installs_it_and_the_rights_are_the_extensions(
         .unwrap()
         .get(0);
     assert_eq!(id.get_version_num(), 7, "a UUIDv7");
+    assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
     let ids: Vec<uuid::Uuid> = app
         .query(
             "SELECT outbox.publish_batch('orders', ARRAY['1', '2', '3']::jsonb[])",

@@ -8,57 +8,49 @@
 -- SET search_path = pg_catalog, pg_temp they inherit: without a SET clause of their own, which
 -- would cost a settings save and restore per call (several per publish).
 
--- A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, 12 bits of sub-millisecond time, random
--- bits; ascending within a session even within one microsecond, as the extension's ids are.
-CREATE FUNCTION outbox._uuid_v7() RETURNS uuid
-LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    micros bigint := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
-    sub_ms int := ((micros % 1000) * 4096 / 1000)::int;
-    bytes bytea := uuid_send(gen_random_uuid());
-    last text := current_setting('pg_outbox._last_id', true);
-    tail bigint;
-    id uuid;
+-- A setting as the database (or the cluster's configuration) sets it, not the session: the
+-- extension makes pg_outbox.max_message_size a superuser setting that a publisher cannot raise;
+-- here only ALTER DATABASE ... SET (the database owner) can. PL/pgSQL, not SQL, so that its
+-- query plan is kept for the session rather than made again in every transaction.
+CREATE FUNCTION outbox._database_setting(name text) RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 BEGIN
-    bytes := overlay(bytes PLACING substring(int8send(micros / 1000) FROM 3 FOR 6) FROM 1 FOR 6);
-    bytes := set_byte(bytes, 6, 112 | (sub_ms >> 8));       -- version 7, sub-millisecond high bits
-    bytes := set_byte(bytes, 7, sub_ms & 255);
-    bytes := set_byte(bytes, 8, (get_byte(bytes, 8) & 63) | 128);  -- variant 10
-    id := encode(bytes, 'hex')::uuid;
-    IF last IS NOT NULL AND last <> '' AND id <= last::uuid THEN
-        -- The clock did not move on: one more than the last id, in its random tail.
-        bytes := uuid_send(last::uuid);
-        tail := ('x' || encode(substring(bytes FROM 10 FOR 7), 'hex'))::bit(56)::bigint + 1;
-        bytes := overlay(bytes PLACING substring(int8send(tail) FROM 2 FOR 7) FROM 10 FOR 7);
-        id := encode(bytes, 'hex')::uuid;
-    END IF;
-    PERFORM set_config('pg_outbox._last_id', id::text, false);
-    RETURN id;
+    RETURN (SELECT substring(c FROM length(name) + 2)
+              FROM pg_db_role_setting s, unnest(s.setconfig) AS c
+             WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND s.setrole = 0 AND starts_with(c, name || '='));
 END
 $$;
 
--- pg_outbox.max_message_size as the database (or the cluster's configuration) sets it, in bytes.
--- Not the session's value: the extension makes it a superuser setting that a publisher cannot
--- raise; here only ALTER DATABASE ... SET (the database owner) can.
+-- pg_outbox.max_message_size in bytes, read and checked as the extension's setting is: a number
+-- without a unit is kB, from 1kB to 64MB.
 CREATE FUNCTION outbox._max_message_size() RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT least(pg_size_bytes(coalesce(
-        (SELECT substring(c FROM '^pg_outbox\.max_message_size=(.*)$')
-           FROM pg_db_role_setting s, unnest(s.setconfig) AS c
-          WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND s.setrole = 0 AND c LIKE 'pg_outbox.max_message_size=%'),
-        '512kB')), 64 * 1024 * 1024)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    setting text := coalesce(outbox._database_setting('pg_outbox.max_message_size'), '512kB');
+    bytes bigint;
+BEGIN
+    BEGIN
+        bytes := pg_size_bytes(CASE WHEN setting ~ '^\s*\d+\s*$' THEN setting || 'kB' ELSE setting END);
+    EXCEPTION WHEN invalid_parameter_value THEN
+        bytes := NULL;
+    END;
+    IF bytes IS NULL OR bytes NOT BETWEEN 1024 AND 64 * 1024 * 1024 THEN
+        RAISE EXCEPTION 'invalid value for parameter "pg_outbox.max_message_size": "%"', setting
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Set a size from 1kB to 64MB: ALTER DATABASE ... SET pg_outbox.max_message_size = ''1MB''.';
+    END IF;
+    RETURN bytes;
+END
 $$;
 
 -- pg_outbox.retention in seconds (default 1 day), read the same way: the database's setting.
 CREATE FUNCTION outbox._retention_seconds() RETURNS integer
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT extract(epoch FROM coalesce(
-        (SELECT substring(c FROM '^pg_outbox\.retention=(.*)$')::interval
-           FROM pg_db_role_setting s, unnest(s.setconfig) AS c
-          WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND s.setrole = 0 AND c LIKE 'pg_outbox.retention=%'),
-        interval '1 day'))::integer
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN extract(epoch FROM coalesce(outbox._database_setting('pg_outbox.retention')::interval,
+                                       interval '1 day'))::integer;
+END
 $$;
 
 -- What every publish checks before it writes, as the extension's Writer::open does: a read-only
@@ -70,7 +62,7 @@ BEGIN
         RAISE EXCEPTION 'cannot execute % in a read-only transaction', function_name
             USING ERRCODE = 'read_only_sql_transaction';
     END IF;
-    CASE coalesce(nullif(current_setting('pg_outbox.storage', true), ''), 'table')
+    CASE lower(coalesce(nullif(current_setting('pg_outbox.storage', true), ''), 'table'))
         WHEN 'table' THEN NULL;
         WHEN 'wal' THEN
             RAISE EXCEPTION '%: pg_outbox.storage = ''wal'' is not available in the SQL install', function_name
@@ -172,15 +164,60 @@ BEGIN
 END
 $$;
 
--- One checked message into outbox.messages.
-CREATE FUNCTION outbox._write(function_name text, id uuid, queue text, key text, payload jsonb,
-                              payload_bytes bytea, headers jsonb, ceiling boolean)
+-- One message, checked and written; every publish function ends here. Each check is first a
+-- cheap test of the common, valid case, and only a failing one calls the helper above that names
+-- the problem exactly as the extension does (a PL/pgSQL call costs more than the test).
+CREATE FUNCTION outbox._publish(function_name text, queue text, payload jsonb, payload_bytes bytea,
+                                headers jsonb, key text, id uuid, ceiling boolean)
 RETURNS uuid LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    payload_size bigint;
+    micros bigint;
+    last_micros bigint;
 BEGIN
-    PERFORM outbox._check_size(function_name, key, headers,
-        coalesce(pg_column_size(payload), pg_column_size(payload_bytes)) - 4, ceiling);
+    IF current_setting('transaction_read_only')::boolean
+       OR lower(coalesce(nullif(current_setting('pg_outbox.storage', true), ''), 'table')) <> 'table' THEN
+        PERFORM outbox._check_writable(function_name);
+    END IF;
+    IF queue IS NULL OR queue ~ '[^A-Za-z0-9._-]' OR octet_length(queue) NOT BETWEEN 1 AND 249
+       OR queue IN ('.', '..') THEN
+        PERFORM outbox._check_queue(function_name, queue);
+    END IF;
+    IF payload IS NULL AND payload_bytes IS NULL THEN
+        RAISE EXCEPTION '%: payload must not be NULL', function_name
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = CASE WHEN payload_bytes IS NULL AND function_name = 'outbox.publish_bytes'
+                              THEN 'Pass a bytea value, e.g. ''\x00''::bytea.'
+                              ELSE 'Pass a JSON value, e.g. ''{}''.' END;
+    END IF;
+    headers := coalesce(headers, '{}');
+    IF headers <> '{}' THEN
+        PERFORM outbox._check_headers(function_name, headers);
+    END IF;
+    IF key = '' THEN
+        PERFORM outbox._check_key(function_name, 'key', key);
+    END IF;
+    -- The size limit is read only for a message that could exceed it: the setting is at least 1kB.
+    payload_size := coalesce(pg_column_size(payload), pg_column_size(payload_bytes)) - 4;
+    IF coalesce(octet_length(key), 0) + pg_column_size(headers) - 4 + payload_size > 1024 THEN
+        PERFORM outbox._check_size(function_name, key, headers, payload_size, ceiling);
+    END IF;
+    IF id IS NULL THEN
+        -- A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, 12 bits of the microseconds within
+        -- it, version and variant, 62 random bits. The clock in microseconds never goes back
+        -- within a session, so the ids a session takes ascend, as the extension's do.
+        micros := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+        last_micros := nullif(current_setting('pg_outbox._last_micros', true), '')::bigint;
+        IF micros <= last_micros THEN
+            micros := last_micros + 1;
+        END IF;
+        PERFORM set_config('pg_outbox._last_micros', micros::text, false);
+        id := encode(int8send((micros / 1000 << 16) | 28672 | ((micros % 1000) * 4096 / 1000))
+                     || int8send((-9223372036854775808)::bigint | (floor(random() * 2147483648)::bigint << 31)
+                                 | floor(random() * 2147483648)::bigint), 'hex')::uuid;
+    END IF;
     INSERT INTO outbox.messages (id, queue, key, payload, payload_bytes, headers, created_at)
-        VALUES (id, queue, key, payload, payload_bytes, headers, now());
+        VALUES (id, queue, key, payload, CASE WHEN payload IS NULL THEN payload_bytes END, headers, now());
     RETURN id;
 END
 $$;
@@ -189,15 +226,7 @@ CREATE FUNCTION outbox.publish(queue text, payload jsonb, headers jsonb DEFAULT 
 RETURNS uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM outbox._check_writable('outbox.publish');
-    PERFORM outbox._check_queue('outbox.publish', $1);
-    IF $2 IS NULL THEN
-        RAISE EXCEPTION 'outbox.publish: payload must not be NULL'
-            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass a JSON value, e.g. ''{}''.';
-    END IF;
-    PERFORM outbox._check_headers('outbox.publish', coalesce($3, '{}'));
-    PERFORM outbox._check_key('outbox.publish', 'key', $4);
-    RETURN outbox._write('outbox.publish', outbox._uuid_v7(), $1, $4, $2, NULL, coalesce($3, '{}'), false);
+    RETURN outbox._publish('outbox.publish', queue, payload, NULL, headers, key, NULL, false);
 END
 $$;
 COMMENT ON FUNCTION outbox.publish(text, jsonb, jsonb, text) IS
@@ -207,15 +236,7 @@ CREATE FUNCTION outbox.publish_bytes(queue text, payload bytea, headers jsonb DE
 RETURNS uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM outbox._check_writable('outbox.publish_bytes');
-    PERFORM outbox._check_queue('outbox.publish_bytes', $1);
-    IF $2 IS NULL THEN
-        RAISE EXCEPTION 'outbox.publish_bytes: payload must not be NULL'
-            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass a bytea value, e.g. ''\x00''::bytea.';
-    END IF;
-    PERFORM outbox._check_headers('outbox.publish_bytes', coalesce($3, '{}'));
-    PERFORM outbox._check_key('outbox.publish_bytes', 'key', $4);
-    RETURN outbox._write('outbox.publish_bytes', outbox._uuid_v7(), $1, $4, NULL, $2, coalesce($3, '{}'), false);
+    RETURN outbox._publish('outbox.publish_bytes', queue, NULL, payload, headers, key, NULL, false);
 END
 $$;
 COMMENT ON FUNCTION outbox.publish_bytes(text, bytea, jsonb, text) IS
@@ -254,8 +275,8 @@ BEGIN
                 USING ERRCODE = 'null_value_not_allowed', HINT = 'Every element of payloads must be a JSON value.';
         END IF;
         PERFORM outbox._check_key(f, 'keys element', $4[array_lower($4, 1) + i - 1]);
-        RETURN NEXT outbox._write(f, outbox._uuid_v7(), $1, $4[array_lower($4, 1) + i - 1],
-                                  $2[array_lower($2, 1) + i - 1], NULL, coalesce($3, '{}'), false);
+        RETURN NEXT outbox._publish(f, $1, $2[array_lower($2, 1) + i - 1], NULL, $3,
+                                    $4[array_lower($4, 1) + i - 1], NULL, false);
     END LOOP;
 END
 $$;
@@ -280,6 +301,6 @@ BEGIN
         RAISE EXCEPTION '%: payload_bytes must not be NULL', f
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass payload or payload_bytes.';
     END IF;
-    RETURN outbox._write(f, $1, $2, $3, $4, CASE WHEN $4 IS NULL THEN $5 END, coalesce($6, '{}'), true);
+    RETURN outbox._publish(f, $2, $4, $5, $6, $3, $1, true);
 END
 $$;
