@@ -333,6 +333,26 @@ BEGIN
 END
 $$;
 
+-- The first of the next n microseconds on this session's id clock: the wall clock, but never at
+-- or before the last one the session took, so that the ids a session takes ascend, as the
+-- extension's do. SQL, not PL/pgSQL, so that the planner inlines it (as _uuid_v7).
+CREATE FUNCTION outbox._take_micros(n bigint) RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    SELECT set_config('pg_outbox._last_micros',
+               (greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+                         nullif(current_setting('pg_outbox._last_micros', true), '')::bigint + 1) + n - 1)::text,
+               false)::bigint - n + 1
+$$;
+
+-- A UUIDv7 (RFC 9562) for a time in Unix microseconds: 48 bits of milliseconds, 12 bits of the
+-- microseconds within them, version and variant, 62 random bits.
+CREATE FUNCTION outbox._uuid_v7(micros bigint) RETURNS uuid
+LANGUAGE sql VOLATILE AS $$
+    SELECT encode(int8send((micros / 1000 << 16) | 28672 | ((micros % 1000) * 4096 / 1000))
+                  || int8send((-9223372036854775808)::bigint | (floor(random() * 2147483648)::bigint << 31)
+                              | floor(random() * 2147483648)::bigint), 'hex')::uuid
+$$;
+
 -- One message, checked and written; every publish function ends here. Each check is first a
 -- cheap test of the common, valid case, and only a failing one calls the helper above that names
 -- the problem exactly as the extension does (a PL/pgSQL call costs more than the test).
@@ -342,7 +362,6 @@ RETURNS uuid LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     payload_size bigint;
     micros bigint;
-    last_micros bigint;
 BEGIN
     IF current_setting('transaction_read_only')::boolean
        OR lower(coalesce(nullif(current_setting('pg_outbox.storage', true), ''), 'table')) <> 'table' THEN
@@ -372,18 +391,8 @@ BEGIN
         PERFORM outbox._check_size(function_name, key, headers, payload_size, ceiling);
     END IF;
     IF id IS NULL THEN
-        -- A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, 12 bits of the microseconds within
-        -- it, version and variant, 62 random bits. The clock in microseconds never goes back
-        -- within a session, so the ids a session takes ascend, as the extension's do.
-        micros := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
-        last_micros := nullif(current_setting('pg_outbox._last_micros', true), '')::bigint;
-        IF micros <= last_micros THEN
-            micros := last_micros + 1;
-        END IF;
-        PERFORM set_config('pg_outbox._last_micros', micros::text, false);
-        id := encode(int8send((micros / 1000 << 16) | 28672 | ((micros % 1000) * 4096 / 1000))
-                     || int8send((-9223372036854775808)::bigint | (floor(random() * 2147483648)::bigint << 31)
-                                 | floor(random() * 2147483648)::bigint), 'hex')::uuid;
+        micros := outbox._take_micros(1);
+        id := outbox._uuid_v7(micros);
     END IF;
     INSERT INTO outbox.messages (id, queue, key, payload, payload_bytes, headers, created_at)
         VALUES (id, queue, key, payload, CASE WHEN payload IS NULL THEN payload_bytes END, headers, now());
@@ -416,7 +425,13 @@ RETURNS SETOF uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER RO
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f constant text := 'outbox.publish_batch';
-    i int;
+    all_headers constant jsonb := coalesce($3, '{}');
+    payload jsonb;
+    key text;
+    i bigint;
+    size bigint;
+    limit_bytes bigint;
+    micros bigint;
 BEGIN
     PERFORM outbox._check_writable(f);
     PERFORM outbox._check_queue(f, $1);
@@ -438,15 +453,37 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Pass one key per payload (NULL elements for no key), or NULL for no keys at all.';
     END IF;
-    FOR i IN 1 .. coalesce(cardinality($2), 0) LOOP
-        IF $2[array_lower($2, 1) + i - 1] IS NULL THEN
+    -- Each element's own checks, in the extension's order, for the elements that may fail one (the
+    -- size limit is at least 1kB); then every row in one INSERT.
+    FOR payload, key, i, size IN
+        SELECT p, k, n, coalesce(octet_length(k), 0) + pg_column_size(all_headers) - 4 + pg_column_size(p) - 4
+          FROM unnest($2, $4) WITH ORDINALITY AS u(p, k, n)
+         WHERE p IS NULL OR k = ''
+            OR coalesce(octet_length(k), 0) + pg_column_size(all_headers) - 4 + pg_column_size(p) - 4 > 1024
+         ORDER BY n
+    LOOP
+        IF payload IS NULL THEN
             RAISE EXCEPTION '%: payloads[%] must not be NULL', f, i
                 USING ERRCODE = 'null_value_not_allowed', HINT = 'Every element of payloads must be a JSON value.';
         END IF;
-        PERFORM outbox._check_key(f, 'keys element', $4[array_lower($4, 1) + i - 1]);
-        RETURN NEXT outbox._publish(f, $1, $2[array_lower($2, 1) + i - 1], NULL, $3,
-                                    $4[array_lower($4, 1) + i - 1], NULL, false);
+        PERFORM outbox._check_key(f, 'keys element', key);
+        limit_bytes := coalesce(limit_bytes, outbox._max_message_size());
+        IF size > limit_bytes THEN
+            PERFORM outbox._check_size(f, key, all_headers, pg_column_size(payload) - 4, false);
+        END IF;
     END LOOP;
+    IF coalesce(cardinality($2), 0) = 0 THEN
+        RETURN;
+    END IF;
+    -- Consecutive microseconds: the ids ascend in the order of payloads.
+    micros := outbox._take_micros(cardinality($2));
+    RETURN QUERY
+        WITH written AS (
+            INSERT INTO outbox.messages (id, queue, key, payload, headers, created_at)
+            SELECT outbox._uuid_v7(micros + n - 1), $1, k, p, all_headers, now()
+              FROM unnest($2, $4) WITH ORDINALITY AS u(p, k, n)
+            RETURNING id)
+        SELECT id FROM written ORDER BY id;
 END
 $$;
 COMMENT ON FUNCTION outbox.publish_batch(text, jsonb[], jsonb, text[]) IS

@@ -569,6 +569,8 @@ pub fn bad_inputs() -> Vec<(String, &'static str, &'static str)> {
     ("SELECT outbox.publish_batch('q', ARRAY['1',NULL]::jsonb[])".into(), "outbox.publish_batch: payloads[2] must not be NULL", "Every element"),
     ("SELECT outbox.publish_batch('q', ARRAY[['1'],['2']]::jsonb[])".into(), "outbox.publish_batch: payloads must be a one-dimensional array, got 2 dimensions", "flat array"),
     ("SELECT outbox.publish_batch('q', ARRAY['1']::jsonb[], '{}', ARRAY[''])".into(), "outbox.publish_batch: keys element must not be an empty string", "Pass NULL"),
+    ("SELECT outbox.publish_batch('q', ARRAY['1', to_jsonb(repeat('x', 600000)), NULL])".into(), "more than pg_outbox.max_message_size (524288 bytes)", "store the large part elsewhere"),
+    ("SELECT outbox.publish('q', to_jsonb(repeat('x', 600000)), '{}', 'k')".into(), "outbox.publish: the message is 6000", "raise pg_outbox.max_message_size"),
     ("SELECT outbox.publish_batch('q!', ARRAY['1']::jsonb[])".into(), "outbox.publish_batch: invalid queue name \"q!\"", "Queue names"),
     ("SET pg_outbox.storage = 'disk'; SELECT outbox.publish('q', '{}')".into(), "invalid value for parameter \"pg_outbox.storage\": \"disk\"", "Available values: table, wal"),
     ("SELECT outbox.try_mark_processed(NULL, 'm')".into(), "outbox.try_mark_processed: consumer must not be NULL", "Name the consumer"),

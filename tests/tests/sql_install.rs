@@ -219,6 +219,42 @@ async fn a_role_without_superuser_installs_it_and_the_rights_are_the_extensions(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_sessions_ids_ascend_even_when_the_clock_steps_back() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    // The session's id clock stands an hour ahead, as after the wall clock stepped back an hour.
+    let ahead: i64 = db
+        .query_one(
+            "SELECT set_config('pg_outbox._last_micros',
+                 ((extract(epoch FROM clock_timestamp()) + 3600) * 1000000)::bigint::text, false)::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let ids: Vec<uuid::Uuid> = db
+        .query(
+            "SELECT outbox.publish('orders', '{}') UNION ALL
+             SELECT * FROM outbox.publish_batch('orders', array_fill('{}'::jsonb, ARRAY[1000]))
+             UNION ALL SELECT outbox.publish_bytes('orders', '\\x00')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 1002);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend");
+    let (seconds, nanos) = ids[0].get_timestamp().unwrap().to_unix();
+    let first_micros = seconds as i64 * 1_000_000 + nanos as i64 / 1_000;
+    assert!(
+        first_micros > ahead - 1_000,
+        "the first id ({first_micros} µs) is not behind the session's clock ({ahead} µs)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_worker_delivers_from_it_through_a_sigkill_and_refuses_forged_wal_messages() {
     const TOTAL: u64 = 5_000;
     let pg = PgCluster::start_sql_install().await;
