@@ -111,6 +111,19 @@ impl PgCluster {
         }
     }
 
+    /// pg_outbox installed one way or the other in `database`.
+    pub async fn install_in(&self, install: Install, database: &str) {
+        match install {
+            Install::Extension => self
+                .connect_to("postgres", database)
+                .await
+                .batch_execute("CREATE EXTENSION pg_outbox")
+                .await
+                .unwrap(),
+            Install::Sql => self.sql_install(database).await,
+        }
+    }
+
     /// pg_outbox as the SQL install (`sql/pg_outbox.sql`, no C extension) in database `postgres`,
     /// installed by `installer`, a role without superuser holding what a managed service gives its
     /// admin role: CREATE on the database, CREATEROLE, REPLICATION.

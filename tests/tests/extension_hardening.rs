@@ -1,14 +1,25 @@
 //! The extension tried as a hostile or careless user would: forged messages, oversized messages,
 //! read-only transactions, concurrent index builds, altered tables, a million-element batch,
 //! pg_dump and restore, consumers acting for each other, an adopted schema, FOR ALL TABLES
-//! publications, settings read two ways, and a LATIN1 database.
+//! publications, settings read two ways, and a LATIN1 database. The tests that do not depend on
+//! the C code's own checks run on the SQL install too (`on_both_installs!`).
 
 use std::time::Duration;
 
-use outbox_tests::postgres::{count, expect_error};
+use outbox_tests::postgres::{count, expect_error, Install};
 use outbox_tests::publish::read_json_lines;
-use outbox_tests::{eventually, PgCluster, Worker};
+use outbox_tests::{eventually, on_both_installs, PgCluster, Worker};
 use tokio_postgres::Client;
+
+on_both_installs!(
+    publish_in_a_read_only_transaction_is_refused_like_an_insert,
+    publish_works_while_an_index_is_built_concurrently,
+    a_million_element_batch_keeps_backend_memory_flat,
+    pg_dump_and_restore_keep_messages_marks_and_dead_letters,
+    one_consumer_cannot_mark_or_purge_for_another,
+    prune_works_beside_a_publication_for_all_tables,
+    prune_reads_retention_the_same_way_in_every_session,
+);
 
 /// Everything test_decoding decoded from `slot` so far, one change per line.
 async fn decoded(db: &Client, slot: &str) -> String {
@@ -140,9 +151,8 @@ async fn oversized_messages_are_refused_before_anything_reaches_wal() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn publish_in_a_read_only_transaction_is_refused_like_an_insert() {
-    let pg = PgCluster::start().await;
+async fn publish_in_a_read_only_transaction_is_refused_like_an_insert(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let db = pg.superuser().await;
     db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'test_decoding')")
         .await
@@ -169,9 +179,8 @@ async fn publish_in_a_read_only_transaction_is_refused_like_an_insert() {
 /// While CREATE INDEX CONCURRENTLY (or REINDEX CONCURRENTLY) waits for an open transaction, its
 /// new index is not ready for inserts: publish must skip it as the executor does, and the index
 /// must still end up with the row.
-#[tokio::test(flavor = "multi_thread")]
-async fn publish_works_while_an_index_is_built_concurrently() {
-    let pg = PgCluster::start().await;
+async fn publish_works_while_an_index_is_built_concurrently(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     for (n, ddl) in [
         "CREATE INDEX CONCURRENTLY messages_key ON outbox.messages (key)",
         "REINDEX INDEX CONCURRENTLY outbox.messages_key",
@@ -305,11 +314,10 @@ fn rss_anon_kb(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_million_element_batch_keeps_backend_memory_flat() {
+async fn a_million_element_batch_keeps_backend_memory_flat(install: Install) {
     const ELEMENTS: i64 = 1_000_000;
     const BUDGET_MB: u64 = 64;
-    let pg = PgCluster::start().await;
+    let pg = PgCluster::start_install(install).await;
     pg.superuser()
         .await
         .batch_execute(&format!(
@@ -389,8 +397,7 @@ async fn table_counts(db: &Client) -> [i64; 4] {
     counts
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pg_dump_and_restore_keep_messages_marks_and_dead_letters() {
+async fn pg_dump_and_restore_keep_messages_marks_and_dead_letters(install: Install) {
     let pg = PgCluster::start_without_extension();
     let admin = pg.superuser().await;
     admin.batch_execute("CREATE DATABASE source").await.unwrap();
@@ -400,11 +407,8 @@ async fn pg_dump_and_restore_keep_messages_marks_and_dead_letters() {
             .await
             .unwrap();
     }
+    pg.install_in(install, "source").await;
     let source = pg.connect_to("postgres", "source").await;
-    source
-        .batch_execute("CREATE EXTENSION pg_outbox")
-        .await
-        .unwrap();
     let expected = fill(&source).await;
     assert_eq!(expected, [26, 7, 1, 1]);
 
@@ -476,10 +480,14 @@ async fn pg_dump_and_restore_keep_messages_marks_and_dead_letters() {
             == 1
     })
     .await;
-    db.batch_execute(
-        "SELECT outbox.publish('after-restore', '{\"n\": 1}');
-         BEGIN; SET LOCAL pg_outbox.storage = 'wal'; SELECT outbox.publish('after-restore', '{\"n\": 2}'); COMMIT;",
-    )
+    // The wal form exists only with the extension.
+    let second = match install {
+        Install::Extension => "BEGIN; SET LOCAL pg_outbox.storage = 'wal'; SELECT outbox.publish('after-restore', '{\"n\": 2}'); COMMIT;",
+        Install::Sql => "SELECT outbox.publish('after-restore', '{\"n\": 2}');",
+    };
+    db.batch_execute(&format!(
+        "SELECT outbox.publish('after-restore', '{{\"n\": 1}}'); {second}"
+    ))
     .await
     .unwrap();
     eventually(
@@ -492,9 +500,8 @@ async fn pg_dump_and_restore_keep_messages_marks_and_dead_letters() {
     worker.terminate(Duration::from_secs(10));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_consumer_cannot_mark_or_purge_for_another() {
-    let pg = PgCluster::start().await;
+async fn one_consumer_cannot_mark_or_purge_for_another(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let admin = pg.superuser().await;
     admin
         .batch_execute(
@@ -622,9 +629,8 @@ async fn create_extension_refuses_a_schema_it_cannot_trust() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn prune_works_beside_a_publication_for_all_tables() {
-    let pg = PgCluster::start().await;
+async fn prune_works_beside_a_publication_for_all_tables(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let db = pg.superuser().await;
     // (It also makes UPDATE need a replica identity, so rows are aged by pruning with 0 s.)
     db.batch_execute(
@@ -642,9 +648,8 @@ async fn prune_works_beside_a_publication_for_all_tables() {
 
 /// `pg_outbox.retention` set per database with a value the setting does not accept: read the
 /// same way by a session that has published (library loaded) and by one that has not.
-#[tokio::test(flavor = "multi_thread")]
-async fn prune_reads_retention_the_same_way_in_every_session() {
-    let pg = PgCluster::start().await;
+async fn prune_reads_retention_the_same_way_in_every_session(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let admin = pg.superuser().await;
     admin
         .batch_execute(
