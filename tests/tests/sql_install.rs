@@ -508,6 +508,32 @@ async fn running_the_script_again_keeps_or_upgrades_in_place() {
         "{again:?}"
     );
 
+    // Another build of the same version (a changed script, or one from before builds were
+    // recorded) is upgraded too.
+    let version = env!("CARGO_PKG_VERSION");
+    for (change, installed) in [
+        (
+            "UPDATE outbox.sql_install SET build = 'earlier'",
+            format!("{version} (build earlier)"),
+        ),
+        (
+            "ALTER TABLE outbox.sql_install DROP COLUMN build",
+            format!("{version} to"),
+        ),
+    ] {
+        db.batch_execute(&format!("{change}; DROP FUNCTION outbox.status()"))
+            .await
+            .unwrap();
+        let rebuild = pg.run_sql_install("postgres");
+        assert!(rebuild.status.success(), "{rebuild:?}");
+        assert!(
+            String::from_utf8_lossy(&rebuild.stdout)
+                .contains(&format!("upgrading the SQL install from {installed}")),
+            "{rebuild:?}"
+        );
+        assert_eq!(count(&db, "SELECT count(*) FROM outbox.status()").await, 0);
+    }
+
     db.batch_execute(
         "UPDATE outbox.sql_install SET version = '0.1.9';
          DROP FUNCTION outbox.status(); DROP TABLE outbox.slots;",
@@ -528,12 +554,12 @@ async fn running_the_script_again_keeps_or_upgrades_in_place() {
     );
     assert_eq!(count(&db, "SELECT count(*) FROM outbox.status()").await, 0);
     assert_eq!(count(&db, "SELECT count(*) FROM outbox.slots").await, 0);
-    let version: String = db
+    let installed: String = db
         .query_one("SELECT version FROM outbox.sql_install", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(installed, version);
     // The functions and policies were made again: publishing and the consumers' rules work.
     db.batch_execute("SELECT outbox.publish('orders', '{\"n\": 2}')")
         .await

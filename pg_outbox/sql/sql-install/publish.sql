@@ -4,9 +4,9 @@
 -- wal-form message; the worker therefore accepts only the table form where the extension is not
 -- installed (README, "Managed PostgreSQL").
 
--- The helpers below run only inside the SECURITY DEFINER publish functions, whose
+-- The helpers below run only inside the SECURITY DEFINER functions (publish*, prune), whose
 -- SET search_path = pg_catalog, pg_temp they inherit: without a SET clause of their own, which
--- would cost a settings save and restore per call (several per publish).
+-- would cost a settings save and restore per call. No role but the owner may call them.
 
 -- A setting as the database (or the cluster's configuration) sets it, not the session: the
 -- extension makes pg_outbox.max_message_size a superuser setting that a publisher cannot raise;
@@ -205,9 +205,8 @@ BEGIN
     IF payload IS NULL AND payload_bytes IS NULL THEN
         RAISE EXCEPTION '%: payload must not be NULL', function_name
             USING ERRCODE = 'null_value_not_allowed',
-                  HINT = CASE WHEN payload_bytes IS NULL AND function_name = 'outbox.publish_bytes'
-                              THEN 'Pass a bytea value, e.g. ''\x00''::bytea.'
-                              ELSE 'Pass a JSON value, e.g. ''{}''.' END;
+                  HINT = CASE function_name WHEN 'outbox.publish_bytes' THEN 'Pass a bytea value, e.g. ''\x00''::bytea.'
+                                            ELSE 'Pass a JSON value, e.g. ''{}''.' END;
     END IF;
     headers := coalesce(headers, '{}');
     IF headers <> '{}' THEN
