@@ -515,6 +515,16 @@ pub async fn count(db: &Client, sql: &str) -> i64 {
     db.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// The first column of every row `sql` returns.
+pub async fn column<T: tokio_postgres::types::FromSqlOwned>(db: &Client, sql: &str) -> Vec<T> {
+    db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 fn append_conf(data: &Path, lines: &str) {
     use std::io::Write;
     std::fs::OpenOptions::new()

@@ -2,7 +2,7 @@
 //! de-duplication, privileges, and the error catalogue (message and hint of every bad input).
 //! The tests that do not depend on the wal form run on the SQL install too (`on_both_installs!`).
 
-use outbox_tests::postgres::{bad_inputs, expect_error, Install};
+use outbox_tests::postgres::{bad_inputs, column, expect_error, Install};
 use outbox_tests::{on_both_installs, PgCluster};
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -39,16 +39,11 @@ async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_
                 .await
                 .unwrap()
                 .get(0);
-            let batch: Vec<uuid::Uuid> = db
-                .query(
-                    "SELECT outbox.publish_batch('orders', ARRAY['1','2']::jsonb[])",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let batch: Vec<uuid::Uuid> = column(
+                &db,
+                "SELECT outbox.publish_batch('orders', ARRAY['1','2']::jsonb[])",
+            )
+            .await;
             let bytes: uuid::Uuid = db
                 .query_one(
                     "SELECT outbox.publish_bytes('blobs', '\\x00ff'::bytea)",
@@ -66,16 +61,11 @@ async fn committed_publishes_are_decoded_in_both_storage_forms_aborted_ones_are_
         }
     }
 
-    let changes: Vec<String> = db
-        .query(
-            "SELECT data FROM pg_logical_slot_get_changes('probe', NULL, NULL)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let changes: Vec<String> = column(
+        &db,
+        "SELECT data FROM pg_logical_slot_get_changes('probe', NULL, NULL)",
+    )
+    .await;
     let decoded = changes.join("\n");
     for id in &committed {
         assert!(

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use outbox_tests::postgres::{count, expect_error, Install};
+use outbox_tests::postgres::{column, count, expect_error, Install};
 use outbox_tests::publish::read_json_lines;
 use outbox_tests::{eventually, on_both_installs, PgCluster, Worker};
 use tokio_postgres::Client;
@@ -707,17 +707,12 @@ async fn a_latin1_database_sends_utf8_envelopes() {
     )
     .await
     .unwrap();
-    let changes: Vec<Vec<u8>> = db
-        .query(
-            "SELECT data FROM pg_logical_slot_get_binary_changes('probe', NULL, NULL,
+    let changes: Vec<Vec<u8>> = column(
+        &db,
+        "SELECT data FROM pg_logical_slot_get_binary_changes('probe', NULL, NULL,
                  'proto_version', '1', 'publication_names', 'pg_outbox', 'messages', 'true')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    )
+    .await;
     let envelope = changes
         .iter()
         .find_map(|c| {

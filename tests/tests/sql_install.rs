@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use outbox_tests::postgres::{bad_inputs, count, expect_error};
+use outbox_tests::postgres::{bad_inputs, column, count, expect_error, Install};
 use outbox_tests::publish::{
     check_delivery, publish_range, read_json_lines, stdout_file, wait_for_lines, Storage,
 };
@@ -24,23 +24,26 @@ fn the_sql_install_is_generated_from_the_extensions_sql() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_bad_input_gets_the_extensions_error_and_hint() {
-    // One cluster, two databases: the extension in one, the SQL install in the other.
+/// One cluster, two databases: `with_extension` and `with_sql`, pg_outbox installed one way in each.
+async fn side_by_side() -> PgCluster {
     let pg = PgCluster::start_without_extension();
     let admin = pg.superuser().await;
-    for database in ["with_extension", "with_sql"] {
+    for (database, install) in [
+        ("with_extension", Install::Extension),
+        ("with_sql", Install::Sql),
+    ] {
         admin
             .batch_execute(&format!("CREATE DATABASE {database}"))
             .await
             .unwrap();
+        pg.install_in(install, database).await;
     }
-    pg.connect_to("postgres", "with_extension")
-        .await
-        .batch_execute("CREATE EXTENSION pg_outbox")
-        .await
-        .unwrap();
-    pg.sql_install("with_sql").await;
+    pg
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_bad_input_gets_the_extensions_error_and_hint() {
+    let pg = side_by_side().await;
     let extension = pg.connect_to("postgres", "with_extension").await;
     let sql = pg.connect_to("postgres", "with_sql").await;
     for (statement, message, hint) in bad_inputs() {
@@ -57,20 +60,8 @@ async fn every_bad_input_gets_the_extensions_error_and_hint() {
 async fn the_databases_settings_mean_what_they_mean_to_the_extension() {
     // The extension's settings are checked GUCs; here they are strings the script parses, so a
     // number without a unit, a unit, an upper-case value must come out the same.
-    let pg = PgCluster::start_without_extension();
+    let pg = side_by_side().await;
     let admin = pg.superuser().await;
-    for database in ["with_extension", "with_sql"] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE {database}"))
-            .await
-            .unwrap();
-    }
-    pg.connect_to("postgres", "with_extension")
-        .await
-        .batch_execute("CREATE EXTENSION pg_outbox")
-        .await
-        .unwrap();
-    pg.sql_install("with_sql").await;
     for database in ["with_extension", "with_sql"] {
         admin
             .batch_execute(&format!(
@@ -153,16 +144,11 @@ async fn a_role_without_superuser_installs_it_and_the_rights_are_the_extensions(
         .get(0);
     assert_eq!(id.get_version_num(), 7, "a UUIDv7");
     assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
-    let ids: Vec<uuid::Uuid> = app
-        .query(
-            "SELECT outbox.publish_batch('orders', ARRAY['1', '2', '3']::jsonb[])",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<uuid::Uuid> = column(
+        &app,
+        "SELECT outbox.publish_batch('orders', ARRAY['1', '2', '3']::jsonb[])",
+    )
+    .await;
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend: {ids:?}");
     assert!(ids[0] > id);
 
@@ -232,18 +218,13 @@ async fn a_sessions_ids_ascend_even_when_the_clock_steps_back() {
         .await
         .unwrap()
         .get(0);
-    let ids: Vec<uuid::Uuid> = db
-        .query(
-            "SELECT outbox.publish('orders', '{}') UNION ALL
+    let ids: Vec<uuid::Uuid> = column(
+        &db,
+        "SELECT outbox.publish('orders', '{}') UNION ALL
              SELECT * FROM outbox.publish_batch('orders', array_fill('{}'::jsonb, ARRAY[1000]))
              UNION ALL SELECT outbox.publish_bytes('orders', '\\x00')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    )
+    .await;
     assert_eq!(ids.len(), 1002);
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend");
     let (seconds, nanos) = ids[0].get_timestamp().unwrap().to_unix();
@@ -251,6 +232,51 @@ async fn a_sessions_ids_ascend_even_when_the_clock_steps_back() {
     assert!(
         first_micros > ahead - 1_000,
         "the first id ({first_micros} µs) is not behind the session's clock ({ahead} µs)"
+    );
+}
+
+/// The extension's writer refuses what it cannot honour itself (CHECK constraints, triggers...);
+/// the SQL install writes with a plain INSERT, so every change to the table is honoured as for
+/// any INSERT.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_to_the_table_are_honoured_as_by_an_insert() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    db.batch_execute(
+        "ALTER TABLE outbox.messages ADD CHECK (queue <> 'forbidden');
+         ALTER TABLE outbox.messages ALTER COLUMN key SET NOT NULL;
+         CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS
+             'BEGIN NEW.headers := NEW.headers || ''{\"stamped\": \"yes\"}''; RETURN NEW; END';
+         CREATE TRIGGER stamp BEFORE INSERT ON outbox.messages
+             FOR EACH ROW EXECUTE FUNCTION public.stamp();",
+    )
+    .await
+    .unwrap();
+    let (code, message, _) =
+        expect_error(&db, "SELECT outbox.publish('forbidden', '1', '{}', 'k')").await;
+    assert_eq!(code, "23514", "{message}");
+    let (code, message, _) = expect_error(&db, "SELECT outbox.publish('orders', '1')").await;
+    assert_eq!(code, "23502", "{message}");
+    let (code, message, _) = expect_error(
+        &db,
+        "SELECT outbox.publish_batch('orders', ARRAY['1', '2']::jsonb[], '{}', ARRAY['a', NULL])",
+    )
+    .await;
+    assert_eq!(code, "23502", "{message}");
+    db.batch_execute(
+        "SELECT outbox.publish('orders', '1', '{}', 'k');
+         SELECT outbox.publish_batch('orders', ARRAY['2', '3']::jsonb[], '{}', ARRAY['a', 'b']);",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.messages WHERE headers ->> 'stamped' = 'yes'"
+        )
+        .await,
+        3,
+        "the trigger ran for every row"
     );
 }
 
@@ -402,16 +428,11 @@ async fn committed_publishes_are_decoded_aborted_ones_are_not() {
             .await
             .unwrap();
     }
-    let changes: Vec<String> = db
-        .query(
-            "SELECT data FROM pg_logical_slot_get_changes('probe', NULL, NULL)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let changes: Vec<String> = column(
+        &db,
+        "SELECT data FROM pg_logical_slot_get_changes('probe', NULL, NULL)",
+    )
+    .await;
     let inserts: Vec<&String> = changes
         .iter()
         .filter(|c| c.starts_with("table outbox.messages: INSERT"))

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use outbox_tests::postgres::column;
 use outbox_tests::publish::{
     check_delivery, only_dead_letter, publish_range, publish_rolled_back, read_json_lines,
     stdout_file, wait_for_lines, Storage,
@@ -73,13 +74,7 @@ async fn zero_config_prints_each_committed_message_as_one_json_line() {
         serde_json::json!({"last": true}),
         "the rolled-back ones never came"
     );
-    let ids: Vec<uuid::Uuid> = db
-        .query("SELECT id FROM outbox.messages ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<uuid::Uuid> = column(&db, "SELECT id FROM outbox.messages ORDER BY id").await;
     assert!(ids.iter().any(|id| id.to_string() == lines[0]["id"]));
 
     // SIGTERM: drains, confirms what was delivered, exits 0, and leaves the slot free.
