@@ -42,7 +42,8 @@ pub fn permanent_server_error(code: &str, message: &str, role_hint: &str) -> Opt
             "set wal_level = logical in postgresql.conf and restart PostgreSQL".to_owned()
         }
         "42P01" | "3F000" => {
-            "the pg_outbox extension is not installed in this database: CREATE EXTENSION pg_outbox"
+            "pg_outbox is not installed in this database: CREATE EXTENSION pg_outbox, or where \
+             no C extension can be loaded, psql -f sql/pg_outbox.sql"
                 .to_owned()
         }
         _ => return None,

@@ -214,7 +214,7 @@ async fn a_slot_dropped_under_a_running_worker_stops_it() {
 }
 
 /// A worker role made by `create`, on a set-up database: refused at start with `expected`.
-async fn role_is_refused(create: &str, expected: &[&str]) {
+async fn role_is_refused(create: &str, expected: &[&str]) -> String {
     let pg = PgCluster::start().await;
     pg.superuser().await.batch_execute(create).await.unwrap();
     setup(&pg);
@@ -222,7 +222,7 @@ async fn role_is_refused(create: &str, expected: &[&str]) {
         &["run", "--postgres-url", &pg.url_of("relay", "postgres")],
         &[],
         expected,
-    );
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -231,10 +231,28 @@ async fn a_role_without_replication_stops_the_worker_with_a_hint() {
         "CREATE ROLE relay LOGIN; GRANT outbox_operator TO relay",
         &[
             "role \"relay\" may not stream",
-            "ALTER ROLE relay REPLICATION",
+            "ALTER ROLE relay REPLICATION (on Amazon RDS and Aurora: GRANT rds_replication TO relay)",
         ],
     )
     .await;
+}
+
+/// Amazon RDS and Aurora grant replication through membership in `rds_replication`, not the
+/// REPLICATION attribute: the start-up check lets such a role through. This server is not RDS, so
+/// its walsender refuses the role, and that refusal still stops the worker with a hint.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_of_rds_replication_passes_the_start_up_check() {
+    let log = role_is_refused(
+        "CREATE ROLE rds_replication;
+         CREATE ROLE relay LOGIN IN ROLE rds_replication, outbox_operator",
+        &[
+            "must be superuser or replication role",
+            "the worker's role lacks a right it needs",
+            "GRANT rds_replication TO",
+        ],
+    )
+    .await;
+    assert!(!log.contains("may not stream a replication slot"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

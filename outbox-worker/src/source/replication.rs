@@ -79,7 +79,8 @@ impl SourceError {
                     _ => fatal::permanent_server_error(
                         code,
                         message,
-                        "the REPLICATION attribute (ALTER ROLE … REPLICATION)",
+                        "the REPLICATION attribute (ALTER ROLE … REPLICATION; on Amazon RDS and \
+                         Aurora, GRANT rds_replication TO …)",
                     )
                     .map_or(Remedy::Reconnect, Remedy::Stop),
                 }

@@ -163,12 +163,15 @@ pub async fn installed(client: &Client) -> Result<Option<Install>> {
 }
 
 /// The rights `run` needs beyond the replication connection, checked before anything streams: a
-/// dead letter that cannot be written would stop delivery later, mid-stream.
+/// dead letter that cannot be written would stop delivery later, mid-stream. Amazon RDS and Aurora
+/// grant replication through membership in `rds_replication`, not the REPLICATION attribute.
 pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
     let row = client
         .query_one(
             "SELECT current_user::text, quote_ident(current_user),
-                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)
+                      OR CASE WHEN to_regrole('rds_replication') IS NULL THEN false
+                              ELSE pg_has_role('rds_replication', 'MEMBER') END,
                     has_schema_privilege('outbox', 'USAGE')
                       AND has_table_privilege(to_regclass('outbox.dead_letters'), 'INSERT'),
                     has_schema_privilege('outbox', 'USAGE')
@@ -182,7 +185,7 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
             crate::pg::permanent(&e, "outbox_operator").unwrap_or_else(|| {
                 Fatal::new(
                     format!("cannot check the worker's rights: {e}"),
-                    "is the pg_outbox extension installed in this database?",
+                    "is pg_outbox installed in this database (CREATE EXTENSION pg_outbox, or sql/pg_outbox.sql)?",
                 )
             })
         })?;
@@ -191,7 +194,9 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
     if !replication {
         return Err(Fatal::new(
             format!("role {role:?} may not stream a replication slot"),
-            format!("ALTER ROLE {quoted} REPLICATION"),
+            format!(
+                "ALTER ROLE {quoted} REPLICATION (on Amazon RDS and Aurora: GRANT rds_replication TO {quoted})"
+            ),
         ));
     }
     if !dead_letters || !slots {
