@@ -237,22 +237,30 @@ async fn a_role_without_replication_stops_the_worker_with_a_hint() {
     .await;
 }
 
-/// Amazon RDS and Aurora grant replication through membership in `rds_replication`, not the
-/// REPLICATION attribute: the start-up check lets such a role through. This server is not RDS, so
-/// its walsender refuses the role, and that refusal still stops the worker with a hint.
+/// Amazon RDS and Aurora grant replication through membership in `rds_replication`, Neon through
+/// `neon_superuser`, not the REPLICATION attribute: the start-up check lets such a role through.
+/// This server is neither, so its walsender refuses the role, and that refusal still stops the
+/// worker with a hint.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_member_of_rds_replication_passes_the_start_up_check() {
-    let log = role_is_refused(
-        "CREATE ROLE rds_replication;
-         CREATE ROLE relay LOGIN IN ROLE rds_replication, outbox_operator",
-        &[
-            "must be superuser or replication role",
-            "the worker's role lacks a right it needs",
-            "GRANT rds_replication TO",
-        ],
-    )
-    .await;
-    assert!(!log.contains("may not stream a replication slot"), "{log}");
+async fn a_member_of_a_managed_services_replication_role_passes_the_start_up_check() {
+    for service_role in ["rds_replication", "neon_superuser"] {
+        let log = role_is_refused(
+            &format!(
+                "CREATE ROLE {service_role};
+                 CREATE ROLE relay LOGIN IN ROLE {service_role}, outbox_operator"
+            ),
+            &[
+                "must be superuser or replication role",
+                "the worker's role lacks a right it needs",
+                "GRANT rds_replication TO",
+            ],
+        )
+        .await;
+        assert!(
+            !log.contains("may not stream a replication slot"),
+            "{service_role}: {log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

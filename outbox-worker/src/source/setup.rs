@@ -163,15 +163,17 @@ pub async fn installed(client: &Client) -> Result<Option<Install>> {
 }
 
 /// The rights `run` needs beyond the replication connection, checked before anything streams: a
-/// dead letter that cannot be written would stop delivery later, mid-stream. Amazon RDS and Aurora
-/// grant replication through membership in `rds_replication`, not the REPLICATION attribute.
+/// dead letter that cannot be written would stop delivery later, mid-stream. Managed services may
+/// grant replication through a role rather than the REPLICATION attribute (`rds_replication` on
+/// Amazon RDS and Aurora, `neon_superuser` on Neon): membership is accepted here, and a server
+/// that refuses it anyway stops the worker with the walsender's error and a hint.
 pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
     let row = client
         .query_one(
             "SELECT current_user::text, quote_ident(current_user),
                     (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)
-                      OR CASE WHEN to_regrole('rds_replication') IS NULL THEN false
-                              ELSE pg_has_role('rds_replication', 'MEMBER') END,
+                      OR EXISTS (SELECT FROM unnest(ARRAY['rds_replication', 'neon_superuser']) AS r
+                                  WHERE pg_has_role(to_regrole(r), 'MEMBER')),
                     has_schema_privilege('outbox', 'USAGE')
                       AND has_table_privilege(to_regclass('outbox.dead_letters'), 'INSERT'),
                     has_schema_privilege('outbox', 'USAGE')
