@@ -1,9 +1,19 @@
-//! outbox-client against a real PostgreSQL 15 with the extension installed.
+//! outbox-client against a real PostgreSQL, with the extension and with the SQL install: the
+//! client works unchanged on either.
 
 use outbox_client::{Event, Headers, Inbox, Outbox, ProcessError, Processed};
-use outbox_tests::PgCluster;
+use outbox_tests::postgres::Install;
+use outbox_tests::{on_both_installs, PgCluster};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+on_both_installs!(
+    publishes_with_the_callers_transaction,
+    typed_events_bytes_and_batches_round_trip,
+    process_once_skips_duplicates_and_forgets_failed_attempts,
+    eight_concurrent_deliveries_run_the_handler_once,
+    bad_input_is_a_typed_error_with_the_servers_message,
+);
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct OrderPlaced {
@@ -34,9 +44,8 @@ async fn decoded_changes(db: &tokio_postgres::Client) -> String {
     .join("\n")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn publishes_with_the_callers_transaction() {
-    let pg = PgCluster::start().await;
+async fn publishes_with_the_callers_transaction(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let mut db = pg.superuser().await;
     db.batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY)")
         .await
@@ -88,9 +97,8 @@ async fn publishes_with_the_callers_transaction() {
     assert!(!changes.contains("id[bigint]:2"), "{changes}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn typed_events_bytes_and_batches_round_trip() {
-    let pg = PgCluster::start().await;
+async fn typed_events_bytes_and_batches_round_trip(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let db = pg.superuser().await;
     let outbox = Outbox::new();
     let event = OrderPlaced {
@@ -171,9 +179,8 @@ async fn typed_events_bytes_and_batches_round_trip() {
     assert_eq!(row.get::<_, String>(1), "application/x-protobuf");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn process_once_skips_duplicates_and_forgets_failed_attempts() {
-    let pg = PgCluster::start().await;
+async fn process_once_skips_duplicates_and_forgets_failed_attempts(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let mut db = pg.superuser().await;
     db.batch_execute(
         "CREATE TABLE effects (message_id text);
@@ -257,9 +264,8 @@ async fn process_once_skips_duplicates_and_forgets_failed_attempts() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn eight_concurrent_deliveries_run_the_handler_once() {
-    let pg = Arc::new(PgCluster::start().await);
+async fn eight_concurrent_deliveries_run_the_handler_once(install: Install) {
+    let pg = Arc::new(PgCluster::start_install(install).await);
     let db = pg.superuser().await;
     db.batch_execute(
         "CREATE TABLE counter (n int); INSERT INTO counter VALUES (0);
@@ -303,9 +309,8 @@ async fn eight_concurrent_deliveries_run_the_handler_once() {
     assert_eq!(n, 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_input_is_a_typed_error_with_the_servers_message() {
-    let pg = PgCluster::start().await;
+async fn bad_input_is_a_typed_error_with_the_servers_message(install: Install) {
+    let pg = PgCluster::start_install(install).await;
     let db = pg.superuser().await;
     let outbox = Outbox::new();
     let cases = [
