@@ -11,14 +11,16 @@
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.0' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '86ce325ea878' AS pg_outbox_same_build,
+SELECT version = '0.2.0' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '8582655ec041' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.0 (SQL install, build 86ce325ea878) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.0 (SQL install, build 8582655ec041) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
+-- Quiet: every kept table and index would say "already exists, skipping".
+SET LOCAL client_min_messages = warning;
 DO $upgrade$
 DECLARE
     installed text := (SELECT version FROM outbox.sql_install);
@@ -38,7 +40,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.0 (build 86ce325ea878)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.0 (build 8582655ec041)
 \else
 BEGIN;
 DO $install$
@@ -801,6 +803,6 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.0', '86ce325ea878');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.0', '8582655ec041');
 GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_operator;
 COMMIT;

@@ -280,6 +280,52 @@ async fn changes_to_the_table_are_honoured_as_by_an_insert() {
     );
 }
 
+/// Upgrading in place while services publish (prepared statements, as a connection pool keeps
+/// them): no publish fails, and every one is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_under_load_fails_no_publish() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for _ in 0..4 {
+        let client = pg.superuser().await;
+        let stop = stop.clone();
+        publishers.push(tokio::spawn(async move {
+            let publish = client
+                .prepare("SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'k')")
+                .await
+                .unwrap();
+            let mut published = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client.execute(&publish, &[]).await.expect("publish");
+                published += 1;
+            }
+            published
+        }));
+    }
+    for round in 0..3 {
+        db.batch_execute(&format!(
+            "UPDATE outbox.sql_install SET build = 'earlier-{round}'"
+        ))
+        .await
+        .unwrap();
+        let upgrade = pg.run_sql_install("postgres");
+        assert!(upgrade.status.success(), "{upgrade:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut published = 0;
+    for publisher in publishers {
+        published += publisher.await.expect("no publish failed");
+    }
+    assert!(published > 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.messages").await,
+        published
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_delivers_from_it_through_a_sigkill_and_refuses_forged_wal_messages() {
     const TOTAL: u64 = 5_000;
@@ -547,6 +593,11 @@ async fn running_the_script_again_keeps_or_upgrades_in_place() {
             .unwrap();
         let rebuild = pg.run_sql_install("postgres");
         assert!(rebuild.status.success(), "{rebuild:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&rebuild.stderr),
+            "",
+            "an upgrade is quiet"
+        );
         assert!(
             String::from_utf8_lossy(&rebuild.stdout)
                 .contains(&format!("upgrading the SQL install from {installed}")),

@@ -19,6 +19,8 @@ SELECT version = '@VERSION@' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '@
 \quit
 \endif
 BEGIN;
+-- Quiet: every kept table and index would say "already exists, skipping".
+SET LOCAL client_min_messages = warning;
 DO $upgrade$
 DECLARE
     installed text := (SELECT version FROM outbox.sql_install);
