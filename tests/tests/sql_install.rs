@@ -450,48 +450,6 @@ async fn moving_to_the_extension_keeps_the_slot_marks_and_dead_letters() {
 
 /// What a logical slot sees: every committed publish (each form of call) as one INSERT into
 /// outbox.messages, nothing of a rolled-back one.
-#[tokio::test(flavor = "multi_thread")]
-async fn committed_publishes_are_decoded_aborted_ones_are_not() {
-    let pg = PgCluster::start_sql_install().await;
-    let db = pg.superuser().await;
-    db.batch_execute("SELECT pg_create_logical_replication_slot('probe', 'test_decoding')")
-        .await
-        .unwrap();
-    let mut committed = Vec::new();
-    let mut aborted = Vec::new();
-    for (commit, ids) in [(true, &mut committed), (false, &mut aborted)] {
-        db.batch_execute("BEGIN").await.unwrap();
-        for sql in [
-            "SELECT outbox.publish('orders', '{\"n\": 1}', '{\"traceparent\": \"00-1\"}', 'k')",
-            "SELECT outbox.publish_bytes('blobs', '\\x00ff'::bytea)",
-            "SELECT outbox.publish_batch('orders', ARRAY['1', '2']::jsonb[])",
-        ] {
-            for row in db.query(sql, &[]).await.unwrap() {
-                ids.push(row.get::<_, uuid::Uuid>(0));
-            }
-        }
-        db.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
-            .await
-            .unwrap();
-    }
-    let changes: Vec<String> = column(
-        &db,
-        "SELECT data FROM pg_logical_slot_get_changes('probe', NULL, NULL)",
-    )
-    .await;
-    let inserts: Vec<&String> = changes
-        .iter()
-        .filter(|c| c.starts_with("table outbox.messages: INSERT"))
-        .collect();
-    assert_eq!(inserts.len(), 4, "{changes:?}");
-    for id in &committed {
-        assert!(inserts.iter().any(|c| c.contains(&id.to_string())), "{id}");
-    }
-    for id in &aborted {
-        assert!(!changes.iter().any(|c| c.contains(&id.to_string())), "{id}");
-    }
-}
-
 /// Dead letters and redrive, prune by the database's retention, status: the SQL functions the
 /// extension shares with this install, on this install.
 #[tokio::test(flavor = "multi_thread")]
