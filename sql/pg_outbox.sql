@@ -11,11 +11,11 @@
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.0' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '8582655ec041' AS pg_outbox_same_build,
+SELECT version = '0.2.0' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'f2104fbc6f8d' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.0 (SQL install, build 8582655ec041) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.0 (SQL install, build f2104fbc6f8d) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -40,7 +40,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.0 (build 8582655ec041)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.0 (build f2104fbc6f8d)
 \else
 BEGIN;
 DO $install$
@@ -217,12 +217,25 @@ BEGIN
 END
 $$;
 
--- pg_outbox.retention in seconds (default 1 day), read the same way: the database's setting.
+-- pg_outbox.retention in seconds (default 1 day), read and checked the same way: a number without
+-- a unit is seconds, at least one second.
 CREATE FUNCTION outbox._retention_seconds() RETURNS integer
 LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    setting text := coalesce(outbox._database_setting('pg_outbox.retention'), '1d');
+    seconds numeric;
 BEGIN
-    RETURN extract(epoch FROM coalesce(outbox._database_setting('pg_outbox.retention')::interval,
-                                       interval '1 day'))::integer;
+    BEGIN
+        seconds := extract(epoch FROM setting::interval);
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+        seconds := NULL;
+    END;
+    IF seconds IS NULL OR seconds NOT BETWEEN 1 AND 2147483647 THEN
+        RAISE EXCEPTION 'invalid value for parameter "pg_outbox.retention": "%"', setting
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Set a duration of at least 1s: ALTER DATABASE ... SET pg_outbox.retention = ''7d''.';
+    END IF;
+    RETURN seconds::integer;
 END
 $$;
 
@@ -803,6 +816,6 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.0', '8582655ec041');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.0', 'f2104fbc6f8d');
 GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_operator;
 COMMIT;

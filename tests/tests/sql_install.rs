@@ -104,6 +104,22 @@ async fn the_databases_settings_mean_what_they_mean_to_the_extension() {
     )
     .await;
     assert_eq!(code, "22023", "{message}");
+    for value in ["lots", "-1 day", "0"] {
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE with_sql SET pg_outbox.retention = '{value}'"
+            ))
+            .await
+            .unwrap();
+        let sql = pg.connect_to("postgres", "with_sql").await;
+        let (code, message, hint) = expect_error(&sql, "SELECT outbox.prune()").await;
+        assert_eq!(code, "22023", "{value}: {message}");
+        assert_eq!(
+            message,
+            format!("invalid value for parameter \"pg_outbox.retention\": \"{value}\"")
+        );
+        assert!(hint.contains("at least 1s"), "{hint}");
+    }
     for value in ["100B", "1TB", "lots"] {
         admin
             .batch_execute(&format!(

@@ -44,12 +44,25 @@ BEGIN
 END
 $$;
 
--- pg_outbox.retention in seconds (default 1 day), read the same way: the database's setting.
+-- pg_outbox.retention in seconds (default 1 day), read and checked the same way: a number without
+-- a unit is seconds, at least one second.
 CREATE FUNCTION outbox._retention_seconds() RETURNS integer
 LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    setting text := coalesce(outbox._database_setting('pg_outbox.retention'), '1d');
+    seconds numeric;
 BEGIN
-    RETURN extract(epoch FROM coalesce(outbox._database_setting('pg_outbox.retention')::interval,
-                                       interval '1 day'))::integer;
+    BEGIN
+        seconds := extract(epoch FROM setting::interval);
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+        seconds := NULL;
+    END;
+    IF seconds IS NULL OR seconds NOT BETWEEN 1 AND 2147483647 THEN
+        RAISE EXCEPTION 'invalid value for parameter "pg_outbox.retention": "%"', setting
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Set a duration of at least 1s: ALTER DATABASE ... SET pg_outbox.retention = ''7d''.';
+    END IF;
+    RETURN seconds::integer;
 END
 $$;
 
