@@ -11,11 +11,11 @@
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.0' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'f2104fbc6f8d' AS pg_outbox_same_build,
+SELECT version = '0.2.0' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'c59d05acc627' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.0 (SQL install, build f2104fbc6f8d) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.0 (SQL install, build c59d05acc627) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -40,7 +40,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.0 (build f2104fbc6f8d)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.0 (build c59d05acc627)
 \else
 BEGIN;
 DO $install$
@@ -454,7 +454,7 @@ $$;
 -- is the one reported, as by the extension (its error undoes the rows before it); elements that
 -- cannot fail a check skip the PL/pgSQL call (the size limit is at least 1kB). The ids take
 -- consecutive microseconds of the session's id clock. A generic plan: a custom plan would copy
--- the arrays into itself (a million elements: 95 MB of backend memory instead of 29).
+-- the arrays into itself (a million elements: 95 MB of backend memory instead of 31).
 CREATE FUNCTION outbox.publish_batch(queue text, payloads jsonb[], headers jsonb DEFAULT '{}', keys text[] DEFAULT NULL)
 RETURNS SETOF uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER ROWS 100
 SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $$
@@ -816,6 +816,6 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.0', 'f2104fbc6f8d');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.0', 'c59d05acc627');
 GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_operator;
 COMMIT;

@@ -281,7 +281,7 @@ $$;
 -- is the one reported, as by the extension (its error undoes the rows before it); elements that
 -- cannot fail a check skip the PL/pgSQL call (the size limit is at least 1kB). The ids take
 -- consecutive microseconds of the session's id clock. A generic plan: a custom plan would copy
--- the arrays into itself (a million elements: 95 MB of backend memory instead of 29).
+-- the arrays into itself (a million elements: 95 MB of backend memory instead of 31).
 CREATE FUNCTION outbox.publish_batch(queue text, payloads jsonb[], headers jsonb DEFAULT '{}', keys text[] DEFAULT NULL)
 RETURNS SETOF uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER ROWS 100
 SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $$
