@@ -31,6 +31,14 @@ impl Record {
     }
 }
 
+/// [`read_until`] on one topic, from async code (on a blocking thread).
+pub async fn read(brokers: &str, topic: &str, distinct: usize, timeout: Duration) -> Vec<Record> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || read_until(&brokers, &[&topic], distinct, timeout))
+        .await
+        .expect("the Kafka reader panicked")
+}
+
 /// Reads every partition of `topics` from the beginning until `distinct` different `outbox-id`s
 /// arrived and nothing more comes for a moment, or `timeout` passes. Blocking: call it from
 /// `spawn_blocking`.

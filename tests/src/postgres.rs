@@ -89,14 +89,17 @@ pub struct PgCluster {
 impl PgCluster {
     /// initdb + start; the database `postgres` has the pg_outbox extension created.
     pub async fn start() -> PgCluster {
-        let cluster = Self::start_without_extension();
-        cluster
-            .superuser()
+        Self::start_without_extension().with_extension().await
+    }
+
+    /// This cluster with `CREATE EXTENSION pg_outbox` run in database `postgres`.
+    async fn with_extension(self) -> PgCluster {
+        self.superuser()
             .await
             .batch_execute("CREATE EXTENSION pg_outbox")
             .await
             .expect("CREATE EXTENSION pg_outbox (install it first: scripts/test-extension does)");
-        cluster
+        self
     }
 
     pub fn start_without_extension() -> PgCluster {
@@ -177,19 +180,14 @@ impl PgCluster {
 
     /// With `lines` added to postgresql.conf (later settings win), and the extension created.
     pub async fn start_with_conf(lines: &str) -> PgCluster {
-        let cluster = Self::start_configured(|data| append_conf(data, lines));
-        cluster
-            .superuser()
+        Self::start_configured(|data| append_conf(data, lines))
+            .with_extension()
             .await
-            .batch_execute("CREATE EXTENSION pg_outbox")
-            .await
-            .unwrap();
-        cluster
     }
 
     /// TCP connections of roles other than `postgres` must give their password (SCRAM).
     pub async fn start_with_passwords() -> PgCluster {
-        let cluster = Self::start_configured(|data| {
+        Self::start_configured(|data| {
             std::fs::write(
                 data.join("pg_hba.conf"),
                 "local all all trust
@@ -200,14 +198,9 @@ impl PgCluster {
 ",
             )
             .unwrap();
-        });
-        cluster
-            .superuser()
-            .await
-            .batch_execute("CREATE EXTENSION pg_outbox")
-            .await
-            .unwrap();
-        cluster
+        })
+        .with_extension()
+        .await
     }
 
     /// TCP connections only over TLS (a fresh self-signed certificate); plain ones are rejected.

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outbox_tests::postgres::{count, free_port};
-use outbox_tests::publish::{read_json_lines, stdout_file, wait_for_lines};
+use outbox_tests::publish::{read_json_lines, stdout_file, wait_for_lines, Seen};
 use outbox_tests::worker::{http_get, run_once, stdout_to};
 use outbox_tests::{eventually, PgCluster, Worker};
 
@@ -34,6 +34,25 @@ fn setup(pg: &PgCluster) {
 
 async fn slot_count(db: &tokio_postgres::Client) -> i64 {
     count(db, "SELECT count(*) FROM pg_replication_slots").await
+}
+
+/// The operator's way out of a lost slot: `setup --new-slot`, then a worker that delivers
+/// message `{"n": n}`, published after it started. Returns what that worker wrote.
+async fn new_slot_then_deliver(pg: &PgCluster, db: &tokio_postgres::Client, n: i32) -> Vec<Seen> {
+    let out = run_once(&["setup", "--new-slot", "--postgres-url", &pg.url()], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let (_dir, out) = stdout_file();
+    let mut worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
+    pg.wait_for_slot(db).await;
+    db.execute(
+        "SELECT outbox.publish('orders', jsonb_build_object('n', $1::int))",
+        &[&n],
+    )
+    .await
+    .unwrap();
+    wait_for_lines(&out, 1).await;
+    worker.terminate(Duration::from_secs(10));
+    read_json_lines(&out)
 }
 
 /// Runs a worker until it delivered one message, then stops it: the slot has been used.
@@ -104,16 +123,8 @@ async fn a_slot_dropped_while_the_worker_was_down_stops_it_and_says_what_may_be_
     );
 
     // The operator's way out: a new slot on purpose; then delivery goes on.
-    let out = run_once(&["setup", "--new-slot", "--postgres-url", &pg.url()], &[]);
-    assert!(out.status.success(), "{out:?}");
-    let (_dir, out) = stdout_file();
-    let _worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
-    pg.wait_for_slot(&db).await;
-    db.batch_execute("SELECT outbox.publish('orders', '{\"n\": 3}')")
+    let seen: Vec<_> = new_slot_then_deliver(&pg, &db, 3)
         .await
-        .unwrap();
-    wait_for_lines(&out, 1).await;
-    let seen: Vec<_> = read_json_lines(&out)
         .iter()
         .map(|s| s.payload["n"].clone())
         .collect();
@@ -170,15 +181,7 @@ async fn an_invalidated_slot_stops_the_worker_until_setup_makes_a_new_one() {
     ] {
         db.batch_execute(sql).await.unwrap();
     }
-    let out = run_once(&["setup", "--new-slot", "--postgres-url", &pg.url()], &[]);
-    assert!(out.status.success(), "{out:?}");
-    let (_dir, out) = stdout_file();
-    let _worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
-    pg.wait_for_slot(&db).await;
-    db.batch_execute("SELECT outbox.publish('orders', '{\"n\": 1}')")
-        .await
-        .unwrap();
-    wait_for_lines(&out, 1).await;
+    new_slot_then_deliver(&pg, &db, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,19 +6,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use outbox_tests::kafka::{read_until, Record};
+use outbox_tests::kafka::{self, Record};
 use outbox_tests::publish::{
     check_delivery, only_dead_letter, publish_range, publish_rolled_back, Seen, Storage,
 };
 use outbox_tests::worker::kafka_args;
 use outbox_tests::{PgCluster, Tansu, Worker};
 
-async fn read(brokers: String, topic: &'static str, distinct: usize) -> Vec<Record> {
-    tokio::task::spawn_blocking(move || {
-        read_until(&brokers, &[topic], distinct, Duration::from_secs(180))
-    })
-    .await
-    .unwrap()
+async fn read(brokers: String, topic: &str, distinct: usize) -> Vec<Record> {
+    kafka::read(&brokers, topic, distinct, Duration::from_secs(180)).await
 }
 
 fn seen(records: &[Record]) -> Vec<Seen> {

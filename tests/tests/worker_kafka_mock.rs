@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use outbox_tests::kafka::read_until;
+use outbox_tests::kafka::read;
 use outbox_tests::postgres::free_port;
 use outbox_tests::publish::{check_delivery, publish_range, Storage};
 use outbox_tests::worker::{http_get, kafka_args};
@@ -85,16 +85,7 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
     mock.broker_up(-1).unwrap();
     publish_range(&db, "orders", 10_000, 5_000, 30, Storage::Mixed).await;
 
-    let records = tokio::task::spawn_blocking(move || {
-        read_until(
-            &brokers,
-            &["orders"],
-            TOTAL as usize,
-            Duration::from_secs(180),
-        )
-    })
-    .await
-    .unwrap();
+    let records = read(&brokers, "orders", TOTAL as usize, Duration::from_secs(180)).await;
     let seen: Vec<_> = records.iter().map(|r| r.seen()).collect();
     let tally = check_delivery(&seen, TOTAL);
     eprintln!("mock cluster faults: {tally:?}");
@@ -146,16 +137,7 @@ async fn refused_message_in_a_steady_stream(max_attempts: u32) {
         .unwrap()
         .get(0);
 
-    let records = tokio::task::spawn_blocking(move || {
-        read_until(
-            &brokers,
-            &["orders"],
-            TOTAL as usize,
-            Duration::from_secs(120),
-        )
-    })
-    .await
-    .unwrap();
+    let records = read(&brokers, "orders", TOTAL as usize, Duration::from_secs(120)).await;
     let seen: Vec<_> = records.iter().map(|r| r.seen()).collect();
     check_delivery(&seen, TOTAL);
     let db = &db;
@@ -237,16 +219,7 @@ async fn a_broker_refusing_some_sends_never_breaks_per_key_order() {
     mock.request_errors(RDKafkaApiKey::Produce, &refusals);
     mock.broker_up(-1).unwrap();
 
-    let records = tokio::task::spawn_blocking(move || {
-        read_until(
-            &brokers,
-            &["orders"],
-            TOTAL as usize,
-            Duration::from_secs(120),
-        )
-    })
-    .await
-    .unwrap();
+    let records = read(&brokers, "orders", TOTAL as usize, Duration::from_secs(120)).await;
     let seen: Vec<_> = records.iter().map(|r| r.seen()).collect();
     let tally = check_delivery(&seen, TOTAL);
     eprintln!("one key, broker down then refusing: {tally:?}");
@@ -318,11 +291,7 @@ async fn the_publishers_content_type_wins_and_is_sent_once() {
     )
     .await
     .unwrap();
-    let records = tokio::task::spawn_blocking(move || {
-        read_until(&brokers, &["orders"], 3, Duration::from_secs(60))
-    })
-    .await
-    .unwrap();
+    let records = read(&brokers, "orders", 3, Duration::from_secs(60)).await;
     let content_types: Vec<Vec<&str>> = records
         .iter()
         .map(|r| {
