@@ -11,11 +11,11 @@
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.0' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'c59d05acc627' AS pg_outbox_same_build,
+SELECT version = '0.2.0' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '6f1ca5452ac0' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.0 (SQL install, build c59d05acc627) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.0 (SQL install, build 6f1ca5452ac0) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -40,7 +40,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.0 (build c59d05acc627)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.0 (build 6f1ca5452ac0)
 \else
 BEGIN;
 DO $install$
@@ -329,6 +329,13 @@ BEGIN
 END
 $$;
 
+-- A message's size as the limit counts it: key + headers + payload, as stored (storage.rs). SQL,
+-- so that the planner inlines it where the publish functions test it.
+CREATE FUNCTION outbox._message_size(key text, headers jsonb, payload_size bigint) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(octet_length(key), 0) + pg_column_size(headers) - 4 + payload_size
+$$;
+
 -- The size rule of storage.rs (check_size): key + headers + payload as stored, against
 -- pg_outbox.max_message_size, or its 64MB ceiling for a redriven message.
 CREATE FUNCTION outbox._check_size(function_name text, key text, headers jsonb, payload_size bigint, ceiling boolean)
@@ -403,7 +410,7 @@ BEGIN
     END IF;
     -- The size limit is read only for a message that could exceed it: the setting is at least 1kB.
     payload_size := coalesce(pg_column_size(payload), pg_column_size(payload_bytes)) - 4;
-    IF coalesce(octet_length(key), 0) + pg_column_size(headers) - 4 + payload_size > 1024 THEN
+    IF outbox._message_size(key, headers, payload_size) > 1024 THEN
         PERFORM outbox._check_size(function_name, key, headers, payload_size, ceiling);
     END IF;
     IF id IS NULL THEN
@@ -494,7 +501,7 @@ BEGIN
         SELECT outbox._uuid_v7(micros + u.n - 1), publish_batch.queue, u.k, u.p, all_headers, now()
           FROM unnest(payloads, keys) WITH ORDINALITY AS u(p, k, n)
          WHERE (u.p IS NOT NULL AND u.k IS DISTINCT FROM ''
-                AND coalesce(octet_length(u.k), 0) + pg_column_size(all_headers) - 4 + pg_column_size(u.p) - 4 <= 1024)
+                AND outbox._message_size(u.k, all_headers, pg_column_size(u.p) - 4) <= 1024)
             OR outbox._check_batch_element(f, u.n, u.p, u.k, all_headers)
         RETURNING id;
 END
@@ -816,6 +823,6 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.0', 'c59d05acc627');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.0', '6f1ca5452ac0');
 GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_operator;
 COMMIT;

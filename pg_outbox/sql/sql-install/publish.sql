@@ -156,6 +156,13 @@ BEGIN
 END
 $$;
 
+-- A message's size as the limit counts it: key + headers + payload, as stored (storage.rs). SQL,
+-- so that the planner inlines it where the publish functions test it.
+CREATE FUNCTION outbox._message_size(key text, headers jsonb, payload_size bigint) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(octet_length(key), 0) + pg_column_size(headers) - 4 + payload_size
+$$;
+
 -- The size rule of storage.rs (check_size): key + headers + payload as stored, against
 -- pg_outbox.max_message_size, or its 64MB ceiling for a redriven message.
 CREATE FUNCTION outbox._check_size(function_name text, key text, headers jsonb, payload_size bigint, ceiling boolean)
@@ -230,7 +237,7 @@ BEGIN
     END IF;
     -- The size limit is read only for a message that could exceed it: the setting is at least 1kB.
     payload_size := coalesce(pg_column_size(payload), pg_column_size(payload_bytes)) - 4;
-    IF coalesce(octet_length(key), 0) + pg_column_size(headers) - 4 + payload_size > 1024 THEN
+    IF outbox._message_size(key, headers, payload_size) > 1024 THEN
         PERFORM outbox._check_size(function_name, key, headers, payload_size, ceiling);
     END IF;
     IF id IS NULL THEN
@@ -321,7 +328,7 @@ BEGIN
         SELECT outbox._uuid_v7(micros + u.n - 1), publish_batch.queue, u.k, u.p, all_headers, now()
           FROM unnest(payloads, keys) WITH ORDINALITY AS u(p, k, n)
          WHERE (u.p IS NOT NULL AND u.k IS DISTINCT FROM ''
-                AND coalesce(octet_length(u.k), 0) + pg_column_size(all_headers) - 4 + pg_column_size(u.p) - 4 <= 1024)
+                AND outbox._message_size(u.k, all_headers, pg_column_size(u.p) - 4) <= 1024)
             OR outbox._check_batch_element(f, u.n, u.p, u.k, all_headers)
         RETURNING id;
 END
