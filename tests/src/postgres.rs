@@ -1,6 +1,8 @@
 //! A throw-away PostgreSQL cluster with `wal_level = logical`, run as the `postgres` user
 //! (PostgreSQL refuses root) on a free port, removed on drop. `PG_CONFIG` chooses the
 //! installation (scripts/lib/pg-versions.sh knows where each major is); PostgreSQL 15 otherwise.
+//! An installation without pg_config (17's server-only package) is chosen by `PG_BINDIR`, with
+//! `PG_CLIENT_BINDIR` for the client programs it lacks (psql, pg_dump, pg_basebackup).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,13 +23,22 @@ pub enum Install {
 pub struct Installation {
     pub bin: PathBuf,
     pub major: u32,
+    /// Where the client programs missing from `bin` are taken from (a newer major's).
+    pub clients: Option<PathBuf>,
 }
 
 impl Installation {
-    /// The one the tests run on: `PG_CONFIG`'s, else Debian's PostgreSQL 15.
+    /// The one the tests run on: `PG_BINDIR`'s (with `PG_CLIENT_BINDIR`), else `PG_CONFIG`'s,
+    /// else Debian's PostgreSQL 15.
     pub fn under_test() -> &'static Installation {
         static UNDER_TEST: OnceLock<Installation> = OnceLock::new();
         UNDER_TEST.get_or_init(|| {
+            if let Some(bin) = std::env::var_os("PG_BINDIR") {
+                return Installation::in_bindir(
+                    PathBuf::from(bin),
+                    std::env::var_os("PG_CLIENT_BINDIR").map(PathBuf::from),
+                );
+            }
             Installation::of(
                 &std::env::var("PG_CONFIG")
                     .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into()),
@@ -39,11 +50,52 @@ impl Installation {
     pub fn major(major: u32) -> Installation {
         let versions = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/lib/pg-versions.sh");
         let out = Command::new("bash")
-            .args(["-c", &format!("source {versions} && pg_config_for {major}")])
+            .args([
+                "-c",
+                &format!(
+                    "source {versions} && pg_bindir_for {major} && pg_client_bindir_for {major}"
+                ),
+            ])
             .output()
             .expect("bash");
         assert!(out.status.success(), "PostgreSQL {major}: {out:?}");
-        Installation::of(String::from_utf8(out.stdout).unwrap().trim())
+        let dirs = String::from_utf8(out.stdout).unwrap();
+        let mut dirs = dirs.lines().map(PathBuf::from);
+        let installation = Installation::in_bindir(dirs.next().unwrap(), dirs.next());
+        assert_eq!(installation.major, major, "{installation:?}");
+        installation
+    }
+
+    /// The server programs in `bin` (its major from `postgres --version`), client programs it
+    /// lacks from `clients`.
+    fn in_bindir(bin: PathBuf, clients: Option<PathBuf>) -> Installation {
+        let postgres = bin.join("postgres");
+        let out = Command::new(&postgres).arg("--version").output();
+        let version = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (scripts/install-deps installs every major)",
+                    postgres.display()
+                )
+            });
+        // "postgres (PostgreSQL) 17.10" → 17
+        let major = version
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "a PostgreSQL version from {}: {version}",
+                    postgres.display()
+                )
+            });
+        Installation {
+            bin,
+            major,
+            clients,
+        }
     }
 
     fn of(pg_config: &str) -> Installation {
@@ -66,12 +118,17 @@ impl Installation {
         Installation {
             bin: PathBuf::from(ask("--bindir")),
             major,
+            clients: None,
         }
     }
 
-    /// One of its programs (`initdb`, `pg_ctl`, `psql`...).
+    /// One of its programs (`initdb`, `pg_ctl`, `psql`...): its own, else the client programs'.
     pub fn program(&self, name: &str) -> PathBuf {
-        self.bin.join(name)
+        let own = self.bin.join(name);
+        match &self.clients {
+            Some(clients) if !own.exists() => clients.join(name),
+            _ => own,
+        }
     }
 }
 
