@@ -21,11 +21,16 @@ $$;
 
 -- Whether the current role may act as consumer: a member of the role registered for it.
 -- SECURITY INVOKER and SQL, so row-level security can inline it and current_user is the caller.
+-- A SQL-standard body (BEGIN ATOMIC) is parsed here, once, under this script's search_path: the
+-- caller's search_path cannot swap its = for an operator of its own (a SET clause would do that
+-- too, but would stop the planner from inlining it into the policy).
 CREATE FUNCTION outbox._may_act_as(consumer text)
-RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE AS $$
+RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
+BEGIN ATOMIC
     SELECT EXISTS (SELECT FROM outbox.consumers c
-                    WHERE c.name = $1 AND pg_catalog.pg_has_role(c.role, 'USAGE'))
-$$;
+                    WHERE c.name OPERATOR(pg_catalog.=) _may_act_as.consumer
+                      AND pg_catalog.pg_has_role(c.role, 'USAGE'));
+END;
 
 -- Raises a clear error unless the current role may act as consumer.
 CREATE FUNCTION outbox._require_consumer(function_name text, consumer text)
@@ -245,8 +250,53 @@ COMMENT ON FUNCTION outbox.status() IS
 -- Rights: nothing for PUBLIC; three roles the README names.
 ------------------------------------------------------------------------------------------------
 
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
-REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
+-- Exactly the grants below, after every install and upgrade: every right on the schema, its
+-- tables and its functions that anyone but the owner holds is revoked first, whoever granted it
+-- (default privileges of the installer: ALTER DEFAULT PRIVILEGES ... GRANT ... TO app; an
+-- administrator's own GRANT). What another role held is named in a WARNING.
+DO $acl$
+DECLARE
+    o record;
+    revoked text[] := '{}';
+BEGIN
+    FOR o IN
+        SELECT 'SCHEMA' AS kind, 'outbox' AS name, g.grantee, g.privilege_type
+          FROM pg_catalog.pg_namespace n,
+               pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) g
+         WHERE n.nspname = 'outbox' AND g.grantee <> n.nspowner
+        UNION ALL
+        SELECT 'TABLE', c.oid::regclass::text, g.grantee, g.privilege_type
+          FROM pg_catalog.pg_class c,
+               pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
+         WHERE c.relnamespace = 'outbox'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+           AND g.grantee <> c.relowner
+        UNION ALL
+        SELECT DISTINCT 'TABLE', c.oid::regclass::text, g.grantee, g.privilege_type || ' (' || a.attname || ')'
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid,
+               pg_catalog.aclexplode(a.attacl) g
+         WHERE c.relnamespace = 'outbox'::regnamespace AND a.attacl IS NOT NULL AND g.grantee <> c.relowner
+        UNION ALL
+        SELECT 'FUNCTION', p.oid::regprocedure::text, g.grantee, g.privilege_type
+          FROM pg_catalog.pg_proc p,
+               pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) g
+         WHERE p.pronamespace = 'outbox'::regnamespace AND g.grantee <> p.proowner
+        ORDER BY 1, 2, 3
+    LOOP
+        -- regrole prints a quoted identifier.
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s %s FROM %s', o.kind, o.name,
+                                  CASE o.grantee WHEN 0 THEN 'PUBLIC' ELSE o.grantee::regrole::text END);
+        IF o.grantee <> 0 AND o.grantee::regrole::text NOT IN ('outbox_publisher', 'outbox_consumer', 'outbox_operator') THEN
+            revoked := revoked || pg_catalog.format('%s: %s on %s %s', o.grantee::regrole, o.privilege_type,
+                                                    pg_catalog.lower(o.kind), o.name);
+        END IF;
+    END LOOP;
+    IF pg_catalog.cardinality(revoked) > 0 THEN
+        RAISE WARNING 'pg_outbox: revoked rights that roles other than pg_outbox''s held on its objects:%',
+            E'\n' || pg_catalog.array_to_string(revoked, E'\n')
+            USING HINT = 'pg_outbox grants exactly what the README lists (Security). Grant a role outbox_publisher, outbox_consumer or outbox_operator instead.';
+    END IF;
+END
+$acl$;
 GRANT USAGE ON SCHEMA outbox TO outbox_publisher, outbox_consumer, outbox_operator;
 
 GRANT EXECUTE ON FUNCTION outbox.publish(text, jsonb, jsonb, text),
@@ -278,3 +328,34 @@ GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
 GRANT SELECT ON outbox.messages TO outbox_operator;
 GRANT SELECT, INSERT, DELETE ON outbox.dead_letters TO outbox_operator;
 GRANT SELECT, INSERT, UPDATE ON outbox.slots TO outbox_operator;
+
+-- Last, after every object is in place: schema outbox, everything in it and the publication
+-- belong to the installer. Anything else was planted by a role that had CREATE on the schema
+-- (before this install revoked it, or while it ran) and could capture calls to outbox.*.
+DO $owners$
+DECLARE
+    planted text := (
+        SELECT pg_catalog.string_agg(pg_catalog.format('%s (owner %s)', o.what, o.owner::regrole), ', ' ORDER BY o.what)
+          FROM (SELECT 'schema outbox' AS what, n.nspowner AS owner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'outbox'
+                UNION ALL SELECT 'publication pg_outbox', p.pubowner FROM pg_catalog.pg_publication p WHERE p.pubname = 'pg_outbox'
+                UNION ALL SELECT 'relation ' || c.oid::regclass, c.relowner FROM pg_catalog.pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'function ' || p.oid::regprocedure, p.proowner FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'type ' || t.oid::regtype, t.typowner FROM pg_catalog.pg_type t WHERE t.typnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator ' || o.oid::regoperator, o.oprowner FROM pg_catalog.pg_operator o WHERE o.oprnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'collation ' || c.collname, c.collowner FROM pg_catalog.pg_collation c WHERE c.collnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'conversion ' || c.conname, c.conowner FROM pg_catalog.pg_conversion c WHERE c.connamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator class ' || c.opcname, c.opcowner FROM pg_catalog.pg_opclass c WHERE c.opcnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator family ' || f.opfname, f.opfowner FROM pg_catalog.pg_opfamily f WHERE f.opfnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'text search configuration ' || c.cfgname, c.cfgowner FROM pg_catalog.pg_ts_config c WHERE c.cfgnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'text search dictionary ' || d.dictname, d.dictowner FROM pg_catalog.pg_ts_dict d WHERE d.dictnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'statistics object ' || s.stxname, s.stxowner FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace = 'outbox'::regnamespace
+               ) o
+         WHERE o.owner <> (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user));
+BEGIN
+    IF planted IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_outbox: objects of pg_outbox belong to another role than %, who is installing it: %', current_user, planted
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A role with CREATE on schema outbox could plant objects that capture calls to outbox.*: inspect and drop them, then install again.';
+    END IF;
+END
+$owners$;

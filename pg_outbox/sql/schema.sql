@@ -3,6 +3,12 @@
 -- scripts/build-sql-install) uses this file too, without the @extension-only blocks and the
 -- pg_extension_config_dump lines.
 
+-- Every name below resolves in pg_catalog only (pg_temp is never searched for functions or
+-- operators): a function, operator or type another role planted in a schema of the installer's
+-- search_path (public, say) can neither run as the installer nor capture a call. CREATE and
+-- ALTER EXTENSION restore the search_path afterwards. DEVELOPMENT.md, "SQL rules".
+SET search_path = pg_catalog, pg_temp;
+
 -- @extension-only:begin (the SQL install creates the schema itself, or upgrades its own)
 -- CREATE EXTENSION adopts an existing schema outbox. One created by another role could hold
 -- overloads that capture the application's calls (outbox.publish(text, text)...): refuse it.
@@ -81,12 +87,21 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.messages', '');
 COMMENT ON TABLE outbox.messages IS
     'pg_outbox messages (storage = table). Insert-only; write through outbox.publish*(), prune with outbox.prune().';
 
--- The publication. Reused if it survived an earlier DROP EXTENSION of 0.1.0.
+-- The publication. Reused if it survived an earlier DROP EXTENSION of 0.1.0, but only if the
+-- installer owns it: its owner could otherwise change what it streams (publish = 'delete') and
+-- committed messages would never reach the slot.
 DO $publication$
+DECLARE
+    owner name := (SELECT r.rolname FROM pg_catalog.pg_publication p
+                     JOIN pg_catalog.pg_roles r ON r.oid = p.pubowner WHERE p.pubname = 'pg_outbox');
 BEGIN
-    IF EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = 'pg_outbox') THEN
+    IF owner IS NOT NULL AND owner <> current_user THEN
+        RAISE EXCEPTION 'pg_outbox: publication pg_outbox belongs to role %, not to %, who is installing pg_outbox', owner, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Its owner decides what it streams: drop it (DROP PUBLICATION pg_outbox) or make it yours (ALTER PUBLICATION pg_outbox OWNER TO ' || pg_catalog.quote_ident(current_user) || '), then install again.';
+    ELSIF owner IS NOT NULL THEN
         ALTER PUBLICATION pg_outbox SET TABLE outbox.messages;
-        ALTER PUBLICATION pg_outbox SET (publish = 'insert');
+        ALTER PUBLICATION pg_outbox SET (publish = 'insert', publish_via_partition_root = false);
     ELSE
         CREATE PUBLICATION pg_outbox FOR TABLE outbox.messages WITH (publish = 'insert');
     END IF;

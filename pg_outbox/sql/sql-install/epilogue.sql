@@ -8,5 +8,21 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
 INSERT INTO outbox.sql_install (version, build) VALUES ('@VERSION@', '@BUILD@');
+-- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
+-- installer would otherwise let a role rewrite the version record).
+DO $acl$
+DECLARE
+    grantee oid;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT g.grantee
+          FROM pg_catalog.pg_class c, pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
+         WHERE c.oid = 'outbox.sql_install'::regclass AND g.grantee <> c.relowner
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON TABLE outbox.sql_install FROM %s',
+                                  CASE grantee WHEN 0 THEN 'PUBLIC' ELSE grantee::regrole::text END);
+    END LOOP;
+END
+$acl$;
 GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_operator;
 COMMIT;
