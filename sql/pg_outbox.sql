@@ -49,11 +49,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'ab27655aca56' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'f42f1c146e3e' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build ab27655aca56) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build f42f1c146e3e) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -78,7 +78,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build ab27655aca56)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build f42f1c146e3e)
 \else
 BEGIN;
 DO $install$
@@ -225,16 +225,19 @@ COMMENT ON TABLE outbox.slots IS
 -- wal-form message; the worker therefore accepts only the table form where the extension is not
 -- installed (README, "Managed PostgreSQL").
 
--- The helpers below run only inside the SECURITY DEFINER functions (publish*, prune), whose
--- SET search_path = pg_catalog, pg_temp they inherit: without a SET clause of their own, which
--- would cost a settings save and restore per call. No role but the owner may call them.
+-- Every function here resolves names in pg_catalog only, whoever calls it and whatever its
+-- search_path (DEVELOPMENT.md, "SQL rules"): a SET search_path clause, or, for the SQL helpers on
+-- the path of every publish that the planner inlines (a SET clause would stop that), a
+-- SQL-standard body (BEGIN ATOMIC) that is parsed once, here, under this script's search_path.
+-- No role but the owner may call the helpers.
 
 -- A setting as the database (or the cluster's configuration) sets it, not the session: the
 -- extension makes pg_outbox.max_message_size a superuser setting that a publisher cannot raise;
 -- here only ALTER DATABASE ... SET (the database owner) can. PL/pgSQL, not SQL, so that its
 -- query plan is kept for the session rather than made again in every transaction.
 CREATE FUNCTION outbox._database_setting(name text) RETURNS text
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN (SELECT substring(c FROM length(name) + 2)
               FROM pg_db_role_setting s, unnest(s.setconfig) AS c
@@ -246,7 +249,8 @@ $$;
 -- pg_outbox.max_message_size in bytes, read and checked as the extension's setting is: a number
 -- without a unit is kB, from 1kB to 64MB.
 CREATE FUNCTION outbox._max_message_size() RETURNS bigint
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     setting text := coalesce(outbox._database_setting('pg_outbox.max_message_size'), '512kB');
     bytes bigint;
@@ -268,7 +272,8 @@ $$;
 -- pg_outbox.retention in seconds (default 1 day), read and checked the same way: a number without
 -- a unit is seconds, at least one second.
 CREATE FUNCTION outbox._retention_seconds() RETURNS integer
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     setting text := coalesce(outbox._database_setting('pg_outbox.retention'), '1d');
     seconds numeric;
@@ -290,7 +295,8 @@ $$;
 -- What every publish checks before it writes, as the extension's Writer::open does: a read-only
 -- transaction is refused like an INSERT, and only the table form exists here.
 CREATE FUNCTION outbox._check_writable(function_name text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF current_setting('transaction_read_only')::boolean THEN
         RAISE EXCEPTION 'cannot execute % in a read-only transaction', function_name
@@ -311,7 +317,8 @@ $$;
 
 -- The queue name rules of publish.rs (check_queue_name).
 CREATE FUNCTION outbox._check_queue(function_name text, queue text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     hint constant text := 'Queue names become Kafka topics and AMQP routing keys: use 1 to 249 of the characters A-Z a-z 0-9 . _ - (not "." or "..").';
     problem text;
@@ -335,14 +342,15 @@ $$;
 
 -- A character as Rust's {:?} prints it in publish.rs's messages: 'x', with \n, \t, \' escaped.
 CREATE FUNCTION outbox._char_literal(c text) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT '''' || CASE c WHEN E'\n' THEN '\n' WHEN E'\t' THEN '\t' WHEN E'\r' THEN '\r'
                           WHEN '''' THEN '\''' WHEN '\' THEN '\\' ELSE c END || ''''
 $$;
 
 -- The key and headers rules of publish.rs (key_arg, headers_arg, check_headers).
 CREATE FUNCTION outbox._check_key(function_name text, argument_name text, key text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF key = '' THEN
         RAISE EXCEPTION '%: % must not be an empty string', function_name, argument_name
@@ -352,7 +360,8 @@ END
 $$;
 
 CREATE FUNCTION outbox._check_headers(function_name text, headers jsonb) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     hint constant text := 'Pass a JSON object whose values are strings, e.g. ''{"traceparent": "00-..."}'', or ''{}'' for none.';
     header record;
@@ -377,20 +386,32 @@ BEGIN
 END
 $$;
 
--- A message's size as the limit counts it: key + headers + payload, as stored (storage.rs). SQL,
--- so that the planner inlines it where the publish functions test it.
+-- A message's size as the limit counts it: what the worker sends, as storage.rs counts it: the
+-- key's bytes, the JSON text of the headers and of a JSON payload (a jsonb of a few kB can print
+-- as gigabytes: numbers like 1e131071), the bytes of a binary payload, all at their full,
+-- uncompressed size. Inlined by the planner where the publish functions test it.
 CREATE FUNCTION outbox._message_size(key text, headers jsonb, payload_size bigint) RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(octet_length(key), 0) + pg_column_size(headers) - 4 + payload_size
-$$;
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(octet_length(key), 0) + CASE WHEN headers = '{}' THEN 2 ELSE octet_length(headers::text) END
+           + payload_size;
+END;
 
--- The size rule of storage.rs (check_size): key + headers + payload as stored, against
+-- The payload's size as _message_size counts it.
+CREATE FUNCTION outbox._payload_size(payload jsonb, payload_bytes bytea) RETURNS bigint
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(octet_length(payload::text), octet_length(payload_bytes));
+END;
+
+-- The size rule of storage.rs (check_size): key + headers + payload as sent, against
 -- pg_outbox.max_message_size, or its 64MB ceiling for a redriven message.
 CREATE FUNCTION outbox._check_size(function_name text, key text, headers jsonb, payload_size bigint, ceiling boolean)
-RETURNS void LANGUAGE plpgsql STABLE AS $$
+RETURNS void LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key_size bigint := coalesce(octet_length(key), 0);
-    headers_size bigint := pg_column_size(headers) - 4;
+    headers_size bigint := octet_length(headers::text);
     size bigint := key_size + headers_size + payload_size;
     limit_bytes bigint := CASE WHEN ceiling THEN 64 * 1024 * 1024 ELSE outbox._max_message_size() END;
 BEGIN
@@ -409,56 +430,65 @@ $$;
 -- or before the last one the session took, so that the ids a session takes ascend, as the
 -- extension's do. SQL, not PL/pgSQL, so that the planner inlines it (as _uuid_v7).
 CREATE FUNCTION outbox._take_micros(n bigint) RETURNS bigint
-LANGUAGE sql VOLATILE AS $$
+LANGUAGE sql VOLATILE
+BEGIN ATOMIC
     SELECT set_config('pg_outbox._last_micros',
                (greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
                          nullif(current_setting('pg_outbox._last_micros', true), '')::bigint + 1) + n - 1)::text,
-               false)::bigint - n + 1
-$$;
+               false)::bigint - n + 1;
+END;
 
 -- A UUIDv7 (RFC 9562) for a time in Unix microseconds: 48 bits of milliseconds, 12 bits of the
--- microseconds within them, version and variant, 62 random bits.
+-- microseconds within them, version, and the variant and 62 random bits of a gen_random_uuid()
+-- (a strong random source: setseed() cannot make ids repeat).
 CREATE FUNCTION outbox._uuid_v7(micros bigint) RETURNS uuid
-LANGUAGE sql VOLATILE AS $$
+LANGUAGE sql VOLATILE
+BEGIN ATOMIC
     SELECT encode(int8send((micros / 1000 << 16) | 28672 | ((micros % 1000) * 4096 / 1000))
-                  || int8send((-9223372036854775808)::bigint | (floor(random() * 2147483648)::bigint << 31)
-                              | floor(random() * 2147483648)::bigint), 'hex')::uuid
-$$;
+                  || substring(uuid_send(gen_random_uuid()) FROM 9 FOR 8), 'hex')::uuid;
+END;
 
 -- One message, checked and written; every publish function ends here. Each check is first a
 -- cheap test of the common, valid case, and only a failing one calls the helper above that names
 -- the problem exactly as the extension does (a PL/pgSQL call costs more than the test).
+-- No SET clause: it would cost a settings save and restore per publish. Instead every name in it
+-- is schema-qualified, operators and casts included (OPERATOR(pg_catalog.=), ::pg_catalog.int8),
+-- so it means the same under any search_path; tests/tests/sql_rules.rs checks that.
 CREATE FUNCTION outbox._publish(function_name text, queue text, payload jsonb, payload_bytes bytea,
                                 headers jsonb, key text, id uuid, ceiling boolean)
 RETURNS uuid LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    payload_size bigint;
-    micros bigint;
+    payload_size pg_catalog.int8;
+    micros pg_catalog.int8;
 BEGIN
-    IF current_setting('transaction_read_only')::boolean
-       OR lower(coalesce(nullif(current_setting('pg_outbox.storage', true), ''), 'table')) <> 'table' THEN
+    IF pg_catalog.current_setting('transaction_read_only')::pg_catalog.bool
+       OR pg_catalog.lower(pg_catalog.current_setting('pg_outbox.storage', true))
+          OPERATOR(pg_catalog.<>) ALL ('{"", table}'::pg_catalog.text[]) THEN
         PERFORM outbox._check_writable(function_name);
     END IF;
-    IF queue IS NULL OR queue ~ '[^A-Za-z0-9._-]' OR octet_length(queue) NOT BETWEEN 1 AND 249
-       OR queue IN ('.', '..') THEN
+    IF queue IS NULL OR queue OPERATOR(pg_catalog.~) '[^A-Za-z0-9._-]'
+       OR pg_catalog.octet_length(queue) OPERATOR(pg_catalog.<) 1
+       OR pg_catalog.octet_length(queue) OPERATOR(pg_catalog.>) 249
+       OR queue OPERATOR(pg_catalog.=) '.' OR queue OPERATOR(pg_catalog.=) '..' THEN
         PERFORM outbox._check_queue(function_name, queue);
     END IF;
     IF payload IS NULL AND payload_bytes IS NULL THEN
         RAISE EXCEPTION '%: payload must not be NULL', function_name
             USING ERRCODE = 'null_value_not_allowed',
-                  HINT = CASE function_name WHEN 'outbox.publish_bytes' THEN 'Pass a bytea value, e.g. ''\x00''::bytea.'
-                                            ELSE 'Pass a JSON value, e.g. ''{}''.' END;
+                  HINT = CASE WHEN function_name OPERATOR(pg_catalog.=) 'outbox.publish_bytes'
+                              THEN 'Pass a bytea value, e.g. ''\x00''::bytea.'
+                              ELSE 'Pass a JSON value, e.g. ''{}''.' END;
     END IF;
     headers := coalesce(headers, '{}');
-    IF headers <> '{}' THEN
+    IF headers OPERATOR(pg_catalog.<>) '{}' THEN
         PERFORM outbox._check_headers(function_name, headers);
     END IF;
-    IF key = '' THEN
+    IF key OPERATOR(pg_catalog.=) '' THEN
         PERFORM outbox._check_key(function_name, 'key', key);
     END IF;
     -- The size limit is read only for a message that could exceed it: the setting is at least 1kB.
-    payload_size := coalesce(pg_column_size(payload), pg_column_size(payload_bytes)) - 4;
-    IF outbox._message_size(key, headers, payload_size) > 1024 THEN
+    payload_size := outbox._payload_size(payload, payload_bytes);
+    IF outbox._message_size(key, headers, payload_size) OPERATOR(pg_catalog.>) 1024 THEN
         PERFORM outbox._check_size(function_name, key, headers, payload_size, ceiling);
     END IF;
     IF id IS NULL THEN
@@ -466,7 +496,7 @@ BEGIN
         id := outbox._uuid_v7(micros);
     END IF;
     INSERT INTO outbox.messages (id, queue, key, payload, payload_bytes, headers, created_at)
-        VALUES (id, queue, key, payload, CASE WHEN payload IS NULL THEN payload_bytes END, headers, now());
+        VALUES (id, queue, key, payload, CASE WHEN payload IS NULL THEN payload_bytes END, headers, pg_catalog.now());
     RETURN id;
 END
 $$;
@@ -493,14 +523,15 @@ COMMENT ON FUNCTION outbox.publish_bytes(text, bytea, jsonb, text) IS
 
 -- One element of publish_batch's checks, in the extension's order; true, or the error.
 CREATE FUNCTION outbox._check_batch_element(function_name text, i bigint, payload jsonb, key text, headers jsonb)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+RETURNS boolean LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF payload IS NULL THEN
         RAISE EXCEPTION '%: payloads[%] must not be NULL', function_name, i
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Every element of payloads must be a JSON value.';
     END IF;
     PERFORM outbox._check_key(function_name, 'keys element', key);
-    PERFORM outbox._check_size(function_name, key, headers, pg_column_size(payload) - 4, false);
+    PERFORM outbox._check_size(function_name, key, headers, outbox._payload_size(payload, NULL), false);
     RETURN true;
 END
 $$;
@@ -549,7 +580,7 @@ BEGIN
         SELECT outbox._uuid_v7(micros + u.n - 1), publish_batch.queue, u.k, u.p, all_headers, now()
           FROM unnest(payloads, keys) WITH ORDINALITY AS u(p, k, n)
          WHERE (u.p IS NOT NULL AND u.k IS DISTINCT FROM ''
-                AND outbox._message_size(u.k, all_headers, pg_column_size(u.p) - 4) <= 1024)
+                AND outbox._message_size(u.k, all_headers, outbox._payload_size(u.p, NULL)) <= 1024)
             OR outbox._check_batch_element(f, u.n, u.p, u.k, all_headers)
         RETURNING id;
 END
@@ -952,7 +983,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'ab27655aca56');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'f42f1c146e3e');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$
