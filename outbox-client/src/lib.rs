@@ -1,5 +1,7 @@
-//! Publish to the [pg_outbox](https://github.com/) transactional outbox from Rust, inside your own
-//! transaction, and consume with exactly-once effects.
+//! Publish to the pg_outbox transactional outbox from Rust, inside your own transaction, and
+//! consume with exactly-once effects. pg_outbox is the PostgreSQL extension (or, on managed
+//! PostgreSQL, the SQL install `sql/pg_outbox.sql`) plus `outbox-worker`, which delivers the
+//! messages to Kafka, RabbitMQ or stdout; the README.md at the root of its repository has the rest.
 //!
 //! Works on anything that implements [`tokio_postgres::GenericClient`]: a `Client`, a
 //! `Transaction`, or a pooled client (`&**deadpool_object`).

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
@@ -21,7 +22,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Delivers pg_outbox messages from PostgreSQL to Kafka or stdout"
+    about = "Delivers pg_outbox messages from PostgreSQL to Kafka, RabbitMQ (AMQP) or stdout"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -167,8 +168,10 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// SIGTERM or SIGINT cancels the token.
-fn on_signal(shutdown: CancellationToken) {
+/// SIGTERM or SIGINT cancels the token. The stop it starts is bounded by `shutdown_timeout` (the
+/// drain) plus a second: should anything still hang then (a write to a reader that never reads,
+/// say), the process exits anyway, and what was not confirmed is delivered again by the next run.
+fn on_signal(shutdown: CancellationToken, shutdown_timeout: Duration) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -178,8 +181,20 @@ fn on_signal(shutdown: CancellationToken) {
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
         shutdown.cancel();
+        // A plain thread: it must fire even if every runtime worker is blocked.
+        std::thread::spawn(move || {
+            std::thread::sleep(shutdown_timeout + STOP_GRACE);
+            tracing::warn!(
+                "the stop took longer than shutdown_timeout; exiting now (unconfirmed messages are \
+                 delivered again by the next run)"
+            );
+            std::process::exit(0);
+        });
     });
 }
+
+/// What a stop may take beyond `shutdown_timeout`: confirming, closing connections.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// `--since` / `--until`: an RFC 3339 time, or a duration before now.
 fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
@@ -247,8 +262,19 @@ impl Command {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime");
+    let code = runtime.block_on(run_command());
+    // Not the default wait for blocking tasks: one may be stuck in a write to stdout that its
+    // reader never reads, and the process must exit all the same.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+async fn run_command() -> ExitCode {
     let (options, action) = Cli::parse().command.into_parts();
     let config = match options.load() {
         Ok(config) => config,
@@ -267,13 +293,13 @@ async fn main() -> ExitCode {
         Action::Status => admin::status(config.url()).await,
         Action::Replay(range) => {
             let shutdown = CancellationToken::new();
-            on_signal(shutdown.clone());
+            on_signal(shutdown.clone(), config.delivery.shutdown_timeout);
             replay::replay(&config, range, shutdown).await.map(|_| ())
         }
         Action::Dlq(command) => admin::dlq(config.url(), command).await,
         Action::Run => {
             let shutdown = CancellationToken::new();
-            on_signal(shutdown.clone());
+            on_signal(shutdown.clone(), config.delivery.shutdown_timeout);
             pipeline::run(config, shutdown).await
         }
     };
