@@ -78,8 +78,8 @@ fn blocks(markdown: &str) -> Vec<Block> {
     blocks
 }
 
-/// `psql -X -v ON_ERROR_STOP=1 -f` of `sql` in `database`, as the superuser.
-fn psql(pg: &PgCluster, database: &str, sql: &str) -> Result<(), String> {
+/// `psql -X -v ON_ERROR_STOP=1 -f` of `sql` in `database`, as the superuser; its stdout.
+fn psql(pg: &PgCluster, database: &str, sql: &str) -> Result<String, String> {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(sql.as_bytes()).unwrap();
     let port = pg.port.to_string();
@@ -89,11 +89,38 @@ fn psql(pg: &PgCluster, database: &str, sql: &str) -> Result<(), String> {
         .arg(file.path())
         .output()
         .expect("psql");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {
-        Ok(())
+        Ok(stdout)
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
     }
+}
+
+/// One psql session running `steps` (what, SQL) in order, as a reader pasting them into psql
+/// would; a failure names the step it happened in.
+fn session(pg: &PgCluster, on: &str, steps: &[(String, String)]) -> Result<(), String> {
+    let mut script = String::new();
+    for (what, sql) in steps {
+        let what = what.replace('\'', "''");
+        script.push_str(&format!("\\echo '>>> {what}'\n{sql}\n"));
+    }
+    psql(pg, "postgres", &script).map(drop).map_err(|e| {
+        let failed = e
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(">>> "))
+            .unwrap_or("?");
+        let sql = steps
+            .iter()
+            .find(|(what, _)| what == failed)
+            .map_or("", |(_, sql)| sql.as_str());
+        format!("{on}: {failed} fails:\n{sql}\n{e}")
+    })
+}
+
+fn block_step(block: &Block) -> (String, String) {
+    (format!("README.md:{}", block.line), block.text.clone())
 }
 
 /// What the README's reader has before its statements: their own tables and roles.
@@ -147,15 +174,6 @@ fn kind(block: &Block) -> Kind {
     }
 }
 
-fn run_or_panic(pg: &PgCluster, database: &str, block: &Block, on: &str) {
-    if let Err(e) = psql(pg, database, &block.text) {
-        panic!(
-            "README.md:{} ({on}): the sql block fails:\n{}\n{e}",
-            block.line, block.text
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_sql_block_of_the_readme_runs() {
     let text = readme();
@@ -182,52 +200,58 @@ async fn every_sql_block_of_the_readme_runs() {
     assert!(api.len() >= 8, "the SQL reference's examples: {api:?}");
     let dead_letters = dead_letters_redriven_in(&api);
 
-    // The extension: the reader's objects, the install block, then every other block in order.
+    // The extension: the reader's objects, the install block, then every other block in order,
+    // in one session.
+    let setup = |what: &str, sql: &str| (what.to_owned(), sql.to_owned());
     let pg = PgCluster::start_without_extension();
-    psql(&pg, "postgres", READERS_OBJECTS).unwrap();
-    run_or_panic(&pg, "postgres", install[0], "the extension");
-    psql(&pg, "postgres", &dead_letters).unwrap();
-    for block in &api {
-        run_or_panic(&pg, "postgres", block, "the extension");
-    }
+    let mut steps = vec![
+        setup("the reader's own tables and roles", READERS_OBJECTS),
+        block_step(install[0]),
+        setup("dead letters to redrive", &dead_letters),
+    ];
+    steps.extend(api.iter().map(|b| block_step(b)));
+    let mut failures = Vec::new();
+    failures.extend(session(&pg, "the extension", &steps).err());
 
     // The SQL install (the README's `psql -f sql/pg_outbox.sql`, as a role without superuser):
     // the install block without its CREATE EXTENSION, then the same blocks in the same order.
     let sql_install = PgCluster::start_sql_install().await;
-    psql(&sql_install, "postgres", READERS_OBJECTS).unwrap();
     let grants: String = install[0]
         .text
         .lines()
         .filter(|l| !l.starts_with("CREATE EXTENSION"))
         .map(|l| format!("{l}\n"))
         .collect();
-    if let Err(e) = psql(&sql_install, "postgres", &grants) {
-        panic!(
-            "README.md:{}: its statements after CREATE EXTENSION fail on the SQL install:\n{e}",
-            install[0].line
-        );
-    }
-    psql(&sql_install, "postgres", &dead_letters).unwrap();
-    for block in &api {
-        run_or_panic(&sql_install, "postgres", block, "the SQL install");
-    }
+    let mut steps = vec![
+        setup("the reader's own tables and roles", READERS_OBJECTS),
+        (
+            format!("README.md:{} without CREATE EXTENSION", install[0].line),
+            grants,
+        ),
+        setup("dead letters to redrive", &dead_letters),
+    ];
+    steps.extend(api.iter().map(|b| block_step(b)));
+    failures.extend(session(&sql_install, "the SQL install", &steps).err());
 
     // The move from the SQL install to the extension, with something to carry over.
     for block in &moves {
         let pg = PgCluster::start_sql_install().await;
-        psql(
+        let moved = session(
             &pg,
-            "postgres",
-            "SELECT outbox.register_consumer('billing', 'outbox_consumer');
-             SELECT outbox.try_mark_processed('billing', 'm-1');",
-        )
-        .unwrap();
-        run_or_panic(
-            &pg,
-            "postgres",
-            block,
             "a SQL install moving to the extension",
+            &[
+                setup(
+                    "a consumer's mark to carry over",
+                    "SELECT outbox.register_consumer('billing', 'outbox_consumer');
+                     SELECT outbox.try_mark_processed('billing', 'm-1');",
+                ),
+                block_step(block),
+            ],
         );
+        if let Err(e) = moved {
+            failures.push(e);
+            continue;
+        }
         let db = pg.superuser().await;
         assert_eq!(
             count(
@@ -264,6 +288,7 @@ async fn every_sql_block_of_the_readme_runs() {
             ))
             .collect::<String>()
     ));
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 /// sql/examples/*.sql in order through psql on a fresh database with the extension; each asserts
@@ -505,4 +530,22 @@ fn help_names_every_sink_and_no_doc_links_nowhere() {
             "{file} leaves RabbitMQ out"
         );
     }
+}
+
+/// The fragment marker is read from the line before the fence, whatever the block's language.
+#[test]
+fn a_marked_block_is_a_fragment() {
+    let markdown = "text\n\n<!-- fragment: a piece of a larger statement -->\n```sql\nWHERE id = 7\n```\n\n```sql\nSELECT 1;\n```\n  ```json\n  {}\n  ```\n";
+    let found = blocks(markdown);
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert_eq!(
+        found[0].fragment.as_deref(),
+        Some("a piece of a larger statement")
+    );
+    assert_eq!(
+        (found[0].line, found[0].text.as_str()),
+        (4, "WHERE id = 7\n")
+    );
+    assert_eq!(found[1].fragment, None);
+    assert_eq!(found[2].lang, "json");
 }
