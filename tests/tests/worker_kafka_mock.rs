@@ -55,13 +55,7 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
         db,
         _pg,
         _config,
-    } = setup(
-        3,
-        3,
-        "[sinks.kafka.properties]\n\"message.timeout.ms\" = 3000\n",
-        &[],
-    )
-    .await;
+    } = setup(3, 3, "", &[]).await;
 
     // Retriable errors on the next produce requests; librdkafka retries them itself, in order.
     // (A permanent one is not injected here: unlike Kafka, the mock broker accepts the batches
@@ -90,10 +84,79 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
     let tally = check_delivery(&seen, TOTAL);
     eprintln!("mock cluster faults: {tally:?}");
     assert!(
-        worker.log().contains("retrying them in order"),
-        "the worker's retry path ran:\n{}",
+        !worker.log().contains("one message in flight at a time"),
+        "the default Kafka sink is pipelined:\n{}",
         worker.log()
     );
+}
+
+/// Two messages of one key, the older one stalled longer than the younger: the broker goes down,
+/// `A` is published, then `B` a while later, and the broker comes back after A's age passed the
+/// producer's local time-out but before B's did. With a local time-out librdkafka fails A and
+/// delivers B, and the worker's re-send of A lands after B (0.2.0: "message 0 arrived after 1").
+async fn an_older_send_stalled_longer_than_a_younger_one(
+    properties: &str,
+    a_to_b: Duration,
+    b_to_up: Duration,
+) -> Worker {
+    let Setup {
+        mock,
+        brokers,
+        worker,
+        db,
+        _pg,
+        _config,
+    } = setup(
+        1,
+        1,
+        &format!(
+            "[delivery]\nretry_initial = \"10ms\"\n[sinks.kafka.properties]\n\
+             \"reconnect.backoff.max.ms\" = 200\n{properties}"
+        ),
+        &[],
+    )
+    .await;
+    // A first batch while the broker is up, so the producer knows the partition's leader.
+    publish_range(&db, "orders", 0, 1, 1, Storage::Table).await;
+    read(&brokers, "orders", 1, Duration::from_secs(60)).await;
+    mock.broker_down(-1).unwrap();
+    publish_range(&db, "orders", 1, 1, 1, Storage::Table).await;
+    tokio::time::sleep(a_to_b).await;
+    publish_range(&db, "orders", 2, 1, 1, Storage::Wal).await;
+    tokio::time::sleep(b_to_up).await;
+    mock.broker_up(-1).unwrap();
+    let records = read(&brokers, "orders", 3, Duration::from_secs(60)).await;
+    let seen: Vec<_> = records.iter().map(|r| r.seen()).collect();
+    check_delivery(&seen, 3);
+    worker
+}
+
+/// The default producer has no local time-out (0.2.0's was 30 s): a broker down for longer than
+/// that still gets the older message first.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_defaults_an_older_send_stalled_past_30_seconds_still_arrives_first() {
+    an_older_send_stalled_longer_than_a_younger_one(
+        "",
+        Duration::from_secs(20),
+        Duration::from_secs(15),
+    )
+    .await;
+}
+
+/// With a local time-out set by the operator, the producer cannot keep a partition's order by
+/// itself: the sink says so, each key has one message in flight, and the timed-out message is
+/// re-sent by the worker before the next one of its key goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_local_timeout_each_key_waits_for_its_timed_out_message() {
+    let worker = an_older_send_stalled_longer_than_a_younger_one(
+        "\"message.timeout.ms\" = 4000\n",
+        Duration::from_secs(3),
+        Duration::from_millis(2500),
+    )
+    .await;
+    let log = worker.log();
+    assert!(log.contains("one message in flight at a time"), "{log}");
+    assert!(log.contains("retrying them in order"), "{log}");
 }
 
 /// One 3 kB message, refused by the producer (`message.max.bytes = 2000`), in the middle of a
@@ -177,9 +240,9 @@ async fn a_dead_letter_is_written_while_the_stream_goes_on_after_five_attempts()
 }
 
 /// The shape of the RabbitMQ refusal test, on Kafka: 2,000 messages of one key in one
-/// transaction while the broker is down (every send times out and is retried by the worker), then
-/// refuses produce requests now and then. Kafka stays pipelined (its idempotent producer keeps a
-/// partition's order by itself); the first arrivals must still be in commit order.
+/// transaction while the broker is down, then refusing produce requests now and then. With a
+/// local time-out of 1.5 s every send times out and is retried by the worker, one per key at a
+/// time; the first arrivals must still be in commit order.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_refusing_some_sends_never_breaks_per_key_order() {
     const TOTAL: u64 = 2_000;

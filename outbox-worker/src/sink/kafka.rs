@@ -26,8 +26,8 @@ pub struct KafkaSink {
     healthy: Arc<AtomicBool>,
     /// The brokers answered the last metadata request ([`probe_brokers`]): the other half.
     brokers_answer: Arc<AtomicBool>,
-    /// `enable.idempotence` is on (our default): the producer keeps per-partition order.
-    idempotent: bool,
+    /// The producer keeps each partition's order through failures by itself ([`keeps_order`]).
+    keeps_order: bool,
 }
 
 /// Our defaults; any property in the config overrides them.
@@ -43,9 +43,11 @@ fn client_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig
         .set("enable.gapless.guarantee", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
-        // A send that has not succeeded after this long comes back as an error and the worker
-        // retries it (in order, with backoff): the outage is visible in logs and metrics.
-        .set("message.timeout.ms", "30000")
+        // No local time-out: librdkafka retries a message until the broker takes it. A time-out
+        // fails the older messages of a partition while younger ones, queued later, still get
+        // through once the broker answers again: the worker's re-send of the older ones would
+        // land behind them. An outage shows as not ready (the broker probe) and in the lag.
+        .set("message.timeout.ms", "0")
         .set(
             "queue.buffering.max.messages",
             (max_in_flight + 1000).max(100_000).to_string(),
@@ -60,7 +62,15 @@ impl KafkaSink {
     pub fn new(config: &KafkaSinkConfig, max_in_flight: usize) -> Result<KafkaSink, String> {
         config.check()?;
         let client_config = client_config(config, max_in_flight);
-        let idempotent = client_config.get("enable.idempotence") != Some("false");
+        let keeps_order = keeps_order(&client_config);
+        if !keeps_order {
+            tracing::warn!(
+                "kafka: with these properties a failed send can be overtaken by later messages of \
+                 its partition, so each key has one message in flight at a time (slower); keep \
+                 enable.idempotence and enable.gapless.guarantee on and message.timeout.ms = 0 \
+                 to pipeline"
+            );
+        }
         let producer = client_config
             .create()
             .map_err(|e| describe_kafka_error(&e))?;
@@ -77,7 +87,7 @@ impl KafkaSink {
             broken: Arc::new(AtomicBool::new(false)),
             healthy: Arc::new(AtomicBool::new(true)),
             brokers_answer,
-            idempotent,
+            keeps_order,
         })
     }
 
@@ -92,6 +102,24 @@ impl KafkaSink {
         }
         Ok(self.producer.read().unwrap().clone())
     }
+}
+
+/// Whether a failed send always takes every later message of its partition down with it, so that
+/// the worker's in-order re-send cannot land behind them: the idempotent producer with the gapless
+/// guarantee, and no local time-out (a time-out fails the older messages of a partition and lets
+/// the younger ones through). Otherwise delivery sends one message per key at a time.
+fn keeps_order(config: &ClientConfig) -> bool {
+    let on = |key: &str| {
+        !matches!(
+            config.get(key).map(str::to_ascii_lowercase).as_deref(),
+            Some("false" | "f" | "0")
+        )
+    };
+    // `delivery.timeout.ms` is librdkafka's alias of `message.timeout.ms`.
+    let no_timeout = ["message.timeout.ms", "delivery.timeout.ms"]
+        .iter()
+        .all(|key| config.get(key).is_none_or(|v| v.trim() == "0"));
+    on("enable.idempotence") && on("enable.gapless.guarantee") && no_timeout
 }
 
 /// Every few seconds, for as long as the sink lives: do the brokers answer a metadata request?
@@ -241,7 +269,7 @@ impl Sink for KafkaSink {
     }
 
     fn keeps_key_order(&self) -> bool {
-        self.idempotent
+        self.keeps_order
     }
 
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {
@@ -250,5 +278,45 @@ impl Sink for KafkaSink {
             let _ =
                 tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{Properties, PropertyValue, Scalar};
+
+    fn keeps_order_with(properties: &[(&str, &str)]) -> bool {
+        let properties = properties
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    PropertyValue::Scalar(Scalar::Text(v.to_string())),
+                )
+            })
+            .collect::<BTreeMap<_, _>>();
+        let config = KafkaSinkConfig {
+            brokers: "127.0.0.1:9".into(),
+            properties: Properties(properties),
+        };
+        keeps_order(&client_config(&config, 1000))
+    }
+
+    #[test]
+    fn the_defaults_keep_partition_order_so_sends_are_pipelined() {
+        assert!(keeps_order_with(&[]));
+        assert!(keeps_order_with(&[("message.timeout.ms", "0")]));
+        assert!(keeps_order_with(&[("compression.type", "lz4")]));
+    }
+
+    #[test]
+    fn a_local_timeout_or_no_gapless_idempotence_sends_one_message_per_key_at_a_time() {
+        assert!(!keeps_order_with(&[("message.timeout.ms", "30000")]));
+        assert!(!keeps_order_with(&[("delivery.timeout.ms", "120000")]));
+        assert!(!keeps_order_with(&[("enable.idempotence", "false")]));
+        assert!(!keeps_order_with(&[("enable.gapless.guarantee", "False")]));
     }
 }
