@@ -20,6 +20,11 @@ const BIN: &str = "/usr/lib/rabbitmq/bin";
 
 impl RabbitMq {
     pub fn start() -> RabbitMq {
+        Self::start_configured("")
+    }
+
+    /// A node with `extra` lines appended to its `rabbitmq.conf` (e.g. `max_message_size = …`).
+    pub fn start_configured(extra: &str) -> RabbitMq {
         let dir = tempfile::Builder::new()
             .prefix("outbox_rabbit")
             .tempdir()
@@ -31,7 +36,7 @@ impl RabbitMq {
             dir.path().join("rabbitmq.conf"),
             format!(
                 "listeners.tcp.default = 127.0.0.1:{port}\nmanagement.tcp.ip = 127.0.0.1\n\
-                 management.tcp.port = {management}\nloopback_users = none\n"
+                 management.tcp.port = {management}\nloopback_users = none\n{extra}"
             ),
         )
         .unwrap();

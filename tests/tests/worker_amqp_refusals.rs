@@ -1,0 +1,140 @@
+//! RabbitMQ refusals that close the channel, and readiness that follows the connection, against a
+//! real node (read back with pika): a message over the broker's size limit is dead-lettered after
+//! `max_attempts` while everything else, on its queue and on others, is delivered; a missing
+//! exchange stops the worker with a hint; `/health/ready` is 200 for an idle worker whose broker is
+//! up and 503 soon after the node stops, with no traffic at all.
+
+use std::time::Duration;
+
+use outbox_tests::postgres::count;
+use outbox_tests::publish::{check_delivery, publish_range, Seen, Storage};
+use outbox_tests::worker::{config_args, http_get};
+use outbox_tests::{eventually, PgCluster, RabbitMq, Worker};
+
+fn seen(messages: &[serde_json::Value]) -> Vec<Seen> {
+    messages
+        .iter()
+        .map(|m| Seen {
+            id: m["message_id"].as_str().unwrap().to_owned(),
+            key: m["body"]["key"].as_str().map(str::to_owned),
+            payload: m["body"].clone(),
+        })
+        .collect()
+}
+
+/// A worker delivering every queue to exchange `exchange` (routing key = queue) of `rabbit`, with
+/// `toml` added to its configuration and `extra` flags, holding the slot.
+async fn worker_for(
+    rabbit: &RabbitMq,
+    exchange: &str,
+    toml: &str,
+    extra: &[&str],
+) -> (
+    PgCluster,
+    Worker,
+    tokio_postgres::Client,
+    tempfile::NamedTempFile,
+) {
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(&format!(
+        "[sinks.amqp]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"{exchange}\"\n{toml}",
+        rabbit.url()
+    ));
+    let mut args = config_args(&pg.url(), config.path());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    (pg, worker, db, config)
+}
+
+/// 0.2.0 took the channel the broker closed for a transient failure: rounds of retries for ever,
+/// no dead letter, and nothing of any other queue delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_over_the_brokers_size_limit_is_dead_lettered_and_the_rest_delivered() {
+    let rabbit = RabbitMq::start_configured("max_message_size = 1048576\n");
+    rabbit.declare("events", "direct", "orders", "orders");
+    rabbit.declare("events", "direct", "audit", "audit");
+    let (_pg, mut worker, db, _config) = worker_for(
+        &rabbit,
+        "events",
+        "[delivery]\nmax_attempts = 3\nretry_initial = \"50ms\"\n",
+        &[],
+    )
+    .await;
+
+    publish_range(&db, "orders", 0, 200, 10, Storage::Mixed).await;
+    db.batch_execute(
+        "SET pg_outbox.max_message_size = '4MB';
+         SELECT outbox.publish('orders', jsonb_build_object('oversize', repeat('x', 2 * 1024 * 1024)), '{}', 'k-0');
+         RESET pg_outbox.max_message_size;",
+    )
+    .await
+    .unwrap();
+    publish_range(&db, "audit", 0, 200, 10, Storage::Mixed).await;
+    publish_range(&db, "orders", 200, 200, 10, Storage::Mixed).await;
+
+    let orders = rabbit.drain_queue("orders", 400, Duration::from_secs(120));
+    check_delivery(&seen(&orders), 400);
+    let audit = rabbit.drain_queue("audit", 200, Duration::from_secs(60));
+    check_delivery(&seen(&audit), 200);
+    let db = &db;
+    eventually(
+        Duration::from_secs(30),
+        "the oversize message in the dead letters",
+        || async move { count(db, "SELECT count(*) FROM outbox.dead_letters").await == 1 },
+    )
+    .await;
+    let error: String = db
+        .query_one("SELECT error FROM outbox.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        error.contains("406") && error.contains("message size"),
+        "{error}"
+    );
+    assert!(worker.exited().is_none(), "{}", worker.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_exchange_stops_the_worker_with_a_hint() {
+    let rabbit = RabbitMq::start();
+    let (_pg, mut worker, db, _config) = worker_for(&rabbit, "missing", "", &[]).await;
+    db.batch_execute("SELECT outbox.publish('orders', '{\"n\": 1}')")
+        .await
+        .unwrap();
+    let status = worker.wait_exit(Duration::from_secs(30));
+    let log = worker.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    for text in ["no exchange 'missing'", "declare_exchange", "hint"] {
+        assert!(log.contains(text), "{text:?} missing from:\n{log}");
+    }
+}
+
+/// 0.2.0 read 503 until the first message was sent, and 200 long after the node had stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_connection_with_no_traffic() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    let listen = format!("127.0.0.1:{}", outbox_tests::postgres::free_port());
+    let (_pg, _worker, _db, _config) =
+        worker_for(&rabbit, "events", "", &["--http-listen", &listen]).await;
+    let listen = listen.as_str();
+    let ready = move |status: u16| async move {
+        http_get(listen, "/health/ready").is_ok_and(|(s, _)| s == status)
+    };
+    eventually(Duration::from_secs(10), "ready while idle", || ready(200)).await;
+    rabbit.stop_node();
+    eventually(
+        Duration::from_secs(10),
+        "not ready once the node stopped",
+        || ready(503),
+    )
+    .await;
+    rabbit.start_node();
+    eventually(Duration::from_secs(30), "ready again, still idle", || {
+        ready(200)
+    })
+    .await;
+}
