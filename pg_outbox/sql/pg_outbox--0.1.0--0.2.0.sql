@@ -1,6 +1,44 @@
--- pg_outbox 0.1.0 -> 0.2.0 (ALTER EXTENSION pg_outbox UPDATE). Released upgrade scripts are never
--- edited; tests/tests/extension_upgrade.rs proves the result equals a fresh 0.2.0 install.
+-- pg_outbox 0.1.0 -> 0.2.0 (ALTER EXTENSION pg_outbox UPDATE). Released upgrade scripts are edited
+-- only to close a hole, never to change what they make; tests/tests/extension_upgrade.rs proves
+-- the result equals a fresh 0.2.0 install. 0.2.1 added the two guards below: this script called
+-- unnest, cardinality and format through the search_path, in a schema that 0.1.0 let another role
+-- own (issue 21).
 \echo Use "ALTER EXTENSION pg_outbox UPDATE" to load this file. \quit
+
+-- Every name below resolves in pg_catalog only (DEVELOPMENT.md, "SQL rules").
+SET search_path = pg_catalog, pg_temp;
+
+-- Nothing here is trusted before it is checked: schema outbox and everything in it belong to the
+-- extension's owner. 0.1.0 accepted a schema outbox created by another role, who could have put
+-- objects there that capture calls to outbox.* (or this script's own calls).
+DO $trust$
+DECLARE
+    extension_owner oid := (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_outbox');
+    strangers text := (
+        SELECT pg_catalog.string_agg(pg_catalog.format('%s (owner %s)', o.what, o.owner::regrole), ', ' ORDER BY o.what)
+          FROM (SELECT 'schema outbox' AS what, n.nspowner AS owner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'outbox'
+                UNION ALL SELECT 'publication pg_outbox', p.pubowner FROM pg_catalog.pg_publication p WHERE p.pubname = 'pg_outbox'
+                UNION ALL SELECT 'relation ' || c.oid::regclass, c.relowner FROM pg_catalog.pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'function ' || p.oid::regprocedure, p.proowner FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'type ' || t.oid::regtype, t.typowner FROM pg_catalog.pg_type t WHERE t.typnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator ' || o.oid::regoperator, o.oprowner FROM pg_catalog.pg_operator o WHERE o.oprnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'collation ' || c.collname, c.collowner FROM pg_catalog.pg_collation c WHERE c.collnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'conversion ' || c.conname, c.conowner FROM pg_catalog.pg_conversion c WHERE c.connamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator class ' || c.opcname, c.opcowner FROM pg_catalog.pg_opclass c WHERE c.opcnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator family ' || f.opfname, f.opfowner FROM pg_catalog.pg_opfamily f WHERE f.opfnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'text search configuration ' || c.cfgname, c.cfgowner FROM pg_catalog.pg_ts_config c WHERE c.cfgnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'text search dictionary ' || d.dictname, d.dictowner FROM pg_catalog.pg_ts_dict d WHERE d.dictnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'statistics object ' || s.stxname, s.stxowner FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace = 'outbox'::regnamespace
+               ) o
+         WHERE o.owner <> extension_owner);
+BEGIN
+    IF strangers IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_outbox: objects in schema outbox belong to another role than %, who owns the extension: %', extension_owner::regrole, strangers
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A role that owns schema outbox or objects in it could capture calls to outbox.*: inspect them, drop them (or ALTER SCHEMA outbox OWNER TO ' || extension_owner::regrole || '), then ALTER EXTENSION pg_outbox UPDATE again.';
+    END IF;
+END
+$trust$;
 
 -- Only outbox.publish* may put a message on the wire (see schema.sql).
 DO $forgery$

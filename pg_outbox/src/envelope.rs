@@ -34,15 +34,13 @@ pub struct Envelope<'a> {
 }
 
 impl Envelope<'_> {
-    pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(
-            160 + self.queue.len()
-                + self.key.map_or(0, str::len)
-                + self.headers.len()
-                + self.payload_len(),
-        );
+    /// The envelope, in one allocation of [`Self::encoded_len_bound`] bytes made fallibly (the
+    /// caller turns a failure into an ERROR): nothing below grows it.
+    pub fn encode(&self) -> Result<String, std::collections::TryReserveError> {
+        let mut out = String::new();
+        out.try_reserve_exact(self.encoded_len_bound())?;
         out.push_str("{\"v\":");
-        out.push_str(&VERSION.to_string());
+        out.push_str(itoa(VERSION, &mut [0; 10]));
         out.push_str(",\"id\":\"");
         out.push_str(
             self.id
@@ -54,7 +52,7 @@ impl Envelope<'_> {
         out.push_str(self.queue);
         out.push_str("\",\"key\":");
         match self.key {
-            Some(key) => out.push_str(&serde_json::to_string(key).expect("a string serializes")),
+            Some(key) => push_json_string(&mut out, key),
             None => out.push_str("null"),
         }
         out.push_str(",\"created_at\":\"");
@@ -73,7 +71,8 @@ impl Envelope<'_> {
             }
         }
         out.push('}');
-        out
+        debug_assert!(out.len() <= self.encoded_len_bound());
+        Ok(out)
     }
 
     fn payload_len(&self) -> usize {
@@ -92,6 +91,45 @@ impl Envelope<'_> {
             + self.headers.len()
             + self.payload_len()
     }
+}
+
+/// `value` in decimal, in `buffer`.
+fn itoa(mut value: u32, buffer: &mut [u8; 10]) -> &str {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buffer[start..]).expect("ASCII digits")
+}
+
+/// `text` as a JSON string, escaped as serde_json escapes it, into `out` (reserved by the caller:
+/// at most six bytes per input byte, plus the quotes).
+fn push_json_string(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                out.push_str("\\u00");
+                out.push(HEX[(c as usize) >> 4] as char);
+                out.push(HEX[(c as usize) & 0xf] as char);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// Formats a PostgreSQL `timestamptz` (µs since 2000-01-01 UTC) as RFC 3339 in UTC.
@@ -116,7 +154,7 @@ mod unit {
             headers: r#"{"traceparent": "00-ab"}"#,
             payload: Payload::Json(r#"{"total": 12.5}"#),
         };
-        let text = envelope.encode();
+        let text = envelope.encode().unwrap();
         assert_eq!(
             text,
             r#"{"v":1,"id":"00000000-0000-0000-0000-000000000000","queue":"orders","key":"a\"b","created_at":"2000-01-01T00:00:00.000000Z","headers":{"traceparent": "00-ab"},"payload":{"total": 12.5}}"#
@@ -135,7 +173,7 @@ mod unit {
             headers: "{}",
             payload: Payload::Bytes(&[0, 1, 2, 255]),
         };
-        let parsed: serde_json::Value = serde_json::from_str(&envelope.encode()).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&envelope.encode().unwrap()).unwrap();
         assert_eq!(parsed["payload_base64"], "AAEC/w==");
         assert!(parsed["key"].is_null());
         assert!(parsed.get("payload").is_none());

@@ -10,7 +10,7 @@
 use crate::args::Args;
 use crate::error;
 use crate::jsonb::{self, Jsonb};
-use crate::storage::{check_size, Message, Payload, SizeLimit, Writer};
+use crate::storage::{check_json_size, check_size, Message, Payload, SizeLimit, Writer};
 use crate::varlena::Varlena;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -32,7 +32,7 @@ fn publish(fcinfo: FcInfo) -> pgrx::Uuid {
     // SAFETY: PostgreSQL's fcinfo for the declaration above.
     let args = unsafe { Args::new(fcinfo, "outbox.publish") };
     let payload = args.required(1, "payload", "Pass a JSON value, e.g. '{}'.");
-    publish_one(args, payload, |datum| {
+    publish_one(args, payload, true, |datum| {
         // SAFETY: argument 1 is a non-NULL jsonb.
         Payload::Json(unsafe { Jsonb::from_datum(datum) })
     })
@@ -49,7 +49,7 @@ fn publish_bytes(fcinfo: FcInfo) -> pgrx::Uuid {
     // SAFETY: PostgreSQL's fcinfo for the declaration above.
     let args = unsafe { Args::new(fcinfo, "outbox.publish_bytes") };
     let payload = args.required(1, "payload", "Pass a bytea value, e.g. '\\x00'::bytea.");
-    publish_one(args, payload, |datum| {
+    publish_one(args, payload, false, |datum| {
         // SAFETY: argument 1 is a non-NULL bytea.
         Payload::Bytes(unsafe { Varlena::from_datum(datum) })
     })
@@ -60,25 +60,32 @@ fn publish_bytes(fcinfo: FcInfo) -> pgrx::Uuid {
 fn publish_one<'a>(
     args: Args,
     payload: pg_sys::Datum,
+    is_json: bool,
     read_payload: impl FnOnce(pg_sys::Datum) -> Payload<'a>,
 ) -> pgrx::Uuid {
-    let writer = Writer::open(args.function);
+    let f = args.function;
+    let writer = Writer::open(f);
     let queue = queue_arg(args, 0);
     let headers = headers_arg(args, 2);
-    let key = key_arg(args.varlena(3), args.function, "key");
+    let key = key_arg(args.varlena(3), f, "key");
     check_size(
-        args.function,
+        f,
         SizeLimit::Setting,
         key.as_ref(),
-        headers.datum(),
+        &headers,
         payload,
+        is_json,
     );
+    let payload = read_payload(payload);
+    if let Payload::Json(json) = &payload {
+        check_json_size(f, SizeLimit::Setting, key.as_ref(), &headers, json);
+    }
     let message = Message {
         id: uuid::Uuid::now_v7(),
         queue,
         key,
         headers,
-        payload: read_payload(payload),
+        payload,
         created_at: now(),
     };
     writer.write(&message);
@@ -123,7 +130,17 @@ fn publish_batch(fcinfo: FcInfo) -> SetOfIterator<'static, pgrx::Uuid> {
         }
     }
     let created_at = now();
-    let mut ids = Vec::with_capacity(payloads.len());
+    let mut ids = Vec::new();
+    if ids.try_reserve_exact(payloads.len()).is_err() {
+        error::raise(
+            PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+            format!(
+                "{f}: out of memory for the ids of {} messages",
+                payloads.len()
+            ),
+            "Publish fewer messages per call.",
+        );
+    }
     // What one element allocates (detoasted values, the heap tuple, index insertion scratch)
     // is freed after it, so a batch of a million stays within a few megabytes.
     let mut per_element = PgMemoryContexts::new("pg_outbox publish_batch element");
@@ -167,8 +184,18 @@ fn batch_element(
         function,
         SizeLimit::Setting,
         key.as_ref(),
-        headers.datum(),
+        headers,
         payload,
+        true,
+    );
+    // SAFETY: a non-NULL element of a jsonb[].
+    let payload = unsafe { Jsonb::from_datum(payload) };
+    check_json_size(
+        function,
+        SizeLimit::Setting,
+        key.as_ref(),
+        headers,
+        &payload,
     );
     let message = Message {
         id: uuid::Uuid::now_v7(),
@@ -176,8 +203,7 @@ fn batch_element(
         key,
         // SAFETY: the validated headers argument, a jsonb datum.
         headers: unsafe { Jsonb::from_datum(headers.datum()) },
-        // SAFETY: a non-NULL element of a jsonb[].
-        payload: Payload::Json(unsafe { Jsonb::from_datum(payload) }),
+        payload: Payload::Json(payload),
         created_at,
     };
     writer.write(&message);
@@ -208,7 +234,14 @@ fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
             false,
         ),
     };
-    check_size(f, SizeLimit::Ceiling, key.as_ref(), headers.datum(), datum);
+    check_size(
+        f,
+        SizeLimit::Ceiling,
+        key.as_ref(),
+        &headers,
+        datum,
+        is_json,
+    );
     // SAFETY: argument 3 is jsonb, argument 4 bytea; both non-NULL here.
     let payload = unsafe {
         if is_json {
@@ -217,6 +250,9 @@ fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
             Payload::Bytes(Varlena::from_datum(datum))
         }
     };
+    if let Payload::Json(json) = &payload {
+        check_json_size(f, SizeLimit::Ceiling, key.as_ref(), &headers, json);
+    }
     let message = Message {
         id,
         queue,
@@ -299,7 +335,8 @@ fn headers_arg(args: Args, index: usize) -> Jsonb {
             HEADERS_HINT,
         );
     }
-    if !headers.is_empty_object() {
+    // The binary check allocates nothing; only a bad value is printed, to name the problem.
+    if !headers.is_empty_object() && !headers.is_valid_headers() {
         let text = headers.to_text();
         if let Err(problem) = check_headers(&text) {
             error::invalid(format!("{function}: {problem}"), HEADERS_HINT);

@@ -59,6 +59,95 @@ mod tests {
         );
     }
 
+    /// The size cap's count of a jsonb's JSON text, read from the binary form, is exactly the
+    /// length jsonb_out prints: numbers of every form, escapes, nesting, long containers (whose
+    /// entries store offsets every 32nd element), raw scalars.
+    #[pg_test]
+    fn the_json_text_length_is_what_jsonb_out_prints() {
+        let long_array = format!("[{}]", vec!["\"x\""; 100].join(","));
+        let long_object = format!(
+            "{{{}}}",
+            (0..70)
+                .map(|i| format!("\"k{i}\": [{i}, -{i}.5e-3]"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let values = [
+            "0",
+            "1",
+            "-1",
+            "9",
+            "10",
+            "99",
+            "100",
+            "999",
+            "1000",
+            "9999",
+            "10000",
+            "12345",
+            "-12345678.90",
+            "0.000001",
+            "0.1",
+            "1e-10",
+            "-0.5",
+            "1.000",
+            "1e131071",
+            "-1e1000",
+            "123456789012345678901234567890.123456789",
+            "1e-16383",
+            "true",
+            "false",
+            "null",
+            r#""""#,
+            r#""a\"b\\c\nd\re\tf\bg\fh\u0001i\u001fé€""#,
+            "[]",
+            "{}",
+            r#"[[], {}, [1, [2, {"a": null}]], "x"]"#,
+            r#"{"k": true, "": false, "x": "y", "nested": {"a": [1, 2.5, "3"]}}"#,
+            &long_array,
+            &long_object,
+        ];
+        for value in values {
+            let text = std::ffi::CString::new(value).unwrap();
+            // SAFETY: jsonb_in with a NUL-terminated JSON text; the result is a jsonb datum.
+            let json = unsafe {
+                crate::jsonb::Jsonb::from_datum(
+                    pgrx::direct_function_call_as_datum(
+                        pg_sys::jsonb_in,
+                        &[Some(pg_sys::Datum::from(text.as_ptr()))],
+                    )
+                    .unwrap(),
+                )
+            };
+            assert_eq!(json.text_len(), json.to_text().len(), "{value}");
+        }
+    }
+
+    /// A payload of a few kilobytes that prints as megabytes is measured as it prints.
+    #[pg_test(
+        error = "outbox.publish: the message is 3276852 bytes (key 0, headers 2, payload 3276850), more than pg_outbox.max_message_size (524288 bytes)"
+    )]
+    fn numbers_with_huge_exponents_count_at_their_printed_size() {
+        Spi::run("SELECT outbox.publish('q', (SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 25)))").unwrap();
+    }
+
+    #[pg_test(
+        error = "pg_outbox: a JSON null payload cannot be published with pg_outbox.storage = 'wal'"
+    )]
+    fn a_json_null_payload_is_refused_in_the_wal_form() {
+        Spi::run("SET LOCAL pg_outbox.storage = 'wal'; SELECT outbox.publish('q', 'null')")
+            .unwrap();
+    }
+
+    #[pg_test]
+    fn a_json_null_payload_is_a_row_in_the_table_form() {
+        Spi::run("SELECT outbox.publish('q', 'null')").unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM outbox.messages WHERE payload = 'null'"),
+            1
+        );
+    }
+
     #[pg_test]
     fn null_headers_mean_no_headers() {
         Spi::run("SELECT outbox.publish('q', '1', NULL)").unwrap();

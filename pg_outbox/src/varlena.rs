@@ -64,9 +64,11 @@ pub fn server_to_utf8(bytes: &[u8]) -> Cow<'_, str> {
             } else {
                 std::ffi::CStr::from_ptr(converted).to_bytes().len()
             };
+            // palloc'd in the current memory context, which outlives the caller's use of it:
+            // borrowed, never copied to the Rust heap (whose allocation failure would abort).
             let converted = std::slice::from_raw_parts(converted.cast::<u8>(), len);
             if let Ok(text) = std::str::from_utf8(converted) {
-                return Cow::Owned(text.to_owned());
+                return Cow::Borrowed(text);
             }
         }
     }

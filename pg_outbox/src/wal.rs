@@ -36,8 +36,16 @@ const PREFIX: &std::ffi::CStr = c"pg_outbox";
 const _: () = assert!(PREFIX.to_bytes().len() == envelope::PREFIX.len());
 
 pub fn emit(message: &Message<'_>) {
+    if matches!(&message.payload, Payload::Json(json) if json.is_json_null()) {
+        // outbox-worker (0.2) reads `"payload":null` as no payload and quarantines the message:
+        // refused here, so that every message publish accepts is delivered as published.
+        error::invalid(
+            "pg_outbox: a JSON null payload cannot be published with pg_outbox.storage = 'wal'".into(),
+            "Publish it with pg_outbox.storage = 'table' (the default), or wrap the value, e.g. '{\"value\": null}'.",
+        );
+    }
     let headers = if message.headers.is_empty_object() {
-        "{}".to_string()
+        std::borrow::Cow::Borrowed("{}")
     } else {
         message.headers.to_text()
     };
@@ -70,7 +78,18 @@ pub fn emit(message: &Message<'_>) {
             "The payload's JSON text is far longer than its binary form: publish a smaller payload.",
         );
     }
-    let content = envelope.encode();
+    // Fallible: a failed allocation on the Rust heap would abort the server (every connection
+    // reset), so it is an ERROR instead.
+    let Ok(content) = envelope.encode() else {
+        error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+            format!(
+                "outbox.publish: out of memory for the {size}-byte wal envelope of message {}",
+                message.id
+            ),
+            "Publish a smaller message, or retry when the server has more memory free.",
+        );
+    };
     // Transactional: decoded only if the caller's transaction commits, in commit order.
     // SAFETY: prefix and content are valid for the call; LogLogicalMessage copies them into
     // WAL, and the guard turns a PostgreSQL ERROR into a Rust panic pgrx reports.

@@ -1,0 +1,173 @@
+-- pg_outbox 0.2.0 -> 0.2.1 (ALTER EXTENSION pg_outbox UPDATE): no role can subvert the outbox.
+-- tests/tests/extension_upgrade.rs proves the result equals a fresh 0.2.1 install.
+\echo Use "ALTER EXTENSION pg_outbox UPDATE" to load this file. \quit
+
+-- Every name below resolves in pg_catalog only (DEVELOPMENT.md, "SQL rules").
+SET search_path = pg_catalog, pg_temp;
+
+-- Nothing here is trusted before it is checked: schema outbox and everything in it belong to the
+-- extension's owner. 0.1.0 accepted a schema outbox created by another role, who could have put
+-- objects there that capture calls to outbox.* (or this script's own calls).
+DO $trust$
+DECLARE
+    extension_owner oid := (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_outbox');
+    strangers text := (
+        SELECT pg_catalog.string_agg(pg_catalog.format('%s (owner %s)', o.what, o.owner::regrole), ', ' ORDER BY o.what)
+          FROM (SELECT 'schema outbox' AS what, n.nspowner AS owner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'outbox'
+                UNION ALL SELECT 'publication pg_outbox', p.pubowner FROM pg_catalog.pg_publication p WHERE p.pubname = 'pg_outbox'
+                UNION ALL SELECT 'relation ' || c.oid::regclass, c.relowner FROM pg_catalog.pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'function ' || p.oid::regprocedure, p.proowner FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'type ' || t.oid::regtype, t.typowner FROM pg_catalog.pg_type t WHERE t.typnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator ' || o.oid::regoperator, o.oprowner FROM pg_catalog.pg_operator o WHERE o.oprnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'collation ' || c.collname, c.collowner FROM pg_catalog.pg_collation c WHERE c.collnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'conversion ' || c.conname, c.conowner FROM pg_catalog.pg_conversion c WHERE c.connamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator class ' || c.opcname, c.opcowner FROM pg_catalog.pg_opclass c WHERE c.opcnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator family ' || f.opfname, f.opfowner FROM pg_catalog.pg_opfamily f WHERE f.opfnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'text search configuration ' || c.cfgname, c.cfgowner FROM pg_catalog.pg_ts_config c WHERE c.cfgnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'text search dictionary ' || d.dictname, d.dictowner FROM pg_catalog.pg_ts_dict d WHERE d.dictnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'statistics object ' || s.stxname, s.stxowner FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace = 'outbox'::regnamespace
+               ) o
+         WHERE o.owner <> extension_owner);
+BEGIN
+    IF strangers IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_outbox: objects in schema outbox belong to another role than %, who owns the extension: %', extension_owner::regrole, strangers
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A role that owns schema outbox or objects in it could capture calls to outbox.*: inspect them, drop them (or ALTER SCHEMA outbox OWNER TO ' || extension_owner::regrole || '), then ALTER EXTENSION pg_outbox UPDATE again.';
+    END IF;
+END
+$trust$;
+
+-- Whether the current role may act as consumer: a member of the role registered for it.
+-- SECURITY INVOKER and SQL, so row-level security can inline it and current_user is the caller.
+-- A SQL-standard body (BEGIN ATOMIC) is parsed here, once, under this script's search_path: the
+-- caller's search_path cannot swap its = for an operator of its own (a SET clause would do that
+-- too, but would stop the planner from inlining it into the policy).
+CREATE OR REPLACE FUNCTION outbox._may_act_as(consumer text)
+RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT EXISTS (SELECT FROM outbox.consumers c
+                    WHERE c.name OPERATOR(pg_catalog.=) _may_act_as.consumer
+                      AND pg_catalog.pg_has_role(c.role, 'USAGE'));
+END;
+
+
+-- The publication streams exactly outbox.messages, inserts only (its owner was checked above).
+DO $publication$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = 'pg_outbox') THEN
+        ALTER PUBLICATION pg_outbox SET TABLE outbox.messages;
+        ALTER PUBLICATION pg_outbox SET (publish = 'insert', publish_via_partition_root = false);
+    ELSE
+        CREATE PUBLICATION pg_outbox FOR TABLE outbox.messages WITH (publish = 'insert');
+        INSERT INTO pg_catalog.pg_depend (classid, objid, objsubid, refclassid, refobjid, refobjsubid, deptype)
+        SELECT 'pg_catalog.pg_publication'::regclass, p.oid, 0, 'pg_catalog.pg_extension'::regclass, e.oid, 0, 'e'
+          FROM pg_catalog.pg_publication p, pg_catalog.pg_extension e
+         WHERE p.pubname = 'pg_outbox' AND e.extname = 'pg_outbox';
+    END IF;
+END
+$publication$;
+
+-- Exactly the grants below, after every install and upgrade: every right on the schema, its
+-- tables and its functions that anyone but the owner holds is revoked first, whoever granted it
+-- (default privileges of the installer: ALTER DEFAULT PRIVILEGES ... GRANT ... TO app; an
+-- administrator's own GRANT). What another role held is named in a WARNING.
+DO $acl$
+DECLARE
+    o record;
+    revoked text[] := '{}';
+BEGIN
+    FOR o IN
+        SELECT 'SCHEMA' AS kind, 'outbox' AS name, g.grantee, g.privilege_type
+          FROM pg_catalog.pg_namespace n,
+               pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) g
+         WHERE n.nspname = 'outbox' AND g.grantee <> n.nspowner
+        UNION ALL
+        SELECT 'TABLE', c.oid::regclass::text, g.grantee, g.privilege_type
+          FROM pg_catalog.pg_class c,
+               pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
+         WHERE c.relnamespace = 'outbox'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+           AND g.grantee <> c.relowner
+        UNION ALL
+        SELECT DISTINCT 'TABLE', c.oid::regclass::text, g.grantee, g.privilege_type || ' (' || a.attname || ')'
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid,
+               pg_catalog.aclexplode(a.attacl) g
+         WHERE c.relnamespace = 'outbox'::regnamespace AND a.attacl IS NOT NULL AND g.grantee <> c.relowner
+        UNION ALL
+        SELECT 'FUNCTION', p.oid::regprocedure::text, g.grantee, g.privilege_type
+          FROM pg_catalog.pg_proc p,
+               pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) g
+         WHERE p.pronamespace = 'outbox'::regnamespace AND g.grantee <> p.proowner
+        ORDER BY 1, 2, 3
+    LOOP
+        -- regrole prints a quoted identifier.
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s %s FROM %s', o.kind, o.name,
+                                  CASE o.grantee WHEN 0 THEN 'PUBLIC' ELSE o.grantee::regrole::text END);
+        IF o.grantee <> 0 AND o.grantee::regrole::text NOT IN ('outbox_publisher', 'outbox_consumer', 'outbox_operator') THEN
+            revoked := revoked || pg_catalog.format('%s: %s on %s %s', o.grantee::regrole, o.privilege_type,
+                                                    pg_catalog.lower(o.kind), o.name);
+        END IF;
+    END LOOP;
+    IF pg_catalog.cardinality(revoked) > 0 THEN
+        RAISE WARNING 'pg_outbox: revoked rights that roles other than pg_outbox''s held on its objects:%',
+            E'\n' || pg_catalog.array_to_string(revoked, E'\n')
+            USING HINT = 'pg_outbox grants exactly what the README lists (Security). Grant a role outbox_publisher, outbox_consumer or outbox_operator instead.';
+    END IF;
+END
+$acl$;
+GRANT USAGE ON SCHEMA outbox TO outbox_publisher, outbox_consumer, outbox_operator;
+
+GRANT EXECUTE ON FUNCTION outbox.publish(text, jsonb, jsonb, text),
+                          outbox.publish_bytes(text, bytea, jsonb, text),
+                          outbox.publish_batch(text, jsonb[], jsonb, text[])
+    TO outbox_publisher;
+
+GRANT EXECUTE ON FUNCTION outbox.try_mark_processed(text, text),
+                          outbox.is_processed(text, text),
+                          outbox.purge_processed(interval, text),
+                          outbox._may_act_as(text), outbox._require_consumer(text, text),
+                          outbox._require_text(text, text, text, text)
+    TO outbox_consumer, outbox_operator;
+-- Row-level security: a consumer role reads, marks and purges only the consumers registered
+-- for it; an operator reads and purges all. The extension's owner (the installer) bypasses it.
+GRANT SELECT ON outbox.consumers TO outbox_consumer, outbox_operator;
+GRANT SELECT, INSERT, DELETE ON outbox.processed_messages TO outbox_consumer;
+GRANT SELECT, DELETE ON outbox.processed_messages TO outbox_operator;
+
+GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
+                          outbox.prune(interval, integer), outbox.status(),
+                          outbox.register_consumer(text, regrole), outbox.unregister_consumer(text)
+    TO outbox_operator;
+GRANT SELECT ON outbox.messages TO outbox_operator;
+GRANT SELECT, INSERT, DELETE ON outbox.dead_letters TO outbox_operator;
+GRANT SELECT, INSERT, UPDATE ON outbox.slots TO outbox_operator;
+
+
+-- Checked again at the end: nothing was planted while this ran.
+DO $trust$
+DECLARE
+    extension_owner oid := (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_outbox');
+    strangers text := (
+        SELECT pg_catalog.string_agg(pg_catalog.format('%s (owner %s)', o.what, o.owner::regrole), ', ' ORDER BY o.what)
+          FROM (SELECT 'schema outbox' AS what, n.nspowner AS owner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'outbox'
+                UNION ALL SELECT 'publication pg_outbox', p.pubowner FROM pg_catalog.pg_publication p WHERE p.pubname = 'pg_outbox'
+                UNION ALL SELECT 'relation ' || c.oid::regclass, c.relowner FROM pg_catalog.pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'function ' || p.oid::regprocedure, p.proowner FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'type ' || t.oid::regtype, t.typowner FROM pg_catalog.pg_type t WHERE t.typnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator ' || o.oid::regoperator, o.oprowner FROM pg_catalog.pg_operator o WHERE o.oprnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'collation ' || c.collname, c.collowner FROM pg_catalog.pg_collation c WHERE c.collnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'conversion ' || c.conname, c.conowner FROM pg_catalog.pg_conversion c WHERE c.connamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator class ' || c.opcname, c.opcowner FROM pg_catalog.pg_opclass c WHERE c.opcnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'operator family ' || f.opfname, f.opfowner FROM pg_catalog.pg_opfamily f WHERE f.opfnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'text search configuration ' || c.cfgname, c.cfgowner FROM pg_catalog.pg_ts_config c WHERE c.cfgnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'text search dictionary ' || d.dictname, d.dictowner FROM pg_catalog.pg_ts_dict d WHERE d.dictnamespace = 'outbox'::regnamespace
+                UNION ALL SELECT 'statistics object ' || s.stxname, s.stxowner FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace = 'outbox'::regnamespace
+               ) o
+         WHERE o.owner <> extension_owner);
+BEGIN
+    IF strangers IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_outbox: objects in schema outbox belong to another role than %, who owns the extension: %', extension_owner::regrole, strangers
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A role that owns schema outbox or objects in it could capture calls to outbox.*: inspect them, drop them (or ALTER SCHEMA outbox OWNER TO ' || extension_owner::regrole || '), then ALTER EXTENSION pg_outbox UPDATE again.';
+    END IF;
+END
+$trust$;
