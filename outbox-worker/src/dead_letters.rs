@@ -15,6 +15,8 @@ use crate::pg;
 
 /// A write taking longer than this makes the worker not ready.
 const STALLED_AFTER: Duration = Duration::from_secs(5);
+/// While draining after SIGTERM, how long one dead-letter write may take before the stop goes on.
+const DRAIN_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// Why a dead letter was not written.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +60,25 @@ impl DeadLetters {
         attempts: u32,
     ) -> Result<(), NotWritten> {
         let (health, shutdown) = (self.health.clone(), self.shutdown.clone());
-        // While draining after SIGTERM, writing is still worth trying: the drain timeout bounds it.
-        let interruptible = !shutdown.is_cancelled();
+        if shutdown.is_cancelled() {
+            // Draining after SIGTERM: one attempt, briefly, and the stop goes on; the message
+            // stays unconfirmed and is dead-lettered by the next run.
+            let attempt = self.try_write(message, destination, error, attempts);
+            return match tokio::time::timeout(DRAIN_ATTEMPT, attempt).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(failure)) => match pg::permanent_in(&failure, "outbox_operator") {
+                    Some(fatal) => Err(fatal.into()),
+                    None => {
+                        tracing::warn!(id = %message.id, error = %format!("{failure:#}"), "cannot write the dead letter while stopping; the next run will");
+                        Err(NotWritten::Shutdown)
+                    }
+                },
+                Err(_) => {
+                    tracing::warn!(id = %message.id, "the dead letter could not be written in time while stopping; the next run will");
+                    Err(NotWritten::Shutdown)
+                }
+            };
+        }
         let mut delay = Duration::from_millis(200);
         loop {
             let result = {
@@ -74,7 +93,7 @@ impl DeadLetters {
                         () = &mut stall, if !health.is_stalled() => health.set_stalled(true),
                         // The INSERT may still complete on the server: harmless, the next
                         // run's write of the same id does nothing.
-                        () = shutdown.cancelled(), if interruptible => return Err(NotWritten::Shutdown),
+                        () = shutdown.cancelled() => return Err(NotWritten::Shutdown),
                     }
                 }
             };
@@ -93,7 +112,7 @@ impl DeadLetters {
             self.client = None;
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = shutdown.cancelled(), if interruptible => return Err(NotWritten::Shutdown),
+                () = shutdown.cancelled() => return Err(NotWritten::Shutdown),
             }
             delay = (delay * 2).min(Duration::from_secs(10));
         }

@@ -36,17 +36,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         Some(listen) => Some(http::bind(listen).await?),
         None => None,
     };
-    let Some(client) = connect_at_start(config.url(), &shutdown).await? else {
-        return Ok(());
-    };
-    setup::check_rights(&client).await?;
-    let mut settings = SlotSettings::of(&config);
-    settings.wal_form = setup::installed(&client).await? != Some(setup::Install::Sql);
-    if config.postgres.setup {
-        setup::ensure_slot(&client, &settings, SlotSetup::Keep).await?;
-    }
-    drop(client);
-    let mut router = Router::new(&config);
+    // Health answers from the start: live while PostgreSQL is unreachable or the first slot is
+    // being created, ready only once streaming.
     let sinks = Sinks::build(&config)?;
     let health = Health::new(sinks.iter().map(|(_, s)| s.sink.clone()).collect());
     if let Some(listener) = listener {
@@ -58,6 +49,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             shutdown.clone(),
         ));
     }
+    let Some(client) = connect_at_start(config.url(), &shutdown).await? else {
+        return Ok(());
+    };
+    setup::check_rights(&client).await?;
+    let mut settings = SlotSettings::of(&config);
+    settings.wal_form = setup::installed(&client).await? != Some(setup::Install::Sql);
+    if config.postgres.setup {
+        tokio::select! {
+            made = setup::ensure_slot(&client, &settings, SlotSetup::Keep) => made?,
+            () = setup::report_blockers(config.url()) => unreachable!("reports until dropped"),
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    drop(client);
+    let mut router = Router::new(&config);
     tokio::spawn(watch_slot(
         config.url().to_owned(),
         config.postgres.slot.clone(),
@@ -74,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // Failed connections and short-lived streams since the last healthy stream.
     let mut reconnects = 0u32;
     let mut waiting_for_slot = false;
+    let mut closed = false;
     let result = loop {
         // None = the slot's confirmed position; after a lost connection, what this run confirmed.
         let start = delivery.confirmed();
@@ -128,7 +135,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 if let Some(lsn) = delivery.confirmed() {
                     source.confirm(lsn);
                 }
-                source.close().await;
+                within_stop_grace(async { tokio::join!(source.close(), delivery.close()) }).await;
+                closed = true;
                 break Ok(());
             }
             Ok(Stop::Lost(e)) => {
@@ -148,7 +156,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             Err(e) => break Err(e),
         }
     };
-    delivery.close().await;
+    if !closed {
+        within_stop_grace(delivery.close()).await;
+    }
     match delivery.confirmed() {
         Some(lsn) => tracing::info!(confirmed = %lsn, "outbox-worker stopped"),
         None => tracing::info!("outbox-worker stopped"),
@@ -395,6 +405,18 @@ async fn record_slot(client: &tokio_postgres::Client, slot: &str) -> Result<Opti
         )
         .await?;
     Ok(lag.and_then(|row| row.get(0)))
+}
+
+/// After the drain, a stop's last steps (confirming, closing connections) get this long: a
+/// broker that is down or frozen must not hold the stop past `shutdown_timeout` plus a second.
+/// What they did not finish is delivered again by the next run.
+async fn within_stop_grace<T>(step: impl std::future::Future<Output = T>) {
+    if tokio::time::timeout(Duration::from_millis(500), step)
+        .await
+        .is_err()
+    {
+        tracing::debug!("a closing step did not finish in time");
+    }
 }
 
 fn reconnect_delay(attempt: u32) -> Duration {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 
 use super::{Ack, Sink, SinkError};
@@ -272,11 +272,16 @@ impl Sink for KafkaSink {
         self.keeps_order
     }
 
+    /// Whatever is still unacknowledged here stays unconfirmed and is sent again by the next run,
+    /// so nothing is waited for: a broker that is down must not hold the stop.
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async move {
             let producer = self.producer.read().unwrap().clone();
-            let _ =
-                tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                producer.purge(PurgeConfig::default().queue().inflight());
+                producer.flush(Duration::from_millis(200))
+            })
+            .await;
         })
     }
 }

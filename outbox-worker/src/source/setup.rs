@@ -330,3 +330,59 @@ fn ignore_duplicate(
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
+
+/// While the first slot is being created, PostgreSQL waits for every transaction that was open
+/// when it started (a long application transaction can hold it for minutes): logs which one, every
+/// 10 s, over a connection of its own. Runs until dropped.
+pub async fn report_blockers(url: &str) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = crate::pg::connect(url).await.ok();
+        }
+        if let Some(c) = &client {
+            // The slot's creator (one of our own sessions) waits on the transaction id lock of
+            // each transaction it must outlive.
+            match c
+                .query_opt(
+                    "SELECT holder.pid, extract(epoch FROM now() - a.xact_start)::bigint,
+                            coalesce(a.application_name, '')
+                       FROM pg_catalog.pg_stat_activity w
+                       JOIN pg_catalog.pg_locks waits ON waits.pid = w.pid AND NOT waits.granted
+                            AND waits.locktype = 'transactionid'
+                       JOIN pg_catalog.pg_locks holder ON holder.locktype = 'transactionid'
+                            AND holder.transactionid = waits.transactionid AND holder.granted
+                       LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = holder.pid
+                      WHERE w.usename = current_user AND w.pid <> pg_catalog.pg_backend_pid()
+                      ORDER BY a.xact_start NULLS LAST LIMIT 1",
+                    &[],
+                )
+                .await
+            {
+                Ok(Some(row)) => {
+                    let (pid, age, application): (i32, Option<i64>, String) =
+                        (row.get(0), row.get(1), row.get(2));
+                    let open_for = age
+                        .map_or("an unknown time (pg_read_all_stats shows it)".into(), |s| {
+                            format!("{s}s")
+                        });
+                    tracing::warn!(
+                        blocking_pid = pid,
+                        open_for,
+                        application,
+                        "creating the replication slot waits for transactions that were open \
+                         before it to end; ready once they do"
+                    );
+                }
+                Ok(None) => tracing::info!("creating the replication slot"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read what the slot creation waits for");
+                    client = None;
+                }
+            }
+        }
+        tokio::time::sleep(EVERY).await;
+    }
+}

@@ -1,0 +1,128 @@
+//! SIGTERM stops the worker within `shutdown_timeout` plus a second, whatever it is doing: writing
+//! to a stdout nobody reads, sending to a Kafka cluster that is down, creating its first slot
+//! behind an application transaction that stays open (which it reports, while `/health/live`
+//! answers). What was not confirmed is delivered again by the next run.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use outbox_tests::postgres::free_port;
+use outbox_tests::worker::{config_args, http_get};
+use outbox_tests::{eventually, PgCluster, Worker};
+use rdkafka::mocking::MockCluster;
+
+/// The tests' `delivery.shutdown_timeout`.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+/// What the README promises beyond it.
+const GRACE: Duration = Duration::from_secs(1);
+
+/// SIGTERM, and the exit must come within `shutdown_timeout` + a second, with status 0.
+fn stops_in_time(worker: &mut Worker) {
+    let started = Instant::now();
+    let status = worker.terminate(SHUTDOWN_TIMEOUT + GRACE + Duration::from_millis(500));
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+    assert!(
+        took <= SHUTDOWN_TIMEOUT + GRACE,
+        "stopped after {took:?}:\n{}",
+        worker.log()
+    );
+    eprintln!("stopped in {took:?}");
+}
+
+fn config() -> tempfile::NamedTempFile {
+    Worker::config_file(&format!(
+        "[delivery]\nshutdown_timeout = \"{}s\"\n",
+        SHUTDOWN_TIMEOUT.as_secs()
+    ))
+}
+
+/// 0.2.0 logged "stopped" and then hung for ever on the blocked write.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stdout_reader_that_never_reads_does_not_hold_the_stop() {
+    let pg = PgCluster::start().await;
+    let config = config();
+    let mut worker = Worker::start_with(
+        &config_args(&pg.url(), config.path()),
+        &[],
+        Some(Stdio::piped()),
+    );
+    let _unread = worker.take_stdout();
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    // Far more than a pipe holds (64 kB).
+    db.batch_execute(
+        "SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'pad', repeat('x', 1000))))
+           FROM generate_series(1, 2000) AS i",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stops_in_time(&mut worker);
+}
+
+/// 0.2.0 took 40 s with the default 30 s timeout: the drain, then a 10 s flush.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kafka_cluster_that_is_down_does_not_hold_the_stop() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("orders", 1, 1).unwrap();
+    let pg = PgCluster::start().await;
+    let config = config();
+    let mut args = config_args(&pg.url(), config.path());
+    args.extend(["--kafka-brokers".into(), mock.bootstrap_servers()]);
+    let mut worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    mock.broker_down(-1).unwrap();
+    db.batch_execute(
+        "SELECT count(outbox.publish('orders', jsonb_build_object('i', i))) FROM generate_series(1, 100) AS i",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stops_in_time(&mut worker);
+}
+
+/// Creating the first slot waits for every transaction open at that moment. 0.2.0 said nothing,
+/// did not answer `/health/live`, and obeyed SIGTERM only once the transaction ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_start_behind_an_open_transaction_says_so_answers_health_and_stops() {
+    let pg = PgCluster::start().await;
+    let app = pg.superuser().await;
+    app.batch_execute("BEGIN").await.unwrap();
+    app.query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap();
+    let blocker: i32 = app
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = config();
+    let mut args = config_args(&pg.url(), config.path());
+    args.extend(["--http-listen".into(), listen.clone()]);
+    let mut worker = Worker::start(&args, None);
+    let worker_ref = &worker;
+    let expected = format!("blocking_pid={blocker}");
+    let expected = expected.as_str();
+    eventually(
+        Duration::from_secs(20),
+        "the worker names the transaction it waits for",
+        || async move { worker_ref.log().contains(expected) },
+    )
+    .await;
+    assert!(worker.log().contains("open_for"), "{}", worker.log());
+    assert_eq!(http_get(&listen, "/health/live").unwrap().0, 200);
+    assert_eq!(http_get(&listen, "/health/ready").unwrap().0, 503);
+    let started = Instant::now();
+    let status = worker.terminate(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+    assert!(
+        started.elapsed() <= GRACE,
+        "took {:?}:\n{}",
+        started.elapsed(),
+        worker.log()
+    );
+    app.batch_execute("COMMIT").await.unwrap();
+}
