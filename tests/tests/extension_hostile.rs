@@ -1,0 +1,699 @@
+//! Both installs attacked by roles that hold no superuser: a consumer that plants its own `=`
+//! operator, a role with CREATE on `public` or on the database that plants functions or
+//! pre-creates schema `outbox`, its version record or the publication, default privileges of the
+//! installer, payloads whose JSON text is far larger than their binary form (issue 21). And the
+//! rule that prevents the class: every function of both installs resolves names the same under
+//! any search_path, checked from `pg_proc`.
+
+use outbox_tests::postgres::{column, count, expect_error, Install};
+use outbox_tests::{on_both_installs, PgCluster};
+use tokio_postgres::Client;
+
+on_both_installs!(
+    a_consumer_cannot_act_as_another_through_its_own_operator,
+    every_function_means_the_same_under_any_search_path,
+    default_privileges_of_the_installer_grant_nothing,
+    a_publication_another_role_owns_is_refused,
+    the_size_cap_counts_what_is_sent,
+);
+
+/// What the hostile consumer plants: an `=` for text that is always true, first in its path.
+const SHADOW_EQUALS: &str = "
+    CREATE FUNCTION evil.always(text, text) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+    CREATE OPERATOR evil.= (leftarg = text, rightarg = text, function = evil.always);
+    CREATE OPERATOR evil.<> (leftarg = text, rightarg = text, function = evil.always);
+    SET search_path = evil, pg_catalog;";
+
+async fn a_consumer_cannot_act_as_another_through_its_own_operator(install: Install) {
+    let pg = PgCluster::start_install(install).await;
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE billing_svc LOGIN IN ROLE outbox_consumer;
+             CREATE ROLE shipping_svc LOGIN IN ROLE outbox_consumer;
+             CREATE SCHEMA evil AUTHORIZATION billing_svc;
+             CREATE ROLE ops LOGIN IN ROLE outbox_operator;",
+        )
+        .await
+        .unwrap();
+    pg.connect_as("ops")
+        .await
+        .batch_execute(
+            "SELECT outbox.register_consumer('billing', 'billing_svc');
+             SELECT outbox.register_consumer('shipping', 'shipping_svc');",
+        )
+        .await
+        .unwrap();
+    let shipping = pg.connect_as("shipping_svc").await;
+    shipping
+        .batch_execute("SELECT outbox.try_mark_processed('shipping', 'm-1')")
+        .await
+        .unwrap();
+    let billing = pg.connect_as("billing_svc").await;
+    billing.batch_execute(SHADOW_EQUALS).await.unwrap();
+    // Reading, marking, deleting, asking: nothing of shipping's, by any route.
+    assert_eq!(
+        count(&billing, "SELECT count(*) FROM outbox.processed_messages").await,
+        0
+    );
+    let may: bool = billing
+        .query_one("SELECT outbox._may_act_as('shipping')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!may);
+    for sql in [
+        "INSERT INTO outbox.processed_messages (consumer, message_id) VALUES ('shipping', 'm-2')",
+        "SELECT outbox.try_mark_processed('shipping', 'm-2')",
+        "SELECT outbox.is_processed('shipping', 'm-1')",
+    ] {
+        let (code, message, _) = expect_error(&billing, sql).await;
+        assert_eq!(code, "42501", "{sql}: {message}");
+    }
+    assert_eq!(
+        count(
+            &billing,
+            "WITH gone AS (DELETE FROM outbox.processed_messages RETURNING 1) SELECT count(*) FROM gone"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&billing, "SELECT outbox.purge_processed('0 s', 'shipping')").await,
+        0
+    );
+    // billing's own consumer still works under its search_path.
+    let first: bool = billing
+        .query_one("SELECT outbox.try_mark_processed('billing', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(first);
+    // shipping's mark is intact, and nothing was marked in its name.
+    let again: bool = shipping
+        .query_one("SELECT outbox.try_mark_processed('shipping', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!again, "shipping's mark is gone");
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM outbox.processed_messages WHERE consumer = 'shipping'"
+        )
+        .await,
+        1
+    );
+}
+
+/// The rule of DEVELOPMENT.md ("SQL rules"), checked on every function of the install: it pins
+/// `search_path = pg_catalog, pg_temp`, or has a SQL-standard body (parsed at install, names
+/// bound then), or is C (which resolves no name through the search path), or its body passes
+/// [`unqualified_names`].
+async fn every_function_means_the_same_under_any_search_path(install: Install) {
+    let pg = PgCluster::start_install(install).await;
+    let db = pg.superuser().await;
+    let rows = db
+        .query(
+            "SELECT p.oid::regprocedure::text, l.lanname, p.prosrc,
+                    coalesce(p.proconfig, '{}') @> '{\"search_path=pg_catalog, pg_temp\"}' AS pinned,
+                    p.prosqlbody IS NOT NULL AS atomic
+               FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+              WHERE p.pronamespace = 'outbox'::regnamespace ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(rows.len() > 15, "{} functions", rows.len());
+    let mut checked_by_body = Vec::new();
+    for row in rows {
+        let (name, language, body, pinned, atomic): (String, String, String, bool, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        if pinned || atomic || language == "c" {
+            continue;
+        }
+        assert_eq!(
+            language, "plpgsql",
+            "{name}: pin its search_path or give it a SQL-standard body (BEGIN ATOMIC)"
+        );
+        let problems = unqualified_names(&body);
+        assert!(
+            problems.is_empty(),
+            "{name} has no SET search_path, and resolves names through the caller's: {problems:?}"
+        );
+        checked_by_body.push(name);
+    }
+    if install == Install::Sql {
+        // The one function on the publish path that pays for no SET clause.
+        assert_eq!(
+            checked_by_body,
+            ["outbox._publish(text,text,jsonb,bytea,jsonb,text,uuid,boolean)"]
+        );
+    }
+    // Every policy calls only functions of the above.
+    let policies: Vec<String> = column(
+        &db,
+        "SELECT coalesce(pg_get_expr(polqual, polrelid), '') || ' ' || coalesce(pg_get_expr(polwithcheck, polrelid), '')
+           FROM pg_policy WHERE polrelid = 'outbox.processed_messages'::regclass",
+    )
+    .await;
+    for policy in policies {
+        let policy = policy.trim();
+        assert!(
+            policy.is_empty()
+                || policy == "true"
+                || policy.contains("outbox._may_act_as(consumer)"),
+            "{policy}"
+        );
+    }
+}
+
+/// Names in a PL/pgSQL body that the caller's search_path could resolve: unqualified function
+/// calls, operators not written `OPERATOR(pg_catalog.op)`, casts and variable types outside
+/// pg_catalog, and constructs that look an operator up by name (IN, BETWEEN, LIKE, NULLIF,
+/// IS DISTINCT FROM, a simple CASE).
+fn unqualified_names(body: &str) -> Vec<String> {
+    #[derive(Debug, PartialEq)]
+    enum Token {
+        Word(String),
+        Symbol(String),
+    }
+    let mut tokens = Vec::new();
+    let chars: Vec<char> = body.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == '-' && chars.get(i + 1) == Some(&'-') {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '\'' {
+            // A string literal ('' inside), dropped.
+            i += 1;
+            while i < chars.len() {
+                if chars[i] == '\'' && chars.get(i + 1) == Some(&'\'') {
+                    i += 2;
+                } else if chars[i] == '\'' {
+                    break;
+                } else {
+                    i += 1;
+                }
+            }
+            i += 1;
+            tokens.push(Token::Word("'literal'".into()));
+        } else if c.is_alphanumeric() || c == '_' || c == '"' {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_alphanumeric() || matches!(chars[i], '_' | '$' | '"'))
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            tokens.push(Token::Word(word.to_lowercase()));
+        } else if "+-*/<>=~!@#%^&|?:".contains(c) {
+            let start = i;
+            while i < chars.len() && "+-*/<>=~!@#%^&|?:".contains(chars[i]) {
+                i += 1;
+            }
+            tokens.push(Token::Symbol(chars[start..i].iter().collect()));
+        } else {
+            tokens.push(Token::Symbol(c.to_string()));
+            i += 1;
+        }
+    }
+    let word = |t: Option<&Token>, w: &str| matches!(t, Some(Token::Word(x)) if x == w);
+    let symbol = |t: Option<&Token>, s: &str| matches!(t, Some(Token::Symbol(x)) if x == s);
+    // Grammar constructs that look no name up.
+    const SYNTAX: &[&str] = &[
+        "if", "elsif", "when", "and", "or", "not", "values", "exists", "array", "all", "any",
+        "operator", "coalesce", "greatest", "least", "return", "then", "else", "perform", "select",
+    ];
+    const LOOKUPS: &[&str] = &[
+        "in", "between", "like", "ilike", "similar", "nullif", "distinct",
+    ];
+    let mut problems = Vec::new();
+    let mut in_declare = false;
+    for (k, token) in tokens.iter().enumerate() {
+        let previous = k.checked_sub(1).and_then(|p| tokens.get(p));
+        let next = tokens.get(k + 1);
+        match token {
+            Token::Word(w) if w == "declare" => in_declare = true,
+            Token::Word(w) if w == "begin" => in_declare = false,
+            Token::Word(w)
+                if in_declare && symbol(previous, ";")
+                    || in_declare && word(previous, "declare") =>
+            {
+                // `name type;`: the type must be pg_catalog's.
+                if !word(next, "pg_catalog") {
+                    problems.push(format!("variable {w} has a type outside pg_catalog"));
+                }
+            }
+            Token::Word(w) if LOOKUPS.contains(&w.as_str()) => {
+                problems.push(format!("{w} looks an operator up through the search_path"));
+            }
+            Token::Word(w) if w == "case" && !word(next, "when") => {
+                problems.push("a simple CASE compares with the search_path's =".into());
+            }
+            Token::Word(w)
+                if symbol(next, "(") && !symbol(previous, ".") && !SYNTAX.contains(&w.as_str()) =>
+            {
+                problems.push(format!("{w}(...) is not schema-qualified"));
+            }
+            Token::Symbol(s) if s == "::" => {
+                if !word(next, "pg_catalog") {
+                    problems.push("a cast to a type outside pg_catalog".into());
+                }
+            }
+            Token::Symbol(s)
+                if s == ":=" || s == ";" || s == "(" || s == ")" || s == "," || s == "." => {}
+            Token::Symbol(s)
+                if s == "="
+                    && matches!(previous, Some(Token::Word(w)) if ["errcode", "hint", "message", "detail"].contains(&w.as_str())) =>
+                {}
+            Token::Symbol(s)
+                if s == "*" && (word(previous, "select") || word(previous, "returning")) => {}
+            Token::Symbol(s) if s.chars().all(|c| "+-*/<>=~!@#%^&|?".contains(c)) => {
+                let qualified = k >= 3
+                    && symbol(tokens.get(k - 1), ".")
+                    && word(tokens.get(k - 2), "pg_catalog")
+                    && symbol(tokens.get(k - 3), "(")
+                    && word(tokens.get(k.wrapping_sub(4)), "operator");
+                if !qualified {
+                    problems.push(format!("operator {s} is not OPERATOR(pg_catalog.{s})"));
+                }
+            }
+            _ => {}
+        }
+    }
+    problems
+}
+
+#[test]
+fn the_body_check_finds_what_the_search_path_could_capture() {
+    let body = "DECLARE n text; m pg_catalog.int8; BEGIN
+        IF a = b OR a OPERATOR(pg_catalog.=) b OR x IN (1) OR nullif(a, b) IS NULL THEN
+            PERFORM lower(a); PERFORM pg_catalog.lower(a); PERFORM outbox.f(a::int4, a::pg_catalog.int4);
+            RAISE EXCEPTION 'a = b, f(x) IN' USING ERRCODE = 'x', HINT = CASE a WHEN 1 THEN 'y' END;
+        END IF; m := 1; END";
+    let problems = unqualified_names(body);
+    assert_eq!(
+        problems,
+        [
+            "variable n has a type outside pg_catalog",
+            "operator = is not OPERATOR(pg_catalog.=)",
+            "in looks an operator up through the search_path",
+            "nullif looks an operator up through the search_path",
+            "lower(...) is not schema-qualified",
+            "a cast to a type outside pg_catalog",
+            "a simple CASE compares with the search_path's =",
+        ],
+        "{problems:#?}"
+    );
+}
+
+/// Every right on schema outbox, its tables and functions, held by anyone but the owner and the
+/// three roles, as `grantee: privilege on object` lines.
+async fn foreign_rights(db: &Client) -> Vec<String> {
+    column(
+        db,
+        "SELECT format('%s: %s on %s', g.grantee::regrole, g.privilege_type, o.what)
+           FROM (SELECT 'schema outbox' AS what, n.nspacl AS acl, n.nspowner AS owner FROM pg_namespace n WHERE n.nspname = 'outbox'
+                 UNION ALL SELECT c.oid::regclass::text, c.relacl, c.relowner FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+                 UNION ALL SELECT p.oid::regprocedure::text, coalesce(p.proacl, acldefault('f', p.proowner)), p.proowner
+                             FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace) o,
+                aclexplode(o.acl) g
+          WHERE g.grantee <> o.owner
+            AND (g.grantee = 0 OR g.grantee::regrole::text NOT IN ('outbox_publisher', 'outbox_consumer', 'outbox_operator'))
+          ORDER BY 1",
+    )
+    .await
+}
+
+async fn default_privileges_of_the_installer_grant_nothing(install: Install) {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    let installer = match install {
+        Install::Extension => "postgres",
+        Install::Sql => "installer",
+    };
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE app LOGIN;
+             CREATE ROLE installer LOGIN CREATEROLE REPLICATION;
+             ALTER DEFAULT PRIVILEGES FOR ROLE {installer} GRANT ALL ON TABLES TO app;
+             ALTER DEFAULT PRIVILEGES FOR ROLE {installer} GRANT ALL ON FUNCTIONS TO app;
+             ALTER DEFAULT PRIVILEGES FOR ROLE {installer} GRANT ALL ON SCHEMAS TO app;
+             ALTER DEFAULT PRIVILEGES FOR ROLE {installer} GRANT ALL ON FUNCTIONS TO PUBLIC;"
+        ))
+        .await
+        .unwrap();
+    pg.install_in(install, "postgres").await;
+    assert_eq!(foreign_rights(&admin).await, Vec::<String>::new());
+    let app = pg.connect_as("app").await;
+    for sql in [
+        "INSERT INTO outbox.messages (id, queue, payload) VALUES (gen_random_uuid(), 'q', '{}')",
+        "CREATE FUNCTION outbox.publish(queue text, payload text) RETURNS uuid LANGUAGE sql AS 'SELECT NULL::uuid'",
+        "SELECT outbox.publish('q', '{}')",
+    ] {
+        let (code, message, _) = expect_error(&app, sql).await;
+        assert_eq!(code, "42501", "{sql}: {message}");
+    }
+    // An upgrade (the SQL install run again as another build) sets them again.
+    if install == Install::Sql {
+        admin
+            .batch_execute(
+                "UPDATE outbox.sql_install SET build = 'older';
+                 GRANT INSERT ON outbox.messages TO app;",
+            )
+            .await
+            .unwrap();
+        let out = pg.run_sql_install("postgres");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("app: INSERT on table outbox.messages"),
+            "{stderr}"
+        );
+        assert_eq!(foreign_rights(&admin).await, Vec::<String>::new());
+    }
+}
+
+async fn a_publication_another_role_owns_is_refused(install: Install) {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE mallory LOGIN;
+             GRANT CREATE ON DATABASE postgres TO mallory;",
+        )
+        .await
+        .unwrap();
+    pg.connect_as("mallory")
+        .await
+        .batch_execute("CREATE PUBLICATION pg_outbox")
+        .await
+        .unwrap();
+    let message = match install {
+        Install::Extension => expect_error(&admin, "CREATE EXTENSION pg_outbox").await.1,
+        Install::Sql => {
+            admin
+                .batch_execute(
+                    "CREATE ROLE installer LOGIN CREATEROLE REPLICATION;
+                     GRANT CREATE ON DATABASE postgres TO installer;",
+                )
+                .await
+                .unwrap();
+            let out = pg.run_sql_install("postgres");
+            assert!(!out.status.success());
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+    };
+    assert!(message.contains("publication pg_outbox"), "{message}");
+    assert!(message.contains("mallory"), "{message}");
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'"
+        )
+        .await,
+        0
+    );
+}
+
+async fn the_size_cap_counts_what_is_sent(install: Install) {
+    let pg = PgCluster::start_install(install).await;
+    let db = pg.superuser().await;
+    db.batch_execute(
+        "CREATE ROLE app LOGIN IN ROLE outbox_publisher;
+         CREATE TABLE big AS SELECT to_jsonb(repeat('a', 5000000)) AS json, convert_to(repeat('a', 5000000), 'UTF8') AS bytes;
+         GRANT SELECT ON big TO app;",
+    )
+    .await
+    .unwrap();
+    let app = pg.connect_as("app").await;
+    for (sql, payload) in [
+        // 144 bytes stored, 3 MB printed.
+        (
+            "SELECT outbox.publish('q', (SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 25)))",
+            "payload 3276850)",
+        ),
+        (
+            "SELECT outbox.publish_batch('q', ARRAY[(SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 25))])",
+            "payload 3276850)",
+        ),
+        // Compressed in a table column: counted at its full size.
+        ("SELECT outbox.publish('q', json) FROM big", "payload 5000"),
+        ("SELECT outbox.publish_bytes('q', bytes) FROM big", "payload 5000000)"),
+        // Headers count as their JSON text too: 100,000 control characters print as 600,000 bytes.
+        (
+            "SELECT outbox.publish('q', '1', jsonb_build_object('h', repeat(E'\\x01', 100000)))",
+            "headers 600009,",
+        ),
+    ] {
+        let (code, message, _) = expect_error(&app, sql).await;
+        assert_eq!(code, "54000", "{sql}: {message}");
+        assert!(message.contains(payload), "{sql}: {message}");
+        assert!(
+            message.contains("more than pg_outbox.max_message_size (524288 bytes)"),
+            "{message}"
+        );
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 0);
+}
+
+/// A role with CREATE on `public` plants functions that the SQL install, run again (as deploy
+/// pipelines do) or as an upgrade, used to call as the installer.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sql_install_runs_no_function_planted_in_public() {
+    let pg = PgCluster::start_sql_install().await;
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE mallory LOGIN IN ROLE outbox_consumer;
+             GRANT CREATE ON SCHEMA public TO mallory;",
+        )
+        .await
+        .unwrap();
+    pg.connect_as("mallory")
+        .await
+        .batch_execute(
+            "CREATE FUNCTION public.to_jsonb(s outbox.sql_install) RETURNS jsonb LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE 'GRANT outbox_operator TO mallory'; RETURN '{}'; END $$;
+             CREATE FUNCTION public.to_jsonb(r record) RETURNS jsonb LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END';
+             CREATE FUNCTION public.format(f text, p regprocedure) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE 'GRANT outbox_operator TO mallory'; RETURN pg_catalog.format(f, p); END $$;
+             CREATE FUNCTION public.cardinality(a text[]) RETURNS integer LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE 'GRANT outbox_operator TO mallory'; RETURN 0; END $$;",
+        )
+        .await
+        .unwrap();
+    // Run again (nothing to do), then as an upgrade from another build.
+    for build in [None, Some("older")] {
+        if let Some(build) = build {
+            admin
+                .batch_execute(&format!("UPDATE outbox.sql_install SET build = '{build}'"))
+                .await
+                .unwrap();
+        }
+        let out = pg.run_sql_install("postgres");
+        assert!(
+            out.status.success(),
+            "{build:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let operator: bool = admin
+        .query_one(
+            "SELECT pg_has_role('mallory', 'outbox_operator', 'MEMBER')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!operator, "mallory's code ran as the installer");
+}
+
+/// A role with CREATE on the database pre-creates what the SQL install would trust: the schema,
+/// a version record that says "nothing to do", the publication. Each is refused by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sql_install_refuses_a_squatted_schema_by_naming_the_squatter() {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE mallory LOGIN;
+             CREATE ROLE installer LOGIN CREATEROLE REPLICATION;
+             GRANT CREATE ON DATABASE postgres TO mallory, installer;",
+        )
+        .await
+        .unwrap();
+    let script =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/pg_outbox.sql"))
+            .unwrap();
+    let build = script
+        .split("(SQL install, build ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("the script's build");
+    let version = script
+        .split("INSERT INTO outbox.sql_install (version, build) VALUES ('")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .expect("the script's version");
+    let mallory = pg.connect_as("mallory").await;
+    mallory
+        .batch_execute(&format!(
+            "CREATE SCHEMA outbox;
+             CREATE TABLE outbox.sql_install (version text, installed_at timestamptz DEFAULT now(), build text);
+             INSERT INTO outbox.sql_install (version, build) VALUES ('{version}', '{build}');"
+        ))
+        .await
+        .unwrap();
+    let out = pg.run_sql_install("postgres");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("schema outbox belongs to role mallory, not to installer"),
+        "{stderr}"
+    );
+    // The installer's own schema, but a version record of mallory's in it.
+    mallory
+        .batch_execute("DROP SCHEMA outbox CASCADE")
+        .await
+        .unwrap();
+    admin
+        .batch_execute(
+            "CREATE SCHEMA outbox AUTHORIZATION installer;
+             GRANT CREATE, USAGE ON SCHEMA outbox TO mallory;",
+        )
+        .await
+        .unwrap();
+    mallory
+        .batch_execute(&format!(
+            "CREATE TABLE outbox.sql_install (version text, installed_at timestamptz DEFAULT now(), build text);
+             INSERT INTO outbox.sql_install (version, build) VALUES ('{version}', '{build}');"
+        ))
+        .await
+        .unwrap();
+    let out = pg.run_sql_install("postgres");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("relation outbox.sql_install (owner mallory)"),
+        "{stderr}"
+    );
+    // Empty, the installer's, but CREATE granted to mallory: refused as not a SQL install.
+    mallory
+        .batch_execute("DROP TABLE outbox.sql_install")
+        .await
+        .unwrap();
+    let out = pg.run_sql_install("postgres");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("schema outbox exists already and is not a SQL install"),
+        "{stderr}"
+    );
+}
+
+/// 0.1.0 accepted a schema outbox that another role owns; that role plants a function the 0.1.0
+/// -> 0.2.0 upgrade called through the search_path (and would have become SUPERUSER).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_refuses_a_schema_another_role_owns() {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE mallory LOGIN;
+             CREATE SCHEMA outbox AUTHORIZATION mallory;
+             CREATE EXTENSION pg_outbox VERSION '0.1.0';
+             SELECT outbox.try_mark_processed('billing', 'm-1');",
+        )
+        .await
+        .unwrap();
+    pg.connect_as("mallory")
+        .await
+        .batch_execute(
+            "CREATE FUNCTION outbox.cardinality(a text[]) RETURNS integer LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE 'ALTER ROLE mallory SUPERUSER'; RETURN 0; END $$;",
+        )
+        .await
+        .unwrap();
+    let (code, message, hint) = expect_error(&admin, "ALTER EXTENSION pg_outbox UPDATE").await;
+    assert_eq!(code, "42501", "{message}");
+    assert!(
+        message.contains("schema outbox (owner mallory)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("outbox.cardinality(text[]) (owner mallory)"),
+        "{message}"
+    );
+    assert!(
+        hint.contains("ALTER SCHEMA outbox OWNER TO postgres"),
+        "{hint}"
+    );
+    let superuser: bool = admin
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!superuser);
+}
+
+/// An empty schema outbox the installer owns, with CREATE granted to another role: adopted, and
+/// that right revoked.
+#[tokio::test(flavor = "multi_thread")]
+async fn create_extension_revokes_what_others_held_on_an_adopted_schema() {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE mallory LOGIN;
+             CREATE SCHEMA outbox;
+             GRANT CREATE, USAGE ON SCHEMA outbox TO mallory;
+             CREATE EXTENSION pg_outbox;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(foreign_rights(&admin).await, Vec::<String>::new());
+    let (code, _, _) = expect_error(
+        &pg.connect_as("mallory").await,
+        "CREATE FUNCTION outbox.publish(queue text, payload text) RETURNS uuid LANGUAGE sql AS 'SELECT NULL::uuid'",
+    )
+    .await;
+    assert_eq!(code, "42501");
+}
+
+/// setseed() makes random() repeat; ids come from a strong random source.
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_install_ids_stay_unique_whatever_a_session_seeds() {
+    let pg = PgCluster::start_sql_install().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        // Two sessions on the same id clock (a value ahead of the wall clock), same seed.
+        let db = pg.superuser().await;
+        db.batch_execute(
+            "SELECT set_config('pg_outbox._last_micros', '4102444800000000', false);
+             SELECT setseed(0.5);",
+        )
+        .await
+        .unwrap();
+        let id: uuid::Uuid = db
+            .query_one("SELECT outbox.publish('q', '{}')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+}
