@@ -11,7 +11,7 @@ const FINGERPRINT: &str = r#"
 SELECT string_agg(line, E'\n' ORDER BY line) FROM (
   SELECT format('function %s secdef=%s volatile=%s parallel=%s strict=%s config=%s acl=%s body=%s comment=%s',
                 p.oid::regprocedure, p.prosecdef, p.provolatile, p.proparallel, p.proisstrict, p.proconfig,
-                (SELECT array_agg(a::text ORDER BY a::text) FROM unnest(p.proacl) a), md5(p.prosrc), obj_description(p.oid, 'pg_proc'))
+                (SELECT array_agg(a::text ORDER BY a::text) FROM unnest(p.proacl) a), md5(coalesce(pg_get_function_sqlbody(p.oid), p.prosrc)), obj_description(p.oid, 'pg_proc'))
     FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
   UNION ALL
   SELECT format('column %s.%s %s notnull=%s default=%s', c.relname, a.attname,
@@ -151,4 +151,57 @@ async fn upgrade_from_0_1_0_keeps_rows_and_equals_a_fresh_install() {
         .await
         .unwrap();
     assert_eq!(count(&db, "SELECT outbox.prune()").await, 2);
+}
+
+/// 0.2.0 -> 0.2.1 (issue 21): the rights, the row-level security function and the publication
+/// made again, with the installer's default privileges revoked, equal to a fresh install.
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_from_0_2_0_equals_a_fresh_install_and_revokes_what_default_privileges_granted() {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    for database in ["upgraded", "fresh"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
+    let fresh = pg.connect_to("postgres", "fresh").await;
+    fresh
+        .batch_execute("CREATE EXTENSION pg_outbox")
+        .await
+        .unwrap();
+    let db = pg.connect_to("postgres", "upgraded").await;
+    db.batch_execute(
+        "CREATE ROLE app LOGIN;
+         ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO app;
+         ALTER DEFAULT PRIVILEGES GRANT ALL ON FUNCTIONS TO app;
+         CREATE EXTENSION pg_outbox VERSION '0.2.0';
+         ALTER DEFAULT PRIVILEGES REVOKE ALL ON TABLES FROM app;
+         ALTER DEFAULT PRIVILEGES REVOKE ALL ON FUNCTIONS FROM app;
+         SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'old');",
+    )
+    .await
+    .unwrap();
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_class c, aclexplode(c.relacl) g
+              WHERE c.relnamespace = 'outbox'::regnamespace AND g.grantee = 'app'::regrole"
+        )
+        .await
+            > 0,
+        "0.2.0 let default privileges grant app rights on outbox.*"
+    );
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE")
+        .await
+        .unwrap();
+    assert_eq!(fingerprint(&db).await, fingerprint(&fresh).await);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.messages WHERE key = 'old'"
+        )
+        .await,
+        1
+    );
 }

@@ -551,7 +551,12 @@ async fn running_the_script_again_keeps_or_upgrades_in_place() {
 
     // Another build of the same version (a changed script, or one from before builds were
     // recorded) is upgraded too.
-    let version = env!("CARGO_PKG_VERSION");
+    // The extension's version (pg_outbox/Cargo.toml), which the SQL install takes.
+    let version = include_str!("../../pg_outbox/Cargo.toml")
+        .lines()
+        .find_map(|line| line.strip_prefix("version = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("pg_outbox's version");
     for (change, installed) in [
         (
             "UPDATE outbox.sql_install SET build = 'earlier'",
