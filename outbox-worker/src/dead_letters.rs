@@ -119,15 +119,12 @@ impl DeadLetters {
     }
 
     /// Keeps a quarantined message (destination `quarantine`, raw content in `payload_bytes`),
-    /// durably, like [`DeadLetters::write`]. Its id is the one it claimed, or one derived from
-    /// its position and content, so a re-streamed quarantine is written once.
+    /// durably, like [`DeadLetters::write`]. Its id comes from its place in the stream (commit LSN,
+    /// position in the transaction), never from what it claims: two identical ones are two rows, a
+    /// claimed id cannot collide with a real message's, and a re-streamed quarantine is written
+    /// once. The reason names the id it claimed.
     pub async fn quarantine(&mut self, q: &Quarantined) -> Result<(), NotWritten> {
-        let id = q.id.unwrap_or_else(|| {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            q.raw.hash(&mut hasher);
-            uuid::Uuid::from_u64_pair(q.commit_lsn.0, hasher.finish())
-        });
+        let id = uuid::Uuid::from_u64_pair(q.commit_lsn.0, u64::from(q.position));
         let message = Message {
             id,
             queue: "(quarantine)".into(),
@@ -151,6 +148,34 @@ impl DeadLetters {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = Some(pg::connect(&self.url).await?);
         }
+        match self.insert(message, destination, error, attempts).await {
+            // A data exception (a `\u0000` jsonb refuses, a character the database's encoding
+            // lacks) would fail every retry and stall delivery for good: keep the payload as
+            // bytes instead, without key and headers, and say so.
+            Err(e) if pg::db_error_in(&e).is_some_and(|db| db.code().code().starts_with("22")) => {
+                let kept = Message {
+                    key: None,
+                    headers: Default::default(),
+                    payload: Payload::Bytes(message.payload.as_bytes().to_vec()),
+                    ..message.clone()
+                };
+                let error = format!(
+                    "{error} (kept as bytes without key and headers: the table refused them: {})",
+                    pg::db_error_in(&e).map_or(String::new(), |db| db.message().to_owned())
+                );
+                self.insert(&kept, destination, &error, attempts).await
+            }
+            other => other,
+        }
+    }
+
+    async fn insert(
+        &self,
+        message: &Message,
+        destination: &str,
+        error: &str,
+        attempts: u32,
+    ) -> Result<()> {
         let client = self.client.as_ref().expect("connected");
         let (payload, payload_bytes) = match &message.payload {
             Payload::Json(text) => (Some(text.as_str()), None),

@@ -135,6 +135,8 @@ pub struct Quarantined {
     pub raw: Vec<u8>,
     pub reason: String,
     pub commit_lsn: Lsn,
+    /// Its place among the outbox messages of its transaction (from 1).
+    pub position: u32,
 }
 
 #[cfg(test)]

@@ -483,3 +483,33 @@ async fn a_right_revoked_mid_run_stops_the_worker_at_the_dead_letter_it_cannot_w
         0
     );
 }
+
+/// An envelope from a newer pg_outbox is not guessed at, nor quarantined (it is genuine: only the
+/// extension and superusers can write one): the worker stops and asks for an upgrade, and the
+/// message stays unconfirmed for the upgraded worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_envelope_version_stops_the_worker_and_asks_for_an_upgrade() {
+    let pg = PgCluster::start().await;
+    let mut worker = Worker::start(&["run", "--postgres-url", &pg.url()], None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    let v2 = r#"{"v":2,"id":"01a208bd-0000-7000-8000-000000000003","queue":"q","key":null,"created_at":"2026-11-23T00:00:00Z","headers":{},"payload":1}"#;
+    db.execute(
+        "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::text)",
+        &[&v2],
+    )
+    .await
+    .unwrap();
+    let status = worker.wait_exit(EXIT_WITHIN);
+    let log = worker.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("upgrade outbox-worker") && log.contains("hint:"),
+        "{log}"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.dead_letters").await,
+        0,
+        "not quarantined"
+    );
+}

@@ -423,3 +423,55 @@ async fn forged_and_garbage_messages_are_never_delivered_and_never_stop_the_work
     assert_eq!(redriven, 0);
     worker.terminate(Duration::from_secs(10));
 }
+
+/// Quarantine keeps one row per message, and a message no table column can hold (a `\u0000`
+/// that jsonb refuses) is quarantined instead of stalling the stream. 0.2.0: two identical
+/// garbage messages left one row, and the NUL one was delivered (or, without a route, its
+/// dead-letter insert failed for ever and stalled every later message).
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_garbage_is_quarantined_once_each_and_a_nul_never_stalls_the_stream() {
+    let pg = PgCluster::start().await;
+    let (_dir, out) = stdout_file();
+    let mut worker = Worker::start(&["run", "--postgres-url", &pg.url()], Some(&out));
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    let nul = r#"{"v":1,"id":"01a208bd-0000-7000-8000-000000000002","queue":"payments","key":"k","created_at":"2026-11-23T00:00:00Z","headers":{},"payload":{"a":"x\u0000y"}}"#;
+    db.batch_execute("BEGIN").await.unwrap();
+    for content in ["garbage", "garbage", nul] {
+        db.execute(
+            "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::text)",
+            &[&content],
+        )
+        .await
+        .unwrap();
+    }
+    db.batch_execute("COMMIT; SELECT outbox.publish('payments', '{\"legit\": true}', '{}', 'k')")
+        .await
+        .unwrap();
+    wait_for_lines(&out, 1).await;
+    eventually(
+        Duration::from_secs(10),
+        "the slot to confirm past the quarantined messages",
+        || {
+            let (pg, db) = (&pg, &db);
+            async move { pg.slot_lag(db).await < 1024 }
+        },
+    )
+    .await;
+    let delivered = read_json_lines(&out);
+    assert_eq!(delivered.len(), 1, "{}", worker.log());
+    assert_eq!(delivered[0].payload["legit"], true);
+    let errors: Vec<String> = db
+        .query(
+            "SELECT error FROM outbox.dead_letters WHERE destination = 'quarantine' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[2].contains("NUL"), "{errors:?}");
+    worker.terminate(Duration::from_secs(10));
+}

@@ -22,12 +22,16 @@ pub const MESSAGE_PREFIX: &str = "pg_outbox";
 pub struct EnvelopeError {
     id: Option<Uuid>,
     problem: String,
+    /// Written by a newer pg_outbox than this worker reads: stop and ask for an upgrade rather
+    /// than quarantine a genuine message.
+    newer: bool,
 }
 
 fn problem(problem: impl Into<String>) -> EnvelopeError {
     EnvelopeError {
         id: None,
         problem: problem.into(),
+        newer: false,
     }
 }
 
@@ -131,10 +135,15 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Envel
     let envelope: Envelope<'_> =
         serde_json::from_slice(content).map_err(|e| problem(format!("bad envelope: {e}")))?;
     if envelope.v != 1 {
-        return Err(problem(format!(
-            "envelope version {} is newer than this worker understands (1): upgrade outbox-worker",
-            envelope.v
-        )));
+        return Err(EnvelopeError {
+            id: Some(envelope.id),
+            problem: format!(
+                "envelope version {} is newer than this worker understands (1): upgrade \
+                 outbox-worker",
+                envelope.v
+            ),
+            newer: envelope.v > 1,
+        });
     }
     let payload = match (envelope.payload, envelope.payload_base64) {
         (Some(json), None) => Payload::Json(json.get().to_owned()),
@@ -144,12 +153,14 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Envel
                 .map_err(|e| EnvelopeError {
                     id: Some(envelope.id),
                     problem: format!("bad payload_base64: {e}"),
+                    newer: false,
                 })?,
         ),
         _ => {
             return Err(EnvelopeError {
                 id: Some(envelope.id),
                 problem: "the envelope needs exactly one of payload and payload_base64".into(),
+                newer: false,
             })
         }
     };
@@ -180,6 +191,14 @@ pub fn check_publish_rules(message: &Message) -> Result<(), EnvelopeError> {
         format!("invalid queue name {queue:?}")
     } else if message.key.as_deref() == Some("") {
         "the key is an empty string".into()
+    } else if message.key.as_deref().is_some_and(|k| k.contains('\0'))
+        || message
+            .headers
+            .iter()
+            .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+        || matches!(&message.payload, Payload::Json(json) if has_nul_escape(json))
+    {
+        "it holds a NUL character (\\u0000), which PostgreSQL's text and jsonb cannot store".into()
     } else if let Some(name) = message
         .headers
         .keys()
@@ -192,7 +211,25 @@ pub fn check_publish_rules(message: &Message) -> Result<(), EnvelopeError> {
     Err(EnvelopeError {
         id: Some(message.id),
         problem,
+        newer: false,
     })
+}
+
+/// Whether JSON text holds the escape `\u0000` (not an escaped backslash followed by `u0000`).
+fn has_nul_escape(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes[i + 1..].starts_with(b"u0000") {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 impl EnvelopeError {
@@ -203,6 +240,11 @@ impl EnvelopeError {
             "a wal-form message in a database with the SQL install, where pg_logical_emit_message \
              is open to every role and outbox.publish writes only the table form: not trusted",
         )
+    }
+
+    /// Written by a newer pg_outbox: the worker must stop, not quarantine it.
+    pub fn is_newer_version(&self) -> bool {
+        self.newer
     }
 
     /// The id the message claimed, when it could be read.
@@ -346,9 +388,30 @@ mod tests {
     }
 
     #[test]
+    fn a_nul_anywhere_is_against_the_rules_an_escaped_backslash_is_not() {
+        let envelope = |key: &str, headers: &str, payload: &str| {
+            format!(
+                r#"{{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":{key},"created_at":"2026-11-23T07:46:14Z","headers":{headers},"payload":{payload}}}"#
+            )
+        };
+        for content in [
+            envelope("null", "{}", r#"{"a":"x\u0000y"}"#),
+            envelope(r#""k\u0000""#, "{}", "1"),
+            envelope("null", r#"{"h":"\u0000"}"#, "1"),
+        ] {
+            let message = decode_envelope(content.as_bytes(), Lsn(9)).unwrap();
+            assert!(check_publish_rules(&message).is_err(), "{content}");
+        }
+        let fine = envelope("null", "{}", r#"{"a":"x\\u0000y"}"#);
+        let message = decode_envelope(fine.as_bytes(), Lsn(9)).unwrap();
+        assert!(check_publish_rules(&message).is_ok(), "{fine}");
+    }
+
+    #[test]
     fn a_future_envelope_version_says_upgrade() {
         let content = br#"{"v":2,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":null,"created_at":"2026-11-23T07:46:14Z","headers":{},"payload":1}"#;
-        let err = decode_envelope(content, Lsn(9)).unwrap_err().to_string();
-        assert!(err.contains("upgrade outbox-worker"), "{err}");
+        let err = decode_envelope(content, Lsn(9)).unwrap_err();
+        assert!(err.is_newer_version());
+        assert!(err.to_string().contains("upgrade outbox-worker"), "{err}");
     }
 }

@@ -166,6 +166,8 @@ pub struct ReplicationSource {
     /// The commit LSN and time of the transaction being read.
     commit_lsn: Lsn,
     committed_at: chrono::DateTime<chrono::Utc>,
+    /// Outbox messages seen so far in the transaction being read: a quarantine's place in it.
+    seen_in_tx: u32,
     status_interval: Duration,
     wal_form: bool,
 }
@@ -187,6 +189,7 @@ impl ReplicationSource {
             layouts: HashMap::new(),
             commit_lsn: Lsn(0),
             committed_at: chrono::Utc::now(),
+            seen_in_tx: 0,
             status_interval: settings.status_interval,
             wal_form: settings.wal_form,
         })
@@ -207,6 +210,7 @@ impl ReplicationSource {
                     ..
                 } => {
                     self.commit_lsn = Lsn(final_lsn.0);
+                    self.seen_in_tx = 0;
                     self.committed_at = postgres_time(commit_time_micros);
                     return Ok(SourceEvent::Begin);
                 }
@@ -231,6 +235,12 @@ impl ReplicationSource {
                     } else {
                         Err(EnvelopeError::untrusted_wal_form())
                     };
+                    if let Err(e) = decoded {
+                        if e.is_newer_version() {
+                            return Err(e.into());
+                        }
+                        return Ok(self.checked(Err(e), || content.to_vec()));
+                    }
                     return Ok(self.checked(decoded, || content.to_vec()));
                 }
                 ReplicationEvent::XLogData { data, .. } => {
@@ -248,10 +258,11 @@ impl ReplicationSource {
 
     /// A decoded message that keeps the publish rules, or its quarantine.
     fn checked(
-        &self,
+        &mut self,
         decoded: Result<Message, EnvelopeError>,
         raw: impl FnOnce() -> Vec<u8>,
     ) -> SourceEvent {
+        self.seen_in_tx += 1;
         match decoded.and_then(|m| check_publish_rules(&m).map(|()| m)) {
             Ok(mut message) => {
                 message.committed_at = self.committed_at;
@@ -262,6 +273,7 @@ impl ReplicationSource {
                 raw: raw(),
                 reason: e.to_string(),
                 commit_lsn: self.commit_lsn,
+                position: self.seen_in_tx,
             }),
         }
     }
