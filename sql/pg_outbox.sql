@@ -49,11 +49,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'f42f1c146e3e' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '3112aac53b17' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build f42f1c146e3e) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build 3112aac53b17) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -78,7 +78,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build f42f1c146e3e)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 3112aac53b17)
 \else
 BEGIN;
 DO $install$
@@ -231,18 +231,31 @@ COMMENT ON TABLE outbox.slots IS
 -- SQL-standard body (BEGIN ATOMIC) that is parsed once, here, under this script's search_path.
 -- No role but the owner may call the helpers.
 
--- A setting as the database (or the cluster's configuration) sets it, not the session: the
--- extension makes pg_outbox.max_message_size a superuser setting that a publisher cannot raise;
--- here only ALTER DATABASE ... SET (the database owner) can. PL/pgSQL, not SQL, so that its
--- query plan is kept for the session rather than made again in every transaction.
+-- The SQL install's settings, where no superuser can ALTER DATABASE ... SET pg_outbox.* (PostgreSQL
+-- 15 refuses a placeholder setting to a non-superuser database owner): set by an operator with
+-- outbox.set_setting, read by every session, changed by no publisher. A row here wins over the
+-- database's setting.
+CREATE TABLE IF NOT EXISTS outbox.settings (
+    name   text        PRIMARY KEY CHECK (name IN ('pg_outbox.max_message_size', 'pg_outbox.retention')),
+    value  text        NOT NULL,
+    set_at timestamptz NOT NULL DEFAULT now(),
+    set_by name        NOT NULL DEFAULT current_user
+);
+
+-- A setting as an operator (outbox.settings) or the database (or the cluster's configuration)
+-- sets it, not the session: the extension makes pg_outbox.max_message_size a superuser setting
+-- that a publisher cannot raise. PL/pgSQL, not SQL, so that its query plans are kept for the
+-- session rather than made again in every transaction.
 CREATE FUNCTION outbox._database_setting(name text) RETURNS text
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    RETURN (SELECT substring(c FROM length(name) + 2)
-              FROM pg_db_role_setting s, unnest(s.setconfig) AS c
-             WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND s.setrole = 0 AND starts_with(c, name || '='));
+    RETURN coalesce(
+        (SELECT s.value FROM outbox.settings s WHERE s.name = _database_setting.name),
+        (SELECT substring(c FROM length(name) + 2)
+           FROM pg_db_role_setting s, unnest(s.setconfig) AS c
+          WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND s.setrole = 0 AND starts_with(c, name || '=')));
 END
 $$;
 
@@ -263,7 +276,7 @@ BEGIN
     IF bytes IS NULL OR bytes NOT BETWEEN 1024 AND 64 * 1024 * 1024 THEN
         RAISE EXCEPTION 'invalid value for parameter "pg_outbox.max_message_size": "%"', setting
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Set a size from 1kB to 64MB: ALTER DATABASE ... SET pg_outbox.max_message_size = ''1MB''.';
+                  HINT = 'Set a size from 1kB to 64MB: SELECT outbox.set_setting(''pg_outbox.max_message_size'', ''1MB''); (an operator), or ALTER DATABASE ... SET pg_outbox.max_message_size = ''1MB''.';
     END IF;
     RETURN bytes;
 END
@@ -286,11 +299,36 @@ BEGIN
     IF seconds IS NULL OR seconds NOT BETWEEN 1 AND 2147483647 THEN
         RAISE EXCEPTION 'invalid value for parameter "pg_outbox.retention": "%"', setting
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Set a duration of at least 1s: ALTER DATABASE ... SET pg_outbox.retention = ''7d''.';
+                  HINT = 'Set a duration of at least 1s: SELECT outbox.set_setting(''pg_outbox.retention'', ''7d''); (an operator), or ALTER DATABASE ... SET pg_outbox.retention = ''7d''.';
     END IF;
     RETURN seconds::integer;
 END
 $$;
+
+-- Sets pg_outbox.max_message_size or pg_outbox.retention for every session of this database
+-- (value NULL: back to the database's setting, or the default), checked as it is set. For
+-- outbox_operator: no superuser needed, and no publisher can change it.
+CREATE FUNCTION outbox.set_setting(name text, value text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF name IS NULL OR name NOT IN ('pg_outbox.max_message_size', 'pg_outbox.retention') THEN
+        RAISE EXCEPTION 'outbox.set_setting: unknown setting %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'undefined_object', HINT = 'The SQL install has two: pg_outbox.max_message_size and pg_outbox.retention.';
+    END IF;
+    DELETE FROM outbox.settings s WHERE s.name = set_setting.name;
+    IF value IS NOT NULL THEN
+        INSERT INTO outbox.settings (name, value) VALUES (set_setting.name, set_setting.value);
+    END IF;
+    -- Read back as every publish and prune reads it: a bad value raises here, undoing the change.
+    IF name = 'pg_outbox.max_message_size' THEN
+        PERFORM outbox._max_message_size();
+    ELSE
+        PERFORM outbox._retention_seconds();
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION outbox.set_setting(text, text) IS
+    'Sets pg_outbox.max_message_size or pg_outbox.retention for this database (SQL install; NULL resets it).';
 
 -- What every publish checks before it writes, as the extension's Writer::open does: a read-only
 -- transaction is refused like an INSERT, and only the table form exists here.
@@ -983,7 +1021,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'f42f1c146e3e');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '3112aac53b17');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$
@@ -1001,4 +1039,7 @@ BEGIN
 END
 $acl$;
 GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_operator;
+-- The SQL install's own settings (sql-install/publish.sql), after api.sql set every other right.
+GRANT EXECUTE ON FUNCTION outbox.set_setting(text, text) TO outbox_operator;
+GRANT SELECT ON outbox.settings TO outbox_operator;
 COMMIT;

@@ -697,3 +697,68 @@ async fn sql_install_ids_stay_unique_whatever_a_session_seeds() {
     }
     assert_ne!(ids[0], ids[1]);
 }
+
+/// Without a superuser (a managed service), ALTER DATABASE ... SET pg_outbox.* is refused on
+/// PostgreSQL 15; an operator sets the SQL install's settings instead, and no publisher can.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_sets_the_sql_installs_settings_without_superuser() {
+    let pg = PgCluster::start_sql_install().await;
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE ops LOGIN IN ROLE outbox_operator;
+             CREATE ROLE app LOGIN IN ROLE outbox_publisher;",
+        )
+        .await
+        .unwrap();
+    let ops = pg.connect_as("ops").await;
+    ops.batch_execute(
+        "SELECT outbox.set_setting('pg_outbox.max_message_size', '2');
+         SELECT outbox.set_setting('pg_outbox.retention', '5400');",
+    )
+    .await
+    .unwrap();
+    let (code, message, hint) = expect_error(
+        &ops,
+        "SELECT outbox.set_setting('pg_outbox.max_message_size', '100B')",
+    )
+    .await;
+    assert_eq!(code, "22023", "{message}");
+    assert_eq!(
+        message,
+        "invalid value for parameter \"pg_outbox.max_message_size\": \"100B\""
+    );
+    assert!(hint.contains("outbox.set_setting"), "{hint}");
+    let app = pg.connect_as("app").await;
+    let (code, message, _) = expect_error(
+        &app,
+        "SELECT outbox.publish('orders', to_jsonb(repeat('x', 3000)))",
+    )
+    .await;
+    assert_eq!(code, "54000", "{message}");
+    assert!(message.contains("(2048 bytes)"), "{message}");
+    app.batch_execute("SELECT outbox.publish('orders', to_jsonb(repeat('x', 1500)))")
+        .await
+        .unwrap();
+    let retention: i32 = admin
+        .query_one("SELECT outbox._retention_seconds()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(retention, 5400);
+    for sql in [
+        "SELECT outbox.set_setting('pg_outbox.max_message_size', '64MB')",
+        "INSERT INTO outbox.settings (name, value) VALUES ('pg_outbox.retention', '1s')",
+        "UPDATE outbox.settings SET value = '64MB'",
+    ] {
+        let (code, message, _) = expect_error(&app, sql).await;
+        assert_eq!(code, "42501", "{sql}: {message}");
+    }
+    // NULL goes back to the default.
+    ops.batch_execute("SELECT outbox.set_setting('pg_outbox.max_message_size', NULL)")
+        .await
+        .unwrap();
+    app.batch_execute("SELECT outbox.publish('orders', to_jsonb(repeat('x', 3000)))")
+        .await
+        .unwrap();
+}

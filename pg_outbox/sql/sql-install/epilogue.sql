@@ -25,4 +25,7 @@ BEGIN
 END
 $acl$;
 GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_operator;
+-- The SQL install's own settings (sql-install/publish.sql), after api.sql set every other right.
+GRANT EXECUTE ON FUNCTION outbox.set_setting(text, text) TO outbox_operator;
+GRANT SELECT ON outbox.settings TO outbox_operator;
 COMMIT;

@@ -10,18 +10,31 @@
 -- SQL-standard body (BEGIN ATOMIC) that is parsed once, here, under this script's search_path.
 -- No role but the owner may call the helpers.
 
--- A setting as the database (or the cluster's configuration) sets it, not the session: the
--- extension makes pg_outbox.max_message_size a superuser setting that a publisher cannot raise;
--- here only ALTER DATABASE ... SET (the database owner) can. PL/pgSQL, not SQL, so that its
--- query plan is kept for the session rather than made again in every transaction.
+-- The SQL install's settings, where no superuser can ALTER DATABASE ... SET pg_outbox.* (PostgreSQL
+-- 15 refuses a placeholder setting to a non-superuser database owner): set by an operator with
+-- outbox.set_setting, read by every session, changed by no publisher. A row here wins over the
+-- database's setting.
+CREATE TABLE IF NOT EXISTS outbox.settings (
+    name   text        PRIMARY KEY CHECK (name IN ('pg_outbox.max_message_size', 'pg_outbox.retention')),
+    value  text        NOT NULL,
+    set_at timestamptz NOT NULL DEFAULT now(),
+    set_by name        NOT NULL DEFAULT current_user
+);
+
+-- A setting as an operator (outbox.settings) or the database (or the cluster's configuration)
+-- sets it, not the session: the extension makes pg_outbox.max_message_size a superuser setting
+-- that a publisher cannot raise. PL/pgSQL, not SQL, so that its query plans are kept for the
+-- session rather than made again in every transaction.
 CREATE FUNCTION outbox._database_setting(name text) RETURNS text
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    RETURN (SELECT substring(c FROM length(name) + 2)
-              FROM pg_db_role_setting s, unnest(s.setconfig) AS c
-             WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND s.setrole = 0 AND starts_with(c, name || '='));
+    RETURN coalesce(
+        (SELECT s.value FROM outbox.settings s WHERE s.name = _database_setting.name),
+        (SELECT substring(c FROM length(name) + 2)
+           FROM pg_db_role_setting s, unnest(s.setconfig) AS c
+          WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND s.setrole = 0 AND starts_with(c, name || '=')));
 END
 $$;
 
@@ -42,7 +55,7 @@ BEGIN
     IF bytes IS NULL OR bytes NOT BETWEEN 1024 AND 64 * 1024 * 1024 THEN
         RAISE EXCEPTION 'invalid value for parameter "pg_outbox.max_message_size": "%"', setting
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Set a size from 1kB to 64MB: ALTER DATABASE ... SET pg_outbox.max_message_size = ''1MB''.';
+                  HINT = 'Set a size from 1kB to 64MB: SELECT outbox.set_setting(''pg_outbox.max_message_size'', ''1MB''); (an operator), or ALTER DATABASE ... SET pg_outbox.max_message_size = ''1MB''.';
     END IF;
     RETURN bytes;
 END
@@ -65,11 +78,36 @@ BEGIN
     IF seconds IS NULL OR seconds NOT BETWEEN 1 AND 2147483647 THEN
         RAISE EXCEPTION 'invalid value for parameter "pg_outbox.retention": "%"', setting
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Set a duration of at least 1s: ALTER DATABASE ... SET pg_outbox.retention = ''7d''.';
+                  HINT = 'Set a duration of at least 1s: SELECT outbox.set_setting(''pg_outbox.retention'', ''7d''); (an operator), or ALTER DATABASE ... SET pg_outbox.retention = ''7d''.';
     END IF;
     RETURN seconds::integer;
 END
 $$;
+
+-- Sets pg_outbox.max_message_size or pg_outbox.retention for every session of this database
+-- (value NULL: back to the database's setting, or the default), checked as it is set. For
+-- outbox_operator: no superuser needed, and no publisher can change it.
+CREATE FUNCTION outbox.set_setting(name text, value text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF name IS NULL OR name NOT IN ('pg_outbox.max_message_size', 'pg_outbox.retention') THEN
+        RAISE EXCEPTION 'outbox.set_setting: unknown setting %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'undefined_object', HINT = 'The SQL install has two: pg_outbox.max_message_size and pg_outbox.retention.';
+    END IF;
+    DELETE FROM outbox.settings s WHERE s.name = set_setting.name;
+    IF value IS NOT NULL THEN
+        INSERT INTO outbox.settings (name, value) VALUES (set_setting.name, set_setting.value);
+    END IF;
+    -- Read back as every publish and prune reads it: a bad value raises here, undoing the change.
+    IF name = 'pg_outbox.max_message_size' THEN
+        PERFORM outbox._max_message_size();
+    ELSE
+        PERFORM outbox._retention_seconds();
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION outbox.set_setting(text, text) IS
+    'Sets pg_outbox.max_message_size or pg_outbox.retention for this database (SQL install; NULL resets it).';
 
 -- What every publish checks before it writes, as the extension's Writer::open does: a read-only
 -- transaction is refused like an INSERT, and only the table form exists here.
