@@ -64,7 +64,14 @@ pub async fn replay(
         .transpose()
         .context("--queue")?;
     let mut client = pg::connect(config.url()).await?;
-    let total: i64 = client
+    // One snapshot for the count and the cursor, so the summary adds up to what was read.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let total: i64 = tx
         .query_one(
             "SELECT count(*) FROM outbox.messages
               WHERE created_at >= $1 AND ($2::timestamptz IS NULL OR created_at < $2)",
@@ -96,7 +103,6 @@ pub async fn replay(
     let mut report = Instant::now();
 
     // One cursor over the range in id order: one sort, rows streamed a page at a time.
-    let tx = client.transaction().await?;
     let statement = tx
         .prepare(
             "SELECT id, queue, key, payload::text, payload_bytes, headers::text, created_at

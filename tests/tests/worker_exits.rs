@@ -444,6 +444,12 @@ async fn wal_level_below_logical_stops_the_worker_with_a_hint() {
         &[("OUTBOX_POSTGRES__SETUP", "false")],
         &["wal_level", "hint: set wal_level = logical"],
     );
+    // With it (the default), start-up setup says it first, with the same hint line (0.2.0: none).
+    expect_exit_1(
+        &["run", "--postgres-url", &pg.url()],
+        &[],
+        &["wal_level", "hint: set wal_level = logical"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -98,6 +98,20 @@ async fn replay_recovers_what_was_committed_while_the_slot_was_gone() {
         "--queue left audit out"
     );
     assert!(report.contains("1 of other queues"), "{report}");
+    // The summary adds up, and its "sent" is what arrived.
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("replayed "))
+        .unwrap_or_else(|| panic!("no summary in {report}"));
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let [total, sent, dead, skipped, other] = numbers[..] else {
+        panic!("{line}")
+    };
+    assert_eq!(total, sent + dead + skipped + other, "{line}");
+    assert_eq!(sent, replayed.len(), "{line}");
     eprintln!(
         "replay: {} replayed ({} from before the loss, already delivered); {tally:?}",
         replayed.len(),

@@ -26,10 +26,11 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     let failover = wants_failover(client, settings.failover).await?;
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
-        bail!(
-            "wal_level is {wal_level:?}, the worker needs \"logical\": set wal_level = logical in \
-             postgresql.conf and restart PostgreSQL"
-        );
+        return Err(Fatal::new(
+            format!("wal_level is {wal_level:?}, the worker needs \"logical\""),
+            "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+        )
+        .into());
     }
     let database: String = client
         .query_one("SELECT current_database()", &[])
