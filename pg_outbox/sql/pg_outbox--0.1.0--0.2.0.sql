@@ -99,7 +99,8 @@ DECLARE
 BEGIN
     INSERT INTO outbox.consumers (name, role) SELECT unnest(names), 'outbox_consumer'::regrole;
     IF cardinality(names) > 0 THEN
-        RAISE NOTICE 'pg_outbox 0.2.0: consumers % are registered for every member of outbox_consumer, as in 0.1.0; tie each to its own role with outbox.register_consumer(name, role)', names;
+        -- A WARNING: ALTER EXTENSION hides NOTICEs of its scripts from the client and the log.
+        RAISE WARNING 'pg_outbox 0.2.0: consumers % are registered for every member of outbox_consumer, as in 0.1.0; tie each to its own role with outbox.register_consumer(name, role)', names;
     END IF;
 END
 $consumers$;

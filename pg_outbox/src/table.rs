@@ -5,7 +5,7 @@
 //! - the table's shape, column by column (name, type, typmod; dropped columns skipped);
 //! - NOT NULL on any column: honoured (SQLSTATE 23502, as an INSERT reports it);
 //! - CHECK constraints, triggers (foreign keys and deferrable constraints included), rules,
-//!   exclusion constraints, expression and partial indexes: refused;
+//!   exclusion constraints, expression and partial indexes, being a partition: refused;
 //! - an unlogged table (its rows would never reach logical decoding): refused;
 //! - indexes not yet ready for inserts (`CREATE INDEX CONCURRENTLY` in progress): skipped, as
 //!   the executor skips them.
@@ -103,6 +103,13 @@ impl MessagesTable {
         };
         if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char {
             refuse("is not a plain table", SHAPE_HINT);
+        }
+        if form.relispartition {
+            // heap_insert does not check the partition constraint an INSERT would.
+            refuse(
+                "is a partition of another table",
+                "Detach it (ALTER TABLE ... DETACH PARTITION outbox.messages): publish writes the table directly.",
+            );
         }
         if form.relpersistence != pg_sys::RELPERSISTENCE_PERMANENT as std::ffi::c_char {
             refuse(

@@ -148,6 +148,20 @@ mod tests {
         );
     }
 
+    /// heap_insert skips the partition constraint an INSERT checks (SQLSTATE 23514): refused.
+    #[pg_test(
+        error = "outbox.publish: outbox.messages is a partition of another table, which publish cannot honour"
+    )]
+    fn publish_refuses_a_table_attached_as_a_partition() {
+        Spi::run(
+            "CREATE TABLE public.all_messages (LIKE outbox.messages) PARTITION BY RANGE (created_at);
+             ALTER TABLE public.all_messages ATTACH PARTITION outbox.messages
+                 FOR VALUES FROM ('2000-01-01') TO ('2000-01-02');
+             SELECT outbox.publish('q', '{}')",
+        )
+        .unwrap();
+    }
+
     #[pg_test]
     fn null_headers_mean_no_headers() {
         Spi::run("SELECT outbox.publish('q', '1', NULL)").unwrap();

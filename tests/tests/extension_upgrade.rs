@@ -95,9 +95,25 @@ async fn upgrade_from_0_1_0_keeps_rows_and_equals_a_fresh_install() {
     .await
     .unwrap();
 
-    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE")
-        .await
+    // Through psql, to see what an administrator sees: the warning that 0.1.0's consumer names
+    // stay open to every member of outbox_consumer (a NOTICE there would be hidden).
+    let out = std::process::Command::new(outbox_tests::postgres::program("psql"))
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "ALTER EXTENSION pg_outbox UPDATE",
+        ])
+        .arg(pg.url_of("postgres", "upgraded"))
+        .output()
         .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("WARNING:  pg_outbox 0.2.0: consumers {billing} are registered for every member of outbox_consumer"),
+        "{stderr}"
+    );
     let version: String = db
         .query_one(
             "SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'",
