@@ -9,6 +9,17 @@
 -- planted in a schema of the installer's search_path (public.to_jsonb, public.format...) never
 -- runs as the installer. DEVELOPMENT.md, "SQL rules".
 SET search_path = pg_catalog, pg_temp;
+-- One install at a time: a second one, started while this runs, would otherwise fail on a
+-- duplicate key or a deadlock. Held until psql exits.
+DO $one$
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pg_outbox SQL install'), 0) THEN
+        RAISE EXCEPTION 'pg_outbox: another install of pg_outbox is running in this database'
+            USING ERRCODE = 'lock_not_available',
+                  HINT = 'Wait for it to finish, then run this script again (it does nothing if that install was this version).';
+    END IF;
+END
+$one$;
 -- Before anything here is trusted (the version record included): schema outbox, its objects and
 -- the publication pg_outbox must belong to the role running this script. A role with CREATE on
 -- the database could otherwise pre-create them, with a version record that makes this script
@@ -49,11 +60,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '3112aac53b17' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'f3bf6e918940' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build 3112aac53b17) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build f3bf6e918940) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -71,6 +82,10 @@ BEGIN
                   HINT = 'Run the sql/pg_outbox.sql of that version or a later one.';
     END IF;
     FOR p IN SELECT policyname, tablename FROM pg_catalog.pg_policies WHERE schemaname = 'outbox' LOOP
+        IF p.policyname NOT IN ('registered_consumer', 'operator_reads', 'operator_purges') THEN
+            RAISE WARNING 'pg_outbox: dropping policy % on outbox.%, which is not pg_outbox''s', p.policyname, p.tablename
+                USING HINT = 'pg_outbox makes its policies again on every upgrade; create yours again after it if you still need it.';
+        END IF;
         EXECUTE format('DROP POLICY %I ON outbox.%I', p.policyname, p.tablename);
     END LOOP;
     FOR f IN SELECT oid::regprocedure FROM pg_catalog.pg_proc WHERE pronamespace = 'outbox'::regnamespace LOOP
@@ -78,7 +93,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 3112aac53b17)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build f3bf6e918940)
 \else
 BEGIN;
 DO $install$
@@ -137,8 +152,10 @@ CREATE TABLE IF NOT EXISTS outbox.messages (
 );
 -- BRIN: rows arrive in created_at order, so a few kilobytes index a day of messages and cost
 -- next to nothing per insert; outbox.prune() uses it to find expired rows.
-CREATE INDEX IF NOT EXISTS messages_created_at_brin ON outbox.messages USING brin (created_at)
+DO $index$ BEGIN IF pg_catalog.to_regclass('outbox.messages_created_at_brin') IS NULL THEN
+CREATE INDEX messages_created_at_brin ON outbox.messages USING brin (created_at)
     WITH (pages_per_range = 32);
+END IF; END $index$;
 -- pg_dump keeps the rows of the extension's tables (by default it would dump none).
 COMMENT ON TABLE outbox.messages IS
     'pg_outbox messages (storage = table). Insert-only; write through outbox.publish*(), prune with outbox.prune().';
@@ -171,7 +188,9 @@ CREATE TABLE IF NOT EXISTS outbox.processed_messages (
     processed_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer, message_id)
 );
-CREATE INDEX IF NOT EXISTS processed_messages_processed_at ON outbox.processed_messages (processed_at);
+DO $index$ BEGIN IF pg_catalog.to_regclass('outbox.processed_messages_processed_at') IS NULL THEN
+CREATE INDEX processed_messages_processed_at ON outbox.processed_messages (processed_at);
+END IF; END $index$;
 
 -- Which role may mark messages for which consumer name, so one service cannot make another
 -- skip messages it never processed. Registered by an operator (outbox.register_consumer).
@@ -198,7 +217,9 @@ CREATE TABLE IF NOT EXISTS outbox.dead_letters (
     failed_at     timestamptz NOT NULL DEFAULT now(),
     CHECK ((payload IS NULL) <> (payload_bytes IS NULL))
 );
-CREATE INDEX IF NOT EXISTS dead_letters_queue ON outbox.dead_letters (queue);
+DO $index$ BEGIN IF pg_catalog.to_regclass('outbox.dead_letters_queue') IS NULL THEN
+CREATE INDEX dead_letters_queue ON outbox.dead_letters (queue);
+END IF; END $index$;
 
 -- The slots a worker has streamed from. A slot that disappears (dropped, invalidated, lost in a
 -- failover or a restore) then stops the worker with what may be missing, instead of being
@@ -1021,7 +1042,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '3112aac53b17');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'f3bf6e918940');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

@@ -762,3 +762,55 @@ async fn an_operator_sets_the_sql_installs_settings_without_superuser() {
         .await
         .unwrap();
 }
+
+/// An upgrade of the SQL install under traffic: it does not wait behind an open publishing
+/// transaction (nor queue new publishes behind itself), a second install at the same time is told
+/// so, and a policy of the administrator's that it drops is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sql_install_upgrade_waits_for_no_publisher_and_says_what_it_drops() {
+    let pg = PgCluster::start_sql_install().await;
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "UPDATE outbox.sql_install SET build = 'older';
+             CREATE POLICY mine ON outbox.processed_messages FOR SELECT TO outbox_operator USING (true);",
+        )
+        .await
+        .unwrap();
+    // A publishing transaction stays open during the upgrade.
+    let publisher = pg.superuser().await;
+    publisher
+        .batch_execute("BEGIN; SELECT outbox.publish('orders', '{}');")
+        .await
+        .unwrap();
+    let port_holder = std::sync::Arc::new(pg);
+    let pg = port_holder.clone();
+    let upgrade = tokio::task::spawn_blocking(move || pg.run_sql_install("postgres"));
+    let out = match tokio::time::timeout(std::time::Duration::from_secs(30), upgrade).await {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            publisher.batch_execute("COMMIT").await.unwrap();
+            panic!("the upgrade waited behind an open publishing transaction");
+        }
+    };
+    publisher.batch_execute("COMMIT").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("dropping policy mine on outbox.processed_messages"),
+        "{stderr}"
+    );
+    // Another install while one runs.
+    let pg = port_holder;
+    admin
+        .batch_execute("SELECT pg_advisory_lock(hashtext('pg_outbox SQL install'), 0)")
+        .await
+        .unwrap();
+    let out = pg.run_sql_install("postgres");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another install of pg_outbox is running in this database"),
+        "{stderr}"
+    );
+}

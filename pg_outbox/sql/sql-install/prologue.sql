@@ -9,6 +9,17 @@
 -- planted in a schema of the installer's search_path (public.to_jsonb, public.format...) never
 -- runs as the installer. DEVELOPMENT.md, "SQL rules".
 SET search_path = pg_catalog, pg_temp;
+-- One install at a time: a second one, started while this runs, would otherwise fail on a
+-- duplicate key or a deadlock. Held until psql exits.
+DO $one$
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pg_outbox SQL install'), 0) THEN
+        RAISE EXCEPTION 'pg_outbox: another install of pg_outbox is running in this database'
+            USING ERRCODE = 'lock_not_available',
+                  HINT = 'Wait for it to finish, then run this script again (it does nothing if that install was this version).';
+    END IF;
+END
+$one$;
 -- Before anything here is trusted (the version record included): schema outbox, its objects and
 -- the publication pg_outbox must belong to the role running this script. A role with CREATE on
 -- the database could otherwise pre-create them, with a version record that makes this script
@@ -71,6 +82,10 @@ BEGIN
                   HINT = 'Run the sql/pg_outbox.sql of that version or a later one.';
     END IF;
     FOR p IN SELECT policyname, tablename FROM pg_catalog.pg_policies WHERE schemaname = 'outbox' LOOP
+        IF p.policyname NOT IN ('registered_consumer', 'operator_reads', 'operator_purges') THEN
+            RAISE WARNING 'pg_outbox: dropping policy % on outbox.%, which is not pg_outbox''s', p.policyname, p.tablename
+                USING HINT = 'pg_outbox makes its policies again on every upgrade; create yours again after it if you still need it.';
+        END IF;
         EXECUTE format('DROP POLICY %I ON outbox.%I', p.policyname, p.tablename);
     END LOOP;
     FOR f IN SELECT oid::regprocedure FROM pg_catalog.pg_proc WHERE pronamespace = 'outbox'::regnamespace LOOP
