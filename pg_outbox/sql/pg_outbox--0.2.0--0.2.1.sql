@@ -66,6 +66,14 @@ BEGIN
     END IF;
 END
 $publication$;
+-- Its table is a member too (pg_dump of PostgreSQL 18 dumps it otherwise; see schema.sql).
+INSERT INTO pg_catalog.pg_depend (classid, objid, objsubid, refclassid, refobjid, refobjsubid, deptype)
+SELECT 'pg_catalog.pg_publication_rel'::regclass, r.oid, 0, 'pg_catalog.pg_extension'::regclass, e.oid, 0, 'e'
+  FROM pg_catalog.pg_publication_rel r
+  JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid, pg_catalog.pg_extension e
+ WHERE p.pubname = 'pg_outbox' AND e.extname = 'pg_outbox'
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_publication_rel'::regclass AND d.objid = r.oid AND d.deptype = 'e');
 
 -- Exactly the grants below, after every install and upgrade: every right on the schema, its
 -- tables and its functions that anyone but the owner holds is revoked first, whoever granted it

@@ -118,6 +118,15 @@ SELECT 'pg_catalog.pg_publication'::regclass, p.oid, 0, 'pg_catalog.pg_extension
  WHERE p.pubname = 'pg_outbox' AND e.extname = 'pg_outbox'
    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
                     WHERE d.classid = 'pg_catalog.pg_publication'::regclass AND d.objid = p.oid AND d.deptype = 'e');
+-- Its table too: pg_dump of PostgreSQL 18 dumps a publication's table unless it is a member, and
+-- ALTER PUBLICATION ... ADD TABLE then fails on restore (the table is in it already).
+INSERT INTO pg_catalog.pg_depend (classid, objid, objsubid, refclassid, refobjid, refobjsubid, deptype)
+SELECT 'pg_catalog.pg_publication_rel'::regclass, r.oid, 0, 'pg_catalog.pg_extension'::regclass, e.oid, 0, 'e'
+  FROM pg_catalog.pg_publication_rel r
+  JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid, pg_catalog.pg_extension e
+ WHERE p.pubname = 'pg_outbox' AND e.extname = 'pg_outbox'
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_publication_rel'::regclass AND d.objid = r.oid AND d.deptype = 'e');
 -- @extension-only:end
 
 -- Idempotent consumers: one row per (consumer, message) already processed.
