@@ -241,14 +241,13 @@ fn unqualified_names(body: &str) -> Vec<String> {
         match token {
             Token::Word(w) if w == "declare" => in_declare = true,
             Token::Word(w) if w == "begin" => in_declare = false,
+            // `name type;` in DECLARE: the type must be pg_catalog's.
             Token::Word(w)
-                if in_declare && symbol(previous, ";")
-                    || in_declare && word(previous, "declare") =>
+                if in_declare
+                    && (symbol(previous, ";") || word(previous, "declare"))
+                    && !word(next, "pg_catalog") =>
             {
-                // `name type;`: the type must be pg_catalog's.
-                if !word(next, "pg_catalog") {
-                    problems.push(format!("variable {w} has a type outside pg_catalog"));
-                }
+                problems.push(format!("variable {w} has a type outside pg_catalog"));
             }
             Token::Word(w) if LOOKUPS.contains(&w.as_str()) => {
                 problems.push(format!("{w} looks an operator up through the search_path"));
@@ -261,10 +260,8 @@ fn unqualified_names(body: &str) -> Vec<String> {
             {
                 problems.push(format!("{w}(...) is not schema-qualified"));
             }
-            Token::Symbol(s) if s == "::" => {
-                if !word(next, "pg_catalog") {
-                    problems.push("a cast to a type outside pg_catalog".into());
-                }
+            Token::Symbol(s) if s == "::" && !word(next, "pg_catalog") => {
+                problems.push("a cast to a type outside pg_catalog".into());
             }
             Token::Symbol(s)
                 if s == ":=" || s == ";" || s == "(" || s == ")" || s == "," || s == "." => {}
