@@ -99,3 +99,70 @@ async fn five_hundred_one_megabyte_messages_behind_a_blocked_sink_stay_within_th
     check_delivery(&seen, TOTAL);
     assert!(status_mb(pid, "VmHWM:") <= BUDGET_MB + OVERHEAD_MB);
 }
+
+/// One message of 60 MB, each storage form, to stdout, Kafka (librdkafka's mock cluster) and
+/// RabbitMQ: how many copies of it the worker holds at once (its peak RSS growth over the
+/// message's size). Three: the replication frame as received, the decoded payload, and the broker
+/// client's own (librdkafka, lapin's frames; stdout writes from the message itself). 0.2.0 held
+/// four to five here (the stdout line, lapin's input) and 8 in a release build.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_sixty_megabyte_message_is_held_in_few_copies() {
+    const MB: u64 = 60;
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("big", 1, 1).unwrap();
+    let config =
+        Worker::config_file("[sinks.kafka.properties]\n\"message.max.bytes\" = 100000000\n");
+    let rabbit = outbox_tests::RabbitMq::start();
+    rabbit.declare("events", "direct", "big", "big");
+    for sink in ["stdout", "kafka", "amqp"] {
+        for form in ["table", "wal"] {
+            let pg = PgCluster::start().await;
+            let db = pg.superuser().await;
+            let mut args = vec!["run".to_owned(), "--postgres-url".into(), pg.url()];
+            if sink == "kafka" {
+                args.extend([
+                    "--config".into(),
+                    config.path().display().to_string(),
+                    "--kafka-brokers".into(),
+                    mock.bootstrap_servers(),
+                ]);
+            }
+            if sink == "amqp" {
+                args.extend([
+                    "--amqp-url".into(),
+                    rabbit.url(),
+                    "--amqp-exchange".into(),
+                    "events".into(),
+                ]);
+            }
+            let worker = Worker::start_with(&args, &[], None);
+            pg.wait_for_slot(&db).await;
+            let pid = worker.pid();
+            let before = status_mb(pid, "VmRSS:");
+            db.batch_execute(&format!(
+                "BEGIN; SET LOCAL pg_outbox.max_message_size = '64MB'; SET LOCAL pg_outbox.storage = '{form}';
+                 SELECT outbox.publish('big', jsonb_build_object('i', 0, 'pad', repeat('x', {MB} * 1000 * 1000)));
+                 COMMIT;"
+            ))
+            .await
+            .unwrap();
+            let (pg, db) = (&pg, &db);
+            outbox_tests::eventually(
+                Duration::from_secs(60),
+                "the message acknowledged",
+                || async move { pg.slot_lag(db).await < 1024 },
+            )
+            .await;
+            let high_water = status_mb(pid, "VmHWM:");
+            let copies = (high_water - before) as f64 / MB as f64;
+            eprintln!(
+                "{sink}, {form} form, one {MB} MB message: VmHWM {high_water} MB (from {before} MB): {copies:.1} copies"
+            );
+            assert!(
+                copies <= 3.5,
+                "{sink}, {form}: {copies:.1} copies:\n{}",
+                worker.log()
+            );
+        }
+    }
+}

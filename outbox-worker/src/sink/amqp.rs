@@ -31,7 +31,8 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 struct Publish {
     exchange: String,
     routing_key: String,
-    payload: Vec<u8>,
+    /// The message itself, not a copy of its payload: lapin copies it into frames anyway.
+    message: Arc<Message>,
     properties: BasicProperties,
     ack: oneshot::Sender<Result<(), SinkError>>,
 }
@@ -154,9 +155,11 @@ async fn publish_loop(
         let channel = match session.channel(&config).await {
             Ok(channel) => channel,
             Err(e) => {
-                let _ = p
-                    .ack
-                    .send(Err(classify(&e, p.payload.len(), "cannot connect")));
+                let _ = p.ack.send(Err(classify(
+                    &e,
+                    p.message.payload.as_bytes().len(),
+                    "cannot connect",
+                )));
                 continue;
             }
         };
@@ -164,13 +167,13 @@ async fn publish_loop(
             mandatory: true,
             ..Default::default()
         };
-        let payload_len = p.payload.len();
+        let payload_len = p.message.payload.as_bytes().len();
         match channel
             .basic_publish(
                 &p.exchange,
                 &p.routing_key,
                 options,
-                &p.payload,
+                p.message.payload.as_bytes(),
                 p.properties,
             )
             .await
@@ -269,7 +272,7 @@ impl Sink for AmqpSink {
         let queued = self.publishes.send(Publish {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
-            payload: message.payload.as_bytes().to_vec(),
+            message: message.clone(),
             properties: properties(message),
             ack,
         });

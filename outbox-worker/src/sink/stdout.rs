@@ -32,8 +32,10 @@ async fn write_lines(mut rx: mpsc::UnboundedReceiver<Pending>) {
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let mut result = Ok(());
         for (message, _) in &batch {
-            let line = message.to_json_line();
-            result = result.and(out.write_all(line.as_bytes()).await);
+            let line = message.json_line();
+            result = result.and(out.write_all(line.head.as_bytes()).await);
+            result = result.and(out.write_all(&line.payload).await);
+            result = result.and(out.write_all(line.tail.as_bytes()).await);
             result = result.and(out.write_all(b"\n").await);
         }
         result = result.and(out.flush().await);
