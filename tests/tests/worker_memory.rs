@@ -104,7 +104,7 @@ async fn five_hundred_one_megabyte_messages_behind_a_blocked_sink_stay_within_th
 /// RabbitMQ: how many copies of it the worker holds at once (its peak RSS growth over the
 /// message's size). Three: the replication frame as received, the decoded payload, and the broker
 /// client's own (librdkafka, lapin's frames; stdout writes from the message itself). 0.2.0 held
-/// four to five here (the stdout line, lapin's input) and 8 in a release build.
+/// four to five here (the stdout line, lapin's input).
 #[tokio::test(flavor = "multi_thread")]
 async fn one_sixty_megabyte_message_is_held_in_few_copies() {
     const MB: u64 = 60;
