@@ -44,6 +44,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod contract;
 mod error;
 mod event;
 mod headers;

@@ -1,6 +1,7 @@
 //! Reading what the worker put on a broker message: the outbox id (for [`crate::Inbox`]), the
 //! queue, the creation time and the user headers.
 
+use crate::contract::{HEADER_CREATED_AT, HEADER_ID, HEADER_QUEUE};
 use crate::Headers;
 use uuid::Uuid;
 
@@ -37,9 +38,9 @@ fn from_pairs<'a>(
         let value = std::str::from_utf8(value.unwrap_or_default())
             .map_err(|_| ReceivedError::NotUtf8(name.into()))?;
         match name {
-            "outbox-id" => id = Some(value.to_string()),
-            "outbox-queue" => queue = Some(value.to_string()),
-            "outbox-created-at" => created_at = Some(value.to_string()),
+            HEADER_ID => id = Some(value.to_string()),
+            HEADER_QUEUE => queue = Some(value.to_string()),
+            HEADER_CREATED_AT => created_at = Some(value.to_string()),
             _ => headers = headers.with(name, value),
         }
     }

@@ -4,7 +4,7 @@ use anyhow::Result;
 
 use crate::config::Config;
 use crate::pg;
-use crate::source::setup::{self, SlotSetup};
+use crate::setup::{self, SlotSetup};
 use crate::source::SlotSettings;
 
 /// `setup`: the publication and the slot, created on first setup; `SlotSetup::Replace`

@@ -12,6 +12,7 @@ use crate::fatal::Fatal;
 use crate::health::Health;
 use crate::message::{Message, Payload, Quarantined};
 use crate::pg;
+use crate::triage;
 
 /// A write taking longer than this makes the worker not ready.
 const STALLED_AFTER: Duration = Duration::from_secs(5);
@@ -66,7 +67,7 @@ impl DeadLetters {
             let attempt = self.try_write(message, destination, error, attempts);
             return match tokio::time::timeout(DRAIN_ATTEMPT, attempt).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(failure)) => match pg::permanent_in(&failure, "outbox_operator") {
+                Ok(Err(failure)) => match triage::of_sql(&failure, triage::OPERATOR_RIGHT) {
                     Some(fatal) => Err(fatal.into()),
                     None => {
                         tracing::warn!(id = %message.id, error = %format!("{failure:#}"), "cannot write the dead letter while stopping; the next run will");
@@ -104,7 +105,7 @@ impl DeadLetters {
                 }
                 Err(e) => e,
             };
-            if let Some(fatal) = pg::permanent_in(&failure, "outbox_operator") {
+            if let Some(fatal) = triage::of_sql(&failure, triage::OPERATOR_RIGHT) {
                 return Err(fatal.into());
             }
             tracing::warn!(id = %message.id, error = %format!("{failure:#}"), "cannot write the dead letter; retrying");

@@ -11,7 +11,7 @@ use outbox_worker::admin::{self, DlqCommand as Dlq};
 use outbox_worker::config::{self, Config, LogFormat, Overrides};
 use outbox_worker::pipeline;
 use outbox_worker::replay::{self, ReplayRange};
-use outbox_worker::source::setup::SlotSetup;
+use outbox_worker::setup::SlotSetup;
 use tokio_util::sync::CancellationToken;
 
 /// glibc malloc took a third of the CPU under librdkafka's and tokio's threads (perf, Kafka drain);

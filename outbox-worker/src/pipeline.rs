@@ -7,17 +7,18 @@ use anyhow::{anyhow, Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dead_letters::{DeadLetters, NotWritten};
-use crate::delivery::{self, Delivery, Undeliverable};
-use crate::fatal::Fatal;
+use crate::dead_letters::DeadLetters;
+use crate::delivery::Delivery;
 use crate::health::Health;
 use crate::http;
+use crate::outcome::{shutdown_requested, Parts};
 use crate::pg;
 use crate::router::Router;
+use crate::setup::{self, SlotSetup};
 use crate::sink::Sinks;
-use crate::source::setup::{self, SlotSetup};
-use crate::source::{Remedy, ReplicationSource, SlotSettings, SourceError, SourceEvent};
+use crate::source::{ReplicationSource, SlotSettings, SourceError, SourceEvent};
 use crate::telemetry;
+use crate::triage::{self, Remedy};
 
 /// Why a stream ended.
 pub(crate) enum Stop {
@@ -88,7 +89,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             connected = ReplicationSource::connect(&settings, start) => match connected {
                 Ok(source) => source,
                 Err(e) => {
-                    let delay = match e.remedy() {
+                    let delay = match triage::of_stream(&e) {
                         // A standby polls a held slot every second, so it takes over quickly.
                         Remedy::WaitForSlot => {
                             if !waiting_for_slot {
@@ -177,7 +178,7 @@ async fn connect_at_start(
         match pg::connect(url).await {
             Ok(client) => return Ok(Some(client)),
             Err(e) => {
-                if let Some(fatal) = pg::permanent_in(&e, "outbox_operator") {
+                if let Some(fatal) = triage::of_sql(&e, triage::OPERATOR_RIGHT) {
                     return Err(fatal.into());
                 }
                 attempt += 1;
@@ -206,35 +207,6 @@ async fn slot_gone(settings: &SlotSettings, what: &str) -> anyhow::Error {
     }
 }
 
-/// What a stream (or a replay) works with, borrowed for its lifetime.
-pub(crate) struct Parts<'a> {
-    pub(crate) router: &'a mut Router,
-    pub(crate) delivery: &'a mut Delivery,
-    pub(crate) dead_letters: &'a mut DeadLetters,
-}
-
-impl Parts<'_> {
-    /// Handles what [`Delivery::progress`] returned: a message refused for good goes to the dead
-    /// letters. Called from a `select!` branch's body, never raced: once the write started it
-    /// finishes, so a dead letter cannot be dropped half way.
-    pub(crate) async fn settle_one(
-        &mut self,
-        settled: Result<Option<Undeliverable>, Fatal>,
-    ) -> Result<(), NotWritten> {
-        let Some(u) = settled? else { return Ok(()) };
-        let destination = format!("{}:{}", u.sink, u.destination);
-        tracing::error!(
-            id = %u.message.id, queue = %u.message.queue, destination, attempts = u.attempts,
-            error = %u.error, "dead-lettering a message the broker refused"
-        );
-        self.dead_letters
-            .write(&u.message, &destination, &u.error.to_string(), u.attempts)
-            .await?;
-        self.delivery.dead_lettered(&u);
-        Ok(())
-    }
-}
-
 async fn stream(
     source: &mut ReplicationSource,
     parts: &mut Parts<'_>,
@@ -251,8 +223,8 @@ async fn stream(
                 return Ok(Stop::Requested);
             }
             settled = parts.delivery.progress() => {
-                if let Some(stop) = stopped(parts.settle_one(settled).await)? {
-                    return Ok(stop);
+                if shutdown_requested(parts.settle_one(settled).await)? {
+                    return Ok(Stop::Requested);
                 }
                 if let Some(lsn) = parts.delivery.confirmed() {
                     source.confirm(lsn);
@@ -262,18 +234,8 @@ async fn stream(
                 Ok(SourceEvent::Begin) => tx = Some(parts.delivery.begin()),
                 Ok(SourceEvent::Message(message)) => {
                     let tx = tx.context("a message outside a transaction")?;
-                    match parts.router.route(&message.queue) {
-                        Some(route) => parts.delivery.send(tx, route, message),
-                        None => {
-                            // Written before the stream goes on, so the slot never passes it first.
-                            let error = format!("no route matches queue {:?}", message.queue);
-                            tracing::error!(id = %message.id, queue = %message.queue, "{error}; dead-lettering it");
-                            delivery::count_dead_letter("", &message);
-                            let written = parts.dead_letters.write(&message, "(no route)", &error, 1).await;
-                            if let Some(stop) = stopped(written)? {
-                                return Ok(stop);
-                            }
-                        }
+                    if shutdown_requested(parts.route(tx, message).await)? {
+                        return Ok(Stop::Requested);
                     }
                 }
                 Ok(SourceEvent::Quarantine(q)) => {
@@ -282,8 +244,8 @@ async fn stream(
                     tracing::error!(claimed_id = ?q.id, commit_lsn = %q.commit_lsn, reason = %q.reason,
                         "quarantining a message not written by outbox.publish: not delivered, kept in outbox.dead_letters");
                     metrics::counter!(telemetry::QUARANTINED).increment(1);
-                    if let Some(stop) = stopped(parts.dead_letters.quarantine(&q).await)? {
-                        return Ok(stop);
+                    if shutdown_requested(parts.dead_letters.quarantine(&q).await)? {
+                        return Ok(Stop::Requested);
                     }
                 }
                 Ok(SourceEvent::Commit { end_lsn }) => {
@@ -300,7 +262,7 @@ async fn stream(
                         source.confirm(wal_end);
                     }
                 }
-                Err(e) => return match e.remedy() {
+                Err(e) => return match triage::of_stream(&e) {
                     Remedy::Reconnect | Remedy::WaitForSlot => Ok(Stop::Lost(e)),
                     Remedy::SlotGone(what) => Err(anyhow!("replication slot is gone: {what}")),
                     Remedy::Stop(fatal) => Err(fatal.into()),
@@ -310,22 +272,12 @@ async fn stream(
     }
 }
 
-/// A dead letter not written: shutdown stops the stream (the message stays unconfirmed), a
-/// missing right stops the worker.
-pub(crate) fn stopped(written: Result<(), NotWritten>) -> Result<Option<Stop>> {
-    match written {
-        Ok(()) => Ok(None),
-        Err(NotWritten::Shutdown) => Ok(Some(Stop::Requested)),
-        Err(NotWritten::Fatal(fatal)) => Err(fatal.into()),
-    }
-}
-
 /// Waits for every in-flight message, retrying failures, unless shutdown comes first.
 async fn settle(parts: &mut Parts<'_>, shutdown: &CancellationToken) -> Result<()> {
     while !parts.delivery.is_settled() {
         tokio::select! {
             settled = parts.delivery.progress() => {
-                if stopped(parts.settle_one(settled).await)?.is_some() {
+                if shutdown_requested(parts.settle_one(settled).await)? {
                     return Ok(());
                 }
             }
@@ -344,7 +296,7 @@ async fn drain(parts: &mut Parts<'_>, timeout: Duration) -> Result<()> {
     let drained = tokio::time::timeout(timeout, async {
         while !parts.delivery.is_settled() {
             let settled = parts.delivery.progress().await;
-            if stopped(parts.settle_one(settled).await)?.is_some() {
+            if shutdown_requested(parts.settle_one(settled).await)? {
                 break;
             }
         }

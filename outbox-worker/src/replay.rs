@@ -6,7 +6,6 @@
 //! order they were published; for writers that serialize on the key (a row lock on the business
 //! row), that is their commit order.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -16,15 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dead_letters::DeadLetters;
-use crate::delivery::{self, Delivery};
+use crate::delivery::Delivery;
 use crate::health::Health;
 use crate::lsn::Lsn;
-use crate::message::{Message, Payload};
+use crate::outcome::{shutdown_requested, Parts, Routed};
 use crate::pg;
-use crate::pipeline::{stopped, Parts};
 use crate::router::Router;
 use crate::sink::Sinks;
-use crate::source::decode::check_publish_rules;
+use crate::source::decode;
 
 /// Which messages to send again.
 pub struct ReplayRange {
@@ -121,7 +119,7 @@ pub async fn replay(
         page_number += 1;
         let page = parts.delivery.begin();
         for row in &rows {
-            let message = match message_of(row) {
+            let message = match decode::message_of_row(row) {
                 Ok(message) => message,
                 Err(problem) => {
                     tracing::warn!(%problem, "not sent again");
@@ -139,18 +137,10 @@ pub async fn replay(
             while !parts.delivery.can_accept() {
                 settle(&mut parts, &shutdown).await?;
             }
-            match parts.router.route(&message.queue) {
-                Some(route) => parts.delivery.send(page, route, message),
-                None => {
-                    let error = format!("no route matches queue {:?}", message.queue);
-                    delivery::count_dead_letter("", &message);
-                    let written = parts
-                        .dead_letters
-                        .write(&message, "(no route)", &error, 1)
-                        .await;
-                    interrupted(stopped(written)?.is_some())?;
-                    summary.dead_lettered += 1;
-                }
+            match parts.route(page, message).await {
+                Ok(Routed::Sent) => {}
+                Ok(Routed::DeadLettered) => summary.dead_lettered += 1,
+                Err(not_written) => interrupted(shutdown_requested::<()>(Err(not_written))?)?,
             }
         }
         // A stand-in commit position: replay confirms no slot, it only waits for the acks.
@@ -180,7 +170,7 @@ async fn settle(parts: &mut Parts<'_>, shutdown: &CancellationToken) -> Result<(
         settled = parts.delivery.progress() => settled,
         () = shutdown.cancelled() => return interrupted(true),
     };
-    interrupted(stopped(parts.settle_one(settled).await)?.is_some())
+    interrupted(shutdown_requested(parts.settle_one(settled).await)?)
 }
 
 fn interrupted(yes: bool) -> Result<()> {
@@ -190,35 +180,4 @@ fn interrupted(yes: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A row of `outbox.messages` as the stream would have carried it.
-fn message_of(row: &tokio_postgres::Row) -> Result<Message, String> {
-    let id: uuid::Uuid = row.get(0);
-    let payload = match (
-        row.get::<_, Option<String>>(3),
-        row.get::<_, Option<Vec<u8>>>(4),
-    ) {
-        (Some(json), None) => Payload::Json(json),
-        (None, Some(bytes)) => Payload::Bytes(bytes),
-        _ => {
-            return Err(format!(
-                "message {id}: not exactly one of payload, payload_bytes"
-            ))
-        }
-    };
-    let headers: BTreeMap<String, String> = serde_json::from_str(&row.get::<_, String>(5))
-        .map_err(|e| format!("message {id}: headers are not an object of strings: {e}"))?;
-    let message = Message {
-        id,
-        queue: row.get(1),
-        key: row.get(2),
-        headers,
-        payload,
-        created_at: row.get(6),
-        commit_lsn: Lsn(0),
-        committed_at: Utc::now(),
-    };
-    check_publish_rules(&message).map_err(|e| e.to_string())?;
-    Ok(message)
 }

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
+use crate::config::SinkId;
 use crate::config::{Config, SinkConfig};
 use crate::rules::PLACEHOLDER;
-use crate::sink::SinkId;
 
 /// Where one message goes: a sink and the destination within it (a Kafka topic, an AMQP
 /// "exchange/routing-key"; empty for sinks without destinations).

@@ -7,6 +7,19 @@ use std::str::FromStr;
 use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
 
+/// A queue name as `outbox.publish` accepts it: 1 to 249 characters of `[A-Za-z0-9._-]`, not `.`
+/// or `..` (so that it is a valid Kafka topic as it is). The same rule is written in the extension
+/// (`pg_outbox/src/publish.rs`) and the SQL install (`pg_outbox/sql/sql-install/publish.sql`):
+/// `tests/tests/publish_rules.rs` proves all three agree on one table of cases.
+pub fn is_valid_queue(queue: &str) -> bool {
+    (1..=249).contains(&queue.len())
+        && queue
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && queue != "."
+        && queue != ".."
+}
+
 /// The one placeholder of a destination template.
 pub const PLACEHOLDER: &str = "{queue}";
 

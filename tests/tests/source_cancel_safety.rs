@@ -8,7 +8,8 @@ use std::time::Duration;
 use outbox_tests::publish::{publish_range, Storage};
 use outbox_tests::PgCluster;
 use outbox_worker::config::FailoverSlot;
-use outbox_worker::source::{setup, ReplicationSource, SlotSettings, SourceEvent};
+use outbox_worker::setup;
+use outbox_worker::source::{ReplicationSource, SlotSettings, SourceEvent};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_next_mid_await_never_loses_an_event() {

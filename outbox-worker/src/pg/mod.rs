@@ -9,7 +9,6 @@ use std::time::Duration;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, NoTls};
 
-use crate::fatal::{self, Fatal};
 use crate::secret::redact_url;
 
 /// An ordinary (non-replication) connection, TLS as `sslmode` says; its driver task ends with
@@ -107,23 +106,47 @@ async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>
     }
 }
 
-/// A server error no retry can fix (wrong password, missing right, missing table), with a hint;
-/// `None` for errors worth a retry (connection lost, server starting up). `role_hint` names what
-/// a role lacking a right should be granted.
-pub fn permanent(e: &tokio_postgres::Error, role_hint: &str) -> Option<Fatal> {
-    let db = e.as_db_error()?;
-    fatal::permanent_server_error(db.code().code(), db.message(), role_hint)
-}
-
-/// [`permanent`] for an error with context (as [`connect`] returns).
-pub fn permanent_in(e: &anyhow::Error, role_hint: &str) -> Option<Fatal> {
-    db_error_in(e)
-        .and_then(|db| fatal::permanent_server_error(db.code().code(), db.message(), role_hint))
-}
-
 /// The server's error behind an error with context, if the server answered with one.
 pub fn db_error_in(e: &anyhow::Error) -> Option<&tokio_postgres::error::DbError> {
     e.chain()
         .find_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
         .and_then(tokio_postgres::Error::as_db_error)
+}
+
+/// An error the server answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+}
+
+impl ServerError {
+    /// pgwire-replication reports a server error as text ending in "(SQLSTATE XXXXX)".
+    pub fn from_wire(text: &str) -> ServerError {
+        let code = text
+            .rfind("(SQLSTATE ")
+            .and_then(|at| text.get(at + "(SQLSTATE ".len()..at + "(SQLSTATE ".len() + 5))
+            .unwrap_or("");
+        ServerError {
+            code: code.to_owned(),
+            message: text.to_owned(),
+        }
+    }
+
+    pub fn from_db(db: &tokio_postgres::error::DbError) -> ServerError {
+        ServerError {
+            code: db.code().code().to_owned(),
+            message: db.message().to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.message.contains("(SQLSTATE ") {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{} (SQLSTATE {})", self.message, self.code)
+        }
+    }
 }

@@ -16,6 +16,7 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use outbox_client::contract::{HEADER_CREATED_AT, HEADER_ID, HEADER_QUEUE};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Ack, Sink, SinkError};
@@ -254,9 +255,9 @@ fn properties(message: &Message) -> BasicProperties {
     for (key, value) in message.headers.iter().filter(|(k, _)| !is_content_type(k)) {
         put(key, value);
     }
-    put("outbox-id", &message.id.to_string());
-    put("outbox-queue", &message.queue);
-    put("outbox-created-at", &message.created_at_rfc3339());
+    put(HEADER_ID, &message.id.to_string());
+    put(HEADER_QUEUE, &message.queue);
+    put(HEADER_CREATED_AT, &message.created_at_rfc3339());
     BasicProperties::default()
         .with_message_id(ShortString::from(message.id.to_string()))
         .with_content_type(ShortString::from(message.content_type().to_owned()))

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
+use outbox_client::contract::{HEADER_CREATED_AT, HEADER_ID, HEADER_QUEUE};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
@@ -187,9 +188,9 @@ fn headers(message: &Message) -> OwnedHeaders {
     let id = message.id.to_string();
     let created_at = message.created_at_rfc3339();
     let fixed = [
-        ("outbox-id", id.as_str()),
-        ("outbox-queue", message.queue.as_str()),
-        ("outbox-created-at", created_at.as_str()),
+        (HEADER_ID, id.as_str()),
+        (HEADER_QUEUE, message.queue.as_str()),
+        (HEADER_CREATED_AT, created_at.as_str()),
         ("content-type", message.content_type()),
     ];
     for (key, value) in fixed {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use thiserror::Error;
 
+pub use crate::config::SinkId;
 use crate::config::{Config, SinkConfig};
 use crate::message::Message;
 
@@ -59,17 +60,6 @@ pub trait Sink: Send + Sync {
     /// Connected, as far as the sink knows (for `/health/ready`).
     fn is_ready(&self) -> bool {
         true
-    }
-}
-
-/// A sink's place among `[sinks]` (sorted by name): the router and [`Sinks`] agree on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SinkId(usize);
-
-impl SinkId {
-    /// The id of `[sinks.NAME]`, if defined.
-    pub fn of(config: &Config, name: &str) -> Option<SinkId> {
-        config.sinks.keys().position(|n| n == name).map(SinkId)
     }
 }
 

@@ -12,7 +12,10 @@ use uuid::Uuid;
 
 use super::pgoutput::{Relation, Value};
 use crate::lsn::Lsn;
+use outbox_client::contract::RESERVED_HEADER_PREFIX;
+
 use crate::message::{Message, Payload};
+use crate::rules;
 
 /// The prefix of wal-form logical messages.
 pub const MESSAGE_PREFIX: &str = "pg_outbox";
@@ -176,18 +179,44 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Envel
     })
 }
 
+/// A row of `outbox.messages` read over SQL (`replay`: id, queue, key, payload::text, payload_bytes,
+/// headers::text, created_at), as the stream would have carried it, checked by the publish rules.
+pub fn message_of_row(row: &tokio_postgres::Row) -> Result<Message, String> {
+    let id: Uuid = row.get(0);
+    let payload = match (
+        row.get::<_, Option<String>>(3),
+        row.get::<_, Option<Vec<u8>>>(4),
+    ) {
+        (Some(json), None) => Payload::Json(json),
+        (None, Some(bytes)) => Payload::Bytes(bytes),
+        _ => {
+            return Err(format!(
+                "message {id}: not exactly one of payload, payload_bytes"
+            ))
+        }
+    };
+    let headers: BTreeMap<String, String> = serde_json::from_str(&row.get::<_, String>(5))
+        .map_err(|e| format!("message {id}: headers are not an object of strings: {e}"))?;
+    let message = Message {
+        id,
+        queue: row.get(1),
+        key: row.get(2),
+        headers,
+        payload,
+        created_at: row.get(6),
+        commit_lsn: Lsn(0),
+        committed_at: Utc::now(),
+    };
+    check_publish_rules(&message).map_err(|e| e.to_string())?;
+    Ok(message)
+}
+
 /// The rules `outbox.publish` enforces, checked again on what the slot delivers: a message that
 /// breaks them was not written by publish (a superuser's hand, or a future bug) and is
 /// quarantined rather than sent.
 pub fn check_publish_rules(message: &Message) -> Result<(), EnvelopeError> {
     let queue = &message.queue;
-    let valid_queue = (1..=249).contains(&queue.len())
-        && queue
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-        && queue != "."
-        && queue != "..";
-    let problem = if !valid_queue {
+    let problem = if !rules::is_valid_queue(queue) {
         format!("invalid queue name {queue:?}")
     } else if message.key.as_deref() == Some("") {
         "the key is an empty string".into()
@@ -199,11 +228,12 @@ pub fn check_publish_rules(message: &Message) -> Result<(), EnvelopeError> {
         || matches!(&message.payload, Payload::Json(json) if has_nul_escape(json))
     {
         "it holds a NUL character (\\u0000), which PostgreSQL's text and jsonb cannot store".into()
-    } else if let Some(name) = message
-        .headers
-        .keys()
-        .find(|name| name.is_empty() || name.to_ascii_lowercase().starts_with("outbox-"))
-    {
+    } else if let Some(name) = message.headers.keys().find(|name| {
+        name.is_empty()
+            || name
+                .to_ascii_lowercase()
+                .starts_with(RESERVED_HEADER_PREFIX)
+    }) {
         format!("header {name:?} is empty or uses the reserved prefix \"outbox-\"")
     } else {
         return Ok(());

@@ -3,8 +3,7 @@
 pub mod decode;
 pub mod pgoutput;
 mod replication;
-pub mod setup;
 
 pub use replication::{
-    make_failover_slot, Remedy, ReplicationSource, SlotSettings, SourceError, SourceEvent,
+    make_failover_slot, ReplicationSource, SlotSettings, SourceError, SourceEvent,
 };

@@ -15,9 +15,9 @@ use super::decode::{
 };
 use super::pgoutput::{self, Change};
 use crate::config::{Config, FailoverSlot};
-use crate::fatal::{self, Fatal};
 use crate::lsn::Lsn;
 use crate::message::{Message, Quarantined};
+use crate::pg::ServerError;
 
 #[derive(Debug, Error)]
 pub enum SourceError {
@@ -29,76 +29,9 @@ pub enum SourceError {
     Envelope(#[from] EnvelopeError),
     #[error(transparent)]
     Protocol(#[from] pgoutput::ProtocolError),
-}
-
-/// What to do about a [`SourceError`].
-#[derive(Debug)]
-pub enum Remedy {
-    /// A dropped connection, a restarting server, too many connections: reconnect.
-    Reconnect,
-    /// The slot is held by another process (a standby waiting, or the walsender of a worker that
-    /// just died and has not noticed yet): poll until it is free.
-    WaitForSlot,
-    /// The slot does not exist or was invalidated: messages may be missing; never recreate it
-    /// silently.
-    SlotGone(String),
-    /// No retry can fix it: stop and say what to do.
-    Stop(Fatal),
-}
-
-impl SourceError {
-    pub fn remedy(&self) -> Remedy {
-        let wire = match self {
-            SourceError::Connection(e) => e,
-            other => {
-                return Remedy::Stop(Fatal::new(
-                    other.to_string(),
-                    "the replication stream holds something this worker cannot read; upgrade \
-                     outbox-worker to the extension's version",
-                ))
-            }
-        };
-        match wire {
-            PgWireError::Io(_) | PgWireError::Task(_) => Remedy::Reconnect,
-            PgWireError::Server(message) => {
-                let code = fatal::sqlstate_in(message).unwrap_or("");
-                match code {
-                    "55006" => Remedy::WaitForSlot,
-                    "42704" if message.contains("replication slot") => {
-                        Remedy::SlotGone(message.clone())
-                    }
-                    "42704" if message.contains("publication") => Remedy::Stop(Fatal::new(
-                        message,
-                        "create the publication with `outbox-worker setup`. A slot reads each \
-                         transaction with the catalog of its time, so if the publication was \
-                         dropped while messages were written it cannot read past the drop: run \
-                         `outbox-worker setup --new-slot`, then replay what is missing (README, \
-                         \"A lost slot\")",
-                    )),
-                    "55000" if !message.contains("wal_level") => Remedy::SlotGone(message.clone()),
-                    _ => fatal::permanent_server_error(
-                        code,
-                        message,
-                        "the REPLICATION attribute (ALTER ROLE … REPLICATION; on Amazon RDS and \
-                         Aurora, GRANT rds_replication TO …)",
-                    )
-                    .map_or(Remedy::Reconnect, Remedy::Stop),
-                }
-            }
-            PgWireError::Auth(message) => Remedy::Stop(Fatal::new(
-                format!("authentication failed: {message}"),
-                "check the user and password in postgres.url",
-            )),
-            PgWireError::Tls(message) => Remedy::Stop(Fatal::new(
-                format!("TLS: {message}"),
-                "check sslmode in postgres.url and the server's certificate",
-            )),
-            other => Remedy::Stop(Fatal::new(
-                other.to_string(),
-                "check postgres.url; if it is right, this is a bug: please report it",
-            )),
-        }
-    }
+    /// The server answered an ordinary connection with an error (finding the primary).
+    #[error("{0}")]
+    Server(ServerError),
 }
 
 #[derive(Debug, PartialEq)]
@@ -325,14 +258,14 @@ fn postgres_time(micros: i64) -> chrono::DateTime<chrono::Utc> {
 /// Where to open the replication connection: the primary among `postgres.url`'s hosts. A server
 /// error keeps its SQLSTATE (so a wrong password stops the worker); anything else is retried.
 async fn primary(settings: &SlotSettings) -> Result<(Host, u16), SourceError> {
-    crate::pg::primary_of(&settings.url).await.map_err(|e| {
-        SourceError::Connection(match crate::pg::db_error_in(&e) {
-            Some(db) => {
-                PgWireError::Server(format!("{} (SQLSTATE {})", db.message(), db.code().code()))
-            }
-            None => PgWireError::Io(std::sync::Arc::new(std::io::Error::other(format!("{e:#}")))),
+    crate::pg::primary_of(&settings.url)
+        .await
+        .map_err(|e| match crate::pg::db_error_in(&e) {
+            Some(db) => SourceError::Server(ServerError::from_db(db)),
+            None => SourceError::Connection(PgWireError::Io(std::sync::Arc::new(
+                std::io::Error::other(format!("{e:#}")),
+            ))),
         })
-    })
 }
 
 fn replication_config(

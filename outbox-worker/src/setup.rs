@@ -5,9 +5,9 @@ use anyhow::{bail, Context, Result};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use super::{make_failover_slot, SlotSettings};
 use crate::config::FailoverSlot;
 use crate::fatal::Fatal;
+use crate::source::{make_failover_slot, SlotSettings};
 
 /// What to do with a slot that was used before and is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,7 +185,7 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
         )
         .await
         .map_err(|e| {
-            crate::pg::permanent(&e, "outbox_operator").unwrap_or_else(|| {
+            crate::triage::of_query(&e, crate::triage::OPERATOR_RIGHT).unwrap_or_else(|| {
                 Fatal::new(
                     format!("cannot check the worker's rights: {e}"),
                     "is pg_outbox installed in this database (CREATE EXTENSION pg_outbox, or sql/pg_outbox.sql)?",

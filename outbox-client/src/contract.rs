@@ -1,0 +1,11 @@
+//! The names every outbox message carries on the wire, for outbox-worker (which writes them) and
+//! for consumers (which read them): one definition, used by both.
+
+/// The message's id (UUIDv7, stable across redelivery): the key for de-duplication.
+pub const HEADER_ID: &str = "outbox-id";
+/// The queue it was published to.
+pub const HEADER_QUEUE: &str = "outbox-queue";
+/// When it was published, RFC 3339 with microseconds, UTC.
+pub const HEADER_CREATED_AT: &str = "outbox-created-at";
+/// Header names publishers may not use (compared without case).
+pub const RESERVED_HEADER_PREFIX: &str = "outbox-";

@@ -1,0 +1,130 @@
+//! librdkafka properties: nested TOML tables flattened to dotted names, secrets printed
+//! redacted, every property checked by librdkafka itself.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::KafkaSinkConfig;
+use crate::rules;
+use crate::secret::{self, Secret};
+
+/// librdkafka properties as written in the file; passwords and keys print redacted.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Properties(pub BTreeMap<String, PropertyValue>);
+
+impl Properties {
+    /// Dotted names with their values; secret-bearing ones wrapped in [`Secret`].
+    fn shown(&self) -> BTreeMap<String, ShownValue> {
+        flatten(&self.0)
+            .into_iter()
+            .map(|(key, value)| {
+                let shown = if secret::is_secret_property(&key) {
+                    ShownValue::Hidden(Secret::new(value))
+                } else {
+                    ShownValue::Plain(value)
+                };
+                (key, shown)
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ShownValue {
+    Plain(String),
+    Hidden(Secret),
+}
+
+impl Serialize for Properties {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.shown().serialize(serializer)
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.shown().fmt(f)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Scalar(Scalar),
+    Table(BTreeMap<String, PropertyValue>),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl KafkaSinkConfig {
+    /// The properties as librdkafka takes them: dotted names, text values (secrets included).
+    pub fn flat_properties(&self) -> BTreeMap<String, String> {
+        flatten(&self.properties.0)
+    }
+}
+
+fn flatten(table: &BTreeMap<String, PropertyValue>) -> BTreeMap<String, String> {
+    fn walk(
+        prefix: &str,
+        table: &BTreeMap<String, PropertyValue>,
+        out: &mut BTreeMap<String, String>,
+    ) {
+        for (name, value) in table {
+            let key = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            match value {
+                PropertyValue::Table(inner) => walk(&key, inner, out),
+                PropertyValue::Scalar(scalar) => {
+                    let text = match scalar {
+                        Scalar::Text(s) => s.clone(),
+                        Scalar::Integer(i) => i.to_string(),
+                        Scalar::Float(f) => f.to_string(),
+                        Scalar::Bool(b) => b.to_string(),
+                    };
+                    out.insert(key, text);
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", table, &mut out);
+    out
+}
+
+impl KafkaSinkConfig {
+    /// Brokers and every property, checked by librdkafka without connecting; the error starts
+    /// with the key.
+    pub fn check(&self) -> Result<(), String> {
+        if self.brokers.trim().is_empty() {
+            return Err("brokers = \"\": list at least one host:port".into());
+        }
+        for (key, value) in self.flat_properties() {
+            let shown = if secret::is_secret_property(&key) {
+                secret::HIDDEN.to_owned()
+            } else {
+                format!("{value:?}")
+            };
+            rules::check_kafka_property(&key, &value)
+                .map_err(|e| format!("properties.{key} = {shown}: {e}"))?;
+            if key == "enable.idempotence" && value == "false" {
+                tracing::warn!(
+                    "enable.idempotence = false: retries may reorder and duplicate messages"
+                );
+            }
+        }
+        Ok(())
+    }
+}
