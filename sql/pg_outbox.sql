@@ -60,11 +60,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'f3bf6e918940' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '8868b3eefbb2' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build f3bf6e918940) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build 8868b3eefbb2) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -93,7 +93,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build f3bf6e918940)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 8868b3eefbb2)
 \else
 BEGIN;
 DO $install$
@@ -665,7 +665,8 @@ BEGIN
         RAISE EXCEPTION '%: payload_bytes must not be NULL', f
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass payload or payload_bytes.';
     END IF;
-    RETURN outbox._publish(f, $2, $4, $5, $6, $3, $1, true);
+    -- publish's limit, not its 64MB ceiling: a dead letter may have been written by hand.
+    RETURN outbox._publish(f, $2, $4, $5, $6, $3, $1, false);
 END
 $$;
 
@@ -1042,7 +1043,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'f3bf6e918940');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '8868b3eefbb2');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

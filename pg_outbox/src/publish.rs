@@ -236,7 +236,7 @@ fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
     };
     check_size(
         f,
-        SizeLimit::Ceiling,
+        SizeLimit::Setting,
         key.as_ref(),
         &headers,
         datum,
@@ -251,7 +251,7 @@ fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
         }
     };
     if let Payload::Json(json) = &payload {
-        check_json_size(f, SizeLimit::Ceiling, key.as_ref(), &headers, json);
+        check_json_size(f, SizeLimit::Setting, key.as_ref(), &headers, json);
     }
     let message = Message {
         id,
@@ -274,9 +274,24 @@ fn queue_arg<'a>(args: Args, index: usize) -> Varlena<'a> {
     let queue = args
         .varlena(index)
         .unwrap_or_else(|| error::null_argument(args.function, "queue", QUEUE_HINT));
-    // Lossy only for the message: a valid name is ASCII, so anything else is refused.
-    let name = String::from_utf8_lossy(queue.bytes);
-    if let Err(problem) = check_queue_name(&name) {
+    // Lossy only for the message: a valid name is ASCII, so anything else is refused. At most
+    // 1 kB of it is copied (a Rust allocation as large as the argument could abort the server).
+    let shown = &queue.bytes[..queue.bytes.len().min(1024)];
+    let name = String::from_utf8_lossy(shown);
+    let problem = if queue.bytes.len() > 249 {
+        Err(format!(
+            "it is {} characters long, the limit is 249",
+            queue.bytes.len()
+        ))
+    } else {
+        check_queue_name(&name)
+    };
+    if let Err(problem) = problem {
+        let name = if shown.len() < queue.bytes.len() {
+            format!("{name}...")
+        } else {
+            name.into_owned()
+        };
         error::invalid(
             format!(
                 "{}: invalid queue name \"{name}\": {problem}",
@@ -337,6 +352,13 @@ fn headers_arg(args: Args, index: usize) -> Jsonb {
     }
     // The binary check allocates nothing; only a bad value is printed, to name the problem.
     if !headers.is_empty_object() && !headers.is_valid_headers() {
+        // Named by parsing the text on the Rust heap: only for headers of a sane size.
+        if headers.text_len() > 64 * 1024 {
+            error::invalid(
+                format!("{function}: headers must be a JSON object whose names are not empty nor start with \"outbox-\" and whose values are strings"),
+                HEADERS_HINT,
+            );
+        }
         let text = headers.to_text();
         if let Err(problem) = check_headers(&text) {
             error::invalid(format!("{function}: {problem}"), HEADERS_HINT);

@@ -4,7 +4,7 @@
 //! `pg_outbox.max_message_size`.
 
 use crate::error;
-use crate::guc::{Storage, MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_CEILING_KB, STORAGE};
+use crate::guc::{Storage, MAX_MESSAGE_SIZE, STORAGE};
 use crate::jsonb::Jsonb;
 use crate::table::MessagesTable;
 use crate::varlena::Varlena;
@@ -71,23 +71,16 @@ impl Writer {
 /// Which size limit a publish is held to.
 #[derive(Clone, Copy)]
 pub enum SizeLimit {
-    /// `pg_outbox.max_message_size`: every new message.
+    /// `pg_outbox.max_message_size`: every message, a redriven one too (a dead letter may have
+    /// been written by hand: redrive applies publish's checks).
     Setting,
-    /// The setting's ceiling (64 MB): a redriven message, accepted once already, which the
-    /// operator re-publishes after raising the broker's limit.
-    Ceiling,
 }
 
 impl SizeLimit {
     /// The limit in bytes and its name for messages.
     fn bytes(self) -> (usize, &'static str) {
-        let (kb, name) = match self {
-            SizeLimit::Setting => (MAX_MESSAGE_SIZE.get(), "pg_outbox.max_message_size"),
-            SizeLimit::Ceiling => (
-                MAX_MESSAGE_SIZE_CEILING_KB,
-                "the ceiling of pg_outbox.max_message_size",
-            ),
-        };
+        let SizeLimit::Setting = self;
+        let (kb, name) = (MAX_MESSAGE_SIZE.get(), "pg_outbox.max_message_size");
         (kb as usize * 1024, name)
     }
 }

@@ -162,6 +162,30 @@ mod tests {
         .unwrap();
     }
 
+    /// A huge invalid queue name is reported from its first kilobyte, never copied whole.
+    #[pg_test]
+    fn a_huge_queue_name_is_refused_without_copying_it() {
+        Spi::run(
+            "CREATE FUNCTION pg_temp.refusal() RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM outbox.publish(repeat('q', 50000000), '{}');
+                 RETURN 'published';
+             EXCEPTION WHEN invalid_parameter_value THEN
+                 RETURN SQLERRM;
+             END $$",
+        )
+        .unwrap();
+        let message = Spi::get_one::<String>("SELECT pg_temp.refusal()")
+            .unwrap()
+            .unwrap();
+        assert!(
+            message.ends_with("...\": it is 50000000 characters long, the limit is 249"),
+            "{}",
+            &message[message.len().saturating_sub(200)..]
+        );
+        assert!(message.len() < 1200, "{} bytes", message.len());
+    }
+
     #[pg_test]
     fn null_headers_mean_no_headers() {
         Spi::run("SELECT outbox.publish('q', '1', NULL)").unwrap();

@@ -811,3 +811,42 @@ async fn a_sql_install_upgrade_waits_for_no_publisher_and_says_what_it_drops() {
         "{stderr}"
     );
 }
+
+on_both_installs!(redrive_applies_publishs_size_limit);
+
+/// A dead letter written by hand (an operator may INSERT them) over the size limit is not
+/// published by redrive.
+async fn redrive_applies_publishs_size_limit(install: Install) {
+    let pg = PgCluster::start_install(install).await;
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute("CREATE ROLE ops LOGIN IN ROLE outbox_operator")
+        .await
+        .unwrap();
+    let ops = pg.connect_as("ops").await;
+    ops.batch_execute(
+        "INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts)
+         VALUES ('018f0000-0000-7000-8000-000000000001', 'orders', to_jsonb(repeat('a', 600000)),
+                 now(), 'kafka:orders', 'too large', 1)",
+    )
+    .await
+    .unwrap();
+    let (code, message, _) = expect_error(
+        &ops,
+        "SELECT outbox.redrive('018f0000-0000-7000-8000-000000000001'::uuid)",
+    )
+    .await;
+    assert_eq!(code, "54000", "{message}");
+    assert!(
+        message.contains("more than pg_outbox.max_message_size (524288 bytes)"),
+        "{message}"
+    );
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM outbox.messages").await,
+        0
+    );
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM outbox.dead_letters").await,
+        1
+    );
+}

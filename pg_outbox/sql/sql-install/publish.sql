@@ -423,6 +423,7 @@ BEGIN
         RAISE EXCEPTION '%: payload_bytes must not be NULL', f
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass payload or payload_bytes.';
     END IF;
-    RETURN outbox._publish(f, $2, $4, $5, $6, $3, $1, true);
+    -- publish's limit, not its 64MB ceiling: a dead letter may have been written by hand.
+    RETURN outbox._publish(f, $2, $4, $5, $6, $3, $1, false);
 END
 $$;
