@@ -368,30 +368,15 @@ async fn forged_and_garbage_messages_are_never_delivered_and_never_stop_the_work
         .to_owned();
     assert!(refused.contains("permission denied"), "{refused}");
     let bad_queue = forged.replace("\"payments\"", "\"pay/ments\"");
-    for content in ["garbage", bad_queue.as_str()] {
-        db.execute(
-            "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::text)",
-            &[&content],
-        )
-        .await
-        .unwrap();
-    }
-    db.batch_execute("SELECT outbox.publish('payments', '{\"legit\": true}', '{}', 'acct-7')")
-        .await
-        .unwrap();
-    wait_for_lines(&out, 1).await;
-    eventually(
-        Duration::from_secs(10),
-        "the slot to confirm past the quarantined messages",
-        || {
-            let (pg, db) = (&pg, &db);
-            async move { pg.slot_lag(db).await < 1024 }
-        },
+    emit_then_publish_one_legit(
+        &pg,
+        &db,
+        &["garbage", bad_queue.as_str()],
+        "",
+        &out,
+        &worker,
     )
     .await;
-    let delivered = read_json_lines(&out);
-    assert_eq!(delivered.len(), 1, "{}", worker.log());
-    assert_eq!(delivered[0].payload["legit"], true);
     assert!(
         worker.exited().is_none(),
         "the worker stopped:\n{}",
@@ -437,30 +422,15 @@ async fn identical_garbage_is_quarantined_once_each_and_a_nul_never_stalls_the_s
     pg.wait_for_slot(&db).await;
     let nul = r#"{"v":1,"id":"01a208bd-0000-7000-8000-000000000002","queue":"payments","key":"k","created_at":"2026-11-23T00:00:00Z","headers":{},"payload":{"a":"x\u0000y"}}"#;
     db.batch_execute("BEGIN").await.unwrap();
-    for content in ["garbage", "garbage", nul] {
-        db.execute(
-            "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::text)",
-            &[&content],
-        )
-        .await
-        .unwrap();
-    }
-    db.batch_execute("COMMIT; SELECT outbox.publish('payments', '{\"legit\": true}', '{}', 'k')")
-        .await
-        .unwrap();
-    wait_for_lines(&out, 1).await;
-    eventually(
-        Duration::from_secs(10),
-        "the slot to confirm past the quarantined messages",
-        || {
-            let (pg, db) = (&pg, &db);
-            async move { pg.slot_lag(db).await < 1024 }
-        },
+    emit_then_publish_one_legit(
+        &pg,
+        &db,
+        &["garbage", "garbage", nul],
+        "COMMIT;",
+        &out,
+        &worker,
     )
     .await;
-    let delivered = read_json_lines(&out);
-    assert_eq!(delivered.len(), 1, "{}", worker.log());
-    assert_eq!(delivered[0].payload["legit"], true);
     let errors: Vec<String> = db
         .query(
             "SELECT error FROM outbox.dead_letters WHERE destination = 'quarantine' ORDER BY id",
@@ -474,4 +444,39 @@ async fn identical_garbage_is_quarantined_once_each_and_a_nul_never_stalls_the_s
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(errors[2].contains("NUL"), "{errors:?}");
     worker.terminate(Duration::from_secs(10));
+}
+
+/// Emits each of `contents` as a `pg_outbox` logical message, runs `before_publish`, publishes one
+/// legitimate message, and checks that it alone was delivered and the slot moved past them all.
+async fn emit_then_publish_one_legit(
+    pg: &PgCluster,
+    db: &tokio_postgres::Client,
+    contents: &[&str],
+    before_publish: &str,
+    out: &std::path::Path,
+    worker: &Worker,
+) {
+    for content in contents {
+        db.execute(
+            "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::text)",
+            &[content],
+        )
+        .await
+        .unwrap();
+    }
+    db.batch_execute(&format!(
+        "{before_publish} SELECT outbox.publish('payments', '{{\"legit\": true}}', '{{}}', 'k')"
+    ))
+    .await
+    .unwrap();
+    wait_for_lines(out, 1).await;
+    eventually(
+        Duration::from_secs(10),
+        "the slot to confirm past the quarantined messages",
+        || async move { pg.slot_lag(db).await < 1024 },
+    )
+    .await;
+    let delivered = read_json_lines(out);
+    assert_eq!(delivered.len(), 1, "{}", worker.log());
+    assert_eq!(delivered[0].payload["legit"], true);
 }
