@@ -60,11 +60,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '8868b3eefbb2' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'e67875176448' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build 8868b3eefbb2) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build e67875176448) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -93,7 +93,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 8868b3eefbb2)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build e67875176448)
 \else
 BEGIN;
 DO $install$
@@ -196,9 +196,20 @@ END IF; END $index$;
 -- skip messages it never processed. Registered by an operator (outbox.register_consumer).
 CREATE TABLE IF NOT EXISTS outbox.consumers (
     name          text        PRIMARY KEY CHECK (name <> ''),
-    role          regrole     NOT NULL,
+    -- A role name, not a regrole: a restore into a cluster without that role must load (the
+    -- registration then matches no role until one of that name exists).
+    role          name        NOT NULL,
     registered_at timestamptz NOT NULL DEFAULT now()
 );
+-- 0.2.0 stored a regrole (the SQL install keeps its table across upgrades).
+DO $role$
+BEGIN
+    IF (SELECT a.atttypid FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = 'outbox.consumers'::regclass AND a.attname = 'role') = 'pg_catalog.regrole'::regtype THEN
+        ALTER TABLE outbox.consumers ALTER COLUMN role TYPE name USING pg_catalog.pg_get_userbyid(role);
+    END IF;
+END
+$role$;
 COMMENT ON TABLE outbox.consumers IS
     'Consumer names and the role whose members may mark messages as processed under that name.';
 
@@ -701,8 +712,9 @@ CREATE FUNCTION outbox._may_act_as(consumer text)
 RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
 BEGIN ATOMIC
     SELECT EXISTS (SELECT FROM outbox.consumers c
+                      JOIN pg_catalog.pg_roles r ON r.rolname OPERATOR(pg_catalog.=) c.role
                     WHERE c.name OPERATOR(pg_catalog.=) _may_act_as.consumer
-                      AND pg_catalog.pg_has_role(c.role, 'USAGE'));
+                      AND pg_catalog.pg_has_role(r.oid, 'USAGE'));
 END;
 
 -- Raises a clear error unless the current role may act as consumer.
@@ -715,6 +727,14 @@ BEGIN
                 USING ERRCODE = 'insufficient_privilege',
                       HINT = format('An operator registers each consumer name for the role that uses it: SELECT outbox.register_consumer(%L, %L);',
                                     consumer, current_user);
+        END IF;
+        IF NOT EXISTS (SELECT FROM outbox.consumers c JOIN pg_catalog.pg_roles r ON r.rolname = c.role
+                        WHERE c.name = consumer) THEN
+            -- A registration restored into a cluster without its role.
+            RAISE EXCEPTION '%: consumer "%" is registered for role %, which does not exist', function_name, consumer,
+                (SELECT c.role FROM outbox.consumers c WHERE c.name = consumer)
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = format('Create that role, or have an operator register the name again: SELECT outbox.register_consumer(%L, ...);', consumer);
         END IF;
         RAISE EXCEPTION '%: role % may not act as consumer "%"', function_name, current_user, consumer
             USING ERRCODE = 'insufficient_privilege',
@@ -733,7 +753,7 @@ BEGIN
         RAISE EXCEPTION 'outbox.register_consumer: role must not be NULL'
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the role the consuming service logs in as (or a group role it belongs to).';
     END IF;
-    INSERT INTO outbox.consumers AS c (name, role) VALUES ($1, $2)
+    INSERT INTO outbox.consumers AS c (name, role) VALUES ($1, pg_get_userbyid($2))
         ON CONFLICT (name) DO UPDATE SET role = excluded.role, registered_at = now();
 END
 $$;
@@ -1043,7 +1063,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '8868b3eefbb2');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'e67875176448');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

@@ -28,8 +28,9 @@ CREATE FUNCTION outbox._may_act_as(consumer text)
 RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
 BEGIN ATOMIC
     SELECT EXISTS (SELECT FROM outbox.consumers c
+                      JOIN pg_catalog.pg_roles r ON r.rolname OPERATOR(pg_catalog.=) c.role
                     WHERE c.name OPERATOR(pg_catalog.=) _may_act_as.consumer
-                      AND pg_catalog.pg_has_role(c.role, 'USAGE'));
+                      AND pg_catalog.pg_has_role(r.oid, 'USAGE'));
 END;
 
 -- Raises a clear error unless the current role may act as consumer.
@@ -42,6 +43,14 @@ BEGIN
                 USING ERRCODE = 'insufficient_privilege',
                       HINT = format('An operator registers each consumer name for the role that uses it: SELECT outbox.register_consumer(%L, %L);',
                                     consumer, current_user);
+        END IF;
+        IF NOT EXISTS (SELECT FROM outbox.consumers c JOIN pg_catalog.pg_roles r ON r.rolname = c.role
+                        WHERE c.name = consumer) THEN
+            -- A registration restored into a cluster without its role.
+            RAISE EXCEPTION '%: consumer "%" is registered for role %, which does not exist', function_name, consumer,
+                (SELECT c.role FROM outbox.consumers c WHERE c.name = consumer)
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = format('Create that role, or have an operator register the name again: SELECT outbox.register_consumer(%L, ...);', consumer);
         END IF;
         RAISE EXCEPTION '%: role % may not act as consumer "%"', function_name, current_user, consumer
             USING ERRCODE = 'insufficient_privilege',
@@ -60,7 +69,7 @@ BEGIN
         RAISE EXCEPTION 'outbox.register_consumer: role must not be NULL'
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the role the consuming service logs in as (or a group role it belongs to).';
     END IF;
-    INSERT INTO outbox.consumers AS c (name, role) VALUES ($1, $2)
+    INSERT INTO outbox.consumers AS c (name, role) VALUES ($1, pg_get_userbyid($2))
         ON CONFLICT (name) DO UPDATE SET role = excluded.role, registered_at = now();
 END
 $$;

@@ -37,6 +37,10 @@ BEGIN
 END
 $trust$;
 
+-- Consumers are registered by role name, not regrole: a restore into a cluster without that role
+-- must load.
+ALTER TABLE outbox.consumers ALTER COLUMN role TYPE name USING pg_catalog.pg_get_userbyid(role);
+
 -- Whether the current role may act as consumer: a member of the role registered for it.
 -- SECURITY INVOKER and SQL, so row-level security can inline it and current_user is the caller.
 -- A SQL-standard body (BEGIN ATOMIC) is parsed here, once, under this script's search_path: the
@@ -46,9 +50,50 @@ CREATE OR REPLACE FUNCTION outbox._may_act_as(consumer text)
 RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
 BEGIN ATOMIC
     SELECT EXISTS (SELECT FROM outbox.consumers c
+                      JOIN pg_catalog.pg_roles r ON r.rolname OPERATOR(pg_catalog.=) c.role
                     WHERE c.name OPERATOR(pg_catalog.=) _may_act_as.consumer
-                      AND pg_catalog.pg_has_role(c.role, 'USAGE'));
+                      AND pg_catalog.pg_has_role(r.oid, 'USAGE'));
 END;
+
+CREATE OR REPLACE FUNCTION outbox._require_consumer(function_name text, consumer text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT outbox._may_act_as(consumer) THEN
+        IF NOT EXISTS (SELECT FROM outbox.consumers c WHERE c.name = consumer) THEN
+            RAISE EXCEPTION '%: consumer "%" is not registered', function_name, consumer
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = format('An operator registers each consumer name for the role that uses it: SELECT outbox.register_consumer(%L, %L);',
+                                    consumer, current_user);
+        END IF;
+        IF NOT EXISTS (SELECT FROM outbox.consumers c JOIN pg_catalog.pg_roles r ON r.rolname = c.role
+                        WHERE c.name = consumer) THEN
+            -- A registration restored into a cluster without its role.
+            RAISE EXCEPTION '%: consumer "%" is registered for role %, which does not exist', function_name, consumer,
+                (SELECT c.role FROM outbox.consumers c WHERE c.name = consumer)
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = format('Create that role, or have an operator register the name again: SELECT outbox.register_consumer(%L, ...);', consumer);
+        END IF;
+        RAISE EXCEPTION '%: role % may not act as consumer "%"', function_name, current_user, consumer
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Consumer %L is registered for role %s; use a member of that role, or have an operator register another name.',
+                                consumer, (SELECT c.role FROM outbox.consumers c WHERE c.name = consumer));
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION outbox.register_consumer(consumer text, role regrole)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM outbox._require_text('outbox.register_consumer', 'consumer', $1,
+        'Name the consumer as its service passes it to try_mark_processed, e.g. ''billing.orders''.');
+    IF $2 IS NULL THEN
+        RAISE EXCEPTION 'outbox.register_consumer: role must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the role the consuming service logs in as (or a group role it belongs to).';
+    END IF;
+    INSERT INTO outbox.consumers AS c (name, role) VALUES ($1, pg_get_userbyid($2))
+        ON CONFLICT (name) DO UPDATE SET role = excluded.role, registered_at = now();
+END
+$$;
 
 
 -- The publication streams exactly outbox.messages, inserts only (its owner was checked above).

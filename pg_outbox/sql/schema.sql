@@ -143,9 +143,20 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.processed_messages', '');
 -- skip messages it never processed. Registered by an operator (outbox.register_consumer).
 CREATE TABLE outbox.consumers (
     name          text        PRIMARY KEY CHECK (name <> ''),
-    role          regrole     NOT NULL,
+    -- A role name, not a regrole: a restore into a cluster without that role must load (the
+    -- registration then matches no role until one of that name exists).
+    role          name        NOT NULL,
     registered_at timestamptz NOT NULL DEFAULT now()
 );
+-- 0.2.0 stored a regrole (the SQL install keeps its table across upgrades).
+DO $role$
+BEGIN
+    IF (SELECT a.atttypid FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = 'outbox.consumers'::regclass AND a.attname = 'role') = 'pg_catalog.regrole'::regtype THEN
+        ALTER TABLE outbox.consumers ALTER COLUMN role TYPE name USING pg_catalog.pg_get_userbyid(role);
+    END IF;
+END
+$role$;
 SELECT pg_catalog.pg_extension_config_dump('outbox.consumers', '');
 COMMENT ON TABLE outbox.consumers IS
     'Consumer names and the role whose members may mark messages as processed under that name.';

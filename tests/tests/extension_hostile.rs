@@ -850,3 +850,87 @@ async fn redrive_applies_publishs_size_limit(install: Install) {
         1
     );
 }
+
+on_both_installs!(a_restore_without_a_consumers_role_restores_everything_else);
+
+/// A dump restored into a cluster where a registered consumer's role does not exist: everything
+/// restores (in one transaction), and that registration is reported when it is used.
+async fn a_restore_without_a_consumers_role_restores_everything_else(install: Install) {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    for database in ["source", "target"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
+    pg.install_in(install, "source").await;
+    admin
+        .batch_execute(
+            "CREATE ROLE billing_svc LOGIN IN ROLE outbox_consumer;
+             CREATE ROLE gone_svc LOGIN IN ROLE outbox_consumer;",
+        )
+        .await
+        .unwrap();
+    let source = pg.connect_to("postgres", "source").await;
+    source
+        .batch_execute(
+            "SELECT outbox.register_consumer('billing', 'billing_svc');
+             SELECT outbox.register_consumer('gone', 'gone_svc');
+             SELECT outbox.publish('orders', '{}');",
+        )
+        .await
+        .unwrap();
+    pg.connect_to("billing_svc", "source")
+        .await
+        .batch_execute("SELECT outbox.try_mark_processed('billing', 'm-1')")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump.sql");
+    let dump = dump.to_str().unwrap();
+    pg.client_program("pg_dump", &["-d", "source", "-f", dump]);
+    admin
+        .batch_execute("DROP DATABASE source WITH (FORCE)")
+        .await
+        .unwrap();
+    admin.batch_execute("DROP ROLE gone_svc").await.unwrap();
+    pg.client_program(
+        "psql",
+        &[
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-1",
+            "-d",
+            "target",
+            "-f",
+            dump,
+        ],
+    );
+    let target = pg.connect_to("postgres", "target").await;
+    assert_eq!(
+        count(&target, "SELECT count(*) FROM outbox.messages").await,
+        1
+    );
+    assert_eq!(
+        count(&target, "SELECT count(*) FROM outbox.consumers").await,
+        2
+    );
+    let billing = pg.connect_to("billing_svc", "target").await;
+    let again: bool = billing
+        .query_one("SELECT outbox.try_mark_processed('billing', 'm-1')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!again, "the restored mark de-duplicates");
+    let (code, message, hint) =
+        expect_error(&billing, "SELECT outbox.try_mark_processed('gone', 'm-1')").await;
+    assert_eq!(code, "42501", "{message}");
+    assert!(
+        message.contains("consumer \"gone\" is registered for role gone_svc, which does not exist"),
+        "{message}"
+    );
+    assert!(hint.contains("register_consumer('gone'"), "{hint}");
+}
