@@ -177,6 +177,9 @@ impl DeadLetters {
         error: &str,
         attempts: u32,
     ) -> Result<()> {
+        // An error may quote what it refused, NUL included (the uuid crate prints it raw): text
+        // columns cannot hold one.
+        let error = error.replace('\0', "\\u0000");
         let client = self.client.as_ref().expect("connected");
         let (payload, payload_bytes) = match &message.payload {
             Payload::Json(text) => (Some(text.as_str()), None),

@@ -348,31 +348,43 @@ pub async fn report_blockers(url: &str) {
             // each transaction it must outlive.
             match c
                 .query_opt(
-                    "SELECT holder.pid, extract(epoch FROM now() - a.xact_start)::bigint,
-                            coalesce(a.application_name, '')
+                    "SELECT holder.pid,
+                            extract(epoch FROM now() - coalesce(a.xact_start, p.prepared))::bigint,
+                            CASE WHEN p.gid IS NOT NULL THEN 'prepared transaction ' || p.gid
+                                 ELSE coalesce(a.application_name, '') END
                        FROM pg_catalog.pg_stat_activity w
                        JOIN pg_catalog.pg_locks waits ON waits.pid = w.pid AND NOT waits.granted
                             AND waits.locktype = 'transactionid'
                        JOIN pg_catalog.pg_locks holder ON holder.locktype = 'transactionid'
                             AND holder.transactionid = waits.transactionid AND holder.granted
                        LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = holder.pid
+                       LEFT JOIN pg_catalog.pg_prepared_xacts p ON p.transaction = holder.transactionid
                       WHERE w.usename = current_user AND w.pid <> pg_catalog.pg_backend_pid()
-                      ORDER BY a.xact_start NULLS LAST LIMIT 1",
+                      ORDER BY coalesce(a.xact_start, p.prepared) NULLS LAST LIMIT 1",
                     &[],
                 )
                 .await
             {
                 Ok(Some(row)) => {
-                    let (pid, age, application): (i32, Option<i64>, String) =
-                        (row.get(0), row.get(1), row.get(2));
+                    // A prepared transaction has no backend: no pid.
+                    let (pid, age, application): (Option<i32>, Option<i64>, Option<String>) = (
+                        row.try_get(0).unwrap_or_default(),
+                        row.try_get(1).unwrap_or_default(),
+                        row.try_get(2).unwrap_or_default(),
+                    );
+                    let blocking_pid = pid.map_or_else(
+                        || "none (a prepared transaction: COMMIT PREPARED or ROLLBACK PREPARED it)".to_owned(),
+                        |p| p.to_string(),
+                    );
+                    let application = application.unwrap_or_default();
                     let open_for = age
                         .map_or("an unknown time (pg_read_all_stats shows it)".into(), |s| {
                             format!("{s}s")
                         });
                     tracing::warn!(
-                        blocking_pid = pid,
-                        open_for,
-                        application,
+                        blocking_pid = %blocking_pid,
+                        open_for = %open_for,
+                        application = %application,
                         "creating the replication slot waits for transactions that were open \
                          before it to end; ready once they do"
                     );

@@ -138,3 +138,121 @@ async fn readiness_follows_the_connection_with_no_traffic() {
     })
     .await;
 }
+
+/// Headers RabbitMQ can never carry: a value bigger than one AMQP frame (the broker would close
+/// the whole connection, for every message in flight) and a name over 255 bytes. 0.2.0 retried
+/// them for ever and nothing after them arrived; now each is dead-lettered after `max_attempts`
+/// without being sent, and the rest is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_amqp_cannot_carry_are_dead_lettered_and_the_rest_delivered() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    let (_pg, mut worker, db, _config) = worker_for(
+        &rabbit,
+        "events",
+        "[delivery]\nmax_attempts = 2\nretry_initial = \"50ms\"\n",
+        &[],
+    )
+    .await;
+    publish_range(&db, "orders", 0, 100, 5, Storage::Table).await;
+    db.batch_execute(
+        "SELECT outbox.publish('orders', '{\"big\": 1}', jsonb_build_object('h', repeat('x', 300000)), 'k-0');
+         SELECT outbox.publish('orders', '{\"long\": 1}', jsonb_build_object(repeat('n', 300), 'v'), 'k-1');",
+    )
+    .await
+    .unwrap();
+    publish_range(&db, "orders", 100, 100, 5, Storage::Wal).await;
+    let orders = rabbit.drain_queue("orders", 200, Duration::from_secs(120));
+    check_delivery(&seen(&orders), 200);
+    let db = &db;
+    eventually(
+        Duration::from_secs(30),
+        "both in the dead letters",
+        || async move { count(db, "SELECT count(*) FROM outbox.dead_letters").await == 2 },
+    )
+    .await;
+    let errors: Vec<String> = db
+        .query("SELECT error FROM outbox.dead_letters ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(errors[0].contains("frame_max"), "{errors:?}");
+    assert!(errors[1].contains("over AMQP's 255"), "{errors:?}");
+    assert!(worker.exited().is_none(), "{}", worker.log());
+}
+
+/// What the broker refuses about the sink itself stops the worker with a hint: an exchange
+/// declared with another kind than it has (406), a user without access to the virtual host (530).
+/// 0.2.0 dead-lettered every message for the first and retried for ever for the second.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_brokers_refusal_of_the_sinks_settings_stops_the_worker_with_a_hint() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    rabbit.ctl(&["add_user", "stranger", "secret"]);
+    let stranger = rabbit.url().replace("guest:guest", "stranger:secret");
+    for (sink, expected) in [
+        (
+            format!(
+                "[sinks.amqp]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"events\"\ndeclare_exchange = \"topic\"\n",
+                rabbit.url()
+            ),
+            "inequivalent arg",
+        ),
+        (
+            format!("[sinks.amqp]\ntype = \"amqp\"\nurl = \"{stranger}\"\nexchange = \"events\"\n"),
+            "access to vhost",
+        ),
+    ] {
+        let pg = PgCluster::start().await;
+        let config = Worker::config_file(&sink);
+        let mut worker = Worker::start(&config_args(&pg.url(), config.path()), None);
+        let db = pg.superuser().await;
+        pg.wait_for_slot(&db).await;
+        db.batch_execute("SELECT outbox.publish('orders', '{\"n\": 1}')")
+            .await
+            .unwrap();
+        let status = worker.wait_exit(Duration::from_secs(30));
+        let log = worker.log();
+        assert_eq!(status.code(), Some(1), "{log}");
+        assert!(log.contains(expected) && log.contains("hint:"), "{expected:?}:\n{log}");
+        assert_eq!(
+            count(&db, "SELECT count(*) FROM outbox.dead_letters").await,
+            0,
+            "nothing dead-lettered for the sink's own fault"
+        );
+    }
+}
+
+/// A broker that blocks publishers (a memory alarm: `connection.blocked`) cannot take anything:
+/// not ready until the alarm clears (0.2.0: ready all along).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_blocking_publishers_reads_not_ready() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    let listen = format!("127.0.0.1:{}", outbox_tests::postgres::free_port());
+    let (_pg, _worker, db, _config) =
+        worker_for(&rabbit, "events", "", &["--http-listen", &listen]).await;
+    publish_range(&db, "orders", 0, 10, 2, Storage::Table).await;
+    let mut orders = rabbit.drain_queue("orders", 10, Duration::from_secs(60));
+    let listen = listen.as_str();
+    let ready = move |status: u16| async move {
+        http_get(listen, "/health/ready").is_ok_and(|(s, _)| s == status)
+    };
+    eventually(Duration::from_secs(10), "ready", || ready(200)).await;
+    rabbit.ctl(&["set_vm_memory_high_watermark", "absolute", "1000000"]);
+    // The broker blocks a connection when it next publishes.
+    publish_range(&db, "orders", 10, 10, 2, Storage::Table).await;
+    eventually(Duration::from_secs(20), "not ready while blocked", || {
+        ready(503)
+    })
+    .await;
+    rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    eventually(Duration::from_secs(30), "ready once unblocked", || {
+        ready(200)
+    })
+    .await;
+    orders.extend(rabbit.drain_queue("orders", 10, Duration::from_secs(60)));
+    check_delivery(&seen(&orders), 20);
+}

@@ -422,10 +422,12 @@ async fn identical_garbage_is_quarantined_once_each_and_a_nul_never_stalls_the_s
     pg.wait_for_slot(&db).await;
     let nul = r#"{"v":1,"id":"01a208bd-0000-7000-8000-000000000002","queue":"payments","key":"k","created_at":"2026-11-23T00:00:00Z","headers":{},"payload":{"a":"x\u0000y"}}"#;
     db.batch_execute("BEGIN").await.unwrap();
+    // A NUL in the reason too: the uuid crate quotes the bad id raw.
+    let nul_id = r#"{"v":1,"id":"\u0000bc","queue":"q","key":null,"created_at":"2026-11-23T00:00:00Z","headers":{},"payload":1}"#;
     emit_then_publish_one_legit(
         &pg,
         &db,
-        &["garbage", "garbage", nul],
+        &["garbage", "garbage", nul, nul_id],
         "COMMIT;",
         &out,
         &worker,
@@ -441,8 +443,9 @@ async fn identical_garbage_is_quarantined_once_each_and_a_nul_never_stalls_the_s
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert_eq!(errors.len(), 4, "{errors:?}");
     assert!(errors[2].contains("NUL"), "{errors:?}");
+    assert!(errors[3].contains("\\u0000"), "{errors:?}");
     worker.terminate(Duration::from_secs(10));
 }
 

@@ -126,3 +126,33 @@ async fn a_first_start_behind_an_open_transaction_says_so_answers_health_and_sto
     );
     app.batch_execute("COMMIT").await.unwrap();
 }
+
+/// A prepared (two-phase) transaction has no backend: 0.2.0's report of it panicked (a NULL pid)
+/// and took the worker down. It is named, health answers, SIGTERM stops at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_start_behind_a_prepared_transaction_names_it_and_stops() {
+    let pg = PgCluster::start_with_conf("max_prepared_transactions = 5\n").await;
+    let app = pg.superuser().await;
+    app.batch_execute(
+        "CREATE TABLE t (i int); BEGIN; INSERT INTO t VALUES (1); PREPARE TRANSACTION 'held';",
+    )
+    .await
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = config();
+    let mut args = config_args(&pg.url(), config.path());
+    args.extend(["--http-listen".into(), listen.clone()]);
+    let mut worker = Worker::start(&args, None);
+    let worker_ref = &worker;
+    eventually(
+        Duration::from_secs(20),
+        "the worker names the prepared transaction it waits for",
+        || async move { worker_ref.log().contains("prepared transaction held") },
+    )
+    .await;
+    assert!(worker.exited().is_none(), "{}", worker.log());
+    assert_eq!(http_get(&listen, "/health/live").unwrap().0, 200);
+    let status = worker.terminate(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+    app.batch_execute("ROLLBACK PREPARED 'held'").await.unwrap();
+}

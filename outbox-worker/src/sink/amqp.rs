@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
@@ -107,6 +107,22 @@ impl Session {
             .is_some_and(|c| c.status().connected())
     }
 
+    /// Connected and not blocked by the broker (`connection.blocked`: a memory or disk alarm).
+    fn can_deliver(&self) -> bool {
+        self.is_connected()
+            && !self
+                .connection
+                .as_ref()
+                .is_some_and(|c| c.status().blocked())
+    }
+
+    /// The frame size the connection negotiated (RabbitMQ's default: 128 kB).
+    fn frame_max(&self) -> Option<usize> {
+        self.connection
+            .as_ref()
+            .map(|c| c.configuration().frame_max() as usize)
+    }
+
     /// A channel ready to publish on, opening what is needed.
     async fn channel(&mut self, config: &AmqpSinkConfig) -> Result<&Channel, lapin::Error> {
         if !self.is_connected() {
@@ -132,7 +148,7 @@ async fn publish_loop(
 ) {
     let mut session = Session::default();
     loop {
-        connected.store(session.is_connected(), Ordering::Release);
+        connected.store(session.can_deliver(), Ordering::Release);
         let p = if session.is_connected() {
             match tokio::time::timeout(RECONNECT_EVERY, rx.recv()).await {
                 Ok(Some(p)) => p,
@@ -153,6 +169,12 @@ async fn publish_loop(
                 }
             }
         };
+        if let Some(problem) = unsendable(&p, session.frame_max()) {
+            let _ = p
+                .ack
+                .send(Err(SinkError::Permanent(format!("amqp: {problem}"))));
+            continue;
+        }
         let channel = match session.channel(&config).await {
             Ok(channel) => channel,
             Err(e) => {
@@ -216,21 +238,66 @@ fn classify(error: &lapin::Error, payload_len: usize, context: &str) -> SinkErro
     };
     let text = amqp.get_message().as_str();
     let described = format!("amqp: {context}: {} {text}", amqp.get_id());
+    let stop = |hint: &str| SinkError::Closed(format!("{described}: {hint}"));
     match amqp.kind() {
         AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => match refused_size(text) {
             Some(size) if size != payload_len => SinkError::Transient(format!(
                 "{described} (another message's; this one is re-sent)"
             )),
-            _ => SinkError::Permanent(described),
+            Some(_) => SinkError::Permanent(described),
+            // Not about a message: the sink's own settings (declare_exchange of another kind than
+            // the existing exchange, say). Every message would meet it.
+            None => stop("the broker refuses this sink's settings; fix them (declare_exchange?)"),
         },
         AMQPErrorKind::Soft(AMQPSoftError::CONTENTTOOLARGE) => SinkError::Permanent(described),
-        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED) => {
-            SinkError::Closed(format!(
-                "{described}: create the exchange (or set declare_exchange) and give the user \
-                 write permission on it"
-            ))
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
+            stop("create the exchange (or set declare_exchange)")
+        }
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => stop(
+            "check the user and password in the URL, and give the user write permission on the \
+             exchange",
+        ),
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+            stop("give the user access to the virtual host (rabbitmqctl set_permissions)")
         }
         _ => SinkError::Transient(described),
+    }
+}
+
+/// What RabbitMQ could never take whatever is retried, found before publishing: AMQP short
+/// strings (header names, the content type, the routing key) hold at most 255 bytes, and the
+/// properties travel in one frame (a broker closes the whole connection on a bigger one).
+fn unsendable(p: &Publish, frame_max: Option<usize>) -> Option<String> {
+    const SHORT: usize = 255;
+    if p.routing_key.len() > SHORT {
+        return Some(format!(
+            "the routing key is {} bytes, over AMQP's 255",
+            p.routing_key.len()
+        ));
+    }
+    if let Some(name) = p.message.headers.keys().find(|k| k.len() > SHORT) {
+        return Some(format!(
+            "header name {:?}… is {} bytes, over AMQP's 255",
+            &name[..name.floor_char_boundary(40)],
+            name.len()
+        ));
+    }
+    if p.message.content_type().len() > SHORT {
+        return Some("the content-type header is over AMQP's 255 bytes".into());
+    }
+    // Each header: name length, name, type, value length, value; plus the fixed properties.
+    let properties: usize = 512
+        + p.message
+            .headers
+            .iter()
+            .map(|(k, v)| 1 + k.len() + 1 + 4 + v.len())
+            .sum::<usize>();
+    match frame_max {
+        Some(max) if max > 0 && properties + 8 > max => Some(format!(
+            "its headers take {properties} bytes, more than one AMQP frame ({max} bytes, the \
+             broker's frame_max)"
+        )),
+        _ => None,
     }
 }
 
@@ -295,7 +362,7 @@ impl Sink for AmqpSink {
 
 #[cfg(test)]
 mod tests {
-    use lapin::protocol::{AMQPError, AMQPHardError};
+    use lapin::protocol::AMQPError;
 
     use super::*;
 
@@ -320,20 +387,71 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_exchange_or_refused_access_stops_the_worker_with_a_hint() {
-        for kind in [AMQPSoftError::NOTFOUND, AMQPSoftError::ACCESSREFUSED] {
-            let error = closed(
-                AMQPErrorKind::Soft(kind),
+    fn refusals_of_the_sinks_settings_stop_the_worker_with_a_hint() {
+        for (kind, text, hint) in [
+            (
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
                 "NOT_FOUND - no exchange 'x' in vhost '/'",
-            );
-            let SinkError::Closed(text) = classify(&error, 1, "x") else {
-                panic!("not closed")
+                "declare_exchange",
+            ),
+            (
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - write access to exchange 'x' refused",
+                "write permission",
+            ),
+            (
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'x'",
+                "declare_exchange",
+            ),
+            (
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED),
+                "NOT_ALLOWED - access to vhost '/' refused for user 'u'",
+                "virtual host",
+            ),
+        ] {
+            let SinkError::Closed(message) = classify(&closed(kind, text), 1, "x") else {
+                panic!("{text}: not closed")
             };
             assert!(
-                text.contains("no exchange 'x'") && text.contains("declare_exchange"),
-                "{text}"
+                message.contains(text) && message.contains(hint),
+                "{message}"
             );
         }
+    }
+
+    fn publish(headers: &[(&str, &str)]) -> Publish {
+        let message = Message {
+            id: uuid::Uuid::nil(),
+            queue: "q".into(),
+            key: None,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            payload: crate::message::Payload::Json("1".into()),
+            created_at: chrono::Utc::now(),
+            commit_lsn: crate::lsn::Lsn(1),
+            committed_at: chrono::Utc::now(),
+        };
+        Publish {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            properties: properties(&message),
+            message: Arc::new(message),
+            ack: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn what_amqp_cannot_carry_is_found_before_publishing() {
+        assert!(unsendable(&publish(&[("h", "v")]), Some(131_072)).is_none());
+        let long_name = "n".repeat(256);
+        assert!(unsendable(&publish(&[(&long_name, "v")]), Some(131_072)).is_some());
+        let big = "x".repeat(200_000);
+        let problem = unsendable(&publish(&[("h", &big)]), Some(131_072)).unwrap();
+        assert!(problem.contains("frame_max"), "{problem}");
+        assert!(unsendable(&publish(&[("content-type", &"t".repeat(300))]), None).is_some());
     }
 
     #[test]

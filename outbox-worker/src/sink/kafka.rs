@@ -53,10 +53,25 @@ fn client_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig
             "queue.buffering.max.messages",
             (max_in_flight + 1000).max(100_000).to_string(),
         );
-    for (key, value) in config.flat_properties() {
+    let properties = config.flat_properties();
+    for (key, value) in &properties {
         client.set(key, value);
     }
+    // The gapless guarantee needs idempotence: turning idempotence off turns it off too.
+    if is_off(client.get("enable.idempotence"))
+        && !properties.contains_key("enable.gapless.guarantee")
+    {
+        client.set("enable.gapless.guarantee", "false");
+    }
     client
+}
+
+/// A librdkafka boolean set to false.
+fn is_off(value: Option<&str>) -> bool {
+    matches!(
+        value.map(str::to_ascii_lowercase).as_deref(),
+        Some("false" | "f" | "0")
+    )
 }
 
 impl KafkaSink {
@@ -110,12 +125,7 @@ impl KafkaSink {
 /// guarantee, and no local time-out (a time-out fails the older messages of a partition and lets
 /// the younger ones through). Otherwise delivery sends one message per key at a time.
 fn keeps_order(config: &ClientConfig) -> bool {
-    let on = |key: &str| {
-        !matches!(
-            config.get(key).map(str::to_ascii_lowercase).as_deref(),
-            Some("false" | "f" | "0")
-        )
-    };
+    let on = |key: &str| !is_off(config.get(key));
     // `delivery.timeout.ms` is librdkafka's alias of `message.timeout.ms`.
     let no_timeout = ["message.timeout.ms", "delivery.timeout.ms"]
         .iter()
@@ -316,6 +326,28 @@ mod tests {
         assert!(keeps_order_with(&[]));
         assert!(keeps_order_with(&[("message.timeout.ms", "0")]));
         assert!(keeps_order_with(&[("compression.type", "lz4")]));
+    }
+
+    #[test]
+    fn idempotence_off_alone_is_a_producer_librdkafka_accepts() {
+        let properties = [("enable.idempotence", "false")]
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    PropertyValue::Scalar(Scalar::Text(v.to_string())),
+                )
+            })
+            .collect::<BTreeMap<_, _>>();
+        let config = KafkaSinkConfig {
+            brokers: "127.0.0.1:9".into(),
+            properties: Properties(properties),
+        };
+        let client = client_config(&config, 1000);
+        assert_eq!(client.get("enable.gapless.guarantee"), Some("false"));
+        assert!(!keeps_order(&client));
+        let producer: FutureProducer = client.create().expect("librdkafka accepts idempotence off");
+        drop(producer);
     }
 
     #[test]

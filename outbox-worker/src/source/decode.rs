@@ -125,7 +125,6 @@ impl TableLayout {
 pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, EnvelopeError> {
     #[derive(Deserialize)]
     struct Envelope<'a> {
-        v: u32,
         id: Uuid,
         queue: String,
         key: Option<String>,
@@ -135,19 +134,34 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Envel
         payload: Option<&'a RawValue>,
         payload_base64: Option<String>,
     }
+    // The version first: a newer envelope may have another shape, and must stop the worker
+    // rather than be quarantined for not having this one.
+    #[derive(Deserialize)]
+    struct Version {
+        v: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Version>(content) {
+        Ok(Version { v: Some(v) }) if v.as_u64() == Some(1) => {}
+        Ok(Version { v: Some(v) }) if v.as_u64().is_some_and(|v| v > 1) => {
+            return Err(EnvelopeError {
+                id: None,
+                problem: format!(
+                    "envelope version {v} is newer than this worker understands (1): upgrade \
+                     outbox-worker"
+                ),
+                newer: true,
+            })
+        }
+        Ok(Version { v: Some(v) }) => {
+            return Err(problem(format!(
+                "envelope version {v} is not one pg_outbox writes"
+            )))
+        }
+        Ok(Version { v: None }) => return Err(problem("bad envelope: no version \"v\"")),
+        Err(e) => return Err(problem(format!("bad envelope: {e}"))),
+    }
     let envelope: Envelope<'_> =
         serde_json::from_slice(content).map_err(|e| problem(format!("bad envelope: {e}")))?;
-    if envelope.v != 1 {
-        return Err(EnvelopeError {
-            id: Some(envelope.id),
-            problem: format!(
-                "envelope version {} is newer than this worker understands (1): upgrade \
-                 outbox-worker",
-                envelope.v
-            ),
-            newer: envelope.v > 1,
-        });
-    }
     let payload = match (envelope.payload, envelope.payload_base64) {
         (Some(json), None) => Payload::Json(json.get().to_owned()),
         (None, Some(b64)) => Payload::Bytes(
@@ -435,6 +449,25 @@ mod tests {
         let fine = envelope("null", "{}", r#"{"a":"x\\u0000y"}"#);
         let message = decode_envelope(fine.as_bytes(), Lsn(9)).unwrap();
         assert!(check_publish_rules(&message).is_ok(), "{fine}");
+    }
+
+    #[test]
+    fn a_future_envelope_of_another_shape_still_says_upgrade() {
+        let content =
+            br#"{"v":2,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","dest":"q","payload":1}"#;
+        assert!(decode_envelope(content, Lsn(9))
+            .unwrap_err()
+            .is_newer_version());
+        for content in [
+            &br#"{"v":0,"id":"x"}"#[..],
+            br#"{"v":"2"}"#,
+            br#"{"id":"x"}"#,
+            b"[]",
+        ] {
+            let err = decode_envelope(content, Lsn(9)).unwrap_err();
+            assert!(!err.is_newer_version(), "{err}");
+            assert!(!err.to_string().contains("newer"), "{err}");
+        }
     }
 
     #[test]
