@@ -3,7 +3,8 @@
 \echo Use "ALTER EXTENSION pg_outbox UPDATE" to load this file. \quit
 
 -- Every name below resolves in pg_catalog only (DEVELOPMENT.md, "SQL rules").
-SET search_path = pg_catalog, pg_temp;
+-- SET LOCAL: ALTER EXTENSION restores it when the script ends (a plain SET would outlive it).
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 -- Nothing here is trusted before it is checked: schema outbox and everything in it belong to the
 -- extension's owner. 0.1.0 accepted a schema outbox created by another role, who could have put

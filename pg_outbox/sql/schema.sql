@@ -5,9 +5,13 @@
 
 -- Every name below resolves in pg_catalog only (pg_temp is never searched for functions or
 -- operators): a function, operator or type another role planted in a schema of the installer's
--- search_path (public, say) can neither run as the installer nor capture a call. CREATE and
--- ALTER EXTENSION restore the search_path afterwards. DEVELOPMENT.md, "SQL rules".
-SET search_path = pg_catalog, pg_temp;
+-- search_path (public, say) can neither run as the installer nor capture a call.
+-- DEVELOPMENT.md, "SQL rules".
+-- @extension-only:begin (the SQL install sets it in its prologue)
+-- SET LOCAL: CREATE and ALTER EXTENSION restore it when the script ends. A plain SET would
+-- outlive the script and leave the caller's session with search_path = pg_catalog, pg_temp.
+SET LOCAL search_path = pg_catalog, pg_temp;
+-- @extension-only:end
 
 -- @extension-only:begin (the SQL install creates the schema itself, or upgrades its own)
 -- CREATE EXTENSION adopts an existing schema outbox. One created by another role could hold
