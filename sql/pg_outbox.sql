@@ -60,11 +60,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'e67875176448' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '517de82e39fe' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build e67875176448) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build 517de82e39fe) is already installed in this database: nothing to do
 \quit
 \endif
 BEGIN;
@@ -93,7 +93,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build e67875176448)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 517de82e39fe)
 \else
 BEGIN;
 DO $install$
@@ -116,9 +116,8 @@ CREATE SCHEMA outbox;
 
 -- Every name below resolves in pg_catalog only (pg_temp is never searched for functions or
 -- operators): a function, operator or type another role planted in a schema of the installer's
--- search_path (public, say) can neither run as the installer nor capture a call. CREATE and
--- ALTER EXTENSION restore the search_path afterwards. DEVELOPMENT.md, "SQL rules".
-SET search_path = pg_catalog, pg_temp;
+-- search_path (public, say) can neither run as the installer nor capture a call.
+-- DEVELOPMENT.md, "SQL rules".
 
 
 
@@ -1063,7 +1062,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'e67875176448');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '517de82e39fe');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$
@@ -1085,3 +1084,5 @@ GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_
 GRANT EXECUTE ON FUNCTION outbox.set_setting(text, text) TO outbox_operator;
 GRANT SELECT ON outbox.settings TO outbox_operator;
 COMMIT;
+-- The prologue pinned the search_path for this script; a session that ran it with \i gets its own back.
+RESET search_path;

@@ -29,3 +29,5 @@ GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_
 GRANT EXECUTE ON FUNCTION outbox.set_setting(text, text) TO outbox_operator;
 GRANT SELECT ON outbox.settings TO outbox_operator;
 COMMIT;
+-- The prologue pinned the search_path for this script; a session that ran it with \i gets its own back.
+RESET search_path;
