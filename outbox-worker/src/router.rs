@@ -9,18 +9,72 @@ use crate::config::SinkId;
 use crate::config::{Config, SinkConfig};
 use crate::rules::PLACEHOLDER;
 
-/// Where one message goes: a sink and the destination within it (a Kafka topic, an AMQP
-/// "exchange/routing-key"; empty for sinks without destinations).
+/// Where one message goes: a sink and the destination within it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub sink: SinkId,
-    pub destination: Arc<str>,
+    pub destination: Destination,
+}
+
+/// Where within a sink a message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// Sinks without destinations (stdout).
+    None,
+    /// A Kafka topic.
+    Topic(Arc<str>),
+    /// An AMQP exchange (`""`: the default exchange) and routing key.
+    Exchange {
+        exchange: Arc<str>,
+        routing_key: Arc<str>,
+    },
+}
+
+/// As the dead letters record it: the topic, `exchange/routing-key`, or nothing.
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::None => Ok(()),
+            Destination::Topic(topic) => f.write_str(topic),
+            Destination::Exchange {
+                exchange,
+                routing_key,
+            } => write!(f, "{exchange}/{routing_key}"),
+        }
+    }
+}
+
+/// A destination with `{queue}` still to fill in.
+enum Template {
+    None,
+    Topic(String),
+    Exchange {
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+impl Template {
+    fn fill(&self, queue: &str) -> Destination {
+        let fill = |t: &str| -> Arc<str> { t.replace(PLACEHOLDER, queue).into() };
+        match self {
+            Template::None => Destination::None,
+            Template::Topic(topic) => Destination::Topic(fill(topic)),
+            Template::Exchange {
+                exchange,
+                routing_key,
+            } => Destination::Exchange {
+                exchange: fill(exchange),
+                routing_key: fill(routing_key),
+            },
+        }
+    }
 }
 
 struct Rule {
     queues: GlobSet,
     sink: SinkId,
-    template: Option<String>,
+    template: Template,
 }
 
 pub struct Router {
@@ -40,15 +94,15 @@ impl Router {
                 for pattern in route.queues.iter() {
                     queues.add(Glob::new(pattern).expect("validated glob"));
                 }
-                // AMQP destinations are "exchange/routing-key" (exchange names cannot hold '/').
                 let template = match &config.sinks[&route.sink] {
-                    SinkConfig::Kafka(_) => Some(route.topic.clone().unwrap_or(PLACEHOLDER.into())),
-                    SinkConfig::Amqp(amqp) => Some(format!(
-                        "{}/{}",
-                        route.exchange.as_deref().unwrap_or(&amqp.exchange),
-                        route.routing_key.as_deref().unwrap_or(PLACEHOLDER)
-                    )),
-                    _ => None,
+                    SinkConfig::Kafka(_) => {
+                        Template::Topic(route.topic.clone().unwrap_or(PLACEHOLDER.into()))
+                    }
+                    SinkConfig::Amqp(amqp) => Template::Exchange {
+                        exchange: route.exchange.clone().unwrap_or(amqp.exchange.clone()),
+                        routing_key: route.routing_key.clone().unwrap_or(PLACEHOLDER.into()),
+                    },
+                    _ => Template::None,
                 };
                 Rule {
                     queues: queues.build().expect("validated globs"),
@@ -74,12 +128,7 @@ impl Router {
             .find(|rule| rule.queues.is_match(queue))
             .map(|rule| Route {
                 sink: rule.sink,
-                destination: rule
-                    .template
-                    .as_deref()
-                    .map(|t| t.replace(PLACEHOLDER, queue))
-                    .unwrap_or_default()
-                    .into(),
+                destination: rule.template.fill(queue),
             });
         self.cache.insert(queue.to_owned(), route.clone());
         route
@@ -121,18 +170,18 @@ mod tests {
             router.route("orders.created"),
             Some(Route {
                 sink: kafka,
-                destination: "outbox.orders.created".into()
+                destination: Destination::Topic("outbox.orders.created".into())
             })
         );
         assert_eq!(
-            router.route("billing").unwrap().destination.as_ref(),
+            router.route("billing").unwrap().destination.to_string(),
             "outbox.billing"
         );
         assert_eq!(
             router.route("audit"),
             Some(Route {
                 sink: out,
-                destination: "".into()
+                destination: Destination::None
             })
         );
         assert_eq!(
@@ -175,11 +224,11 @@ mod tests {
             "#,
         ));
         assert_eq!(
-            router.route("orders").unwrap().destination.as_ref(),
+            router.route("orders").unwrap().destination.to_string(),
             "events/orders"
         );
         assert_eq!(
-            router.route("audit.login").unwrap().destination.as_ref(),
+            router.route("audit.login").unwrap().destination.to_string(),
             "audit/all"
         );
     }

@@ -58,6 +58,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
             .with_context(|| format!("cannot create publication {publication:?}"))?;
         tracing::info!(publication, "created publication");
     }
+    check_publication(client, publication).await?;
     let slot_state = client
         .query_opt(
             "SELECT plugin, database,
@@ -161,6 +162,48 @@ pub async fn installed(client: &Client) -> Result<Option<Install>> {
         (false, true) => Some(Install::Sql),
         (false, false) => None,
     })
+}
+
+/// The publication streams what the install made it stream: inserts into `outbox.messages`, whole
+/// rows, nothing else. Its owner could otherwise make it stream deletes only (committed messages
+/// would never reach the slot), filter rows or columns, or add every table (issue 21).
+pub async fn check_publication(client: &Client, publication: &str) -> Result<(), Fatal> {
+    let row = client
+        .query_opt(
+            "SELECT p.pubinsert, p.pubupdate OR p.pubdelete OR p.pubtruncate, p.puballtables,
+                    coalesce((SELECT array_agg(format('%s.%s', t.schemaname, t.tablename) ORDER BY 1)
+                                FROM pg_publication_tables t WHERE t.pubname = p.pubname), '{}'),
+                    EXISTS (SELECT FROM pg_publication_rel r
+                             WHERE r.prpubid = p.oid AND (r.prqual IS NOT NULL OR r.prattrs IS NOT NULL))
+               FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| Fatal::new(format!("cannot read publication {publication:?}: {e}"), "is the role allowed to read pg_publication?"))?;
+    // A missing publication is reported where it is used (setup creates it).
+    let Some(row) = row else { return Ok(()) };
+    let (insert, more, all_tables, tables, filtered): (bool, bool, bool, Vec<String>, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let problem = if !insert || more {
+        Some("does not stream exactly the inserts (publish = 'insert')".to_owned())
+    } else if all_tables || tables != ["outbox.messages"] {
+        Some(format!("streams {tables:?}, not exactly outbox.messages"))
+    } else if filtered {
+        Some("filters rows or columns of outbox.messages".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(Fatal::new(
+            format!("publication {publication:?} {problem}"),
+            format!(
+                "make it what the install made: ALTER PUBLICATION {} SET TABLE outbox.messages; ALTER PUBLICATION {} SET (publish = 'insert'), as its owner (pg_outbox's installer)",
+                quote_ident(publication),
+                quote_ident(publication)
+            ),
+        )),
+    }
 }
 
 /// The rights `run` needs beyond the replication connection, checked before anything streams: a

@@ -26,7 +26,7 @@ use crate::config::{DeliveryConfig, KeyOrdering};
 use crate::fatal::Fatal;
 use crate::lsn::Lsn;
 use crate::message::Message;
-use crate::router::Route;
+use crate::router::{Destination, Route};
 use crate::sink::{BySink, Sink, SinkError, SinkId, Sinks};
 use crate::telemetry;
 
@@ -38,7 +38,7 @@ pub struct Undeliverable {
     pub message: Arc<Message>,
     pub sink_id: SinkId,
     pub sink: String,
-    pub destination: Arc<str>,
+    pub destination: Destination,
     pub attempts: u32,
     pub error: SinkError,
 }
@@ -367,7 +367,7 @@ mod tests {
         let sinks = Sinks::from_named(vec![("scripted".into(), sink.clone() as Arc<dyn Sink>)]);
         let route = Route {
             sink: sinks.iter().next().unwrap().0,
-            destination: "orders".into(),
+            destination: Destination::Topic("orders".into()),
         };
         let config = DeliveryConfig {
             max_in_flight,

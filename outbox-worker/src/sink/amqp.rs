@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Ack, Sink, SinkError};
 use crate::config::AmqpSinkConfig;
 use crate::message::{is_content_type, Message};
+use crate::router::Destination;
 
 /// Heartbeat interval asked for when the URL names none (RabbitMQ proposes 60 s): a silent broker
 /// reads as not ready within about twice this.
@@ -30,8 +31,8 @@ const HEARTBEAT_SECS: u16 = 10;
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 struct Publish {
-    exchange: String,
-    routing_key: String,
+    exchange: Arc<str>,
+    routing_key: Arc<str>,
     /// The message itself, not a copy of its payload: lapin copies it into frames anyway.
     message: Arc<Message>,
     properties: BasicProperties,
@@ -334,12 +335,19 @@ fn properties(message: &Message) -> BasicProperties {
 }
 
 impl Sink for AmqpSink {
-    fn send(&self, destination: &str, message: &Arc<Message>) -> Ack {
-        let (exchange, routing_key) = destination.split_once('/').unwrap_or(("", destination));
+    fn send(&self, destination: &Destination, message: &Arc<Message>) -> Ack {
+        let Destination::Exchange {
+            exchange,
+            routing_key,
+        } = destination
+        else {
+            let error = SinkError::Permanent(format!("amqp: {destination:?} is not an exchange"));
+            return Box::pin(async move { Err(error) });
+        };
         let (ack, acked) = oneshot::channel();
         let queued = self.publishes.send(Publish {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
+            exchange: exchange.clone(),
+            routing_key: routing_key.clone(),
             message: message.clone(),
             properties: properties(message),
             ack,
@@ -435,7 +443,7 @@ mod tests {
             committed_at: chrono::Utc::now(),
         };
         Publish {
-            exchange: String::new(),
+            exchange: "".into(),
             routing_key: "q".into(),
             properties: properties(&message),
             message: Arc::new(message),

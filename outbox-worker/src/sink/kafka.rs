@@ -14,6 +14,7 @@ use rdkafka::ClientConfig;
 use super::{Ack, Sink, SinkError};
 use crate::config::KafkaSinkConfig;
 use crate::message::{is_content_type, Message};
+use crate::router::Destination;
 use crate::rules::describe_kafka_error;
 
 pub struct KafkaSink {
@@ -230,7 +231,12 @@ fn classify(error: KafkaError) -> SinkError {
 }
 
 impl Sink for KafkaSink {
-    fn send(&self, topic: &str, message: &Arc<Message>) -> Ack {
+    fn send(&self, destination: &Destination, message: &Arc<Message>) -> Ack {
+        let Destination::Topic(topic) = destination else {
+            let error = SinkError::Permanent(format!("kafka: {destination:?} is not a topic"));
+            return Box::pin(async move { Err(error) });
+        };
+        let topic: &str = topic;
         let mut record = FutureRecord::to(topic)
             .payload(message.payload.as_bytes())
             .headers(headers(message))

@@ -14,6 +14,7 @@ use thiserror::Error;
 pub use crate::config::SinkId;
 use crate::config::{Config, SinkConfig};
 use crate::message::Message;
+use crate::router::Destination;
 
 /// The outcome of one send attempt, resolved once the broker has answered.
 pub type Ack = BoxFuture<'static, Result<(), SinkError>>;
@@ -44,7 +45,7 @@ pub enum SinkError {
 ///   and never retries behind the caller's back in a way that reorders messages.
 /// - `close` is called at most once, after the last `send`, and waits for pending sends.
 pub trait Sink: Send + Sync {
-    fn send(&self, destination: &str, message: &Arc<Message>) -> Ack;
+    fn send(&self, destination: &Destination, message: &Arc<Message>) -> Ack;
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -144,7 +145,7 @@ impl<T> std::ops::IndexMut<SinkId> for BySink<T> {
 struct Discard;
 
 impl Sink for Discard {
-    fn send(&self, _: &str, _: &Arc<Message>) -> Ack {
+    fn send(&self, _: &Destination, _: &Arc<Message>) -> Ack {
         Box::pin(async { Ok(()) })
     }
 

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::{Ack, Sink, SinkError};
 use crate::message::Message;
+use crate::router::Destination;
 
 /// What the broker does with one send.
 #[derive(Debug, Clone)]
@@ -138,8 +139,8 @@ impl ScriptedSink {
 }
 
 impl Sink for ScriptedSink {
-    fn send(&self, destination: &str, message: &Arc<Message>) -> Ack {
-        let step = self.step(destination, message);
+    fn send(&self, destination: &Destination, message: &Arc<Message>) -> Ack {
+        let step = self.step(&destination.to_string(), message);
         let mut released = self.released.subscribe();
         Box::pin(async move {
             match step {

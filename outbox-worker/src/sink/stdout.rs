@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Ack, Sink, SinkError};
 use crate::message::Message;
+use crate::router::Destination;
 
 /// The message itself, not its line: a line is built only when it is written, so what waits for
 /// a slow reader is counted once, in delivery's budget.
@@ -55,7 +56,7 @@ async fn write_lines(mut rx: mpsc::UnboundedReceiver<Pending>) {
 }
 
 impl Sink for StdoutSink {
-    fn send(&self, _: &str, message: &Arc<Message>) -> Ack {
+    fn send(&self, _: &Destination, message: &Arc<Message>) -> Ack {
         let (ack, acked) = oneshot::channel();
         let sent = self.lines.send((message.clone(), ack));
         Box::pin(async move {
