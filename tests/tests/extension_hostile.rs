@@ -934,3 +934,49 @@ async fn a_restore_without_a_consumers_role_restores_everything_else(install: In
     );
     assert!(hint.contains("register_consumer('gone'"), "{hint}");
 }
+
+/// The publication's owner changes what it streams (deletes only: committed messages would never
+/// reach the slot; every table; a row filter): the worker refuses to stream it, with a hint.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_refuses_a_publication_that_streams_something_else() {
+    let pg = PgCluster::start().await;
+    let db = pg.superuser().await;
+    db.batch_execute("CREATE TABLE public.other (n int)")
+        .await
+        .unwrap();
+    for (change, expected) in [
+        (
+            "ALTER PUBLICATION pg_outbox SET (publish = 'delete')",
+            "does not stream exactly the inserts",
+        ),
+        (
+            "ALTER PUBLICATION pg_outbox ADD TABLE public.other",
+            "not exactly outbox.messages",
+        ),
+    ] {
+        db.batch_execute(&format!(
+            "ALTER PUBLICATION pg_outbox SET TABLE outbox.messages;
+             ALTER PUBLICATION pg_outbox SET (publish = 'insert');
+             {change}"
+        ))
+        .await
+        .unwrap();
+        let mut worker =
+            outbox_tests::Worker::start_with(&["run", "--postgres-url", &pg.url()], &[], None);
+        let status = worker.wait_exit(std::time::Duration::from_secs(30));
+        let log = worker.log();
+        assert_eq!(status.code(), Some(1), "{change}: {log}");
+        assert!(
+            log.contains("publication \"pg_outbox\" ") && log.contains(expected),
+            "{change}: {log}"
+        );
+        assert!(log.contains("SET TABLE outbox.messages"), "{log}");
+    }
+    // The extension's publication keeps its table: a row filter (which replaces it) is refused.
+    let (code, message, _) = expect_error(
+        &db,
+        "ALTER PUBLICATION pg_outbox SET TABLE outbox.messages WHERE (queue <> 'payments')",
+    )
+    .await;
+    assert_eq!(code, "2BP01", "{message}");
+}
