@@ -10,14 +10,16 @@
 -- runs as the installer. DEVELOPMENT.md, "SQL rules".
 SET search_path = pg_catalog, pg_temp;
 -- One install at a time: a second one, started while this runs, would otherwise fail on a
--- duplicate key or a deadlock. Held until psql exits.
+-- duplicate key or a deadlock. It waits up to 10 s (a run that just ended may still hold the lock
+-- for a moment), then says so. Released at the end of the script (or when psql exits).
 DO $one$
 BEGIN
-    IF NOT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pg_outbox SQL install'), 0) THEN
-        RAISE EXCEPTION 'pg_outbox: another install of pg_outbox is running in this database'
-            USING ERRCODE = 'lock_not_available',
-                  HINT = 'Wait for it to finish, then run this script again (it does nothing if that install was this version).';
-    END IF;
+    SET LOCAL lock_timeout = '10s';
+    PERFORM pg_catalog.pg_advisory_lock(pg_catalog.hashtext('pg_outbox SQL install'), 0);
+EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'pg_outbox: another install of pg_outbox is running in this database'
+        USING ERRCODE = 'lock_not_available',
+              HINT = 'Wait for it to finish, then run this script again (it does nothing if that install was this version).';
 END
 $one$;
 -- Before anything here is trusted (the version record included): schema outbox, its objects and
@@ -60,11 +62,12 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '517de82e39fe' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'e5da3932c5ec' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build 517de82e39fe) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build e5da3932c5ec) is already installed in this database: nothing to do
+SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
 BEGIN;
@@ -93,7 +96,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 517de82e39fe)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build e5da3932c5ec)
 \else
 BEGIN;
 DO $install$
@@ -1062,7 +1065,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '517de82e39fe');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'e5da3932c5ec');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$
@@ -1086,3 +1089,4 @@ GRANT SELECT ON outbox.settings TO outbox_operator;
 COMMIT;
 -- The prologue pinned the search_path for this script; a session that ran it with \i gets its own back.
 RESET search_path;
+SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset

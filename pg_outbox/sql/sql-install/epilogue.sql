@@ -31,3 +31,4 @@ GRANT SELECT ON outbox.settings TO outbox_operator;
 COMMIT;
 -- The prologue pinned the search_path for this script; a session that ran it with \i gets its own back.
 RESET search_path;
+SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset

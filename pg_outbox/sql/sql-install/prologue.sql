@@ -10,14 +10,16 @@
 -- runs as the installer. DEVELOPMENT.md, "SQL rules".
 SET search_path = pg_catalog, pg_temp;
 -- One install at a time: a second one, started while this runs, would otherwise fail on a
--- duplicate key or a deadlock. Held until psql exits.
+-- duplicate key or a deadlock. It waits up to 10 s (a run that just ended may still hold the lock
+-- for a moment), then says so. Released at the end of the script (or when psql exits).
 DO $one$
 BEGIN
-    IF NOT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pg_outbox SQL install'), 0) THEN
-        RAISE EXCEPTION 'pg_outbox: another install of pg_outbox is running in this database'
-            USING ERRCODE = 'lock_not_available',
-                  HINT = 'Wait for it to finish, then run this script again (it does nothing if that install was this version).';
-    END IF;
+    SET LOCAL lock_timeout = '10s';
+    PERFORM pg_catalog.pg_advisory_lock(pg_catalog.hashtext('pg_outbox SQL install'), 0);
+EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'pg_outbox: another install of pg_outbox is running in this database'
+        USING ERRCODE = 'lock_not_available',
+              HINT = 'Wait for it to finish, then run this script again (it does nothing if that install was this version).';
 END
 $one$;
 -- Before anything here is trusted (the version record included): schema outbox, its objects and
@@ -65,6 +67,7 @@ SELECT version = '@VERSION@' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '@
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
 \echo pg_outbox @VERSION@ (SQL install, build @BUILD@) is already installed in this database: nothing to do
+SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
 BEGIN;
