@@ -55,6 +55,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     };
     setup::check_rights(&client).await?;
     let mut settings = SlotSettings::of(&config);
+    if !config.postgres.setup {
+        // ensure_slot checks it otherwise.
+        setup::check_publication(&client, &settings.publication).await?;
+    }
     settings.wal_form = setup::installed(&client).await? != Some(setup::Install::Sql);
     if config.postgres.setup {
         tokio::select! {

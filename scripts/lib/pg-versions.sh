@@ -52,9 +52,11 @@ pg_npm_package_for() {
 # What runs on a server-only major, as `cargo test` argument lists, one per line (scripts/test
 # runs each with PG_BINDIR and PG_CLIENT_BINDIR set): the SQL install's tests without the three
 # that need the extension beside it; the SQL-install half of every test written for both
-# installs (extension.rs, extension_hardening.rs, the client crate's); the worker delivering
+# installs (extension.rs, extension_hardening.rs, the client crate's) and the hostile-role tests
+# of the SQL install (extension_hostile.rs); the worker delivering
 # from the SQL install through SIGKILLs and a failover with a failover slot.
 pg_sql_only_tests() {
   echo "-p outbox-tests --test sql_install --test failover_sql_install -- --skip every_bad_input_gets_the_extensions_error_and_hint --skip the_databases_settings_mean_what_they_mean_to_the_extension --skip moving_to_the_extension_keeps_the_slot_marks_and_dead_letters"
   echo "-p outbox-tests -p outbox-client --test extension --test extension_hardening --test client -- ::sql_install"
+  echo "-p outbox-tests --test extension_hostile -- sql_install"
 }

@@ -961,16 +961,19 @@ async fn the_worker_refuses_a_publication_that_streams_something_else() {
         ))
         .await
         .unwrap();
-        let mut worker =
-            outbox_tests::Worker::start_with(&["run", "--postgres-url", &pg.url()], &[], None);
-        let status = worker.wait_exit(std::time::Duration::from_secs(30));
-        let log = worker.log();
-        assert_eq!(status.code(), Some(1), "{change}: {log}");
-        assert!(
-            log.contains("publication \"pg_outbox\" ") && log.contains(expected),
-            "{change}: {log}"
-        );
-        assert!(log.contains("SET TABLE outbox.messages"), "{log}");
+        // With start-up setup, and without it (postgres.setup = false: no slot is made).
+        for env in [&[][..], &[("OUTBOX_POSTGRES__SETUP", "false")][..]] {
+            let mut worker =
+                outbox_tests::Worker::start_with(&["run", "--postgres-url", &pg.url()], env, None);
+            let status = worker.wait_exit(std::time::Duration::from_secs(30));
+            let log = worker.log();
+            assert_eq!(status.code(), Some(1), "{change} {env:?}: {log}");
+            assert!(
+                log.contains("publication \"pg_outbox\" ") && log.contains(expected),
+                "{change} {env:?}: {log}"
+            );
+            assert!(log.contains("SET TABLE outbox.messages"), "{log}");
+        }
     }
     // The extension's publication keeps its table: a row filter (which replaces it) is refused.
     let (code, message, _) = expect_error(

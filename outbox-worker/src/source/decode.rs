@@ -130,7 +130,8 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Envel
         key: Option<String>,
         created_at: DateTime<Utc>,
         headers: BTreeMap<String, String>,
-        #[serde(borrow)]
+        // `"payload": null` is a JSON null payload (0.2.0 published one), not a missing payload.
+        #[serde(borrow, default, deserialize_with = "present")]
         payload: Option<&'a RawValue>,
         payload_base64: Option<String>,
     }
@@ -223,6 +224,13 @@ pub fn message_of_row(row: &tokio_postgres::Row) -> Result<Message, String> {
     };
     check_publish_rules(&message).map_err(|e| e.to_string())?;
     Ok(message)
+}
+
+/// A field that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// The rules `outbox.publish` enforces, checked again on what the slot delivers: a message that
@@ -449,6 +457,15 @@ mod tests {
         let fine = envelope("null", "{}", r#"{"a":"x\\u0000y"}"#);
         let message = decode_envelope(fine.as_bytes(), Lsn(9)).unwrap();
         assert!(check_publish_rules(&message).is_ok(), "{fine}");
+    }
+
+    #[test]
+    fn a_null_payload_is_a_payload() {
+        let content = br#"{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":null,"created_at":"2026-11-23T07:46:14Z","headers":{},"payload":null}"#;
+        let message = decode_envelope(content, Lsn(9)).unwrap();
+        assert_eq!(message.payload, Payload::Json("null".into()));
+        let neither = br#"{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":null,"created_at":"2026-11-23T07:46:14Z","headers":{}}"#;
+        assert!(decode_envelope(neither, Lsn(9)).is_err());
     }
 
     #[test]
