@@ -62,11 +62,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'e5da3932c5ec' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'c817394eaeeb' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build e5da3932c5ec) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build c817394eaeeb) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -96,7 +96,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build e5da3932c5ec)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build c817394eaeeb)
 \else
 BEGIN;
 DO $install$
@@ -500,13 +500,19 @@ $$;
 
 -- The first of the next n microseconds on this session's id clock: the wall clock, but never at
 -- or before the last one the session took, so that the ids a session takes ascend, as the
--- extension's do. SQL, not PL/pgSQL, so that the planner inlines it (as _uuid_v7).
+-- extension's do. SQL, not PL/pgSQL, so that the planner inlines it (as _uuid_v7): one
+-- expression, no FROM. The session can set pg_outbox._last_micros to anything: what is not a
+-- plain number is ignored (no raw bigint error), and it counts for at most a day ahead of the
+-- transaction's start (no far-future ids; a clock stepped back by less still keeps ids ascending).
 CREATE FUNCTION outbox._take_micros(n bigint) RETURNS bigint
 LANGUAGE sql VOLATILE
 BEGIN ATOMIC
     SELECT set_config('pg_outbox._last_micros',
                (greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
-                         nullif(current_setting('pg_outbox._last_micros', true), '')::bigint + 1) + n - 1)::text,
+                         least(coalesce(CASE WHEN length(current_setting('pg_outbox._last_micros', true)) BETWEEN 1 AND 18
+                                              AND translate(current_setting('pg_outbox._last_micros', true), '0123456789', '') = ''
+                                             THEN current_setting('pg_outbox._last_micros', true)::bigint + 1 END, 0),
+                               (extract(epoch FROM now()) * 1000000)::bigint + 86400000000)) + n - 1)::text,
                false)::bigint - n + 1;
 END;
 
@@ -1065,7 +1071,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'e5da3932c5ec');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'c817394eaeeb');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

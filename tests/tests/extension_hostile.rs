@@ -983,3 +983,40 @@ async fn the_worker_refuses_a_publication_that_streams_something_else() {
     .await;
     assert_eq!(code, "2BP01", "{message}");
 }
+
+/// The SQL install's id clock is a session setting anyone can change: garbage, a number past
+/// bigint's range, or a far-future time. 0.2.0 failed with a raw bigint error, or took ids in the
+/// year 2100. Now what is not a plain number is ignored and it counts for at most a day ahead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_sql_install_id_clock_gives_neither_errors_nor_far_future_ids() {
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    for value in [
+        "garbage",
+        "-5",
+        "99999999999999999999",
+        "9223372036854775807",
+        "4102444800000000",
+        "",
+    ] {
+        db.batch_execute(&format!(
+            "SELECT set_config('pg_outbox._last_micros', '{value}', false)"
+        ))
+        .await
+        .unwrap();
+        let ahead_ms: i64 = db
+            .query_one(
+                "SELECT ('x' || substr(replace(id::text, '-', ''), 1, 12))::bit(48)::bigint
+                        - (extract(epoch FROM now()) * 1000)::bigint
+                   FROM outbox.publish('q', '{}') AS id",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{value:?}: {e}"))
+            .get(0);
+        assert!(
+            ahead_ms < 86_400_000 + 60_000,
+            "{value:?}: the id is {ahead_ms} ms ahead of now"
+        );
+    }
+}

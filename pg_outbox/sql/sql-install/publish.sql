@@ -245,13 +245,19 @@ $$;
 
 -- The first of the next n microseconds on this session's id clock: the wall clock, but never at
 -- or before the last one the session took, so that the ids a session takes ascend, as the
--- extension's do. SQL, not PL/pgSQL, so that the planner inlines it (as _uuid_v7).
+-- extension's do. SQL, not PL/pgSQL, so that the planner inlines it (as _uuid_v7): one
+-- expression, no FROM. The session can set pg_outbox._last_micros to anything: what is not a
+-- plain number is ignored (no raw bigint error), and it counts for at most a day ahead of the
+-- transaction's start (no far-future ids; a clock stepped back by less still keeps ids ascending).
 CREATE FUNCTION outbox._take_micros(n bigint) RETURNS bigint
 LANGUAGE sql VOLATILE
 BEGIN ATOMIC
     SELECT set_config('pg_outbox._last_micros',
                (greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
-                         nullif(current_setting('pg_outbox._last_micros', true), '')::bigint + 1) + n - 1)::text,
+                         least(coalesce(CASE WHEN length(current_setting('pg_outbox._last_micros', true)) BETWEEN 1 AND 18
+                                              AND translate(current_setting('pg_outbox._last_micros', true), '0123456789', '') = ''
+                                             THEN current_setting('pg_outbox._last_micros', true)::bigint + 1 END, 0),
+                               (extract(epoch FROM now()) * 1000000)::bigint + 86400000000)) + n - 1)::text,
                false)::bigint - n + 1;
 END;
 
