@@ -32,8 +32,9 @@ pub struct KafkaSink {
     keeps_order: bool,
 }
 
-/// Our defaults; any property in the config overrides them.
-fn client_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig {
+/// Our defaults; any property in the config overrides them. Public for the bench's bare producer
+/// (worker-bench), which must use the same properties.
+pub fn client_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)

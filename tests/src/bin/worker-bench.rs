@@ -1,165 +1,288 @@
-//! worker-bench: how fast the worker delivers, end to end, on this machine.
+//! worker-bench: how fast the worker delivers, end to end, on this machine, against what the
+//! slot's decoding and each broker's bare client reach on the same machine.
 //!
 //! Throughput: a backlog of N messages (default 200k) is committed first, then drained by one
-//! consumer per slot: `pg_recvlogical` (the walsender's raw decoding rate), the worker
-//! with the `discard` sink, with `stdout`, and with Kafka (tansu). Time runs from the worker's start
-//! until the slot is confirmed past the backlog, i.e. every message acknowledged. Per storage form.
-//! RabbitMQ (a node started hermetically) is drained the same way.
-//! Latency: 1 message per transaction at 1,000 msg/s for 10 s to Kafka and to RabbitMQ; commit → consumed.
+//! consumer per slot: `pg_recvlogical` (the walsender's raw decoding rate), the worker with the
+//! `discard` sink, with `stdout`, with Kafka (tansu) and with RabbitMQ (per-key order, the default,
+//! and pipelined). Time runs from the worker's start until the slot is confirmed past the backlog,
+//! i.e. every message acknowledged; the worker's peak RSS (`VmHWM`) is read at that point.
+//! Per storage form. Beside them, without PostgreSQL: a bare rdkafka producer with the worker's
+//! client properties, records, headers and keys against the same tansu, and a bare lapin publisher
+//! with publisher confirms and one unconfirmed message per key against the same RabbitMQ.
+//! Latency: 1 message per transaction at 1,000 msg/s for 10 s to Kafka (5 runs) and RabbitMQ, and
+//! at 10,000 msg/s to Kafka; commit → consumed.
 //! Writes the table into BENCHMARKS.md between the `worker` markers. Run with bench/worker.sh.
+//! `worker-bench N --memory`: only the table-storage drains of discard, Kafka and RabbitMQ with
+//! their peak RSS, written between the `worker-memory` markers (for the 1M-message backlog).
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_tests::publish::{publish_range, Storage};
 use outbox_tests::worker::config_args;
 use outbox_tests::{PgCluster, RabbitMq, Tansu, Worker};
+use outbox_worker::config::KafkaSinkConfig;
+use outbox_worker::sink::kafka::client_config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_postgres::Client;
 
-const SLOTS: [&str; 5] = ["ceiling", "discard", "stdout", "kafka", "amqp"];
+/// Keys of the backlog, `k-0..k-99`, as `publish_range` publishes them.
+const KEYS: u64 = 100;
+/// The worker's default `delivery.max_in_flight`: the bare producer's window too.
+const MAX_IN_FLIGHT: usize = 10_000;
+/// Kafka latency runs at 1k msg/s.
+const KAFKA_LATENCY_RUNS: usize = 5;
+
+struct Brokers {
+    tansu: Tansu,
+    rabbit: RabbitMq,
+}
+
+/// One drain of the backlog by one consumer.
+struct Drain {
+    rate: f64,
+    /// Peak RSS of the worker process, kB (none for `pg_recvlogical`).
+    peak_kb: Option<u64>,
+}
 
 #[tokio::main]
 async fn main() {
-    let backlog: u64 = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let backlog: u64 = args
+        .next()
         .map(|a| a.parse().expect("backlog size"))
         .unwrap_or(200_000);
-    let tansu = Tansu::start(&[("orders", 3), ("latency", 1)]);
-    let rabbit = RabbitMq::start();
-    rabbit.declare("bench", "direct", "orders", "orders");
-    rabbit.declare("bench", "direct", "latency", "latency");
-    let mut table = String::new();
-    table.push_str(&format!(
-        "Drain a committed backlog of {backlog} messages (transactions of 1–50, 100 keys), messages/s:\n\n\
-         | storage | pg_recvlogical (decoding only) | worker → discard | worker → stdout | worker → Kafka (tansu) | worker → RabbitMQ | Kafka / decoding rate |\n\
-         |---|---|---|---|---|---|---|\n"
-    ));
-    for (name, storage) in [("table", Storage::Table), ("wal", Storage::Wal)] {
-        let pg = PgCluster::start().await;
-        let db = pg.superuser().await;
-        for slot in SLOTS {
-            db.query_one(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
-            .await
-            .unwrap();
-        }
-        eprintln!("==> {name}: publishing {backlog} messages");
-        publish_range(&db, "orders", 0, backlog, 100, storage).await;
-        let end: String = db
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-
-        let started = Instant::now();
-        let status = Command::new(outbox_tests::postgres::program("pg_recvlogical"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pg.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .args([
-                "--slot",
-                "ceiling",
-                "--start",
-                "--no-loop",
-                "--endpos",
-                &end,
-                "-f",
-                "/dev/null",
-            ])
-            .args([
-                "-o",
-                "proto_version=1",
-                "-o",
-                "publication_names=pg_outbox",
-                "-o",
-                "messages=true",
-            ])
-            .status()
-            .expect("pg_recvlogical");
-        assert!(status.success());
-        let ceiling = backlog as f64 / started.elapsed().as_secs_f64();
-
-        let mut rates = Vec::new();
-        for (slot, sink) in [
-            ("discard", "[sinks.d]\ntype = \"discard\"\n".to_owned()),
-            ("stdout", "[sinks.s]\ntype = \"stdout\"\n".to_owned()),
-            (
-                "amqp",
-                format!(
-                    "[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n",
-                    rabbit.url()
-                ),
-            ),
-            (
-                "kafka",
-                format!(
-                    "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n",
-                    tansu.brokers()
-                ),
-            ),
-        ] {
-            let config = Worker::config_file(&format!(
-                "[postgres]\nstatus_interval = \"10ms\"\nsetup = false\n{sink}"
-            ));
-            let started = Instant::now();
-            let mut worker = Worker::start(
-                &[
-                    "run",
-                    "--postgres-url",
-                    &pg.url(),
-                    "--slot",
-                    slot,
-                    "--config",
-                    config.path().to_str().unwrap(),
-                ],
-                None,
-            );
-            wait_confirmed(&db, slot, &end).await;
-            let rate = backlog as f64 / started.elapsed().as_secs_f64();
-            eprintln!("    {slot}: {rate:.0} msg/s");
-            worker.terminate(Duration::from_secs(60));
-            rates.push(rate);
-        }
-        eprintln!("    pg_recvlogical: {ceiling:.0} msg/s");
-        table.push_str(&format!(
-            "| {name} | {ceiling:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% |\n",
-            rates[0],
-            rates[1],
-            rates[3],
-            rates[2],
-            // The discard sink also only decodes: the faster of the two is the slot's real rate.
-            100.0 * rates[3] / ceiling.max(rates[0])
-        ));
+    let memory_only = args.next().as_deref() == Some("--memory");
+    let latency_topics: Vec<String> = (0..=KAFKA_LATENCY_RUNS)
+        .map(|n| format!("latency-{n}"))
+        .collect();
+    let mut topics = vec![("orders", 3)];
+    topics.extend(latency_topics.iter().map(|t| (t.as_str(), 1)));
+    let brokers = Brokers {
+        tansu: Tansu::start(&topics),
+        rabbit: RabbitMq::start(),
+    };
+    brokers
+        .rabbit
+        .declare("bench", "direct", "orders", "orders");
+    brokers
+        .rabbit
+        .declare("bench", "direct", "latency", "latency");
+    if memory_only {
+        let table = memory_table(&brokers, backlog).await;
+        println!("{table}");
+        write_section("worker-memory", &table);
+        return;
     }
-
-    table.push_str(
-        "\nCommit → consumed, 1 message per transaction at 1,000 msg/s for 10 s, the first second \
-         excluded as warm-up (table storage):\n\n| sink | messages measured | p50 | p99 |\n|---|---|---|---|\n",
-    );
-    for target in [Target::Kafka(&tansu), Target::Amqp(&rabbit)] {
-        let name = match target {
-            Target::Kafka(_) => "Kafka (tansu)",
-            Target::Amqp(_) => "RabbitMQ",
-        };
-        let (p50, p99, count) = latency(target).await;
-        eprintln!("    latency {name}: p50 {p50:.1} ms, p99 {p99:.1} ms");
-        table.push_str(&format!(
-            "| {name} | {count} | {p50:.1} ms | {p99:.1} ms |\n"
-        ));
-    }
+    let mut table = throughput_table(&brokers, backlog).await;
+    table.push_str(&latency_table(&brokers, &latency_topics).await);
     println!("{table}");
-    write_section(&table);
+    write_section("worker", &table);
+}
+
+/// The worker's sink configurations, by slot name.
+fn sinks(brokers: &Brokers) -> Vec<(&'static str, String)> {
+    let amqp = format!(
+        "[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n",
+        brokers.rabbit.url()
+    );
+    vec![
+        ("discard", "[sinks.d]\ntype = \"discard\"\n".to_owned()),
+        ("stdout", "[sinks.s]\ntype = \"stdout\"\n".to_owned()),
+        (
+            "kafka",
+            format!(
+                "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n",
+                brokers.tansu.brokers()
+            ),
+        ),
+        ("amqp", amqp.clone()),
+        (
+            "amqp_pipelined",
+            format!("[delivery]\nordering = \"pipelined\"\n{amqp}"),
+        ),
+    ]
+}
+
+async fn throughput_table(brokers: &Brokers, backlog: u64) -> String {
+    eprintln!("==> bare clients: {backlog} messages");
+    let bare_kafka = bare_kafka(&brokers.tansu.brokers(), backlog).await;
+    eprintln!("    bare rdkafka: {bare_kafka:.0} msg/s");
+    purge(&brokers.rabbit).await;
+    let bare_amqp = bare_amqp(&brokers.rabbit.url(), backlog).await;
+    eprintln!("    bare lapin, one unconfirmed per key: {bare_amqp:.0} msg/s");
+    purge(&brokers.rabbit).await;
+    let mut table = format!(
+        "Drain a committed backlog of {backlog} messages (transactions of 1–50, {KEYS} keys), messages/s. \
+         Decoding = the faster of `pg_recvlogical` and the `discard` sink. Bare clients, without \
+         PostgreSQL, same broker, records, headers and keys: rdkafka {bare_kafka:.0} msg/s \
+         (the worker's client properties, {MAX_IN_FLIGHT} in flight); lapin {bare_amqp:.0} msg/s \
+         (publisher confirms, persistent, mandatory, one unconfirmed message per key).\n\n\
+         | storage | consumer | msg/s | ceiling | worker / ceiling | peak RSS |\n\
+         |---|---|---|---|---|---|\n"
+    );
+    for (name, storage) in [("table", Storage::Table), ("wal", Storage::Wal)] {
+        let mut slots = vec!["ceiling"];
+        slots.extend(sinks(brokers).iter().map(|(slot, _)| *slot));
+        let (pg, db, end) = backlog_cluster(&slots, backlog, storage).await;
+        let recvlogical = recvlogical(&pg, &end, backlog);
+        let mut drains = Vec::new();
+        for (slot, sink) in sinks(brokers) {
+            drains.push((slot, drain(&pg, &db, slot, &sink, &end, backlog).await));
+            if slot.starts_with("amqp") {
+                purge(&brokers.rabbit).await;
+            }
+        }
+        let decoding = recvlogical.rate.max(drains[0].1.rate);
+        table.push_str(&row(name, "pg_recvlogical", &recvlogical, None));
+        for (slot, drain) in &drains {
+            let ceiling = match *slot {
+                "kafka" => Some(decoding.min(bare_kafka)),
+                "amqp" | "amqp_pipelined" => Some(decoding.min(bare_amqp)),
+                _ => None,
+            };
+            table.push_str(&row(name, &format!("worker → {slot}"), drain, ceiling));
+        }
+    }
+    table
+}
+
+/// The 1M-message memory rows: table storage, the discard, Kafka and RabbitMQ sinks.
+async fn memory_table(brokers: &Brokers, backlog: u64) -> String {
+    let chosen = ["discard", "kafka", "amqp", "amqp_pipelined"];
+    let (pg, db, end) = backlog_cluster(&chosen, backlog, Storage::Table).await;
+    let mut table = format!(
+        "Peak RSS of the worker draining a committed backlog of {backlog} messages (table storage, \
+         `worker-bench {backlog} --memory`):\n\n\
+         | storage | consumer | msg/s | ceiling | worker / ceiling | peak RSS |\n\
+         |---|---|---|---|---|---|\n"
+    );
+    for (slot, sink) in sinks(brokers) {
+        if chosen.contains(&slot) {
+            let drain = drain(&pg, &db, slot, &sink, &end, backlog).await;
+            table.push_str(&row("table", &format!("worker → {slot}"), &drain, None));
+            purge(&brokers.rabbit).await;
+        }
+    }
+    table
+}
+
+fn row(storage: &str, consumer: &str, drain: &Drain, ceiling: Option<f64>) -> String {
+    let (ceiling, ratio) = match ceiling {
+        Some(c) => (format!("{c:.0}"), format!("{:.0}%", 100.0 * drain.rate / c)),
+        None => ("".into(), "".into()),
+    };
+    let rss = drain
+        .peak_kb
+        .map(|kb| format!("{:.0} MiB", kb as f64 / 1024.0))
+        .unwrap_or_default();
+    format!(
+        "| {storage} | {consumer} | {:.0} | {ceiling} | {ratio} | {rss} |\n",
+        drain.rate
+    )
+}
+
+/// A cluster with one slot per consumer and the backlog committed; returns the end LSN.
+async fn backlog_cluster(
+    slots: &[&str],
+    backlog: u64,
+    storage: Storage,
+) -> (PgCluster, Client, String) {
+    let pg = PgCluster::start().await;
+    let db = pg.superuser().await;
+    for slot in slots {
+        db.query_one(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[slot],
+        )
+        .await
+        .unwrap();
+    }
+    eprintln!("==> {storage:?}: publishing {backlog} messages");
+    publish_range(&db, "orders", 0, backlog, KEYS, storage).await;
+    let end: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (pg, db, end)
+}
+
+fn recvlogical(pg: &PgCluster, end: &str, backlog: u64) -> Drain {
+    let started = Instant::now();
+    let port = pg.port.to_string();
+    let status = Command::new(outbox_tests::postgres::program("pg_recvlogical"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["--slot", "ceiling", "--start", "--no-loop", "--endpos", end])
+        .args(["-f", "/dev/null", "-o", "proto_version=1"])
+        .args(["-o", "publication_names=pg_outbox", "-o", "messages=true"])
+        .status()
+        .expect("pg_recvlogical");
+    assert!(status.success());
+    let rate = backlog as f64 / started.elapsed().as_secs_f64();
+    eprintln!("    pg_recvlogical: {rate:.0} msg/s");
+    Drain {
+        rate,
+        peak_kb: None,
+    }
+}
+
+async fn drain(
+    pg: &PgCluster,
+    db: &Client,
+    slot: &str,
+    sink: &str,
+    end: &str,
+    backlog: u64,
+) -> Drain {
+    let config = Worker::config_file(&format!(
+        "[postgres]\nstatus_interval = \"10ms\"\nsetup = false\n{sink}"
+    ));
+    let started = Instant::now();
+    let url = pg.url();
+    let path = config.path().to_str().unwrap();
+    let args = [
+        "run",
+        "--postgres-url",
+        &url,
+        "--slot",
+        slot,
+        "--config",
+        path,
+    ];
+    let mut worker = Worker::start(&args, None);
+    wait_confirmed(db, slot, end).await;
+    let rate = backlog as f64 / started.elapsed().as_secs_f64();
+    let peak_kb = peak_rss_kb(worker.pid());
+    eprintln!("    {slot}: {rate:.0} msg/s, peak RSS {peak_kb} kB");
+    worker.terminate(Duration::from_secs(60));
+    Drain {
+        rate,
+        peak_kb: Some(peak_kb),
+    }
+}
+
+/// `VmHWM` of a process: its peak resident set, kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
 }
 
 async fn wait_confirmed(db: &Client, slot: &str, end: &str) {
@@ -179,25 +302,196 @@ async fn wait_confirmed(db: &Client, slot: &str, end: &str) {
     }
 }
 
+/// What the worker sends for message `i` of the backlog: key, payload, and its headers (the
+/// publisher's `test: yes` and the four outbox headers), fresh per message as the worker builds them.
+struct Record {
+    key: String,
+    payload: String,
+    headers: [(&'static str, String); 5],
+}
+
+fn record(i: u64) -> Record {
+    let key = format!("k-{}", i % KEYS);
+    Record {
+        payload: format!("{{\"i\": {i}, \"key\": \"{key}\"}}"),
+        key,
+        headers: [
+            ("test", "yes".into()),
+            ("outbox-id", uuid::Uuid::now_v7().to_string()),
+            ("outbox-queue", "orders".into()),
+            (
+                "outbox-created-at",
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
+            ("content-type", "application/json".into()),
+        ],
+    }
+}
+
+/// A bare rdkafka producer with the worker's client properties (its own `client_config`, for a
+/// sink without properties), at most [`MAX_IN_FLIGHT`] unacknowledged, from its creation
+/// until every message is acknowledged.
+async fn bare_kafka(brokers: &str, count: u64) -> f64 {
+    let started = Instant::now();
+    let config = KafkaSinkConfig {
+        brokers: brokers.to_owned(),
+        properties: Default::default(),
+    };
+    let producer: FutureProducer = client_config(&config, MAX_IN_FLIGHT)
+        .create()
+        .expect("producer");
+    let mut in_flight = FuturesUnordered::new();
+    for i in 0..count {
+        if in_flight.len() >= MAX_IN_FLIGHT {
+            in_flight.next().await;
+        }
+        let r = record(i);
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (key, value) in &r.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            });
+        }
+        let sent = FutureRecord::to("orders")
+            .key(&r.key)
+            .payload(&r.payload)
+            .headers(headers)
+            .timestamp(chrono::Utc::now().timestamp_millis());
+        let delivery = producer
+            .send_result(sent)
+            .map_err(|(e, _)| e)
+            .expect("queued");
+        in_flight.push(async move { delivery.await.expect("delivered").expect("acked") });
+    }
+    while in_flight.next().await.is_some() {}
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A bare lapin publisher, publisher confirms, the worker's properties (persistent, mandatory,
+/// the same headers), one task per key with one unconfirmed message at a time; from the connection
+/// until the last confirm.
+async fn bare_amqp(url: &str, count: u64) -> f64 {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    use lapin::BasicProperties;
+    let started = Instant::now();
+    let (_connection, channel) = amqp_channel(url).await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let channel = Arc::new(channel);
+    let tasks = (0..KEYS).map(|key| {
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            for i in (key..count).step_by(KEYS as usize) {
+                let r = record(i);
+                let mut headers = FieldTable::default();
+                for (k, v) in &r.headers[..4] {
+                    headers.insert(
+                        ShortString::from(k.to_string()),
+                        AMQPValue::LongString(LongString::from(v.clone())),
+                    );
+                }
+                let properties = BasicProperties::default()
+                    .with_message_id(ShortString::from(r.headers[1].1.clone()))
+                    .with_content_type(ShortString::from("application/json"))
+                    .with_timestamp(chrono::Utc::now().timestamp() as u64)
+                    .with_delivery_mode(2)
+                    .with_headers(headers);
+                let options = BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                };
+                let confirm = channel
+                    .basic_publish("bench", "orders", options, r.payload.as_bytes(), properties)
+                    .await
+                    .unwrap();
+                assert!(confirm.await.unwrap().is_ack());
+            }
+        })
+    });
+    for task in tasks.collect::<Vec<_>>() {
+        task.await.unwrap();
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn amqp_channel(url: &str) -> (lapin::Connection, lapin::Channel) {
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
+
+/// Empties the backlog's queue, so that runs do not pile up in the broker.
+async fn purge(rabbit: &RabbitMq) {
+    let (_connection, channel) = amqp_channel(&rabbit.url()).await;
+    channel
+        .queue_purge("orders", Default::default())
+        .await
+        .unwrap();
+}
+
+async fn latency_table(brokers: &Brokers, topics: &[String]) -> String {
+    let mut table = String::from(
+        "\nCommit → consumed, 1 message per transaction, the first second excluded as warm-up \
+         (table storage; Kafka with `linger.ms = 1`):\n\n\
+         | sink | rate (msg/s, achieved) | messages measured | p50 | p99 |\n|---|---|---|---|---|\n",
+    );
+    let mut runs: Vec<(Target<'_>, u64)> = topics[1..]
+        .iter()
+        .map(|topic| (Target::Kafka(&brokers.tansu, topic), 1000))
+        .collect();
+    runs.push((Target::Kafka(&brokers.tansu, &topics[0]), 10_000));
+    runs.push((Target::Amqp(&brokers.rabbit), 1000));
+    for (target, rate) in runs {
+        let name = match target {
+            Target::Kafka(..) => "Kafka (tansu)",
+            Target::Amqp(_) => "RabbitMQ",
+        };
+        let l = latency(target, rate).await;
+        eprintln!(
+            "    latency {name} at {rate}/s ({:.0} achieved): p50 {:.1} ms, p99 {:.1} ms",
+            l.achieved, l.p50, l.p99
+        );
+        table.push_str(&format!(
+            "| {name} | {rate} ({:.0}) | {} | {:.1} ms | {:.1} ms |\n",
+            l.achieved, l.count, l.p50, l.p99
+        ));
+    }
+    table
+}
+
 #[derive(Clone, Copy)]
 enum Target<'a> {
-    Kafka(&'a Tansu),
+    /// The broker and the topic (and queue) of this run.
+    Kafka(&'a Tansu, &'a str),
     Amqp(&'a RabbitMq),
 }
 
-/// Publishes at a fixed rate while a consumer measures now − the commit for every message
-/// (`outbox-created-at`, the publishing transaction's start, a few µs before its commit).
-async fn latency(target: Target<'_>) -> (f64, f64, usize) {
-    const RATE: u64 = 1000;
+struct Latency {
+    achieved: f64,
+    count: usize,
+    p50: f64,
+    p99: f64,
+}
+
+/// Publishes at a fixed rate for 10 s (one connection per 2,500 msg/s) while a consumer measures
+/// now − the commit for every message (`outbox-created-at`, the publishing transaction's start, a
+/// few µs before its commit).
+async fn latency(target: Target<'_>, rate: u64) -> Latency {
     const SECONDS: u64 = 10;
-    let total = (RATE * SECONDS) as usize;
+    let total = (rate * SECONDS) as usize;
     let pg = PgCluster::start().await;
-    let sink = match target {
-        Target::Kafka(tansu) => format!(
+    let (sink, queue) = match target {
+        Target::Kafka(tansu, topic) => (format!(
             "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n[sinks.k.properties]\n\"linger.ms\" = 1\n",
             tansu.brokers()
-        ),
-        Target::Amqp(rabbit) => format!("[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n", rabbit.url()),
+        ), topic.to_owned()),
+        Target::Amqp(rabbit) => (format!("[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n", rabbit.url()), "latency".to_owned()),
     };
     let config = Worker::config_file(&sink);
     let _worker = Worker::start(&config_args(&pg.url(), config.path()), None);
@@ -205,32 +499,46 @@ async fn latency(target: Target<'_>) -> (f64, f64, usize) {
     pg.wait_for_slot(&db).await;
 
     let consumer = match target {
-        Target::Kafka(tansu) => {
-            let brokers = tansu.brokers();
-            tokio::task::spawn_blocking(move || kafka_latencies(&brokers, total))
+        Target::Kafka(tansu, topic) => {
+            let (brokers, topic) = (tansu.brokers(), topic.to_owned());
+            tokio::task::spawn_blocking(move || kafka_latencies(&brokers, &topic, total))
         }
         Target::Amqp(rabbit) => {
             let url = rabbit.url();
             tokio::spawn(async move { amqp_latencies(&url, total).await })
         }
     };
+    let publishers = rate.div_ceil(2500);
     let started = tokio::time::Instant::now();
-    for i in 0..RATE * SECONDS {
-        tokio::time::sleep_until(started + Duration::from_micros(i * 1_000_000 / RATE)).await;
-        db.execute(
-            "SELECT outbox.publish('latency', '{\"n\": 1}', '{}', 'k')",
-            &[],
-        )
-        .await
-        .unwrap();
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let (db, queue) = (pg.superuser().await, queue.clone());
+        let each = rate / publishers;
+        tasks.push(tokio::spawn(async move {
+            let sql = format!("SELECT outbox.publish('{queue}', '{{\"n\": 1}}', '{{}}', 'k')");
+            for i in 0..each * SECONDS {
+                let at = (i * publishers + p) * 1_000_000 / rate;
+                tokio::time::sleep_until(started + Duration::from_micros(at)).await;
+                db.execute(&sql, &[]).await.unwrap();
+            }
+        }));
     }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
     let latencies = consumer.await.unwrap();
     assert_eq!(latencies.len(), total, "every latency message arrived");
     // The first second warms up connections and metadata on both ends: not steady state.
-    let mut latencies = latencies[RATE as usize..].to_vec();
+    let mut latencies = latencies[rate as usize..].to_vec();
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    (pick(0.50), pick(0.99), latencies.len())
+    Latency {
+        achieved,
+        count: latencies.len(),
+        p50: pick(0.50),
+        p99: pick(0.99),
+    }
 }
 
 fn millis_since(created_at: &str) -> f64 {
@@ -241,7 +549,7 @@ fn millis_since(created_at: &str) -> f64 {
         / 1000.0
 }
 
-fn kafka_latencies(brokers: &str, total: usize) -> Vec<f64> {
+fn kafka_latencies(brokers: &str, topic: &str, total: usize) -> Vec<f64> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "bench")
@@ -250,7 +558,7 @@ fn kafka_latencies(brokers: &str, total: usize) -> Vec<f64> {
         .unwrap();
     let mut assignment = rdkafka::TopicPartitionList::new();
     assignment
-        .add_partition_offset("latency", 0, rdkafka::Offset::Beginning)
+        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
         .unwrap();
     consumer.assign(&assignment).unwrap();
     let mut latencies = Vec::with_capacity(total);
@@ -269,13 +577,9 @@ fn kafka_latencies(brokers: &str, total: usize) -> Vec<f64> {
 }
 
 async fn amqp_latencies(url: &str, total: usize) -> Vec<f64> {
-    use futures::StreamExt;
     use lapin::options::BasicConsumeOptions;
     use lapin::types::{AMQPValue, FieldTable};
-    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (_connection, channel) = amqp_channel(url).await;
     let options = BasicConsumeOptions {
         no_ack: true,
         ..Default::default()
@@ -308,17 +612,16 @@ async fn amqp_latencies(url: &str, total: usize) -> Vec<f64> {
     latencies
 }
 
-fn write_section(table: &str) {
+/// Replaces the text between `<!-- {marker}:begin … -->` and `<!-- {marker}:end -->`.
+fn write_section(marker: &str, table: &str) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
     let text = std::fs::read_to_string(path).expect("BENCHMARKS.md");
-    let (begin, end) = (
-        "<!-- worker:begin (written by bench/worker.sh) -->",
-        "<!-- worker:end -->",
-    );
+    let begin = format!("<!-- {marker}:begin (written by bench/worker.sh) -->");
+    let end = format!("<!-- {marker}:end -->");
     let section = format!("{begin}\n{table}{end}");
-    let updated = match (text.find(begin), text.find(end)) {
+    let updated = match (text.find(&begin), text.find(&end)) {
         (Some(b), Some(e)) => format!("{}{section}{}", &text[..b], &text[e + end.len()..]),
-        _ => format!("{text}\n## Worker: end-to-end delivery\n\n{section}\n"),
+        _ => format!("{text}\n{section}\n"),
     };
     std::fs::write(path, updated).expect("write BENCHMARKS.md");
 }
