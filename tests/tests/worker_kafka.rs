@@ -227,8 +227,12 @@ async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_ra
     assert!(error.contains("MessageSizeTooLarge"), "{error}");
     assert_eq!(attempts, 2);
 
-    // Raise the limit, restart, redrive: the same id arrives.
+    // Raise the limits (the broker's and the outbox's: redrive applies publish's size rule),
+    // restart, redrive: the same id arrives.
     worker.terminate(Duration::from_secs(30));
+    db.batch_execute("ALTER DATABASE postgres SET pg_outbox.max_message_size = '2MB'")
+        .await
+        .unwrap();
     let relaxed =
         Worker::config_file("[sinks.kafka.properties]\n\"message.max.bytes\" = 5000000\n");
     let _worker = Worker::start(
