@@ -10,7 +10,9 @@
 use crate::args::Args;
 use crate::error;
 use crate::jsonb::{self, Jsonb};
-use crate::storage::{check_json_size, check_size, Message, Payload, SizeLimit, Writer};
+use crate::message::{Message, Payload};
+use crate::size::{check_json_size, check_size, SizeLimit};
+use crate::storage::Writer;
 use crate::varlena::Varlena;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -32,10 +34,7 @@ fn publish(fcinfo: FcInfo) -> pgrx::Uuid {
     // SAFETY: PostgreSQL's fcinfo for the declaration above.
     let args = unsafe { Args::new(fcinfo, "outbox.publish") };
     let payload = args.required(1, "payload", "Pass a JSON value, e.g. '{}'.");
-    publish_one(args, payload, true, |datum| {
-        // SAFETY: argument 1 is a non-NULL jsonb.
-        Payload::Json(unsafe { Jsonb::from_datum(datum) })
-    })
+    publish_one(args, PayloadDatum::Json(payload))
 }
 
 #[pg_extern(sql = r#"
@@ -49,47 +48,83 @@ fn publish_bytes(fcinfo: FcInfo) -> pgrx::Uuid {
     // SAFETY: PostgreSQL's fcinfo for the declaration above.
     let args = unsafe { Args::new(fcinfo, "outbox.publish_bytes") };
     let payload = args.required(1, "payload", "Pass a bytea value, e.g. '\\x00'::bytea.");
-    publish_one(args, payload, false, |datum| {
-        // SAFETY: argument 1 is a non-NULL bytea.
-        Payload::Bytes(unsafe { Varlena::from_datum(datum) })
-    })
+    publish_one(args, PayloadDatum::Bytes(payload))
 }
 
-/// `payload` is read by `read_payload` only after the size check, so an oversized value is
-/// refused before it is detoasted.
-fn publish_one<'a>(
-    args: Args,
-    payload: pg_sys::Datum,
-    is_json: bool,
-    read_payload: impl FnOnce(pg_sys::Datum) -> Payload<'a>,
-) -> pgrx::Uuid {
+fn publish_one(args: Args, payload: PayloadDatum) -> pgrx::Uuid {
     let f = args.function;
     let writer = Writer::open(f);
     let queue = queue_arg(args, 0);
     let headers = headers_arg(args, 2);
     let key = key_arg(args.varlena(3), f, "key");
-    check_size(
+    let id = write_checked(
+        &writer,
         f,
-        SizeLimit::Setting,
-        key.as_ref(),
-        &headers,
-        payload,
-        is_json,
-    );
-    let payload = read_payload(payload);
-    if let Payload::Json(json) = &payload {
-        check_json_size(f, SizeLimit::Setting, key.as_ref(), &headers, json);
-    }
-    let message = Message {
-        id: uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
         queue,
         key,
         headers,
         payload,
-        created_at: now(),
+        now(),
+    );
+    pgrx::Uuid::from_bytes(*id.as_bytes())
+}
+
+/// A non-NULL payload argument, not read yet.
+#[derive(Clone, Copy)]
+enum PayloadDatum {
+    /// A jsonb datum.
+    Json(pg_sys::Datum),
+    /// A bytea datum.
+    Bytes(pg_sys::Datum),
+}
+
+/// The one path every publish takes once its arguments are checked: the size rule before the
+/// payload is read (an oversized TOASTed value is never detoasted), the rule on the JSON text,
+/// then the write. Returns the id.
+#[allow(clippy::too_many_arguments)]
+fn write_checked(
+    writer: &Writer,
+    function: &str,
+    id: uuid::Uuid,
+    queue: Varlena<'_>,
+    key: Option<Varlena<'_>>,
+    headers: Jsonb,
+    payload: PayloadDatum,
+    created_at: pg_sys::TimestampTz,
+) -> uuid::Uuid {
+    let (datum, is_json) = match payload {
+        PayloadDatum::Json(datum) => (datum, true),
+        PayloadDatum::Bytes(datum) => (datum, false),
+    };
+    check_size(
+        function,
+        SizeLimit::Setting,
+        key.as_ref(),
+        &headers,
+        datum,
+        is_json,
+    );
+    // SAFETY: PayloadDatum holds a non-NULL datum of the type its variant names.
+    let payload = unsafe {
+        match payload {
+            PayloadDatum::Json(datum) => Payload::Json(Jsonb::from_datum(datum)),
+            PayloadDatum::Bytes(datum) => Payload::Bytes(Varlena::from_datum(datum)),
+        }
+    };
+    if let Payload::Json(json) = &payload {
+        check_json_size(function, SizeLimit::Setting, key.as_ref(), &headers, json);
+    }
+    let message = Message {
+        id,
+        queue,
+        key,
+        headers,
+        payload,
+        created_at,
     };
     writer.write(&message);
-    pgrx::Uuid::from_bytes(*message.id.as_bytes())
+    id
 }
 
 #[pg_extern(sql = r#"
@@ -180,34 +215,17 @@ fn batch_element(
     // SAFETY: elements of a text[] are text datums.
     let key = key.map(|k| unsafe { Varlena::from_datum(k) });
     let key = key_arg(key, function, "keys element");
-    check_size(
+    write_checked(
+        writer,
         function,
-        SizeLimit::Setting,
-        key.as_ref(),
-        headers,
-        payload,
-        true,
-    );
-    // SAFETY: a non-NULL element of a jsonb[].
-    let payload = unsafe { Jsonb::from_datum(payload) };
-    check_json_size(
-        function,
-        SizeLimit::Setting,
-        key.as_ref(),
-        headers,
-        &payload,
-    );
-    let message = Message {
-        id: uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
         queue,
         key,
         // SAFETY: the validated headers argument, a jsonb datum.
-        headers: unsafe { Jsonb::from_datum(headers.datum()) },
-        payload: Payload::Json(payload),
+        unsafe { Jsonb::from_datum(headers.datum()) },
+        PayloadDatum::Json(payload),
         created_at,
-    };
-    writer.write(&message);
-    message.id
+    )
 }
 
 /// Re-publishes a message with its original id (used by `outbox.redrive`). Not granted to anyone.
@@ -227,41 +245,13 @@ fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
     let queue = queue_arg(args, 1);
     let key = key_arg(args.varlena(2), f, "key");
     let headers = headers_arg(args, 5);
-    let (datum, is_json) = match args.datum(3) {
-        Some(json) => (json, true),
-        None => (
-            args.required(4, "payload_bytes", "Pass payload or payload_bytes."),
-            false,
-        ),
-    };
-    check_size(
-        f,
-        SizeLimit::Setting,
-        key.as_ref(),
-        &headers,
-        datum,
-        is_json,
-    );
-    // SAFETY: argument 3 is jsonb, argument 4 bytea; both non-NULL here.
-    let payload = unsafe {
-        if is_json {
-            Payload::Json(Jsonb::from_datum(datum))
-        } else {
-            Payload::Bytes(Varlena::from_datum(datum))
+    let payload = match args.datum(3) {
+        Some(json) => PayloadDatum::Json(json),
+        None => {
+            PayloadDatum::Bytes(args.required(4, "payload_bytes", "Pass payload or payload_bytes."))
         }
     };
-    if let Payload::Json(json) = &payload {
-        check_json_size(f, SizeLimit::Setting, key.as_ref(), &headers, json);
-    }
-    let message = Message {
-        id,
-        queue,
-        key,
-        headers,
-        payload,
-        created_at: now(),
-    };
-    writer.write(&message);
+    write_checked(&writer, f, id, queue, key, headers, payload, now());
     pgrx::Uuid::from_bytes(*id.as_bytes())
 }
 

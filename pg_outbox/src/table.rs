@@ -16,7 +16,7 @@ use pgrx::pg_sys;
 use pgrx::{IntoDatum, PgSqlErrorCode, PgTupleDesc};
 
 use crate::error;
-use crate::storage::{Message, Payload};
+use crate::message::{Message, Payload};
 
 /// The columns this version writes, in the order of `values` below.
 const COLUMNS: [(&str, pg_sys::Oid); 7] = [

@@ -4,7 +4,7 @@
 
 use crate::envelope::{self, Envelope};
 use crate::error;
-use crate::storage::{Message, Payload};
+use crate::message::{Message, Payload};
 use pgrx::pg_sys;
 
 /// Whatever `pg_outbox.max_message_size` says, no envelope may come near the 1 GB PostgreSQL can
