@@ -62,11 +62,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'c817394eaeeb' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '51f77133ab8a' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build c817394eaeeb) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build 51f77133ab8a) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -78,6 +78,7 @@ DECLARE
     installed text := (SELECT version FROM outbox.sql_install);
     f regprocedure;
     p record;
+    dropped integer;
 BEGIN
     IF string_to_array(installed, '.')::int[] > string_to_array('0.2.1', '.')::int[] THEN
         RAISE EXCEPTION 'pg_outbox: the SQL install % is newer than this script (0.2.1)', installed
@@ -91,12 +92,27 @@ BEGIN
         END IF;
         EXECUTE format('DROP POLICY %I ON outbox.%I', p.policyname, p.tablename);
     END LOOP;
+    -- Those no other function depends on first (a SQL-standard body depends on what it calls),
+    -- until none is left; one that something else still needs is then dropped plainly, and its
+    -- error names what depends on it.
+    LOOP
+        dropped := 0;
+        FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
+                  WHERE fn.pronamespace = 'outbox'::regnamespace
+                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                                     WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = fn.oid
+                                       AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid <> fn.oid) LOOP
+            EXECUTE format('DROP FUNCTION %s', f);
+            dropped := dropped + 1;
+        END LOOP;
+        EXIT WHEN dropped = 0;
+    END LOOP;
     FOR f IN SELECT oid::regprocedure FROM pg_catalog.pg_proc WHERE pronamespace = 'outbox'::regnamespace LOOP
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build c817394eaeeb)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 51f77133ab8a)
 \else
 BEGIN;
 DO $install$
@@ -458,6 +474,63 @@ BEGIN
 END
 $$;
 
+-- The length of a string as JSON text, quotes and escapes included, without printing it (a
+-- string of control characters prints 6 bytes for each): \" \\ \b \f \n \r \t take 2 bytes, the
+-- other characters below U+0020 \u00XX, 6.
+CREATE FUNCTION outbox._json_string_length(s text) RETURNS bigint
+LANGUAGE sql IMMUTABLE
+BEGIN ATOMIC
+    SELECT octet_length(s)::bigint + 2
+           + (octet_length(s) - octet_length(translate(s, E'"\\\b\f\n\r\t', '')))
+           + 5 * (octet_length(s) - octet_length(translate(s,
+                 E'\x01\x02\x03\x04\x05\x06\x07\x0b\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f', '')));
+END;
+
+-- _json_length of a value that may print as more than a text can hold (1 GB): printed as usual,
+-- and only if that fails (54000 "out of memory: Cannot enlarge string buffer"; a real out of
+-- memory), measured part by part. The exception block (a subtransaction) is entered only for
+-- values stored in more than 64 kB or compressed, never on the path of an ordinary publish.
+CREATE FUNCTION outbox._json_length_of_large(value jsonb) RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    BEGIN
+        RETURN octet_length(value::text);
+    EXCEPTION WHEN program_limit_exceeded OR out_of_memory OR internal_error THEN
+        -- internal_error: a text of just under 1 GB that textin cannot allocate.
+        NULL;
+    END;
+    -- jsonb's output: [a, b], {"k": v, "l": w}, strings escaped by escape_json.
+    CASE jsonb_typeof(value)
+        WHEN 'array' THEN
+            RETURN (SELECT 2 + coalesce(sum(outbox._json_length(e) + 2) - 2, 0)
+                      FROM jsonb_array_elements(value) AS e);
+        WHEN 'object' THEN
+            RETURN (SELECT 2 + coalesce(sum(outbox._json_string_length(m.key) + 2 + outbox._json_length(m.value) + 2) - 2, 0)
+                      FROM jsonb_each(value) AS m);
+        WHEN 'string' THEN
+            RETURN outbox._json_string_length(value #>> '{}');
+        ELSE
+            RETURN octet_length(value::text);
+    END CASE;
+END
+$$;
+
+-- The length of a JSON value's text as jsonb prints it (what the worker sends). A jsonb value
+-- prints at most about 12,300 times its stored size (a number like 1e131071 with 16383 decimals:
+-- 12 bytes stored, 147,457 printed; a string at most 6 times), so one stored in at most 64 kB,
+-- uncompressed, prints in less than the 1 GB a text can hold, and is simply printed: the path of
+-- every ordinary publish, inlined by the planner. A larger or compressed one takes
+-- _json_length_of_large, which never makes a text over 1 GB.
+CREATE FUNCTION outbox._json_length(value jsonb) RETURNS bigint
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN value IS NULL THEN NULL
+                WHEN pg_column_size(value) <= 65536 AND pg_column_compression(value) IS NULL
+                THEN octet_length(value::text)
+                ELSE outbox._json_length_of_large(value) END;
+END;
+
 -- A message's size as the limit counts it: what the worker sends, as storage.rs counts it: the
 -- key's bytes, the JSON text of the headers and of a JSON payload (a jsonb of a few kB can print
 -- as gigabytes: numbers like 1e131071), the bytes of a binary payload, all at their full,
@@ -465,7 +538,7 @@ $$;
 CREATE FUNCTION outbox._message_size(key text, headers jsonb, payload_size bigint) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(octet_length(key), 0) + CASE WHEN headers = '{}' THEN 2 ELSE octet_length(headers::text) END
+    SELECT coalesce(octet_length(key), 0) + CASE WHEN headers = '{}' THEN 2 ELSE outbox._json_length(headers) END
            + payload_size;
 END;
 
@@ -473,7 +546,7 @@ END;
 CREATE FUNCTION outbox._payload_size(payload jsonb, payload_bytes bytea) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(octet_length(payload::text), octet_length(payload_bytes));
+    SELECT coalesce(outbox._json_length(payload), octet_length(payload_bytes));
 END;
 
 -- The size rule of storage.rs (check_size): key + headers + payload as sent, against
@@ -483,7 +556,7 @@ RETURNS void LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key_size bigint := coalesce(octet_length(key), 0);
-    headers_size bigint := octet_length(headers::text);
+    headers_size bigint := outbox._json_length(headers);
     size bigint := key_size + headers_size + payload_size;
     limit_bytes bigint := CASE WHEN ceiling THEN 64 * 1024 * 1024 ELSE outbox._max_message_size() END;
 BEGIN
@@ -1071,7 +1144,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'c817394eaeeb');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '51f77133ab8a');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

@@ -452,6 +452,21 @@ async fn the_size_cap_counts_what_is_sent(install: Install) {
             "SELECT outbox.publish('q', '1', jsonb_build_object('h', repeat(E'\\x01', 100000)))",
             "headers 600009,",
         ),
+        // 144 kB stored, 1.18 GB printed: more than any text PostgreSQL can make (1 GB). Still the
+        // size-cap error with the exact size, never "out of memory".
+        (
+            "SELECT outbox.publish('q', (SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 9000)))",
+            "(key 0, headers 2, payload 1179666000)",
+        ),
+        (
+            "SELECT outbox.publish_batch('q', ARRAY['1', (SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 9000))])",
+            "(key 0, headers 2, payload 1179666000)",
+        ),
+        // Nested, in an object, beside a string that needs escapes.
+        (
+            "SELECT outbox.publish('q', jsonb_build_object('a\"b', E'x\\n', 'n', (SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 9000))))",
+            "(key 0, headers 2, payload 1179666022)",
+        ),
     ] {
         let (code, message, _) = expect_error(&app, sql).await;
         assert_eq!(code, "54000", "{sql}: {message}");
@@ -841,13 +856,33 @@ async fn redrive_applies_publishs_size_limit(install: Install) {
         message.contains("more than pg_outbox.max_message_size (524288 bytes)"),
         "{message}"
     );
+    // One whose JSON text would be more than a text can hold (1.18 GB from 144 kB): the same
+    // error, with its exact size.
+    ops.batch_execute(
+        "INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts)
+         VALUES ('018f0000-0000-7000-8000-000000000002', 'orders',
+                 (SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 9000)),
+                 now(), 'kafka:orders', 'too large', 1)",
+    )
+    .await
+    .unwrap();
+    let (code, message, _) = expect_error(
+        &ops,
+        "SELECT outbox.redrive('018f0000-0000-7000-8000-000000000002'::uuid)",
+    )
+    .await;
+    assert_eq!(code, "54000", "{message}");
+    assert!(
+        message.contains("(key 0, headers 2, payload 1179666000), more than pg_outbox.max_message_size (524288 bytes)"),
+        "{message}"
+    );
     assert_eq!(
         count(&admin, "SELECT count(*) FROM outbox.messages").await,
         0
     );
     assert_eq!(
         count(&admin, "SELECT count(*) FROM outbox.dead_letters").await,
-        1
+        2
     );
 }
 

@@ -78,6 +78,7 @@ DECLARE
     installed text := (SELECT version FROM outbox.sql_install);
     f regprocedure;
     p record;
+    dropped integer;
 BEGIN
     IF string_to_array(installed, '.')::int[] > string_to_array('@VERSION@', '.')::int[] THEN
         RAISE EXCEPTION 'pg_outbox: the SQL install % is newer than this script (@VERSION@)', installed
@@ -90,6 +91,21 @@ BEGIN
                 USING HINT = 'pg_outbox makes its policies again on every upgrade; create yours again after it if you still need it.';
         END IF;
         EXECUTE format('DROP POLICY %I ON outbox.%I', p.policyname, p.tablename);
+    END LOOP;
+    -- Those no other function depends on first (a SQL-standard body depends on what it calls),
+    -- until none is left; one that something else still needs is then dropped plainly, and its
+    -- error names what depends on it.
+    LOOP
+        dropped := 0;
+        FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
+                  WHERE fn.pronamespace = 'outbox'::regnamespace
+                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                                     WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = fn.oid
+                                       AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid <> fn.oid) LOOP
+            EXECUTE format('DROP FUNCTION %s', f);
+            dropped := dropped + 1;
+        END LOOP;
+        EXIT WHEN dropped = 0;
     END LOOP;
     FOR f IN SELECT oid::regprocedure FROM pg_catalog.pg_proc WHERE pronamespace = 'outbox'::regnamespace LOOP
         EXECUTE format('DROP FUNCTION %s', f);

@@ -203,6 +203,63 @@ BEGIN
 END
 $$;
 
+-- The length of a string as JSON text, quotes and escapes included, without printing it (a
+-- string of control characters prints 6 bytes for each): \" \\ \b \f \n \r \t take 2 bytes, the
+-- other characters below U+0020 \u00XX, 6.
+CREATE FUNCTION outbox._json_string_length(s text) RETURNS bigint
+LANGUAGE sql IMMUTABLE
+BEGIN ATOMIC
+    SELECT octet_length(s)::bigint + 2
+           + (octet_length(s) - octet_length(translate(s, E'"\\\b\f\n\r\t', '')))
+           + 5 * (octet_length(s) - octet_length(translate(s,
+                 E'\x01\x02\x03\x04\x05\x06\x07\x0b\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f', '')));
+END;
+
+-- _json_length of a value that may print as more than a text can hold (1 GB): printed as usual,
+-- and only if that fails (54000 "out of memory: Cannot enlarge string buffer"; a real out of
+-- memory), measured part by part. The exception block (a subtransaction) is entered only for
+-- values stored in more than 64 kB or compressed, never on the path of an ordinary publish.
+CREATE FUNCTION outbox._json_length_of_large(value jsonb) RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    BEGIN
+        RETURN octet_length(value::text);
+    EXCEPTION WHEN program_limit_exceeded OR out_of_memory OR internal_error THEN
+        -- internal_error: a text of just under 1 GB that textin cannot allocate.
+        NULL;
+    END;
+    -- jsonb's output: [a, b], {"k": v, "l": w}, strings escaped by escape_json.
+    CASE jsonb_typeof(value)
+        WHEN 'array' THEN
+            RETURN (SELECT 2 + coalesce(sum(outbox._json_length(e) + 2) - 2, 0)
+                      FROM jsonb_array_elements(value) AS e);
+        WHEN 'object' THEN
+            RETURN (SELECT 2 + coalesce(sum(outbox._json_string_length(m.key) + 2 + outbox._json_length(m.value) + 2) - 2, 0)
+                      FROM jsonb_each(value) AS m);
+        WHEN 'string' THEN
+            RETURN outbox._json_string_length(value #>> '{}');
+        ELSE
+            RETURN octet_length(value::text);
+    END CASE;
+END
+$$;
+
+-- The length of a JSON value's text as jsonb prints it (what the worker sends). A jsonb value
+-- prints at most about 12,300 times its stored size (a number like 1e131071 with 16383 decimals:
+-- 12 bytes stored, 147,457 printed; a string at most 6 times), so one stored in at most 64 kB,
+-- uncompressed, prints in less than the 1 GB a text can hold, and is simply printed: the path of
+-- every ordinary publish, inlined by the planner. A larger or compressed one takes
+-- _json_length_of_large, which never makes a text over 1 GB.
+CREATE FUNCTION outbox._json_length(value jsonb) RETURNS bigint
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN value IS NULL THEN NULL
+                WHEN pg_column_size(value) <= 65536 AND pg_column_compression(value) IS NULL
+                THEN octet_length(value::text)
+                ELSE outbox._json_length_of_large(value) END;
+END;
+
 -- A message's size as the limit counts it: what the worker sends, as storage.rs counts it: the
 -- key's bytes, the JSON text of the headers and of a JSON payload (a jsonb of a few kB can print
 -- as gigabytes: numbers like 1e131071), the bytes of a binary payload, all at their full,
@@ -210,7 +267,7 @@ $$;
 CREATE FUNCTION outbox._message_size(key text, headers jsonb, payload_size bigint) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(octet_length(key), 0) + CASE WHEN headers = '{}' THEN 2 ELSE octet_length(headers::text) END
+    SELECT coalesce(octet_length(key), 0) + CASE WHEN headers = '{}' THEN 2 ELSE outbox._json_length(headers) END
            + payload_size;
 END;
 
@@ -218,7 +275,7 @@ END;
 CREATE FUNCTION outbox._payload_size(payload jsonb, payload_bytes bytea) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(octet_length(payload::text), octet_length(payload_bytes));
+    SELECT coalesce(outbox._json_length(payload), octet_length(payload_bytes));
 END;
 
 -- The size rule of storage.rs (check_size): key + headers + payload as sent, against
@@ -228,7 +285,7 @@ RETURNS void LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key_size bigint := coalesce(octet_length(key), 0);
-    headers_size bigint := octet_length(headers::text);
+    headers_size bigint := outbox._json_length(headers);
     size bigint := key_size + headers_size + payload_size;
     limit_bytes bigint := CASE WHEN ceiling THEN 64 * 1024 * 1024 ELSE outbox._max_message_size() END;
 BEGIN
