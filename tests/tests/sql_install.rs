@@ -634,3 +634,127 @@ async fn running_the_script_again_keeps_or_upgrades_in_place() {
     );
     assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 2);
 }
+
+/// An application transaction that publishes, then marks a message processed (a consumer that
+/// publishes in its handler), while the script runs again as an upgrade: neither is deadlocked
+/// nor aborted, in every interleaving: the transaction open (with a business write) before the
+/// script starts, or with its publish done; the script running free, or held just before its end
+/// (a session holds a lock its last statements need) so that the transaction's next statements
+/// meet every lock it has taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_neither_deadlocks_nor_aborts_a_transaction_that_publishes_then_marks() {
+    for publish_before_the_script in [false, true] {
+        for hold_the_script in [false, true] {
+            publish_and_mark_around_an_upgrade(publish_before_the_script, hold_the_script).await;
+        }
+    }
+}
+
+async fn publish_and_mark_around_an_upgrade(
+    publish_before_the_script: bool,
+    hold_the_script: bool,
+) {
+    let case = format!(
+        "publish before the script: {publish_before_the_script}, script held: {hold_the_script}"
+    );
+    let pg = std::sync::Arc::new(PgCluster::start_sql_install().await);
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN IN ROLE outbox_publisher, outbox_consumer;
+             SELECT outbox.register_consumer('billing', 'app');
+             CREATE TABLE orders (id int); GRANT INSERT ON orders TO app;
+             UPDATE outbox.sql_install SET build = 'older';",
+        )
+        .await
+        .unwrap();
+    let holder = pg.superuser().await;
+    if hold_the_script {
+        // The script's epilogue alters outbox.sql_install: it waits there, every earlier lock held.
+        holder
+            .batch_execute("BEGIN; LOCK TABLE outbox.sql_install IN ACCESS SHARE MODE")
+            .await
+            .unwrap();
+    }
+    let app = pg.connect_as("app").await;
+    app.batch_execute("BEGIN; INSERT INTO orders VALUES (1)")
+        .await
+        .unwrap();
+    if publish_before_the_script {
+        app.batch_execute("SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'k')")
+            .await
+            .unwrap();
+    }
+    let script = {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.run_sql_install("postgres"))
+    };
+    // Until the script has finished or waits for a lock (held: on outbox.sql_install; free: only
+    // on a lock of the application's transaction, as the script of 0.2.0 did, deadlocked).
+    let watcher = pg.superuser().await;
+    let watcher = &watcher;
+    eventually(
+        Duration::from_secs(30),
+        "the script to wait or end",
+        || async move {
+            count(
+                watcher,
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'installer'
+                AND wait_event_type = 'Lock'",
+            )
+            .await
+                > 0
+                || count(
+                    watcher,
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'installer'",
+                )
+                .await
+                    == 0
+        },
+    )
+    .await;
+    let rest = if publish_before_the_script {
+        "SELECT outbox.try_mark_processed('billing', 'm-1'); COMMIT"
+    } else {
+        "SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'k');
+         SELECT outbox.try_mark_processed('billing', 'm-1'); COMMIT"
+    };
+    let app_task = tokio::spawn(async move { app.batch_execute(rest).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past deadlock_timeout (1 s)
+    if hold_the_script {
+        holder.batch_execute("COMMIT").await.unwrap();
+    }
+    let app_result = tokio::time::timeout(Duration::from_secs(30), app_task)
+        .await
+        .unwrap_or_else(|_| panic!("{case}: the application transaction hangs"))
+        .unwrap();
+    if let Err(e) = &app_result {
+        panic!(
+            "{case}: the application transaction failed: {:?}",
+            e.as_db_error().map(|d| (d.code().code(), d.message()))
+        );
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), script)
+        .await
+        .unwrap_or_else(|_| panic!("{case}: the script hangs"))
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{case}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("upgrading the SQL install"),
+        "{case}: {out:?}"
+    );
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM outbox.messages").await,
+        1,
+        "{case}"
+    );
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM outbox.processed_messages").await,
+        1,
+        "{case}"
+    );
+}
