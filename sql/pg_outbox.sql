@@ -62,11 +62,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '51f77133ab8a' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '29064311186a' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build 51f77133ab8a) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build 29064311186a) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -94,11 +94,13 @@ BEGIN
     END LOOP;
     -- Those no other function depends on first (a SQL-standard body depends on what it calls),
     -- until none is left; one that something else still needs is then dropped plainly, and its
-    -- error names what depends on it.
+    -- error names what depends on it. A trigger's function is kept (schema.sql replaces it):
+    -- dropping it would drop the trigger.
     LOOP
         dropped := 0;
         FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
                   WHERE fn.pronamespace = 'outbox'::regnamespace
+                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgfoid = fn.oid)
                     AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
                                      WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = fn.oid
                                        AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid <> fn.oid) LOOP
@@ -107,12 +109,14 @@ BEGIN
         END LOOP;
         EXIT WHEN dropped = 0;
     END LOOP;
-    FOR f IN SELECT oid::regprocedure FROM pg_catalog.pg_proc WHERE pronamespace = 'outbox'::regnamespace LOOP
+    FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
+              WHERE fn.pronamespace = 'outbox'::regnamespace
+                AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgfoid = fn.oid) LOOP
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 51f77133ab8a)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 29064311186a)
 \else
 BEGIN;
 DO $install$
@@ -244,11 +248,56 @@ CREATE TABLE IF NOT EXISTS outbox.dead_letters (
     error         text        NOT NULL,
     attempts      integer     NOT NULL CHECK (attempts > 0),
     failed_at     timestamptz NOT NULL DEFAULT now(),
+    -- The login role of the session that wrote the row (the worker's, or an operator's who
+    -- wrote it by hand): set by trigger written_by below, never by the writer. NULL: written
+    -- before 0.2.1, by a role nobody recorded.
+    written_by    name        DEFAULT session_user,
     CHECK ((payload IS NULL) <> (payload_bytes IS NULL))
 );
 DO $index$ BEGIN IF pg_catalog.to_regclass('outbox.dead_letters_queue') IS NULL THEN
 CREATE INDEX dead_letters_queue ON outbox.dead_letters (queue);
 END IF; END $index$;
+-- 0.2.0 had no written_by (the SQL install keeps its table across upgrades; checked first, so
+-- that a run over a table that has it takes no lock on it).
+DO $written_by$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = 'outbox.dead_letters'::regclass AND a.attname = 'written_by' AND NOT a.attisdropped) THEN
+        ALTER TABLE outbox.dead_letters ADD COLUMN written_by name;
+        ALTER TABLE outbox.dead_letters ALTER COLUMN written_by SET DEFAULT session_user;
+    END IF;
+END
+$written_by$;
+-- Operators (the worker's role among them) may INSERT dead letters, but written_by is always
+-- the session's login role: a row written by hand (an id reused from a real message, a
+-- quarantined row copied into a normal one) names who wrote it, and outbox.redrive says so.
+-- session_user, not current_user: SET ROLE does not change it, and only a superuser can. The
+-- table's owner (the installer, a superuser) may write any value: a restore, a move between
+-- installs keep what was recorded. A trigger rather than column rights: the worker checks at
+-- start that it may INSERT into the table (has_table_privilege), which column rights would fail.
+-- CREATE OR REPLACE: the SQL install keeps this function across upgrades (its trigger needs it).
+CREATE OR REPLACE FUNCTION outbox._dead_letter_written_by() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.written_by IS DISTINCT FROM session_user
+       AND NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE') THEN
+        RAISE EXCEPTION 'outbox.dead_letters: written_by is the role that writes the row (%), it cannot be set to %',
+            session_user, coalesce(quote_literal(NEW.written_by), 'NULL')
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Leave written_by out of the INSERT: it records who wrote each dead letter, so that one written by hand is told from one the worker wrote.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+DO $trigger$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid = 'outbox.dead_letters'::regclass AND t.tgname = 'written_by') THEN
+        CREATE TRIGGER written_by BEFORE INSERT ON outbox.dead_letters
+            FOR EACH ROW EXECUTE FUNCTION outbox._dead_letter_written_by();
+    END IF;
+END
+$trigger$;
 
 -- The slots a worker has streamed from. A slot that disappears (dropped, invalidated, lost in a
 -- failover or a restore) then stops the worker with what may be missing, instead of being
@@ -907,6 +956,12 @@ $$;
 -- Dead letters
 ------------------------------------------------------------------------------------------------
 
+-- A dead letter's writer as redrive names it.
+CREATE FUNCTION outbox._writer(written_by name) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce('role ' || quote_ident(written_by), 'an unrecorded role (before pg_outbox 0.2.1)')
+$$;
+
 CREATE FUNCTION outbox.redrive(id uuid)
 RETURNS uuid LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -926,6 +981,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Inspect payload_bytes and error; if it is legitimate, publish it again with outbox.publish, then DELETE the row.';
     END IF;
+    -- Who wrote the row: the worker's role, or a role that wrote it by hand (written_by).
+    RAISE NOTICE 'outbox.redrive: dead letter % was written by %', $1, outbox._writer(letter.written_by);
     -- Same id, so consumers that saw an earlier attempt still de-duplicate it.
     RETURN outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
                                    letter.payload_bytes, letter.headers);
@@ -939,6 +996,7 @@ RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_c
 DECLARE
     letter outbox.dead_letters;
     redriven bigint := 0;
+    writers text[] := '{}';
 BEGIN
     PERFORM outbox._require_text('outbox.redrive', 'queue', $1, 'Pass the queue whose dead letters to publish again.');
     -- UUIDv7 ids sort by publish time: redrive in the original order.
@@ -950,7 +1008,13 @@ BEGIN
         PERFORM outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
                                         letter.payload_bytes, letter.headers);
         redriven := redriven + 1;
+        writers := writers || outbox._writer(letter.written_by);
     END LOOP;
+    IF redriven > 0 THEN
+        RAISE NOTICE 'outbox.redrive: % dead letter(s) of queue % written by %', redriven, $1,
+            (SELECT string_agg(format('%s (%s)', w.writer, w.n), ', ' ORDER BY w.writer)
+               FROM (SELECT u AS writer, count(*) AS n FROM unnest(writers) u GROUP BY u) w);
+    END IF;
     RETURN redriven;
 END
 $$;
@@ -1144,7 +1208,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '51f77133ab8a');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '29064311186a');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

@@ -40,26 +40,32 @@ pub async fn dlq(url: &str, command: DlqCommand) -> Result<()> {
     let client = pg::connect(url).await?;
     match command {
         DlqCommand::List { queue, limit } => {
+            // written_by: the login role that wrote the row (the worker's, or an operator's who
+            // wrote it by hand); '-' for rows written before pg_outbox 0.2.1, which has no such
+            // column (read through to_jsonb, so an older install lists too).
             let rows = client
                 .query(
-                    "SELECT id, queue, coalesce(key, ''), destination, attempts, failed_at::text, error
-                       FROM outbox.dead_letters WHERE $1::text IS NULL OR queue = $1
-                      ORDER BY failed_at, id LIMIT $2",
+                    "SELECT d.id, d.queue, coalesce(d.key, ''), d.destination, d.attempts, d.failed_at::text,
+                            coalesce(to_jsonb(d) ->> 'written_by', '-'), d.error
+                       FROM outbox.dead_letters d WHERE $1::text IS NULL OR d.queue = $1
+                      ORDER BY d.failed_at, d.id LIMIT $2",
                     &[&queue, &limit],
                 )
                 .await?;
-            println!("id\tqueue\tkey\tdestination\tattempts\tfailed_at\terror");
+            println!("id\tqueue\tkey\tdestination\tattempts\tfailed_at\twritten_by\terror");
             for row in &rows {
                 let id: uuid::Uuid = row.get(0);
                 let attempts: i32 = row.get(4);
-                let (queue, key, destination, failed_at, error): (
-                    String,
-                    String,
-                    String,
-                    String,
-                    String,
-                ) = (row.get(1), row.get(2), row.get(3), row.get(5), row.get(6));
-                println!("{id}\t{queue}\t{key}\t{destination}\t{attempts}\t{failed_at}\t{error}");
+                let text = |i: usize| row.get::<_, String>(i);
+                println!(
+                    "{id}\t{}\t{}\t{}\t{attempts}\t{}\t{}\t{}",
+                    text(1),
+                    text(2),
+                    text(3),
+                    text(5),
+                    text(6),
+                    text(7)
+                );
             }
             eprintln!("{} dead letter(s)", rows.len());
         }

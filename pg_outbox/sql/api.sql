@@ -142,6 +142,12 @@ $$;
 -- Dead letters
 ------------------------------------------------------------------------------------------------
 
+-- A dead letter's writer as redrive names it.
+CREATE FUNCTION outbox._writer(written_by name) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce('role ' || quote_ident(written_by), 'an unrecorded role (before pg_outbox 0.2.1)')
+$$;
+
 CREATE FUNCTION outbox.redrive(id uuid)
 RETURNS uuid LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -161,6 +167,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Inspect payload_bytes and error; if it is legitimate, publish it again with outbox.publish, then DELETE the row.';
     END IF;
+    -- Who wrote the row: the worker's role, or a role that wrote it by hand (written_by).
+    RAISE NOTICE 'outbox.redrive: dead letter % was written by %', $1, outbox._writer(letter.written_by);
     -- Same id, so consumers that saw an earlier attempt still de-duplicate it.
     RETURN outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
                                    letter.payload_bytes, letter.headers);
@@ -174,6 +182,7 @@ RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_c
 DECLARE
     letter outbox.dead_letters;
     redriven bigint := 0;
+    writers text[] := '{}';
 BEGIN
     PERFORM outbox._require_text('outbox.redrive', 'queue', $1, 'Pass the queue whose dead letters to publish again.');
     -- UUIDv7 ids sort by publish time: redrive in the original order.
@@ -185,7 +194,13 @@ BEGIN
         PERFORM outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
                                         letter.payload_bytes, letter.headers);
         redriven := redriven + 1;
+        writers := writers || outbox._writer(letter.written_by);
     END LOOP;
+    IF redriven > 0 THEN
+        RAISE NOTICE 'outbox.redrive: % dead letter(s) of queue % written by %', redriven, $1,
+            (SELECT string_agg(format('%s (%s)', w.writer, w.n), ', ' ORDER BY w.writer)
+               FROM (SELECT u AS writer, count(*) AS n FROM unnest(writers) u GROUP BY u) w);
+    END IF;
     RETURN redriven;
 END
 $$;

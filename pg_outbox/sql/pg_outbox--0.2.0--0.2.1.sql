@@ -97,6 +97,106 @@ END
 $$;
 
 
+-- Who wrote each dead letter (issue 21, item 13): rows written before are NULL, by a role nobody
+-- recorded.
+ALTER TABLE outbox.dead_letters ADD COLUMN written_by name;
+ALTER TABLE outbox.dead_letters ALTER COLUMN written_by SET DEFAULT session_user;
+-- Operators (the worker's role among them) may INSERT dead letters, but written_by is always
+-- the session's login role: a row written by hand (an id reused from a real message, a
+-- quarantined row copied into a normal one) names who wrote it, and outbox.redrive says so.
+-- session_user, not current_user: SET ROLE does not change it, and only a superuser can. The
+-- table's owner (the installer, a superuser) may write any value: a restore, a move between
+-- installs keep what was recorded. A trigger rather than column rights: the worker checks at
+-- start that it may INSERT into the table (has_table_privilege), which column rights would fail.
+-- CREATE OR REPLACE: the SQL install keeps this function across upgrades (its trigger needs it).
+CREATE OR REPLACE FUNCTION outbox._dead_letter_written_by() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.written_by IS DISTINCT FROM session_user
+       AND NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE') THEN
+        RAISE EXCEPTION 'outbox.dead_letters: written_by is the role that writes the row (%), it cannot be set to %',
+            session_user, coalesce(quote_literal(NEW.written_by), 'NULL')
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Leave written_by out of the INSERT: it records who wrote each dead letter, so that one written by hand is told from one the worker wrote.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+DO $trigger$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid = 'outbox.dead_letters'::regclass AND t.tgname = 'written_by') THEN
+        CREATE TRIGGER written_by BEFORE INSERT ON outbox.dead_letters
+            FOR EACH ROW EXECUTE FUNCTION outbox._dead_letter_written_by();
+    END IF;
+END
+$trigger$;
+
+-- A dead letter's writer as redrive names it.
+CREATE FUNCTION outbox._writer(written_by name) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce('role ' || quote_ident(written_by), 'an unrecorded role (before pg_outbox 0.2.1)')
+$$;
+
+CREATE OR REPLACE FUNCTION outbox.redrive(id uuid)
+RETURNS uuid LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    letter outbox.dead_letters;
+BEGIN
+    IF $1 IS NULL THEN
+        RAISE EXCEPTION 'outbox.redrive: id must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the id of a row of outbox.dead_letters.';
+    END IF;
+    DELETE FROM outbox.dead_letters d WHERE d.id = $1 RETURNING * INTO letter;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox.redrive: no dead letter with id %', $1
+            USING ERRCODE = 'no_data_found', HINT = 'SELECT id, queue, error FROM outbox.dead_letters lists them.';
+    END IF;
+    IF letter.destination = 'quarantine' THEN
+        RAISE EXCEPTION 'outbox.redrive: dead letter % is quarantined: it was not written by outbox.publish*', $1
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Inspect payload_bytes and error; if it is legitimate, publish it again with outbox.publish, then DELETE the row.';
+    END IF;
+    -- Who wrote the row: the worker's role, or a role that wrote it by hand (written_by).
+    RAISE NOTICE 'outbox.redrive: dead letter % was written by %', $1, outbox._writer(letter.written_by);
+    -- Same id, so consumers that saw an earlier attempt still de-duplicate it.
+    RETURN outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
+                                   letter.payload_bytes, letter.headers);
+END
+$$;
+COMMENT ON FUNCTION outbox.redrive(uuid) IS
+    'Publishes a dead letter again with the same id and removes it from outbox.dead_letters, in one transaction.';
+
+CREATE OR REPLACE FUNCTION outbox.redrive(queue text)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    letter outbox.dead_letters;
+    redriven bigint := 0;
+    writers text[] := '{}';
+BEGIN
+    PERFORM outbox._require_text('outbox.redrive', 'queue', $1, 'Pass the queue whose dead letters to publish again.');
+    -- UUIDv7 ids sort by publish time: redrive in the original order.
+    FOR letter IN
+        WITH gone AS (DELETE FROM outbox.dead_letters d
+                       WHERE d.queue = $1 AND d.destination <> 'quarantine' RETURNING *)
+        SELECT * FROM gone ORDER BY gone.id
+    LOOP
+        PERFORM outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
+                                        letter.payload_bytes, letter.headers);
+        redriven := redriven + 1;
+        writers := writers || outbox._writer(letter.written_by);
+    END LOOP;
+    IF redriven > 0 THEN
+        RAISE NOTICE 'outbox.redrive: % dead letter(s) of queue % written by %', redriven, $1,
+            (SELECT string_agg(format('%s (%s)', w.writer, w.n), ', ' ORDER BY w.writer)
+               FROM (SELECT u AS writer, count(*) AS n FROM unnest(writers) u GROUP BY u) w);
+    END IF;
+    RETURN redriven;
+END
+$$;
+COMMENT ON FUNCTION outbox.redrive(text) IS
+    'Publishes every dead letter of queue again (same ids, original order; quarantined ones stay); returns how many.';
+
 -- The publication streams exactly outbox.messages, inserts only (its owner was checked above).
 DO $publication$
 BEGIN

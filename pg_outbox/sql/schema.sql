@@ -178,10 +178,55 @@ CREATE TABLE outbox.dead_letters (
     error         text        NOT NULL,
     attempts      integer     NOT NULL CHECK (attempts > 0),
     failed_at     timestamptz NOT NULL DEFAULT now(),
+    -- The login role of the session that wrote the row (the worker's, or an operator's who
+    -- wrote it by hand): set by trigger written_by below, never by the writer. NULL: written
+    -- before 0.2.1, by a role nobody recorded.
+    written_by    name        DEFAULT session_user,
     CHECK ((payload IS NULL) <> (payload_bytes IS NULL))
 );
 CREATE INDEX dead_letters_queue ON outbox.dead_letters (queue);
 SELECT pg_catalog.pg_extension_config_dump('outbox.dead_letters', '');
+-- 0.2.0 had no written_by (the SQL install keeps its table across upgrades; checked first, so
+-- that a run over a table that has it takes no lock on it).
+DO $written_by$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = 'outbox.dead_letters'::regclass AND a.attname = 'written_by' AND NOT a.attisdropped) THEN
+        ALTER TABLE outbox.dead_letters ADD COLUMN written_by name;
+        ALTER TABLE outbox.dead_letters ALTER COLUMN written_by SET DEFAULT session_user;
+    END IF;
+END
+$written_by$;
+-- Operators (the worker's role among them) may INSERT dead letters, but written_by is always
+-- the session's login role: a row written by hand (an id reused from a real message, a
+-- quarantined row copied into a normal one) names who wrote it, and outbox.redrive says so.
+-- session_user, not current_user: SET ROLE does not change it, and only a superuser can. The
+-- table's owner (the installer, a superuser) may write any value: a restore, a move between
+-- installs keep what was recorded. A trigger rather than column rights: the worker checks at
+-- start that it may INSERT into the table (has_table_privilege), which column rights would fail.
+-- CREATE OR REPLACE: the SQL install keeps this function across upgrades (its trigger needs it).
+CREATE OR REPLACE FUNCTION outbox._dead_letter_written_by() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.written_by IS DISTINCT FROM session_user
+       AND NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE') THEN
+        RAISE EXCEPTION 'outbox.dead_letters: written_by is the role that writes the row (%), it cannot be set to %',
+            session_user, coalesce(quote_literal(NEW.written_by), 'NULL')
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Leave written_by out of the INSERT: it records who wrote each dead letter, so that one written by hand is told from one the worker wrote.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+DO $trigger$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid = 'outbox.dead_letters'::regclass AND t.tgname = 'written_by') THEN
+        CREATE TRIGGER written_by BEFORE INSERT ON outbox.dead_letters
+            FOR EACH ROW EXECUTE FUNCTION outbox._dead_letter_written_by();
+    END IF;
+END
+$trigger$;
 
 -- The slots a worker has streamed from. A slot that disappears (dropped, invalidated, lost in a
 -- failover or a restore) then stops the worker with what may be missing, instead of being

@@ -1055,3 +1055,161 @@ async fn a_tampered_sql_install_id_clock_gives_neither_errors_nor_far_future_ids
         );
     }
 }
+
+on_both_installs!(dead_letters_name_who_wrote_them);
+
+/// Operators (the worker's role among them) may INSERT dead letters: one written by hand (an id
+/// reused from a real message, a quarantined row copied into a normal one) names the login role
+/// that wrote it, which no grantee can set, and redrive says who wrote what it publishes.
+async fn dead_letters_name_who_wrote_them(install: Install) {
+    let pg = PgCluster::start_install(install).await;
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE alice LOGIN IN ROLE outbox_operator;
+             CREATE ROLE bob LOGIN IN ROLE outbox_operator;
+             CREATE ROLE team IN ROLE outbox_operator; GRANT team TO alice;
+             INSERT INTO outbox.dead_letters (id, queue, payload_bytes, created_at, destination, error, attempts)
+                  VALUES ('018f0000-0000-7000-8000-0000000000aa', 'orders', '\\x7b7d', now(), 'quarantine', 'forged', 1);",
+        )
+        .await
+        .unwrap();
+    let alice = pg.connect_as("alice").await;
+    const LETTER: &str = "INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts";
+    for (written_by, as_role) in [
+        ("'worker'", ""),
+        ("NULL", ""),
+        ("'worker'", "SET ROLE team; "),
+    ] {
+        let sql = format!(
+            "{as_role}{LETTER}, written_by)
+             VALUES ('018f0000-0000-7000-8000-000000000001', 'orders', '{{}}', now(), 'kafka:orders', 'x', 1, {written_by})"
+        );
+        let (code, message, hint) = expect_error(&alice, &sql).await;
+        assert_eq!(code, "42501", "{sql}: {message}");
+        assert!(
+            message.contains("written_by is the role that writes the row (alice)"),
+            "{message}"
+        );
+        assert!(hint.contains("Leave written_by out"), "{hint}");
+        alice.batch_execute("RESET ROLE").await.unwrap();
+    }
+    // By hand: an id of her choosing, and the quarantined row copied into a normal one (through
+    // SET ROLE: still her login role).
+    alice
+        .batch_execute(&format!(
+            "{LETTER}) VALUES ('018f0000-0000-7000-8000-000000000001', 'orders', '{{}}', now(), 'kafka:orders', 'x', 1);
+             SET ROLE team;
+             {LETTER}) SELECT '018f0000-0000-7000-8000-000000000002', queue, convert_from(payload_bytes, 'UTF8')::jsonb,
+                                  created_at, 'kafka:orders', error, attempts
+                             FROM outbox.dead_letters WHERE destination = 'quarantine';
+             RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    let writers: Vec<String> = column(
+        &admin,
+        "SELECT id || ' ' || written_by FROM outbox.dead_letters ORDER BY id",
+    )
+    .await;
+    assert_eq!(
+        writers,
+        [
+            "018f0000-0000-7000-8000-000000000001 alice",
+            "018f0000-0000-7000-8000-000000000002 alice",
+            "018f0000-0000-7000-8000-0000000000aa postgres",
+        ]
+    );
+    // The worker's listing shows it.
+    let listed = outbox_tests::worker::run_once(&["dlq", "list", "--postgres-url", &pg.url()], &[]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let header: Vec<&str> = listed.lines().next().unwrap().split('\t').collect();
+    let written_by = header
+        .iter()
+        .position(|h| *h == "written_by")
+        .unwrap_or_else(|| panic!("{listed}"));
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("018f0000-0000-7000-8000-000000000002"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(row.split('\t').nth(written_by), Some("alice"), "{listed}");
+    // No grantee may change it afterwards either.
+    let (code, _, _) = expect_error(
+        &alice,
+        "UPDATE outbox.dead_letters SET written_by = 'worker'",
+    )
+    .await;
+    assert_eq!(code, "42501");
+    // Another operator redrives them and is told who wrote them.
+    let redrive = |sql: &str| {
+        let out = std::process::Command::new(outbox_tests::postgres::program("psql"))
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "bob",
+                "-d",
+                "postgres",
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let told = redrive("SELECT outbox.redrive('018f0000-0000-7000-8000-000000000001'::uuid)");
+    assert!(
+        told.contains("NOTICE:  outbox.redrive: dead letter 018f0000-0000-7000-8000-000000000001 was written by role alice"),
+        "{told}"
+    );
+    let told = redrive("SELECT outbox.redrive('orders')");
+    assert!(
+        told.contains(
+            "NOTICE:  outbox.redrive: 1 dead letter(s) of queue orders written by role alice (1)"
+        ),
+        "{told}"
+    );
+    // The table's owner (a restore, a move between installs) keeps what was recorded.
+    admin
+        .batch_execute(&format!(
+            "{LETTER}, written_by) VALUES ('018f0000-0000-7000-8000-000000000003', 'orders', '{{}}', now(), 'kafka:orders', 'x', 1, 'worker')"
+        ))
+        .await
+        .unwrap();
+    if install == Install::Sql {
+        // An install from before written_by (0.2.0): the column and its trigger are added, the
+        // rows it had are by an unrecorded role.
+        admin
+            .batch_execute(
+                "DROP TRIGGER written_by ON outbox.dead_letters;
+                 ALTER TABLE outbox.dead_letters DROP COLUMN written_by;
+                 UPDATE outbox.sql_install SET version = '0.2.0';",
+            )
+            .await
+            .unwrap();
+        let out = pg.run_sql_install("postgres");
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            count(
+                &admin,
+                "SELECT count(*) FROM outbox.dead_letters WHERE written_by IS NULL"
+            )
+            .await,
+            2
+        );
+        let (code, _, _) = expect_error(
+            &alice,
+            &format!("{LETTER}, written_by) VALUES (gen_random_uuid(), 'orders', '{{}}', now(), 'kafka:orders', 'x', 1, 'worker')"),
+        )
+        .await;
+        assert_eq!(code, "42501");
+        let told = redrive("SELECT outbox.redrive('orders')");
+        assert!(
+            told.contains("1 dead letter(s) of queue orders written by an unrecorded role (before pg_outbox 0.2.1) (1)"),
+            "{told}"
+        );
+    }
+}

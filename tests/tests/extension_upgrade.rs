@@ -24,6 +24,10 @@ SELECT string_agg(line, E'\n' ORDER BY line) FROM (
                 (SELECT array_agg(a::text ORDER BY a::text) FROM unnest(c.relacl) a), c.relrowsecurity, c.relreplident, obj_description(c.oid, 'pg_class'))
     FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
   UNION ALL
+  SELECT format('trigger %s', pg_get_triggerdef(t.oid))
+    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+   WHERE c.relnamespace = 'outbox'::regnamespace AND NOT t.tgisinternal
+  UNION ALL
   SELECT format('index %s', pg_get_indexdef(i.indexrelid))
     FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'outbox'::regnamespace
   UNION ALL
@@ -194,7 +198,9 @@ async fn upgrade_from_0_2_0_equals_a_fresh_install_and_revokes_what_default_priv
          CREATE EXTENSION pg_outbox VERSION '0.2.0';
          ALTER DEFAULT PRIVILEGES REVOKE ALL ON TABLES FROM app;
          ALTER DEFAULT PRIVILEGES REVOKE ALL ON FUNCTIONS FROM app;
-         SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'old');",
+         SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'old');
+         INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts)
+              VALUES ('018f0000-0000-7000-8000-000000000001', 'orders', '{}', now(), 'kafka:orders', 'too large', 5);",
     )
     .await
     .unwrap();
@@ -220,4 +226,17 @@ async fn upgrade_from_0_2_0_equals_a_fresh_install_and_revokes_what_default_priv
         .await,
         1
     );
+    // Dead letters name who wrote them from 0.2.1 on; one written before names nobody.
+    db.batch_execute(
+        "INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts)
+              VALUES ('018f0000-0000-7000-8000-000000000002', 'orders', '{}', now(), 'kafka:orders', 'too large', 5);",
+    )
+    .await
+    .unwrap();
+    let writers: Vec<Option<String>> = outbox_tests::postgres::column(
+        &db,
+        "SELECT written_by::text FROM outbox.dead_letters ORDER BY id",
+    )
+    .await;
+    assert_eq!(writers, [None, Some("postgres".to_owned())]);
 }

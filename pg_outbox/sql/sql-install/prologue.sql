@@ -94,11 +94,13 @@ BEGIN
     END LOOP;
     -- Those no other function depends on first (a SQL-standard body depends on what it calls),
     -- until none is left; one that something else still needs is then dropped plainly, and its
-    -- error names what depends on it.
+    -- error names what depends on it. A trigger's function is kept (schema.sql replaces it):
+    -- dropping it would drop the trigger.
     LOOP
         dropped := 0;
         FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
                   WHERE fn.pronamespace = 'outbox'::regnamespace
+                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgfoid = fn.oid)
                     AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
                                      WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = fn.oid
                                        AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid <> fn.oid) LOOP
@@ -107,7 +109,9 @@ BEGIN
         END LOOP;
         EXIT WHEN dropped = 0;
     END LOOP;
-    FOR f IN SELECT oid::regprocedure FROM pg_catalog.pg_proc WHERE pronamespace = 'outbox'::regnamespace LOOP
+    FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
+              WHERE fn.pronamespace = 'outbox'::regnamespace
+                AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgfoid = fn.oid) LOOP
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
 END
