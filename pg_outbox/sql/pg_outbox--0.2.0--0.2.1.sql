@@ -197,6 +197,13 @@ $$;
 COMMENT ON FUNCTION outbox.redrive(text) IS
     'Publishes every dead letter of queue again (same ids, original order; quarantined ones stay); returns how many.';
 
+-- The C publish functions run as the caller (issue 24): they need no privilege of their own
+-- (heap_insert and LogLogicalMessage check none; EXECUTE is the access rule), and a definer's
+-- function costs two catalog lookups on every statement that calls it.
+ALTER FUNCTION outbox.publish(text, jsonb, jsonb, text) SECURITY INVOKER;
+ALTER FUNCTION outbox.publish_bytes(text, bytea, jsonb, text) SECURITY INVOKER;
+ALTER FUNCTION outbox.publish_batch(text, jsonb[], jsonb, text[]) SECURITY INVOKER;
+
 -- The publication streams exactly outbox.messages, inserts only (its owner was checked above).
 DO $publication$
 BEGIN

@@ -15,10 +15,38 @@ use base64::Engine;
 pub const PREFIX: &str = "pg_outbox";
 pub const VERSION: u32 = 1;
 
-/// The payload of a message, already rendered as it appears in the envelope.
+/// UTF-8 JSON text as it appears in the envelope: already rendered, or printed straight into
+/// the envelope's buffer (no intermediate copy).
+pub enum Json<'a> {
+    Text(&'a str),
+    /// `len` bytes of UTF-8 JSON text that `print` appends; it may use 3 more bytes of room
+    /// while printing.
+    Printed {
+        len: usize,
+        print: &'a dyn Fn(&mut Vec<u8>),
+    },
+}
+
+impl Json<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Json::Text(text) => text.len(),
+            Json::Printed { len, .. } => *len,
+        }
+    }
+
+    fn append_to(&self, out: &mut Vec<u8>) {
+        match self {
+            Json::Text(text) => out.extend_from_slice(text.as_bytes()),
+            Json::Printed { print, .. } => print(out),
+        }
+    }
+}
+
+/// The payload of a message.
 pub enum Payload<'a> {
-    /// JSON text (from `jsonb_out`).
-    Json(&'a str),
+    /// The JSON text `jsonb_out` prints.
+    Json(Json<'a>),
     Bytes(&'a [u8]),
 }
 
@@ -29,54 +57,60 @@ pub struct Envelope<'a> {
     /// RFC 3339 UTC timestamp.
     pub created_at: &'a str,
     /// JSON object text.
-    pub headers: &'a str,
+    pub headers: Json<'a>,
     pub payload: Payload<'a>,
 }
 
 impl Envelope<'_> {
     /// The envelope, in one allocation of [`Self::encoded_len_bound`] bytes made fallibly (the
     /// caller turns a failure into an ERROR): nothing below grows it.
-    pub fn encode(&self) -> Result<String, std::collections::TryReserveError> {
-        let mut out = String::new();
+    pub fn encode(&self) -> Result<Vec<u8>, std::collections::TryReserveError> {
+        let mut out = Vec::new();
         out.try_reserve_exact(self.encoded_len_bound())?;
-        out.push_str("{\"v\":");
-        out.push_str(itoa(VERSION, &mut [0; 10]));
-        out.push_str(",\"id\":\"");
-        out.push_str(
+        out.extend_from_slice(b"{\"v\":");
+        out.extend_from_slice(itoa(VERSION, &mut [0; 10]).as_bytes());
+        out.extend_from_slice(b",\"id\":\"");
+        out.extend_from_slice(
             self.id
                 .hyphenated()
-                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
         );
         // Queue names are validated to [A-Za-z0-9._-], which needs no escaping.
-        out.push_str("\",\"queue\":\"");
-        out.push_str(self.queue);
-        out.push_str("\",\"key\":");
+        out.extend_from_slice(b"\",\"queue\":\"");
+        out.extend_from_slice(self.queue.as_bytes());
+        out.extend_from_slice(b"\",\"key\":");
         match self.key {
             Some(key) => push_json_string(&mut out, key),
-            None => out.push_str("null"),
+            None => out.extend_from_slice(b"null"),
         }
-        out.push_str(",\"created_at\":\"");
-        out.push_str(self.created_at);
-        out.push_str("\",\"headers\":");
-        out.push_str(self.headers);
-        match self.payload {
+        out.extend_from_slice(b",\"created_at\":\"");
+        out.extend_from_slice(self.created_at.as_bytes());
+        out.extend_from_slice(b"\",\"headers\":");
+        self.headers.append_to(&mut out);
+        match &self.payload {
             Payload::Json(json) => {
-                out.push_str(",\"payload\":");
-                out.push_str(json);
+                out.extend_from_slice(b",\"payload\":");
+                json.append_to(&mut out);
             }
             Payload::Bytes(bytes) => {
-                out.push_str(",\"payload_base64\":\"");
-                base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut out);
-                out.push('"');
+                out.extend_from_slice(b",\"payload_base64\":\"");
+                let start = out.len();
+                out.resize(start + bytes.len().div_ceil(3) * 4, 0);
+                let written = base64::engine::general_purpose::STANDARD
+                    .encode_slice(bytes, &mut out[start..])
+                    .expect("room for the padded base64 of the payload");
+                out.truncate(start + written);
+                out.push(b'"');
             }
         }
-        out.push('}');
+        out.push(b'}');
         debug_assert!(out.len() <= self.encoded_len_bound());
         Ok(out)
     }
 
     fn payload_len(&self) -> usize {
-        match self.payload {
+        match &self.payload {
             Payload::Json(json) => json.len(),
             Payload::Bytes(bytes) => bytes.len().div_ceil(3) * 4,
         }
@@ -109,27 +143,28 @@ fn itoa(mut value: u32, buffer: &mut [u8; 10]) -> &str {
 
 /// `text` as a JSON string, escaped as serde_json escapes it, into `out` (reserved by the caller:
 /// at most six bytes per input byte, plus the quotes).
-fn push_json_string(out: &mut String, text: &str) {
+fn push_json_string(out: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => {
-                out.push_str("\\u00");
-                out.push(HEX[(c as usize) >> 4] as char);
-                out.push(HEX[(c as usize) & 0xf] as char);
+    out.push(b'"');
+    // Byte by byte: every byte of a multi-byte UTF-8 sequence is >= 0x80 and passes through.
+    for &byte in text.as_bytes() {
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0..=0x1f => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(byte >> 4)]);
+                out.push(HEX[usize::from(byte & 0xf)]);
             }
-            c => out.push(c),
+            _ => out.push(byte),
         }
     }
-    out.push('"');
+    out.push(b'"');
 }
 
 /// Formats a PostgreSQL `timestamptz` (µs since 2000-01-01 UTC) as RFC 3339 in UTC.
@@ -151,10 +186,10 @@ mod unit {
             queue: "orders",
             key: Some("a\"b"),
             created_at: &rfc3339(0),
-            headers: r#"{"traceparent": "00-ab"}"#,
-            payload: Payload::Json(r#"{"total": 12.5}"#),
+            headers: Json::Text(r#"{"traceparent": "00-ab"}"#),
+            payload: Payload::Json(Json::Text(r#"{"total": 12.5}"#)),
         };
-        let text = envelope.encode().unwrap();
+        let text = String::from_utf8(envelope.encode().unwrap()).unwrap();
         assert_eq!(
             text,
             r#"{"v":1,"id":"00000000-0000-0000-0000-000000000000","queue":"orders","key":"a\"b","created_at":"2000-01-01T00:00:00.000000Z","headers":{"traceparent": "00-ab"},"payload":{"total": 12.5}}"#
@@ -170,10 +205,11 @@ mod unit {
             queue: "q",
             key: None,
             created_at: "x",
-            headers: "{}",
+            headers: Json::Text("{}"),
             payload: Payload::Bytes(&[0, 1, 2, 255]),
         };
-        let parsed: serde_json::Value = serde_json::from_str(&envelope.encode().unwrap()).unwrap();
+        let parsed: serde_json::Value =
+            serde_json::from_slice(&envelope.encode().unwrap()).unwrap();
         assert_eq!(parsed["payload_base64"], "AAEC/w==");
         assert!(parsed["key"].is_null());
         assert!(parsed.get("payload").is_none());

@@ -9,9 +9,13 @@
 use pgrx::prelude::*;
 
 mod args;
+#[cfg(feature = "bench")]
+mod bench;
+mod checked;
 mod envelope;
 mod error;
 mod guc;
+mod json_text;
 mod jsonb;
 mod message;
 mod publish;
@@ -29,6 +33,7 @@ extension_sql_file!("../sql/api.sql", name = "api", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
+    checked::register();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

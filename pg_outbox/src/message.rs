@@ -18,5 +18,7 @@ pub struct Message<'a> {
     pub key: Option<Varlena<'a>>,
     pub headers: Jsonb,
     pub payload: Payload<'a>,
+    /// A JSON payload's text length, as the size rule counted it.
+    pub payload_text_len: Option<usize>,
     pub created_at: pg_sys::TimestampTz,
 }

@@ -2,10 +2,12 @@
 //! `outbox._publish_message` used by redrive. Arguments are read as raw datums so a jsonb payload
 //! is never converted on the way to storage.
 //!
-//! These C functions are SECURITY DEFINER without a `SET search_path` clause: they never resolve
-//! a name through the search path (the table is found by explicit schema, types by OID), so the
-//! clause would protect nothing, and on PostgreSQL 15 it costs about a third of a publish (a GUC
-//! save and restore per call, measured in BENCHMARKS.md). The SQL-language functions keep it.
+//! These C functions need no privilege of their own: they write with `heap_insert` and
+//! `LogLogicalMessage`, which check none, so `EXECUTE` (granted to `outbox_publisher` only) is
+//! the whole access rule and they run as the caller (SECURITY INVOKER: a definer's function costs
+//! two catalog lookups on every statement that calls it). They never resolve a name through the
+//! search path (the table is found by explicit schema, types by OID), so they need no `SET
+//! search_path` clause either, which would cost about a third of a publish (BENCHMARKS.md).
 
 use crate::args::Args;
 use crate::error;
@@ -25,7 +27,7 @@ type FcInfo = pg_sys::FunctionCallInfo;
 
 #[pg_extern(sql = r#"
 CREATE FUNCTION outbox.publish(queue text, payload jsonb, headers jsonb DEFAULT '{}', key text DEFAULT NULL)
-RETURNS uuid VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+RETURNS uuid VOLATILE PARALLEL UNSAFE
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 COMMENT ON FUNCTION outbox.publish(text, jsonb, jsonb, text) IS
     'Publishes a JSON message to queue in the current transaction; returns its id (UUIDv7).';
@@ -39,7 +41,7 @@ fn publish(fcinfo: FcInfo) -> pgrx::Uuid {
 
 #[pg_extern(sql = r#"
 CREATE FUNCTION outbox.publish_bytes(queue text, payload bytea, headers jsonb DEFAULT '{}', key text DEFAULT NULL)
-RETURNS uuid VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+RETURNS uuid VOLATILE PARALLEL UNSAFE
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 COMMENT ON FUNCTION outbox.publish_bytes(text, bytea, jsonb, text) IS
     'Publishes a binary message (Avro, Protobuf...) to queue in the current transaction; set a content-type header.';
@@ -112,15 +114,23 @@ fn write_checked(
             PayloadDatum::Bytes(datum) => Payload::Bytes(Varlena::from_datum(datum)),
         }
     };
-    if let Payload::Json(json) = &payload {
-        check_json_size(function, SizeLimit::Setting, key.as_ref(), &headers, json);
-    }
+    let payload_text_len = match &payload {
+        Payload::Json(json) => Some(check_json_size(
+            function,
+            SizeLimit::Setting,
+            key.as_ref(),
+            &headers,
+            json,
+        )),
+        Payload::Bytes(_) => None,
+    };
     let message = Message {
         id,
         queue,
         key,
         headers,
         payload,
+        payload_text_len,
         created_at,
     };
     writer.write(&message);
@@ -129,7 +139,7 @@ fn write_checked(
 
 #[pg_extern(sql = r#"
 CREATE FUNCTION outbox.publish_batch(queue text, payloads jsonb[], headers jsonb DEFAULT '{}', keys text[] DEFAULT NULL)
-RETURNS SETOF uuid VOLATILE PARALLEL UNSAFE SECURITY DEFINER ROWS 100
+RETURNS SETOF uuid VOLATILE PARALLEL UNSAFE ROWS 100
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 COMMENT ON FUNCTION outbox.publish_batch(text, jsonb[], jsonb, text[]) IS
     'Publishes one message per element of payloads (keys[i] is the key of payloads[i]); returns their ids in order.';

@@ -55,21 +55,17 @@ pub fn check_size(
 
 /// The size rule, part two: what the worker sends, counted as the SQL install counts it: the
 /// key's bytes, the JSON text of the headers and of the payload (a jsonb of a few kilobytes can
-/// print as gigabytes), against the limit.
+/// print as gigabytes), against the limit. Returns the payload's JSON text length.
 pub fn check_json_size(
     function: &str,
     limit: SizeLimit,
     key: Option<&Varlena<'_>>,
     headers: &Jsonb,
     payload: &Jsonb,
-) {
-    check_total(
-        function,
-        limit,
-        key,
-        headers_size(headers),
-        payload.text_len(),
-    );
+) -> usize {
+    let payload_len = payload.text_len();
+    check_total(function, limit, key, headers_size(headers), payload_len);
+    payload_len
 }
 
 fn headers_size(headers: &Jsonb) -> usize {

@@ -9,17 +9,22 @@
 //! - an unlogged table (its rows would never reach logical decoding): refused;
 //! - indexes not yet ready for inserts (`CREATE INDEX CONCURRENTLY` in progress): skipped, as
 //!   the executor skips them.
+//!
+//! The checks run once and again after every change to the table (`checked.rs`), not per call.
 
 use std::cell::RefCell;
 
 use pgrx::pg_sys;
 use pgrx::{IntoDatum, PgSqlErrorCode, PgTupleDesc};
 
+use crate::checked::{self, Shape};
 use crate::error;
 use crate::message::{Message, Payload};
 
+pub const COLUMN_COUNT: usize = 7;
+
 /// The columns this version writes, in the order of `values` below.
-const COLUMNS: [(&str, pg_sys::Oid); 7] = [
+const COLUMNS: [(&str, pg_sys::Oid); COLUMN_COUNT] = [
     ("id", pg_sys::UUIDOID),
     ("queue", pg_sys::TEXTOID),
     ("key", pg_sys::TEXTOID),
@@ -51,6 +56,47 @@ struct Index {
 
 impl MessagesTable {
     pub fn open(function: &str) -> MessagesTable {
+        if let Some(shape) = checked::current() {
+            // SAFETY: the relation checked before; taking the lock processes pending
+            // invalidations, after which the shape is trusted only if none concerned the table.
+            let rel = unsafe { pg_sys::table_open(shape.relid, pg_sys::RowExclusiveLock as _) };
+            if checked::still_current(&shape) {
+                return MessagesTable::with_shape(rel, &shape);
+            }
+            // Changed while this transaction waited for the lock: found by name and checked
+            // again below (the lock is kept, as the executor keeps it).
+            // SAFETY: opened just above.
+            unsafe { pg_sys::table_close(rel, pg_sys::NoLock as _) };
+        }
+        MessagesTable::open_and_check(function)
+    }
+
+    /// The table and its indexes opened as `shape` describes, with no check repeated.
+    fn with_shape(rel: pg_sys::Relation, shape: &Shape) -> MessagesTable {
+        let mut table = MessagesTable {
+            rel,
+            positions: shape.positions,
+            not_null: shape.not_null,
+            indexes: Vec::with_capacity(shape.indexes.len()),
+            row: RefCell::new((
+                vec![pg_sys::Datum::from(0); shape.natts],
+                vec![true; shape.natts],
+            )),
+        };
+        for &(oid, unique) in &shape.indexes {
+            // SAFETY: an index of the locked table, checked when the shape was; opened with the
+            // lock an INSERT takes and closed in Drop.
+            unsafe {
+                let rel = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as _);
+                let info = pg_sys::BuildIndexInfo(rel);
+                table.indexes.push(Index { rel, info, unique });
+            }
+        }
+        table
+    }
+
+    /// Finds the table by name and runs every check (what `open` does when nothing is kept).
+    pub fn open_and_check(function: &str) -> MessagesTable {
         // SAFETY: catalog lookups by constant names; `table_open` raises ERROR itself if the
         // relation vanished, and the lock is held to the end of the transaction (see Drop).
         let rel = unsafe {
@@ -73,9 +119,27 @@ impl MessagesTable {
             indexes: Vec::new(),
             row: RefCell::new((Vec::new(), Vec::new())),
         };
+        // After the lock: what it processed is in the relcache the checks read.
+        let generation = checked::start_checking();
         table.check_relation(function);
         table.check_columns(function);
         table.open_indexes(function);
+        checked::remember(
+            generation,
+            Shape {
+                // SAFETY: the open relation's relcache entry.
+                relid: unsafe { (*table.rel).rd_id },
+                positions: table.positions,
+                not_null: table.not_null,
+                natts: table.row.borrow().0.len(),
+                // SAFETY: each index was opened in open_indexes.
+                indexes: table
+                    .indexes
+                    .iter()
+                    .map(|index| (unsafe { (*index.rel).rd_id }, index.unique))
+                    .collect(),
+            },
+        );
         table
     }
 
@@ -321,6 +385,13 @@ impl Drop for MessagesTable {
         // SAFETY: each relation was opened in `open` and is closed exactly once here.
         unsafe {
             for index in &self.indexes {
+                // Since PostgreSQL 17 an index may keep state between inserts (BRIN pins its
+                // revmap): released here as the executor's ExecCloseIndices releases it. After an
+                // ERROR the transaction's abort releases it instead.
+                #[cfg(any(feature = "pg17", feature = "pg18"))]
+                if !std::thread::panicking() {
+                    pg_sys::index_insert_cleanup(index.rel, index.info);
+                }
                 pg_sys::index_close(index.rel, pg_sys::NoLock as _);
             }
             pg_sys::table_close(self.rel, pg_sys::NoLock as _);

@@ -120,7 +120,104 @@ mod tests {
                 )
             };
             assert_eq!(json.text_len(), json.to_text().len(), "{value}");
+            assert_text_is_jsonb_out(value);
         }
+    }
+
+    /// The wal envelope's JSON text, printed from the binary form, is byte for byte what
+    /// jsonb_out prints, and as long as the size rule counts: 3,000 random values (numbers of
+    /// every scale and exponent, escapes, unicode, nesting, containers past 32 entries).
+    #[pg_test]
+    fn printed_json_text_is_what_jsonb_out_prints() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        fn value(next: &mut dyn FnMut(u64) -> u64, depth: u32) -> String {
+            let pick = if depth > 3 { next(4) } else { next(7) };
+            match pick {
+                0 => {
+                    let digits: String = (0..1 + next(40))
+                        .map(|_| char::from(b'0' + next(10) as u8))
+                        .collect();
+                    let mut n = format!(
+                        "{}{}",
+                        if next(3) == 0 { "-" } else { "" },
+                        digits.trim_start_matches('0')
+                    );
+                    if n.is_empty() || n == "-" {
+                        n.push('0');
+                    }
+                    if next(2) == 0 {
+                        n.push('.');
+                        n.extend((0..1 + next(30)).map(|_| char::from(b'0' + next(10) as u8)));
+                    }
+                    if next(3) == 0 {
+                        n.push_str(&format!(
+                            "e{}{}",
+                            if next(2) == 0 { "-" } else { "" },
+                            next(400)
+                        ));
+                    }
+                    n
+                }
+                1 => {
+                    let chars = [
+                        'a', 'é', '€', '😀', '"', '\\', '\n', '\u{1}', '\u{1f}', '\t', '/', ' ',
+                    ];
+                    let text: String = (0..next(20))
+                        .map(|_| chars[next(chars.len() as u64) as usize])
+                        .collect();
+                    serde_json::to_string(&text).unwrap()
+                }
+                2 => ["true", "false", "null"][next(3) as usize].to_string(),
+                3 => format!("{}", next(100_000) as i64 - 50_000),
+                4 | 5 => {
+                    let n = if next(4) == 0 { 30 + next(40) } else { next(5) };
+                    let items: Vec<String> = (0..n).map(|_| value(next, depth + 1)).collect();
+                    format!("[{}]", items.join(","))
+                }
+                _ => {
+                    let n = if next(4) == 0 { 30 + next(40) } else { next(5) };
+                    let items: Vec<String> = (0..n)
+                        .map(|i| {
+                            format!(
+                                "\"k{}{}\": {}",
+                                i,
+                                "x".repeat(next(3) as usize),
+                                value(next, depth + 1)
+                            )
+                        })
+                        .collect();
+                    format!("{{{}}}", items.join(", "))
+                }
+            }
+        }
+        for _ in 0..3000 {
+            assert_text_is_jsonb_out(&value(&mut next, 0));
+        }
+    }
+
+    fn assert_text_is_jsonb_out(value: &str) {
+        let text = std::ffi::CString::new(value).unwrap();
+        // SAFETY: jsonb_in with a NUL-terminated JSON text; the result is a jsonb datum.
+        let json = unsafe {
+            crate::jsonb::Jsonb::from_datum(
+                pgrx::direct_function_call_as_datum(
+                    pg_sys::jsonb_in,
+                    &[Some(pg_sys::Datum::from(text.as_ptr()))],
+                )
+                .unwrap(),
+            )
+        };
+        let expected = json.to_text();
+        let mut printed = Vec::with_capacity(json.text_len() + 3);
+        json.print_text(&mut printed);
+        assert_eq!(std::str::from_utf8(&printed).unwrap(), expected, "{value}");
+        assert_eq!(json.text_len(), expected.len(), "{value}");
     }
 
     /// A payload of a few kilobytes that prints as megabytes is measured as it prints.

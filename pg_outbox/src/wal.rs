@@ -4,8 +4,44 @@
 
 use crate::envelope::{self, Envelope};
 use crate::error;
+use crate::jsonb::Jsonb;
 use crate::message::{Message, Payload};
 use pgrx::pg_sys;
+
+thread_local! {
+    /// The last `created_at` formatted: every message of a transaction has the same one.
+    static CREATED_AT: std::cell::RefCell<(pg_sys::TimestampTz, String)> =
+        const { std::cell::RefCell::new((i64::MIN, String::new())) };
+}
+
+fn created_at_text(timestamp: pg_sys::TimestampTz) -> String {
+    CREATED_AT.with_borrow_mut(|(cached_at, text)| {
+        if *cached_at != timestamp {
+            *text = envelope::rfc3339(timestamp);
+            *cached_at = timestamp;
+        }
+        text.clone()
+    })
+}
+
+fn database_is_utf8() -> bool {
+    // SAFETY: reads the session's database encoding, set for the backend's lifetime.
+    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
+}
+
+/// Appends `json`'s text to the envelope; in a UTF-8 database it is UTF-8 (the server validated
+/// every string on input), checked here all the same: the worker must be able to parse it.
+fn print_utf8(json: &Jsonb, out: &mut Vec<u8>) {
+    let start = out.len();
+    json.print_text(out);
+    if std::str::from_utf8(&out[start..]).is_err() {
+        error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            "pg_outbox: a JSON value is not valid UTF-8".into(),
+            "Messages are delivered as UTF-8: publish text that UTF-8 can represent.",
+        );
+    }
+}
 
 /// Whatever `pg_outbox.max_message_size` says, no envelope may come near the 1 GB PostgreSQL can
 /// allocate: a JSON text can be far longer than its binary form (e.g. numbers with huge scales),
@@ -44,27 +80,47 @@ pub fn emit(message: &Message<'_>) {
             "Publish it with pg_outbox.storage = 'table' (the default), or wrap the value, e.g. '{\"value\": null}'.",
         );
     }
+    // In a UTF-8 database (the usual case) the JSON text is printed from the binary form
+    // straight into the envelope; otherwise jsonb_out's text is converted to UTF-8 first.
+    let utf8 = database_is_utf8();
+    let headers_text;
+    let print_headers = |out: &mut Vec<u8>| print_utf8(&message.headers, out);
     let headers = if message.headers.is_empty_object() {
-        std::borrow::Cow::Borrowed("{}")
+        envelope::Json::Text("{}")
+    } else if utf8 {
+        envelope::Json::Printed {
+            len: message.headers.text_len(),
+            print: &print_headers,
+        }
     } else {
-        message.headers.to_text()
+        headers_text = message.headers.to_text();
+        envelope::Json::Text(&headers_text)
     };
-    let json_payload;
+    let payload_text;
+    let print_payload;
     let payload = match &message.payload {
+        Payload::Json(json) if utf8 => {
+            print_payload = |out: &mut Vec<u8>| print_utf8(json, out);
+            envelope::Payload::Json(envelope::Json::Printed {
+                len: message.payload_text_len.unwrap_or_else(|| json.text_len()),
+                print: &print_payload,
+            })
+        }
         Payload::Json(json) => {
-            json_payload = json.to_text();
-            envelope::Payload::Json(&json_payload)
+            payload_text = json.to_text();
+            envelope::Payload::Json(envelope::Json::Text(&payload_text))
         }
         Payload::Bytes(bytes) => envelope::Payload::Bytes(bytes.bytes),
     };
     let key = message.key.as_ref().map(|key| key.to_utf8());
     let queue = message.queue.to_utf8();
+    let created_at = created_at_text(message.created_at);
     let envelope = Envelope {
         id: message.id,
         queue: &queue,
         key: key.as_deref(),
-        created_at: &envelope::rfc3339(message.created_at),
-        headers: &headers,
+        created_at: &created_at,
+        headers,
         payload,
     };
     let size = envelope.encoded_len_bound();

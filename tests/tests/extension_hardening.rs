@@ -241,6 +241,71 @@ async fn publish_works_while_an_index_is_built_concurrently(install: Install) {
     }
 }
 
+/// Publish checks the table once and keeps what it found until PostgreSQL invalidates it: a
+/// change committed by another session is seen by the next publish of a session that already
+/// published, and undoing it makes publish work again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_committed_by_another_session_is_seen_by_the_next_publish() {
+    let pg = PgCluster::start().await;
+    let publisher = pg.superuser().await;
+    let admin = pg.superuser().await;
+    let changes = [
+        (
+            "ALTER TABLE outbox.messages ADD CONSTRAINT c CHECK (queue <> 'x')",
+            "ALTER TABLE outbox.messages DROP CONSTRAINT c",
+            "has a CHECK constraint",
+        ),
+        (
+            "CREATE FUNCTION t() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+          CREATE TRIGGER t BEFORE INSERT ON outbox.messages FOR EACH ROW EXECUTE FUNCTION t()",
+            "DROP TRIGGER t ON outbox.messages; DROP FUNCTION t()",
+            "has a trigger",
+        ),
+        (
+            "CREATE INDEX e ON outbox.messages (lower(key))",
+            "DROP INDEX outbox.e",
+            "uses an expression or a predicate",
+        ),
+        (
+            "ALTER TABLE outbox.messages ADD COLUMN x int",
+            "ALTER TABLE outbox.messages DROP COLUMN x",
+            "unexpected column \"x\"",
+        ),
+        (
+            "ALTER TABLE outbox.messages RENAME TO gone",
+            "ALTER TABLE outbox.gone RENAME TO messages",
+            "table outbox.messages does not exist",
+        ),
+    ];
+    for (change, undo, fragment) in changes {
+        publisher
+            .batch_execute("SELECT outbox.publish('q', '1')")
+            .await
+            .unwrap();
+        admin.batch_execute(change).await.unwrap();
+        let (_, message, _) = expect_error(&publisher, "SELECT outbox.publish('q', '2')").await;
+        assert!(message.contains(fragment), "after {change}: {message}");
+        admin.batch_execute(undo).await.unwrap();
+        publisher
+            .batch_execute("SELECT outbox.publish('q', '3')")
+            .await
+            .unwrap_or_else(|e| panic!("after {undo}: {e}"));
+    }
+    // A unique index added by another session is enforced by the next publish, not skipped
+    // because the session knew the table without it.
+    publisher
+        .batch_execute("SELECT outbox.publish('q', '4', '{}', 'k')")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE UNIQUE INDEX one_per_key ON outbox.messages (key)")
+        .await
+        .unwrap();
+    let (code, message, _) =
+        expect_error(&publisher, "SELECT outbox.publish('q', '5', '{}', 'k')").await;
+    assert_eq!(code, "23505", "{message}");
+}
+
 /// Each change a careless operator could make to outbox.messages: refused with a clear error,
 /// or honoured, never a crash and never a silent bypass.
 #[tokio::test(flavor = "multi_thread")]
@@ -257,7 +322,7 @@ async fn publish_honours_or_refuses_every_change_to_the_table() {
         ("ALTER TABLE outbox.messages ALTER COLUMN key SET NOT NULL", "23502", "null value in column \"key\""),
         ("CREATE FUNCTION pg_temp.t() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
           CREATE TRIGGER t BEFORE INSERT ON outbox.messages FOR EACH ROW EXECUTE FUNCTION pg_temp.t()", "0A000", "has a trigger"),
-        ("CREATE TABLE queues (name text PRIMARY KEY);
+        ("CREATE TABLE queues (name text PRIMARY KEY); INSERT INTO queues VALUES ('q');
           ALTER TABLE outbox.messages ADD FOREIGN KEY (queue) REFERENCES queues", "0A000", "has a trigger"),
         ("CREATE RULE r AS ON INSERT TO outbox.messages DO ALSO NOTIFY x", "0A000", "has a rule"),
         ("ALTER TABLE outbox.messages ADD EXCLUDE USING btree (id WITH =)", "0A000", "is an exclusion constraint"),
@@ -266,7 +331,13 @@ async fn publish_honours_or_refuses_every_change_to_the_table() {
         ("CREATE INDEX ON outbox.messages (key) WHERE key IS NOT NULL", "0A000", "uses an expression or a predicate"),
     ];
     for (ddl, code, fragment) in refused {
-        db.batch_execute(&format!("BEGIN; {ddl}")).await.unwrap();
+        // A publish first, so that the session has checked the table and kept what it found:
+        // the change in the same transaction must still be seen.
+        db.batch_execute(&format!(
+            "BEGIN; SELECT outbox.publish('q', '1', '{{}}', 'k'); {ddl}"
+        ))
+        .await
+        .unwrap();
         let (actual, message, hint) = expect_error(&db, "SELECT outbox.publish('q', '1')").await;
         db.batch_execute("ROLLBACK").await.unwrap();
         assert_eq!(actual, code, "{ddl}: {message}");
