@@ -16,7 +16,8 @@ ROUNDS=${3:-3}
 source scripts/lib/pg-cluster.sh
 
 echo "==> building and installing the extension (release)" >&2
-PG_CONFIG=$PG_BIN/pg_config ./scripts/install-extension --release >/dev/null
+# The bench feature adds outbox._bench_checks (the per-call cost of each check, below).
+PG_CONFIG=$PG_BIN/pg_config ./scripts/install-extension --release --features bench >/dev/null
 pg_cluster_start "shared_buffers = 512MB" "max_wal_size = 4GB" "checkpoint_timeout = 30min"
 trap pg_cluster_stop EXIT
 work=$(mktemp -d); trap 'pg_cluster_stop; rm -rf "$work"' EXIT
@@ -40,7 +41,7 @@ declare -A ROW=(
   [publish_wal]="SET pg_outbox.storage = 'wal'; SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
   [sql_install_publish]="SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
 )
-VARIANTS=(bare_insert debezium_outbox emit_message publish_table publish_wal publish_batch_table publish_batch_wal
+VARIANTS=(bare_insert insert_select debezium_outbox emit_message publish_table publish_wal publish_batch_table publish_batch_wal
   sql_install_publish sql_install_publish_batch)
 # The SQL install's variants run in its own database.
 database() { [[ $1 == sql_install_* ]] && echo sql_install || echo "$PGDATABASE"; }
@@ -48,6 +49,8 @@ database() { [[ $1 == sql_install_* ]] && echo sql_install || echo "$PGDATABASE"
 script() { # variant rows_per_tx
   local v=$1 n=$2
   case $v in
+    insert_select)
+      echo "INSERT INTO bare SELECT unnest(array_fill('$PAYLOAD'::jsonb, ARRAY[$n]));" ;;
     publish_batch_table|publish_batch_wal|sql_install_publish_batch)
       [[ $v == publish_batch_wal ]] && echo "SET pg_outbox.storage = 'wal';"
       echo "SELECT count(*) FROM outbox.publish_batch('orders', array_fill('$PAYLOAD'::jsonb, ARRAY[$n]));" ;;
@@ -84,6 +87,42 @@ for n in 100 1; do
   done
 done
 
+# In-server cost per row, without the client round trip that dominates a per-statement pgbench
+# run on a small machine: a PL/pgSQL loop of 100,000 calls in one transaction, rolled back,
+# wall time per call, the minimum of 5 interleaved runs.
+psql -qX -v ON_ERROR_STOP=1 >/dev/null <<SQL
+CREATE FUNCTION pg_temp_loop_us(statement text, calls int, setup text DEFAULT '') RETURNS float8 LANGUAGE plpgsql AS \$f\$
+DECLARE t0 timestamptz; us float8;
+BEGIN
+  EXECUTE format('CREATE OR REPLACE FUNCTION bench_loop(n int) RETURNS void LANGUAGE plpgsql AS \$b\$ BEGIN FOR i IN 1..n LOOP %s; END LOOP; END \$b\$', statement);
+  IF setup <> '' THEN EXECUTE setup; END IF;
+  PERFORM bench_loop(greatest(calls / 100, 1));
+  t0 := clock_timestamp();
+  PERFORM bench_loop(calls);
+  RETURN extract(epoch FROM clock_timestamp() - t0) * 1e6 / calls;
+END \$f\$;
+SQL
+declare -A LOOP=(
+  [bare_insert]="INSERT INTO bare VALUES ('$PAYLOAD')|1"
+  [publish_table]="PERFORM outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711')|1"
+  [publish_wal]="PERFORM outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711')|1|SET LOCAL pg_outbox.storage = wal"
+  [emit_message]="PERFORM pg_logical_emit_message(true, 'bench', '$PAYLOAD'::text)|1"
+  [insert_select]="INSERT INTO bare SELECT unnest(array_fill('$PAYLOAD'::jsonb, ARRAY[100]))|100"
+  [publish_batch_table]="PERFORM count(*) FROM outbox.publish_batch('orders', array_fill('$PAYLOAD'::jsonb, ARRAY[100]))|100"
+  [publish_batch_wal]="PERFORM count(*) FROM outbox.publish_batch('orders', array_fill('$PAYLOAD'::jsonb, ARRAY[100]))|100|SET LOCAL pg_outbox.storage = wal"
+)
+LOOP_VARIANTS=(bare_insert publish_table publish_wal emit_message insert_select publish_batch_table publish_batch_wal)
+declare -A LOOP_US
+for ((round = 1; round <= 5; round++)); do
+  for v in "${LOOP_VARIANTS[@]}"; do
+    IFS='|' read -r stmt rows setup <<<"${LOOP[$v]}"
+    calls=$((100000 / rows))
+    us=$(psql -qXAt -v ON_ERROR_STOP=1 -c "BEGIN" -c "SELECT round((pg_temp_loop_us(\$s\$$stmt\$s\$, $calls, \$s\$$setup\$s\$) / $rows)::numeric, 3)" -c "ROLLBACK" | head -1)
+    echo "  in-server round $round: $v: $us us/row" >&2
+    LOOP_US[$v]=$(printf '%s\n' "${LOOP_US[$v]:-}" "$us" | sed '/^$/d' | sort -g | head -1)
+  done
+done
+
 # Retention: delete 200k expired rows with outbox.prune (BRIN + batches of 50k) vs DROP a partition.
 psql -qX -v ON_ERROR_STOP=1 >/dev/null <<SQL
 TRUNCATE outbox.messages;
@@ -111,6 +150,16 @@ read -r drop_ms drop_wal < <(measure "DROP TABLE parted_old")
 remaining=$(psql -qXAt -c "SELECT count(*) FROM outbox.messages")
 [[ $remaining == 200000 ]] || { echo "prune left $remaining rows, expected 200000" >&2; exit 1; }
 
+# What each check publish keeps costs per call, timed inside the server (200,000 calls each).
+CHECKS=$(
+  echo "Per-call cost of what publish checks (\`outbox._bench_checks\`, 200,000 calls each, the same payload):"
+  echo
+  echo "| step | ns per call |"
+  echo "|---|---:|"
+  psql -qXAt -F '|' -c "SELECT step, round(ns_per_call::numeric) FROM outbox._bench_checks('$PAYLOAD', 200000)" |
+    sed 's/^/| /; s/|\([0-9]*\)$/| \1 |/'
+)
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f×", a / b }'; }
 {
   echo "<!-- publish:begin (written by bench/publish.sh) -->"
@@ -124,6 +173,19 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f×", a / b }'; }
   for v in "${VARIANTS[@]}"; do
     echo "| \`$v\` | ${RESULT[$v.100]} | $(ratio "${RESULT[$v.100]}" "${RESULT[bare_insert.100]}") | ${RESULT[$v.1]} | $(ratio "${RESULT[$v.1]}" "${RESULT[bare_insert.1]}") |"
   done
+  echo
+  echo "\`publish_batch\` of 100 rows against one \`INSERT … SELECT\` of the same 100 rows (\`insert_select\`): table form $(ratio "${RESULT[publish_batch_table.100]}" "${RESULT[insert_select.100]}"), wal form $(ratio "${RESULT[publish_batch_wal.100]}" "${RESULT[insert_select.100]}")."
+  echo
+  echo "In the server, without the client round trip (which on 2 shared cores is most of a per-statement run): a PL/pgSQL loop of 100,000 calls (1,000 of 100 rows for the batch rows) in one transaction, µs per row, the fastest of 5 interleaved runs."
+  echo
+  echo "| variant | µs per row | vs bare INSERT |"
+  echo "|---|---:|---:|"
+  for v in "${LOOP_VARIANTS[@]}"; do
+    base=bare_insert; [[ $v == insert_select || $v == publish_batch_* ]] && base=insert_select
+    echo "| \`$v\` | ${LOOP_US[$v]} | $(ratio "${LOOP_US[$base]}" "${LOOP_US[$v]}") (vs \`$base\`) |"
+  done
+  echo
+  echo "$CHECKS"
   echo
   echo "The SQL install (PL/pgSQL, table form) against the extension's table form: \`publish\` $(ratio "${RESULT[sql_install_publish.1]}" "${RESULT[publish_table.1]}") at 1 row/tx and $(ratio "${RESULT[sql_install_publish.100]}" "${RESULT[publish_table.100]}") at 100 rows/tx; \`publish_batch\` $(ratio "${RESULT[sql_install_publish_batch.100]}" "${RESULT[publish_batch_table.100]}") at 100 rows/tx."
   echo

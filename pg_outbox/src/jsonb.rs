@@ -11,15 +11,24 @@ use crate::json_text::{
 use crate::varlena::server_to_utf8;
 
 /// A detoasted `jsonb` value, valid for the current memory context.
+/// Clone copies the pointer, not the value.
+#[derive(Clone)]
 pub struct Jsonb(*mut pg_sys::Jsonb);
 
 impl Jsonb {
     /// # Safety
     /// `datum` must be a non-NULL `jsonb` datum.
     pub unsafe fn from_datum(datum: pg_sys::Datum) -> Self {
-        // SAFETY: a non-NULL jsonb datum (contract); the detoasted copy lives in the current
-        // memory context, which outlives the call that reads it.
-        Jsonb(unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) }.cast())
+        let value = datum.cast_mut_ptr::<pg_sys::varlena>();
+        // SAFETY: a non-NULL varlena (contract). A plain value (4-byte header, neither compressed
+        // nor a TOAST pointer: a payload of usual size) is read in place; any other is detoasted
+        // into the current memory context, which outlives the call that reads it.
+        unsafe {
+            if pgrx::varlena::varatt_is_4b_u(value) {
+                return Jsonb(value.cast());
+            }
+            Jsonb(pg_sys::pg_detoast_datum(value).cast())
+        }
     }
 
     pub fn datum(&self) -> pg_sys::Datum {

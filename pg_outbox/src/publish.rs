@@ -231,8 +231,7 @@ fn batch_element(
         uuid::Uuid::now_v7(),
         queue,
         key,
-        // SAFETY: the validated headers argument, a jsonb datum.
-        unsafe { Jsonb::from_datum(headers.datum()) },
+        headers.clone(),
         PayloadDatum::Json(payload),
         created_at,
     )

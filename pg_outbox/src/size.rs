@@ -42,8 +42,16 @@ pub fn check_size(
     is_json: bool,
 ) {
     let (limit_bytes, _) = limit.bytes();
-    // SAFETY: a non-NULL varlena datum; reads only its header (the raw size of a TOAST pointer).
-    let stored = unsafe { pg_sys::toast_raw_datum_size(payload) } - pg_sys::VARHDRSZ;
+    // SAFETY: a non-NULL varlena datum; reads only its header (the raw size of a TOAST pointer
+    // or compressed value; an in-line plain one's size is in its header).
+    let stored = unsafe {
+        let value = payload.cast_mut_ptr::<pg_sys::varlena>();
+        if pgrx::varlena::varatt_is_4b_u(value) {
+            pgrx::varlena::varsize_4b(value)
+        } else {
+            pg_sys::toast_raw_datum_size(payload)
+        }
+    } - pg_sys::VARHDRSZ;
     if is_json {
         if stored > limit_bytes.saturating_mul(STORED_PER_TEXT_BYTE) {
             refuse(function, limit, key, headers_size(headers), stored);
