@@ -108,18 +108,6 @@ mod tests {
             &long_object,
         ];
         for value in values {
-            let text = std::ffi::CString::new(value).unwrap();
-            // SAFETY: jsonb_in with a NUL-terminated JSON text; the result is a jsonb datum.
-            let json = unsafe {
-                crate::jsonb::Jsonb::from_datum(
-                    pgrx::direct_function_call_as_datum(
-                        pg_sys::jsonb_in,
-                        &[Some(pg_sys::Datum::from(text.as_ptr()))],
-                    )
-                    .unwrap(),
-                )
-            };
-            assert_eq!(json.text_len(), json.to_text().len(), "{value}");
             assert_text_is_jsonb_out(value);
         }
     }
@@ -201,6 +189,7 @@ mod tests {
         }
     }
 
+    /// The length the size rule counts and the text the wal form prints are jsonb_out's.
     fn assert_text_is_jsonb_out(value: &str) {
         let text = std::ffi::CString::new(value).unwrap();
         // SAFETY: jsonb_in with a NUL-terminated JSON text; the result is a jsonb datum.
