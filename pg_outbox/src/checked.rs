@@ -48,11 +48,12 @@ pub fn current() -> Option<Shape> {
 }
 
 /// Whether the shape `current` returned is still current: call after taking the table's lock,
-/// which processes pending invalidations.
-pub fn still_current(shape: &Shape) -> bool {
-    SHAPE.with_borrow(|current| {
-        matches!(current, Some((checked_at, s)) if *checked_at == GENERATION.get() && s.relid == shape.relid)
-    })
+/// which processes pending invalidations. The generation alone says it: only a new check
+/// replaces the shape, and none runs in between.
+pub fn still_current() -> bool {
+    SHAPE.with_borrow(
+        |shape| matches!(shape, Some((checked_at, _)) if *checked_at == GENERATION.get()),
+    )
 }
 
 /// Keeps `shape`, checked from `generation` on; if an invalidation arrived during the checks it

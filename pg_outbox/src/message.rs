@@ -6,7 +6,11 @@ use crate::varlena::Varlena;
 use pgrx::pg_sys;
 
 pub enum Payload<'a> {
-    Json(Jsonb),
+    /// A jsonb value and the length of its JSON text, as the size rule counted it.
+    Json {
+        value: Jsonb,
+        text_len: usize,
+    },
     Bytes(Varlena<'a>),
 }
 
@@ -17,8 +21,8 @@ pub struct Message<'a> {
     /// Server encoding.
     pub key: Option<Varlena<'a>>,
     pub headers: Jsonb,
+    /// The headers' JSON text length, as the size rule counted it.
+    pub headers_text_len: usize,
     pub payload: Payload<'a>,
-    /// A JSON payload's text length, as the size rule counted it.
-    pub payload_text_len: Option<usize>,
     pub created_at: pg_sys::TimestampTz,
 }

@@ -13,7 +13,7 @@ use crate::args::Args;
 use crate::error;
 use crate::jsonb::{self, Jsonb};
 use crate::message::{Message, Payload};
-use crate::size::{check_json_size, check_size, SizeLimit};
+use crate::size::{check_json_size, check_size, headers_len, SizeLimit};
 use crate::storage::Writer;
 use crate::varlena::Varlena;
 use pgrx::prelude::*;
@@ -99,38 +99,38 @@ fn write_checked(
         PayloadDatum::Json(datum) => (datum, true),
         PayloadDatum::Bytes(datum) => (datum, false),
     };
+    let headers_text_len = headers_len(&headers);
     check_size(
         function,
         SizeLimit::Setting,
         key.as_ref(),
-        &headers,
+        headers_text_len,
         datum,
         is_json,
     );
-    // SAFETY: PayloadDatum holds a non-NULL datum of the type its variant names.
-    let payload = unsafe {
-        match payload {
-            PayloadDatum::Json(datum) => Payload::Json(Jsonb::from_datum(datum)),
-            PayloadDatum::Bytes(datum) => Payload::Bytes(Varlena::from_datum(datum)),
+    let payload = match payload {
+        PayloadDatum::Json(datum) => {
+            // SAFETY: a non-NULL jsonb datum (the variant).
+            let value = unsafe { Jsonb::from_datum(datum) };
+            let text_len = check_json_size(
+                function,
+                SizeLimit::Setting,
+                key.as_ref(),
+                headers_text_len,
+                &value,
+            );
+            Payload::Json { value, text_len }
         }
-    };
-    let payload_text_len = match &payload {
-        Payload::Json(json) => Some(check_json_size(
-            function,
-            SizeLimit::Setting,
-            key.as_ref(),
-            &headers,
-            json,
-        )),
-        Payload::Bytes(_) => None,
+        // SAFETY: a non-NULL bytea datum (the variant).
+        PayloadDatum::Bytes(datum) => Payload::Bytes(unsafe { Varlena::from_datum(datum) }),
     };
     let message = Message {
         id,
         queue,
         key,
         headers,
+        headers_text_len,
         payload,
-        payload_text_len,
         created_at,
     };
     writer.write(&message);

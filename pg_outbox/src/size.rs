@@ -37,7 +37,7 @@ pub fn check_size(
     function: &str,
     limit: SizeLimit,
     key: Option<&Varlena<'_>>,
-    headers: &Jsonb,
+    headers_len: usize,
     payload: pg_sys::Datum,
     is_json: bool,
 ) {
@@ -54,10 +54,10 @@ pub fn check_size(
     } - pg_sys::VARHDRSZ;
     if is_json {
         if stored > limit_bytes.saturating_mul(STORED_PER_TEXT_BYTE) {
-            refuse(function, limit, key, headers_size(headers), stored);
+            refuse(function, limit, key, headers_len, stored);
         }
     } else {
-        check_total(function, limit, key, headers_size(headers), stored);
+        check_total(function, limit, key, headers_len, stored);
     }
 }
 
@@ -68,15 +68,16 @@ pub fn check_json_size(
     function: &str,
     limit: SizeLimit,
     key: Option<&Varlena<'_>>,
-    headers: &Jsonb,
+    headers_len: usize,
     payload: &Jsonb,
 ) -> usize {
     let payload_len = payload.text_len();
-    check_total(function, limit, key, headers_size(headers), payload_len);
+    check_total(function, limit, key, headers_len, payload_len);
     payload_len
 }
 
-fn headers_size(headers: &Jsonb) -> usize {
+/// The headers' JSON text length, counted once per message for the size rule and the envelope.
+pub fn headers_len(headers: &Jsonb) -> usize {
     if headers.is_empty_object() {
         2
     } else {

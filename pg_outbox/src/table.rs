@@ -60,7 +60,7 @@ impl MessagesTable {
             // SAFETY: the relation checked before; taking the lock processes pending
             // invalidations, after which the shape is trusted only if none concerned the table.
             let rel = unsafe { pg_sys::table_open(shape.relid, pg_sys::RowExclusiveLock as _) };
-            if checked::still_current(&shape) {
+            if checked::still_current() {
                 return MessagesTable::with_shape(rel, &shape);
             }
             // Changed while this transaction waited for the lock: found by name and checked
@@ -295,7 +295,7 @@ impl MessagesTable {
 
     pub fn insert(&self, message: &Message<'_>) {
         let (payload, payload_bytes) = match &message.payload {
-            Payload::Json(json) => (Some(json.datum()), None),
+            Payload::Json { value, .. } => (Some(value.datum()), None),
             Payload::Bytes(bytes) => (None, Some(bytes.datum)),
         };
         let columns: [Option<pg_sys::Datum>; COLUMNS.len()] = [

@@ -36,6 +36,12 @@ impl<'a> Varlena<'a> {
     }
 }
 
+/// Whether the database's encoding is UTF-8 (its text needs no conversion to be sent).
+pub fn database_is_utf8() -> bool {
+    // SAFETY: reads the session's database encoding, set for the backend's lifetime.
+    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
+}
+
 /// Converts bytes in the server encoding to UTF-8: borrowed when nothing changes (a UTF-8
 /// database, or ASCII). An unconvertible or invalid byte sequence is an ERROR, never U+FFFD.
 pub fn server_to_utf8(bytes: &[u8]) -> Cow<'_, str> {
@@ -43,9 +49,7 @@ pub fn server_to_utf8(bytes: &[u8]) -> Cow<'_, str> {
         // SAFETY: ASCII is valid UTF-8.
         return Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(bytes) });
     }
-    // SAFETY: reads the session's database encoding, set for the backend's lifetime.
-    let utf8 = unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_UTF8 as i32;
-    if utf8 {
+    if database_is_utf8() {
         // The server validated the text on input.
         if let Ok(text) = std::str::from_utf8(bytes) {
             return Cow::Borrowed(text);

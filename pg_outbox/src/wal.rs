@@ -6,6 +6,7 @@ use crate::envelope::{self, Envelope};
 use crate::error;
 use crate::jsonb::Jsonb;
 use crate::message::{Message, Payload};
+use crate::varlena::database_is_utf8;
 use pgrx::pg_sys;
 
 thread_local! {
@@ -22,11 +23,6 @@ fn created_at_text(timestamp: pg_sys::TimestampTz) -> String {
         }
         text.clone()
     })
-}
-
-fn database_is_utf8() -> bool {
-    // SAFETY: reads the session's database encoding, set for the backend's lifetime.
-    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
 }
 
 /// Appends `json`'s text to the envelope; in a UTF-8 database it is UTF-8 (the server validated
@@ -72,7 +68,7 @@ const PREFIX: &std::ffi::CStr = c"pg_outbox";
 const _: () = assert!(PREFIX.to_bytes().len() == envelope::PREFIX.len());
 
 pub fn emit(message: &Message<'_>) {
-    if matches!(&message.payload, Payload::Json(json) if json.is_json_null()) {
+    if matches!(&message.payload, Payload::Json { value, .. } if value.is_json_null()) {
         // outbox-worker (0.2) reads `"payload":null` as no payload and quarantines the message:
         // refused here, so that every message publish accepts is delivered as published.
         error::invalid(
@@ -89,7 +85,7 @@ pub fn emit(message: &Message<'_>) {
         envelope::Json::Text("{}")
     } else if utf8 {
         envelope::Json::Printed {
-            len: message.headers.text_len(),
+            len: message.headers_text_len,
             print: &print_headers,
         }
     } else {
@@ -99,15 +95,15 @@ pub fn emit(message: &Message<'_>) {
     let payload_text;
     let print_payload;
     let payload = match &message.payload {
-        Payload::Json(json) if utf8 => {
-            print_payload = |out: &mut Vec<u8>| print_utf8(json, out);
+        Payload::Json { value, text_len } if utf8 => {
+            print_payload = |out: &mut Vec<u8>| print_utf8(value, out);
             envelope::Payload::Json(envelope::Json::Printed {
-                len: message.payload_text_len.unwrap_or_else(|| json.text_len()),
+                len: *text_len,
                 print: &print_payload,
             })
         }
-        Payload::Json(json) => {
-            payload_text = json.to_text();
+        Payload::Json { value, .. } => {
+            payload_text = value.to_text();
             envelope::Payload::Json(envelope::Json::Text(&payload_text))
         }
         Payload::Bytes(bytes) => envelope::Payload::Bytes(bytes.bytes),
