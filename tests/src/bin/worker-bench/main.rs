@@ -9,11 +9,14 @@
 //! Per storage form. Beside them, without PostgreSQL: a bare rdkafka producer with the worker's
 //! client properties, records, headers and keys against the same tansu, and a bare lapin publisher
 //! with publisher confirms and one unconfirmed message per key against the same RabbitMQ.
-//! Latency: 1 message per transaction at 1,000 msg/s for 10 s to Kafka (5 runs) and RabbitMQ, and
-//! at 10,000 msg/s to Kafka; commit → consumed.
-//! Writes the table into BENCHMARKS.md between the `worker` markers. Run with bench/worker.sh.
+//! Latency (`latency.rs`): commit → consumed at 1,000 and 10,000 msg/s.
+//! Writes the tables into BENCHMARKS.md between the `worker` and `worker-latency` markers. Run
+//! with bench/worker.sh.
 //! `worker-bench N --memory`: only the table-storage drains of discard, Kafka and RabbitMQ with
 //! their peak RSS, written between the `worker-memory` markers (for the 1M-message backlog).
+//! `worker-bench 0 --latency`: only the latency tables.
+
+mod latency;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -21,24 +24,22 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_tests::publish::{publish_range, Storage};
-use outbox_tests::worker::config_args;
 use outbox_tests::{PgCluster, RabbitMq, Tansu, Worker};
 use outbox_worker::config::KafkaSinkConfig;
 use outbox_worker::sink::kafka::client_config;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use tokio_postgres::Client;
 
 /// Keys of the backlog, `k-0..k-99`, as `publish_range` publishes them.
 const KEYS: u64 = 100;
 /// The worker's default `delivery.max_in_flight`: the bare producer's window too.
 const MAX_IN_FLIGHT: usize = 10_000;
-/// Kafka latency runs at 1k msg/s.
-const KAFKA_LATENCY_RUNS: usize = 5;
-
 struct Brokers {
     tansu: Tansu,
+    /// librdkafka's in-process broker: the latency runs' second Kafka.
+    mock: MockCluster<'static, DefaultProducerContext>,
     rabbit: RabbitMq,
 }
 
@@ -56,14 +57,10 @@ async fn main() {
         .next()
         .map(|a| a.parse().expect("backlog size"))
         .unwrap_or(200_000);
-    let memory_only = args.next().as_deref() == Some("--memory");
-    let latency_topics: Vec<String> = (0..=KAFKA_LATENCY_RUNS)
-        .map(|n| format!("latency-{n}"))
-        .collect();
-    let mut topics = vec![("orders", 3)];
-    topics.extend(latency_topics.iter().map(|t| (t.as_str(), 1)));
+    let mode = args.next();
     let brokers = Brokers {
-        tansu: Tansu::start(&topics),
+        tansu: Tansu::start(&[("orders", 3)]),
+        mock: MockCluster::new(1).expect("mock cluster"),
         rabbit: RabbitMq::start(),
     };
     brokers
@@ -72,16 +69,27 @@ async fn main() {
     brokers
         .rabbit
         .declare("bench", "direct", "latency", "latency");
-    if memory_only {
-        let table = memory_table(&brokers, backlog).await;
-        println!("{table}");
-        write_section("worker-memory", &table);
-        return;
+    let latency = || latency::latency_table(&brokers.tansu, &brokers.mock, &brokers.rabbit);
+    match mode.as_deref() {
+        Some("--memory") => {
+            let table = memory_table(&brokers, backlog).await;
+            println!("{table}");
+            write_section("worker-memory", &table);
+        }
+        Some("--latency") => {
+            let table = latency().await;
+            println!("{table}");
+            write_section("worker-latency", &table);
+        }
+        _ => {
+            let table = throughput_table(&brokers, backlog).await;
+            println!("{table}");
+            write_section("worker", &table);
+            let table = latency().await;
+            println!("{table}");
+            write_section("worker-latency", &table);
+        }
     }
-    let mut table = throughput_table(&brokers, backlog).await;
-    table.push_str(&latency_table(&brokers, &latency_topics).await);
-    println!("{table}");
-    write_section("worker", &table);
 }
 
 /// The worker's sink configurations, by slot name.
@@ -433,183 +441,6 @@ async fn purge(rabbit: &RabbitMq) {
         .queue_purge("orders", Default::default())
         .await
         .unwrap();
-}
-
-async fn latency_table(brokers: &Brokers, topics: &[String]) -> String {
-    let mut table = String::from(
-        "\nCommit → consumed, 1 message per transaction, the first second excluded as warm-up \
-         (table storage; Kafka with `linger.ms = 1`):\n\n\
-         | sink | rate (msg/s, achieved) | messages measured | p50 | p99 |\n|---|---|---|---|---|\n",
-    );
-    let mut runs: Vec<(Target<'_>, u64)> = topics[1..]
-        .iter()
-        .map(|topic| (Target::Kafka(&brokers.tansu, topic), 1000))
-        .collect();
-    runs.push((Target::Kafka(&brokers.tansu, &topics[0]), 10_000));
-    runs.push((Target::Amqp(&brokers.rabbit), 1000));
-    for (target, rate) in runs {
-        let name = match target {
-            Target::Kafka(..) => "Kafka (tansu)",
-            Target::Amqp(_) => "RabbitMQ",
-        };
-        let l = latency(target, rate).await;
-        eprintln!(
-            "    latency {name} at {rate}/s ({:.0} achieved): p50 {:.1} ms, p99 {:.1} ms",
-            l.achieved, l.p50, l.p99
-        );
-        table.push_str(&format!(
-            "| {name} | {rate} ({:.0}) | {} | {:.1} ms | {:.1} ms |\n",
-            l.achieved, l.count, l.p50, l.p99
-        ));
-    }
-    table
-}
-
-#[derive(Clone, Copy)]
-enum Target<'a> {
-    /// The broker and the topic (and queue) of this run.
-    Kafka(&'a Tansu, &'a str),
-    Amqp(&'a RabbitMq),
-}
-
-struct Latency {
-    achieved: f64,
-    count: usize,
-    p50: f64,
-    p99: f64,
-}
-
-/// Publishes at a fixed rate for 10 s (one connection per 2,500 msg/s) while a consumer measures
-/// now − the commit for every message (`outbox-created-at`, the publishing transaction's start, a
-/// few µs before its commit).
-async fn latency(target: Target<'_>, rate: u64) -> Latency {
-    const SECONDS: u64 = 10;
-    let total = (rate * SECONDS) as usize;
-    let pg = PgCluster::start().await;
-    let (sink, queue) = match target {
-        Target::Kafka(tansu, topic) => (format!(
-            "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n[sinks.k.properties]\n\"linger.ms\" = 1\n",
-            tansu.brokers()
-        ), topic.to_owned()),
-        Target::Amqp(rabbit) => (format!("[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n", rabbit.url()), "latency".to_owned()),
-    };
-    let config = Worker::config_file(&sink);
-    let _worker = Worker::start(&config_args(&pg.url(), config.path()), None);
-    let db = pg.superuser().await;
-    pg.wait_for_slot(&db).await;
-
-    let consumer = match target {
-        Target::Kafka(tansu, topic) => {
-            let (brokers, topic) = (tansu.brokers(), topic.to_owned());
-            tokio::task::spawn_blocking(move || kafka_latencies(&brokers, &topic, total))
-        }
-        Target::Amqp(rabbit) => {
-            let url = rabbit.url();
-            tokio::spawn(async move { amqp_latencies(&url, total).await })
-        }
-    };
-    let publishers = rate.div_ceil(2500);
-    let started = tokio::time::Instant::now();
-    let mut tasks = Vec::new();
-    for p in 0..publishers {
-        let (db, queue) = (pg.superuser().await, queue.clone());
-        let each = rate / publishers;
-        tasks.push(tokio::spawn(async move {
-            let sql = format!("SELECT outbox.publish('{queue}', '{{\"n\": 1}}', '{{}}', 'k')");
-            for i in 0..each * SECONDS {
-                let at = (i * publishers + p) * 1_000_000 / rate;
-                tokio::time::sleep_until(started + Duration::from_micros(at)).await;
-                db.execute(&sql, &[]).await.unwrap();
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let achieved = total as f64 / started.elapsed().as_secs_f64();
-    let latencies = consumer.await.unwrap();
-    assert_eq!(latencies.len(), total, "every latency message arrived");
-    // The first second warms up connections and metadata on both ends: not steady state.
-    let mut latencies = latencies[rate as usize..].to_vec();
-    latencies.sort_by(f64::total_cmp);
-    let pick = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    Latency {
-        achieved,
-        count: latencies.len(),
-        p50: pick(0.50),
-        p99: pick(0.99),
-    }
-}
-
-fn millis_since(created_at: &str) -> f64 {
-    let created = chrono::DateTime::parse_from_rfc3339(created_at).unwrap();
-    (chrono::Utc::now() - created.to_utc())
-        .num_microseconds()
-        .unwrap() as f64
-        / 1000.0
-}
-
-fn kafka_latencies(brokers: &str, topic: &str, total: usize) -> Vec<f64> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "bench")
-        .set("fetch.wait.max.ms", "1")
-        .create()
-        .unwrap();
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
-        .unwrap();
-    consumer.assign(&assignment).unwrap();
-    let mut latencies = Vec::with_capacity(total);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while latencies.len() < total && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let created = m
-                .headers()
-                .and_then(|hs| hs.iter().find(|h| h.key == "outbox-created-at"))
-                .and_then(|h| std::str::from_utf8(h.value?).ok().map(str::to_owned))
-                .expect("outbox-created-at header");
-            latencies.push(millis_since(&created));
-        }
-    }
-    latencies
-}
-
-async fn amqp_latencies(url: &str, total: usize) -> Vec<f64> {
-    use lapin::options::BasicConsumeOptions;
-    use lapin::types::{AMQPValue, FieldTable};
-    let (_connection, channel) = amqp_channel(url).await;
-    let options = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let mut consumer = channel
-        .basic_consume("latency", "bench", options, FieldTable::default())
-        .await
-        .unwrap();
-    let mut latencies = Vec::with_capacity(total);
-    while latencies.len() < total {
-        let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_secs(60), consumer.next()).await
-        else {
-            break;
-        };
-        let created = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("outbox-created-at").cloned())
-            .and_then(|v| match v {
-                AMQPValue::LongString(s) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
-                _ => None,
-            })
-            .expect("outbox-created-at header");
-        latencies.push(millis_since(&created));
-    }
-    latencies
 }
 
 /// Replaces the text between `<!-- {marker}:begin … -->` and `<!-- {marker}:end -->`.
