@@ -144,6 +144,22 @@ async fn a_rabbitmq_node_stopped_for_ten_seconds_loses_nothing_and_flips_readine
     );
 }
 
+/// Pipelined, many messages of a key are unconfirmed at once, so their order on the wire is
+/// the order the sink was called in: the sink must put each message's frames on the channel
+/// before it takes the next, even though it awaits the socket write and the confirm elsewhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_messages_of_a_key_arrive_in_publish_order() {
+    const TOTAL: u64 = 20_000;
+    let config = Worker::config_file("[delivery]\nordering = \"pipelined\"\n");
+    let (rabbit, _pg, worker, db) =
+        rabbit_and_worker(&["--config", config.path().to_str().unwrap()]).await;
+    publish_range(&db, "orders", 0, TOTAL, 4, Storage::Mixed).await;
+    let messages = rabbit.drain_queue("orders", TOTAL as usize, Duration::from_secs(120));
+    let tally = check_delivery(&seen(&messages), TOTAL);
+    assert_eq!(tally.duplicates, 0, "no failure, so nothing is sent twice");
+    drop(worker);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unroutable_message_is_dead_lettered_and_redriven_with_the_same_id() {
     let config = Worker::config_file(

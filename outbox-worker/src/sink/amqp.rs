@@ -1,13 +1,15 @@
 //! RabbitMQ (AMQP 0.9.1) through lapin: publisher confirms, persistent messages, `mandatory`, so a
 //! message no queue is bound for comes back and counts as a (permanent) failure.
 //!
-//! One task owns the connection and publishes in call order; each confirm is awaited on its own so
-//! many messages are in flight. A lost connection or a channel the broker closed fails what is
+//! One task owns the connection and puts messages on the channel in call order; each socket write
+//! and confirm is awaited on its own, so many messages are in flight and the next one does not
+//! wait for the last one's write. A lost connection or a channel the broker closed fails what is
 //! pending (the caller re-sends it in order); the task reopens them at once and keeps trying while
 //! idle, so readiness follows the connection's real state (heartbeats included).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
@@ -191,42 +193,60 @@ async fn publish_loop(
             mandatory: true,
             ..Default::default()
         };
-        let payload_len = p.message.payload.as_bytes().len();
-        match channel
-            .basic_publish(
-                &p.exchange,
-                &p.routing_key,
-                options,
-                p.message.payload.as_bytes(),
-                p.properties,
-            )
-            .await
-        {
-            Ok(confirm) => {
-                let ack = p.ack;
+        let Publish {
+            exchange,
+            routing_key,
+            message,
+            properties,
+            ack,
+        } = p;
+        let channel = channel.clone();
+        let mut publish = Box::pin(async move {
+            let payload = message.payload.as_bytes();
+            let confirm = channel
+                .basic_publish(&exchange, &routing_key, options, payload, properties)
+                .await
+                .map_err(|e| classify(&e, payload.len(), "cannot publish"))?;
+            confirmed(confirm.await, payload.len())
+        });
+        // lapin numbers the message and queues its frames before its first await: one poll here
+        // puts them on the wire in call order. The socket write and the broker's confirm are
+        // awaited in a task of their own, so the next message does not wait for this one's write.
+        match futures::poll!(publish.as_mut()) {
+            Poll::Ready(result) => {
+                // Done at once means lapin refused it (a confirm takes a round trip): the next
+                // message gets a fresh channel.
+                if result.is_err() {
+                    session.channel = None;
+                }
+                let _ = ack.send(result);
+            }
+            Poll::Pending => {
                 tokio::spawn(async move {
-                    let result = match confirm.await {
-                        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-                        Ok(Confirmation::Ack(Some(returned)))
-                        | Ok(Confirmation::Nack(Some(returned))) => {
-                            Err(SinkError::Permanent(format!(
-                                "amqp: unroutable, returned by the broker: {} {}",
-                                returned.reply_code, returned.reply_text
-                            )))
-                        }
-                        Ok(Confirmation::Nack(None)) => Err(SinkError::Transient(
-                            "amqp: the broker nacked the message".into(),
-                        )),
-                        Err(e) => Err(classify(&e, payload_len, "the broker closed the channel")),
-                    };
-                    let _ = ack.send(result);
+                    let _ = ack.send(publish.await);
                 });
             }
-            Err(e) => {
-                session.channel = None;
-                let _ = p.ack.send(Err(classify(&e, payload_len, "cannot publish")));
-            }
         }
+    }
+}
+
+/// What the broker's answer to one publish means.
+fn confirmed(
+    confirm: Result<Confirmation, lapin::Error>,
+    payload_len: usize,
+) -> Result<(), SinkError> {
+    match confirm {
+        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
+            Err(SinkError::Permanent(format!(
+                "amqp: unroutable, returned by the broker: {} {}",
+                returned.reply_code, returned.reply_text
+            )))
+        }
+        Ok(Confirmation::Nack(None)) => Err(SinkError::Transient(
+            "amqp: the broker nacked the message".into(),
+        )),
+        Err(e) => Err(classify(&e, payload_len, "the broker closed the channel")),
     }
 }
 
