@@ -4,6 +4,8 @@
 # own database), a bare INSERT into an unindexed jsonb table, pg_logical_emit_message and a
 # Debezium-style outbox table; 100 rows per transaction and 1 row per transaction. Then the cost of
 # retention: batched deletes (outbox.prune) against dropping a time partition of the same size.
+# When the server has pgmq (not on the registries: `make install` from the pgmq repository's
+# pgmq-extension/, by hand, never in CI), pgmq.send and pgmq.send_batch run beside them.
 # Writes the tables into BENCHMARKS.md between the publish markers.
 #
 #   bench/publish.sh [seconds per run, default 10] [clients, default 2] [rounds, default 3]
@@ -31,6 +33,10 @@ CREATE TABLE debezium_outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), agg
 CREATE DATABASE sql_install;
 SQL
 psql -qX -v ON_ERROR_STOP=1 -d sql_install -f sql/pg_outbox.sql >/dev/null
+PGMQ=$(psql -qXAt -c "SELECT default_version FROM pg_available_extensions WHERE name = 'pgmq'")
+if [[ -n $PGMQ ]]; then
+  psql -qX -v ON_ERROR_STOP=1 -c "CREATE EXTENSION pgmq" -c "SELECT pgmq.create('bench')" >/dev/null
+fi
 
 # statement for one row of each variant (pgbench script syntax)
 declare -A ROW=(
@@ -40,9 +46,11 @@ declare -A ROW=(
   [publish_table]="SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
   [publish_wal]="SET pg_outbox.storage = 'wal'; SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
   [sql_install_publish]="SELECT outbox.publish('orders', '$PAYLOAD', '{}', 'c-4711');"
+  [pgmq_send]="SELECT pgmq.send('bench', '$PAYLOAD');"
 )
 VARIANTS=(bare_insert insert_select debezium_outbox emit_message publish_table publish_wal publish_batch_table publish_batch_wal
   sql_install_publish sql_install_publish_batch)
+[[ -n $PGMQ ]] && VARIANTS+=(pgmq_send pgmq_send_batch)
 # The SQL install's variants run in its own database.
 database() { [[ $1 == sql_install_* ]] && echo sql_install || echo "$PGDATABASE"; }
 
@@ -54,6 +62,8 @@ script() { # variant rows_per_tx
     publish_batch_table|publish_batch_wal|sql_install_publish_batch)
       [[ $v == publish_batch_wal ]] && echo "SET pg_outbox.storage = 'wal';"
       echo "SELECT count(*) FROM outbox.publish_batch('orders', array_fill('$PAYLOAD'::jsonb, ARRAY[$n]));" ;;
+    pgmq_send_batch)
+      echo "SELECT count(*) FROM pgmq.send_batch('bench', array_fill('$PAYLOAD'::jsonb, ARRAY[$n]));" ;;
     *)
       local stmt=${ROW[$v]}
       if [[ $v == publish_wal ]]; then echo "SET pg_outbox.storage = 'wal';"; stmt=${stmt#SET pg_outbox.storage = \'wal\'; }; fi
@@ -64,7 +74,7 @@ script() { # variant rows_per_tx
 run() { # variant rows_per_tx -> rows/s
   local v=$1 n=$2
   script "$v" "$n" >"$work/$v.$n.sql"
-  psql -qX -c "TRUNCATE bare, debezium_outbox, outbox.messages" -c "CHECKPOINT" >/dev/null
+  psql -qX -c "TRUNCATE bare, debezium_outbox, outbox.messages${PGMQ:+, pgmq.q_bench}" -c "CHECKPOINT" >/dev/null
   psql -qX -d sql_install -c "TRUNCATE outbox.messages" >/dev/null
   local tps
   tps=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" -f "$work/$v.$n.sql" "$(database "$v")" 2>&1 |
@@ -174,6 +184,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f×", a / b }'; }
     echo "| \`$v\` | ${RESULT[$v.100]} | $(ratio "${RESULT[$v.100]}" "${RESULT[bare_insert.100]}") | ${RESULT[$v.1]} | $(ratio "${RESULT[$v.1]}" "${RESULT[bare_insert.1]}") |"
   done
   echo
+  [[ -n $PGMQ ]] && echo "pgmq $PGMQ, installed by hand with \`make install\` from the pgmq repository's \`pgmq-extension/\` (not on the registries, so not in CI): \`pgmq.send\` per row and \`pgmq.send_batch\` of the same rows, into one queue." && echo
   echo "\`publish_batch\` of 100 rows against one \`INSERT … SELECT\` of the same 100 rows (\`insert_select\`): table form $(ratio "${RESULT[publish_batch_table.100]}" "${RESULT[insert_select.100]}"), wal form $(ratio "${RESULT[publish_batch_wal.100]}" "${RESULT[insert_select.100]}")."
   echo
   echo "In the server, without the client round trip (which on 2 shared cores is most of a per-statement run): a PL/pgSQL loop of 100,000 calls (1,000 of 100 rows for the batch rows) in one transaction, µs per row, the fastest of 5 interleaved runs."
