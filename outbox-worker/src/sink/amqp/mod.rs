@@ -1,11 +1,14 @@
 //! RabbitMQ (AMQP 0.9.1) through lapin: publisher confirms, persistent messages, `mandatory`, so a
-//! message no queue is bound for comes back and counts as a (permanent) failure.
+//! message no queue is bound for comes back and counts as a (permanent) failure, matched to its
+//! message by id ([`confirms`]).
 //!
 //! One task owns the connection and puts messages on the channel in call order; each socket write
 //! and confirm is awaited on its own, so many messages are in flight and the next one does not
 //! wait for the last one's write. A lost connection or a channel the broker closed fails what is
 //! pending (the caller re-sends it in order); the task reopens them at once and keeps trying while
 //! idle, so readiness follows the connection's real state (heartbeats included).
+
+mod confirms;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,13 +17,13 @@ use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use outbox_client::contract::{HEADER_CREATED_AT, HEADER_ID, HEADER_QUEUE};
 use tokio::sync::{mpsc, oneshot};
 
+use self::confirms::{Confirms, Settled};
 use super::{Ack, Sink, SinkError};
 use crate::config::AmqpSinkConfig;
 use crate::message::{is_content_type, Message};
@@ -144,33 +147,59 @@ impl Session {
     }
 }
 
+/// What the publisher task does next.
+enum Next {
+    Publish(Box<Publish>),
+    /// Nothing to send yet (a reconnect attempt or an idle second passed).
+    Again,
+    /// The sink is gone.
+    Stop,
+}
+
+/// The next message to publish; while idle and disconnected, a reconnect attempt instead.
+async fn next_publish(
+    rx: &mut mpsc::UnboundedReceiver<Publish>,
+    session: &mut Session,
+    config: &AmqpSinkConfig,
+) -> Next {
+    if session.is_connected() {
+        return match tokio::time::timeout(RECONNECT_EVERY, rx.recv()).await {
+            Ok(Some(p)) => Next::Publish(Box::new(p)),
+            Ok(None) => Next::Stop,
+            Err(_) => Next::Again,
+        };
+    }
+    // Idle and disconnected: connect now, so that readiness tells the truth without traffic, and
+    // again every second until it works.
+    tokio::select! {
+        p = rx.recv() => p.map_or(Next::Stop, |p| Next::Publish(Box::new(p))),
+        result = session.channel(config) => {
+            if let Err(e) = result {
+                tracing::debug!(url = %config.url, error = %e, "amqp: cannot connect");
+                tokio::time::sleep(RECONNECT_EVERY).await;
+            }
+            Next::Again
+        }
+    }
+}
+
 async fn publish_loop(
     config: AmqpSinkConfig,
     mut rx: mpsc::UnboundedReceiver<Publish>,
     connected: Arc<AtomicBool>,
 ) {
     let mut session = Session::default();
+    let mut confirms = Confirms::default();
     loop {
         connected.store(session.can_deliver(), Ordering::Release);
-        let p = if session.is_connected() {
-            match tokio::time::timeout(RECONNECT_EVERY, rx.recv()).await {
-                Ok(Some(p)) => p,
-                Ok(None) => return,
-                Err(_) => continue,
-            }
-        } else {
-            // Idle and disconnected: connect now, so that readiness tells the truth without
-            // traffic, and again every second until it works.
-            tokio::select! {
-                p = rx.recv() => match p { Some(p) => p, None => return },
-                result = session.channel(&config) => {
-                    if let Err(e) = result {
-                        tracing::debug!(url = %config.url, error = %e, "amqp: cannot connect");
-                        tokio::time::sleep(RECONNECT_EVERY).await;
-                    }
-                    continue;
-                }
-            }
+        let p = tokio::select! {
+            biased;
+            () = confirms.settle_next(), if !confirms.is_empty() => continue,
+            next = next_publish(&mut rx, &mut session, &config) => match next {
+                Next::Publish(p) => *p,
+                Next::Again => continue,
+                Next::Stop => return,
+            },
         };
         if let Some(problem) = unsendable(&p, session.frame_max()) {
             let _ = p
@@ -179,7 +208,7 @@ async fn publish_loop(
             continue;
         }
         let channel = match session.channel(&config).await {
-            Ok(channel) => channel,
+            Ok(channel) => channel.clone(),
             Err(e) => {
                 let _ = p.ack.send(Err(classify(
                     &e,
@@ -189,64 +218,44 @@ async fn publish_loop(
                 continue;
             }
         };
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        let Publish {
-            exchange,
-            routing_key,
-            message,
-            properties,
-            ack,
-        } = p;
-        let channel = channel.clone();
-        let mut publish = Box::pin(async move {
-            let payload = message.payload.as_bytes();
-            let confirm = channel
-                .basic_publish(&exchange, &routing_key, options, payload, properties)
-                .await
-                .map_err(|e| classify(&e, payload.len(), "cannot publish"))?;
-            confirmed(confirm.await, payload.len())
-        });
+        let mut publish = Box::pin(publish(channel, p));
         // lapin numbers the message and queues its frames before its first await: one poll here
-        // puts them on the wire in call order. The socket write and the broker's confirm are
-        // awaited in a task of their own, so the next message does not wait for this one's write.
+        // puts them on the wire in call order. The socket write and the broker's confirm complete
+        // later, so the next message does not wait for this one's write.
         match futures::poll!(publish.as_mut()) {
-            Poll::Ready(result) => {
+            Poll::Ready(settled) => {
                 // Done at once means lapin refused it (a confirm takes a round trip): the next
                 // message gets a fresh channel.
-                if result.is_err() {
+                if settled.result.is_err() {
                     session.channel = None;
                 }
-                let _ = ack.send(result);
+                confirms.settle(vec![settled]);
             }
-            Poll::Pending => {
-                tokio::spawn(async move {
-                    let _ = ack.send(publish.await);
-                });
-            }
+            Poll::Pending => confirms.push(publish),
         }
     }
 }
 
-/// What the broker's answer to one publish means.
-fn confirmed(
-    confirm: Result<Confirmation, lapin::Error>,
-    payload_len: usize,
-) -> Result<(), SinkError> {
-    match confirm {
-        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-        Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
-            Err(SinkError::Permanent(format!(
-                "amqp: unroutable, returned by the broker: {} {}",
-                returned.reply_code, returned.reply_text
-            )))
-        }
-        Ok(Confirmation::Nack(None)) => Err(SinkError::Transient(
-            "amqp: the broker nacked the message".into(),
-        )),
-        Err(e) => Err(classify(&e, payload_len, "the broker closed the channel")),
+/// Publishes one message and waits for the broker's confirm.
+async fn publish(channel: Channel, p: Publish) -> Settled {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let payload = p.message.payload.as_bytes();
+    let result = match channel
+        .basic_publish(&p.exchange, &p.routing_key, options, payload, p.properties)
+        .await
+    {
+        Ok(confirm) => confirm
+            .await
+            .map_err(|e| classify(&e, payload.len(), "the broker closed the channel")),
+        Err(e) => Err(classify(&e, payload.len(), "cannot publish")),
+    };
+    Settled {
+        id: p.message.id.to_string(),
+        ack: p.ack,
+        result,
     }
 }
 
