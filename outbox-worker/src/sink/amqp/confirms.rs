@@ -1,13 +1,16 @@
 //! Publisher confirms, each matched to its own message. lapin gives a message the broker returned
 //! (unroutable, sent `mandatory`) to whichever confirm it completes next, and it completes the
 //! confirms of one ack covering many messages in hash order: the return can land on any message
-//! of the batch, and the unroutable one reads as acknowledged. So the returned message's id says
-//! which message it was, and confirms are settled in batches of all that have completed.
+//! of the batch, and the unroutable one would read as acknowledged. So the returned message's id
+//! says which message it was, and confirms are settled in batches of all that have completed.
 //!
-//! Why a batch is enough: the broker sends a message's return before its ack, so the confirm that
-//! carries the return completes no later than the message's own. lapin completes confirms one
-//! after another, waking each, so when one is seen here every confirm completed before it is
-//! already ready to be taken in the same batch.
+//! Why that decides every message: the broker sends a message's return before its ack, and lapin
+//! completes confirms one after another, each taking the oldest waiting return. A confirm that
+//! came back with no return found none waiting, so its own return, if any, went to a confirm
+//! completed before it, which is already in hand here (same batch or an earlier one). A confirm
+//! that came back with another message's return proves nothing about its own: its return may
+//! still be waiting behind that one. It is sent again (at least once allows a duplicate; losing
+//! it does not), and the unroutable message returns again.
 
 use std::collections::HashMap;
 
@@ -77,6 +80,13 @@ impl Confirms {
                 (Ok(_), Some(reason)) => Err(SinkError::Permanent(format!(
                     "amqp: unroutable, returned by the broker: {reason}"
                 ))),
+                (Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))), None) => {
+                    Err(SinkError::Transient(
+                        "amqp: the broker's confirm came with another message's return, so this \
+                         one's own return may be still to come; sending it again"
+                            .into(),
+                    ))
+                }
                 (Ok(Confirmation::Nack(_)), None) => Err(SinkError::Transient(
                     "amqp: the broker nacked the message".into(),
                 )),
