@@ -15,15 +15,17 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use outbox_client::contract::{HEADER_CREATED_AT, HEADER_ID, HEADER_QUEUE};
 use tokio::sync::{mpsc, oneshot};
 
-use self::confirms::{Confirms, Settled};
+use self::confirms::{Confirmed, Confirms, Settled};
 use super::{Ack, Sink, SinkError};
 use crate::config::AmqpSinkConfig;
 use crate::message::{is_content_type, Message};
@@ -247,9 +249,20 @@ async fn publish(channel: Channel, p: Publish) -> Settled {
         .basic_publish(&p.exchange, &p.routing_key, options, payload, p.properties)
         .await
     {
-        Ok(confirm) => confirm
-            .await
-            .map_err(|e| classify(&e, payload.len(), "the broker closed the channel")),
+        Ok(confirm) => match confirm.await {
+            Ok(Confirmation::Ack(returned)) => Ok(Confirmed {
+                ack: true,
+                returned: returned.map(|r| returned_message(&r)),
+            }),
+            Ok(Confirmation::Nack(returned)) => Ok(Confirmed {
+                ack: false,
+                returned: returned.map(|r| returned_message(&r)),
+            }),
+            Ok(Confirmation::NotRequested) => Err(SinkError::Transient(
+                "amqp: the channel is not in confirm mode".into(),
+            )),
+            Err(e) => Err(classify(&e, payload.len(), "the broker closed the channel")),
+        },
         Err(e) => Err(classify(&e, payload.len(), "cannot publish")),
     };
     Settled {
@@ -257,6 +270,14 @@ async fn publish(channel: Channel, p: Publish) -> Settled {
         ack: p.ack,
         result,
     }
+}
+
+/// The returned message's id (its `message_id` property) and the broker's reason.
+fn returned_message(r: &BasicReturnMessage) -> (Option<String>, String) {
+    (
+        r.properties.message_id().as_ref().map(|id| id.to_string()),
+        format!("{} {}", r.reply_code, r.reply_text),
+    )
 }
 
 /// What a channel-closing reply code means for the message whose confirm it failed. The broker
