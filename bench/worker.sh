@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end delivery benchmark of outbox-worker (release build): drain throughput per storage
-# form and sink (Kafka via tansu, RabbitMQ) against the slot's raw decoding rate and bare rdkafka/lapin
+# form and sink (Apache Kafka, RabbitMQ) against the slot's raw decoding rate and bare rdkafka/lapin
 # clients, the worker's peak RSS, and commit→consumed
 # latency at 1k msg/s to both brokers.
 # Writes the table into BENCHMARKS.md between the worker markers.

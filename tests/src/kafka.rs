@@ -105,3 +105,49 @@ pub fn read_until(
     }
     records
 }
+
+/// Reads `topic` from the beginning with Kafka's own console consumer (a JVM client nobody here
+/// wrote) until `max` records arrived or `timeout` passed without one: (headers, key, payload).
+pub fn console_consume(
+    broker: &crate::KafkaBroker,
+    topic: &str,
+    max: usize,
+    timeout: Duration,
+) -> Vec<Seen> {
+    let out = broker
+        .tool("org.apache.kafka.tools.consumer.ConsoleConsumer")
+        .args(["--bootstrap-server", &broker.brokers(), "--topic", topic])
+        .args(["--from-beginning", "--max-messages", &max.to_string()])
+        .args(["--timeout-ms", &timeout.as_millis().to_string()])
+        .args(["--formatter-property", "print.headers=true"])
+        .args(["--formatter-property", "print.key=true"])
+        .output()
+        .expect("java");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(
+        !stdout.is_empty(),
+        "kafka-console-consumer printed nothing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each line: `name:value,name:value<TAB>key<TAB>payload` (values here hold no comma).
+    stdout
+        .lines()
+        .map(|line| {
+            let mut columns = line.splitn(3, '\t');
+            let (headers, key, payload) = (
+                columns.next().unwrap(),
+                columns.next().expect("a key column"),
+                columns.next().expect("a payload column"),
+            );
+            let id = headers
+                .split(',')
+                .find_map(|h| h.strip_prefix("outbox-id:"))
+                .expect("an outbox-id header");
+            Seen {
+                id: id.to_owned(),
+                key: (key != "null").then(|| key.to_owned()),
+                payload: serde_json::from_str(payload).expect("a JSON payload"),
+            }
+        })
+        .collect()
+}

@@ -2,15 +2,15 @@
 
 pub mod failover;
 pub mod kafka;
+pub mod kafka_broker;
 pub mod postgres;
 pub mod publish;
 pub mod rabbitmq;
-pub mod tansu;
 pub mod worker;
 
+pub use kafka_broker::{KafkaBroker, KafkaOptions};
 pub use postgres::PgCluster;
 pub use rabbitmq::RabbitMq;
-pub use tansu::Tansu;
 pub use worker::Worker;
 
 /// Polls `check` every 100 ms until it returns true; panics with `what` after `timeout`.

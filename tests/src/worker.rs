@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::tansu::signal;
+use crate::kafka_broker::signal;
 
 pub struct Worker {
     child: Option<Child>,

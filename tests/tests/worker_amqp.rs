@@ -9,7 +9,7 @@ use outbox_tests::publish::{
 };
 use outbox_tests::worker::config_args;
 use outbox_tests::worker::{http_get, metric, run_once};
-use outbox_tests::{eventually, PgCluster, RabbitMq, Tansu, Worker};
+use outbox_tests::{eventually, KafkaBroker, PgCluster, RabbitMq, Worker};
 
 fn seen(messages: &[serde_json::Value]) -> Vec<Seen> {
     messages
@@ -246,14 +246,14 @@ max_attempts = 2
 async fn kafka_and_rabbitmq_routes_in_one_run_deliver_each_message_once() {
     let rabbit = RabbitMq::start();
     rabbit.declare("events", "topic", "billing", "billing.#");
-    let tansu = Tansu::start(&[("orders", 2)]);
+    let kafka = KafkaBroker::start(&[("orders", 2)]);
     let pg = PgCluster::start().await;
     let config = Worker::config_file(&format!(
         "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\n\
          [sinks.rabbit]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"events\"\n\
          [[routes]]\nqueues = \"orders\"\nsink = \"kafka\"\n\
          [[routes]]\nqueues = \"billing.*\"\nsink = \"rabbit\"\n",
-        tansu.brokers(),
+        kafka.brokers(),
         rabbit.url()
     ));
     let _worker = Worker::start(&config_args(&pg.url(), config.path()), None);
@@ -263,7 +263,7 @@ async fn kafka_and_rabbitmq_routes_in_one_run_deliver_each_message_once() {
     publish_range(&db, "orders", 0, 2_000, 10, Storage::Mixed).await;
     publish_range(&db, "billing.invoices", 2_000, 2_000, 10, Storage::Mixed).await;
 
-    let brokers = tansu.brokers();
+    let brokers = kafka.brokers();
     let kafka =
         outbox_tests::kafka::read(&brokers, "orders", 2_000, Duration::from_secs(120)).await;
     let amqp = rabbit.drain_queue("billing", 2_000, Duration::from_secs(120));

@@ -1,17 +1,19 @@
-//! The worker delivering to a Kafka-protocol broker (tansu, a separate process): 10k messages in
-//! both storage forms read back by an independent client, SIGKILL crashes mid-stream, a frozen
-//! broker. Every test counts messages from publish to consumer.
+//! The worker delivering to Apache Kafka (a KRaft broker in a JVM of its own): 10k messages in
+//! both storage forms read back by two independent clients (kafka-python and Kafka's own console
+//! consumer), SIGKILL crashes mid-stream, a frozen broker, a message over the broker's size
+//! limit. Every test counts messages from publish to consumer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
 use outbox_tests::kafka::{self, Record};
+use outbox_tests::postgres::count;
 use outbox_tests::publish::{
     check_delivery, only_dead_letter, publish_range, publish_rolled_back, Seen, Storage,
 };
 use outbox_tests::worker::kafka_args;
-use outbox_tests::{PgCluster, Tansu, Worker};
+use outbox_tests::{eventually, KafkaBroker, PgCluster, Worker};
 
 async fn read(brokers: String, topic: &str, distinct: usize) -> Vec<Record> {
     kafka::read(&brokers, topic, distinct, Duration::from_secs(180)).await
@@ -37,7 +39,7 @@ fn assert_one_partition_per_key(records: &[Record]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_messages_in_both_storage_forms_arrive_in_order_with_headers() {
-    let tansu = Tansu::start(&[("orders", 3)]);
+    let kafka = KafkaBroker::start(&[("orders", 3)]);
     let pg = PgCluster::start().await;
     let _worker = Worker::start(
         &[
@@ -45,7 +47,7 @@ async fn ten_thousand_messages_in_both_storage_forms_arrive_in_order_with_header
             "--postgres-url",
             &pg.url(),
             "--kafka-brokers",
-            &tansu.brokers(),
+            &kafka.brokers(),
         ],
         None,
     );
@@ -59,7 +61,7 @@ async fn ten_thousand_messages_in_both_storage_forms_arrive_in_order_with_header
     publish_rolled_back(&db, "orders", Storage::Wal).await;
     publish_range(&db, "orders", 8_000, 2_000, 40, Storage::Mixed).await;
 
-    let records = read(tansu.brokers(), "orders", TOTAL as usize).await;
+    let records = read(kafka.brokers(), "orders", TOTAL as usize).await;
     let tally = check_delivery(&seen(&records), TOTAL);
     assert_eq!(tally.duplicates, 0, "no crash, no duplicates");
     assert_one_partition_per_key(&records);
@@ -78,7 +80,7 @@ async fn ten_thousand_messages_in_both_storage_forms_arrive_in_order_with_header
             env!("CARGO_MANIFEST_DIR"),
             "/python/kafka_consume.py"
         ))
-        .args([&tansu.brokers(), "orders", &TOTAL.to_string(), "120"])
+        .args([&kafka.brokers(), "orders", &TOTAL.to_string(), "120"])
         .output()
         .expect("python3");
     assert!(
@@ -102,6 +104,11 @@ async fn ten_thousand_messages_in_both_storage_forms_arrive_in_order_with_header
     let tally = check_delivery(&python_seen, TOTAL);
     assert_eq!(tally.distinct, TOTAL as usize);
     assert!(python.iter().all(|v| v["headers"]["test"] == "yes"));
+
+    // And through Kafka's own console consumer.
+    let console = kafka::console_consume(&kafka, "orders", TOTAL as usize, Duration::from_secs(30));
+    let tally = check_delivery(&console, TOTAL);
+    assert_eq!((tally.distinct, tally.duplicates), (TOTAL as usize, 0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,12 +116,12 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_stay_bounded() {
     const TOTAL: u64 = 50_000;
     const MAX_IN_FLIGHT: usize = 1_000;
     const KILLS: usize = 6;
-    let tansu = Tansu::start(&[("orders", 3)]);
+    let kafka = KafkaBroker::start(&[("orders", 3)]);
     let pg = PgCluster::start().await;
     let config = Worker::config_file(&format!(
         "[postgres]\nstatus_interval = \"10ms\"\n[delivery]\nmax_in_flight = {MAX_IN_FLIGHT}\n"
     ));
-    let args = kafka_args(&pg.url(), &tansu.brokers(), config.path());
+    let args = kafka_args(&pg.url(), &kafka.brokers(), config.path());
     let mut worker = Worker::start(&args, None);
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
@@ -136,7 +143,7 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_stay_bounded() {
     }
     publisher.await.unwrap();
 
-    let records = read(tansu.brokers(), "orders", TOTAL as usize).await;
+    let records = read(kafka.brokers(), "orders", TOTAL as usize).await;
     let tally = check_delivery(&seen(&records), TOTAL);
     eprintln!("{KILLS} SIGKILLs: {tally:?}");
     // A crash re-sends what was not yet confirmed to the server: the in-flight window plus what
@@ -152,25 +159,28 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_stay_bounded() {
 /// `properties`: nothing lost, each key in commit order. Returns the worker's log.
 async fn a_broker_frozen_for_ten_seconds(properties: &str) -> String {
     const TOTAL: u64 = 20_000;
-    let tansu = Tansu::start(&[("orders", 3)]);
+    let kafka = KafkaBroker::start(&[("orders", 3)]);
     let pg = PgCluster::start().await;
     let config = Worker::config_file(&format!(
         "[sinks.kafka.properties]\n\"request.timeout.ms\" = 1500\n{properties}"
     ));
     let worker = Worker::start(
-        &kafka_args(&pg.url(), &tansu.brokers(), config.path()),
+        &kafka_args(&pg.url(), &kafka.brokers(), config.path()),
         None,
     );
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 
     publish_range(&db, "orders", 0, TOTAL / 2, 50, Storage::Mixed).await;
-    tansu.pause();
+    kafka.pause();
     publish_range(&db, "orders", TOTAL / 2, TOTAL / 2, 50, Storage::Mixed).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    tansu.resume();
+    kafka.resume();
 
-    let records = read(tansu.brokers(), "orders", TOTAL as usize).await;
+    let records = read(kafka.brokers(), "orders", TOTAL as usize).await;
+    if records.len() < TOTAL as usize {
+        eprintln!("worker log:\n{}", worker.log());
+    }
     let tally = check_delivery(&seen(&records), TOTAL);
     eprintln!("frozen broker ({properties:?}): {tally:?}");
     worker.log()
@@ -194,18 +204,20 @@ async fn a_broker_frozen_for_ten_seconds_with_a_local_timeout_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_raised() {
-    let tansu = Tansu::start(&[("orders", 1)]);
+    let kafka = KafkaBroker::start(&[("orders", 1)]);
     let pg = PgCluster::start().await;
-    let strict = Worker::config_file("[delivery]\nmax_attempts = 2\n");
-    let mut worker = Worker::start(
-        &kafka_args(&pg.url(), &tansu.brokers(), strict.path()),
+    let strict = Worker::config_file(
+        "[delivery]\nmax_attempts = 2\n[sinks.kafka.properties]\n\"message.max.bytes\" = 5000000\n",
+    );
+    let worker = Worker::start(
+        &kafka_args(&pg.url(), &kafka.brokers(), strict.path()),
         None,
     );
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 
-    // 1.2 MB: over librdkafka's default message.max.bytes (1,000,000); the extension's own cap
-    // (pg_outbox.max_message_size) is raised so that the broker is what refuses it.
+    // 1.2 MB: over the broker's limit for the topic (max.message.bytes 1 MiB), under the
+    // client's (raised to 5 MB below) and the extension's (raised to 2 MB): the broker refuses it.
     db.batch_execute("SET pg_outbox.max_message_size = '2MB'")
         .await
         .unwrap();
@@ -218,28 +230,28 @@ async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_ra
         .unwrap()
         .get(0);
     publish_range(&db, "orders", 0, 300, 5, Storage::Mixed).await;
-    let records = read(tansu.brokers(), "orders", 300).await;
+    let records = read(kafka.brokers(), "orders", 300).await;
     check_delivery(&seen(&records), 300);
 
+    eventually(
+        Duration::from_secs(60),
+        "the oversize message dead-lettered",
+        || async { count(&db, "SELECT count(*) FROM outbox.dead_letters").await == 1 },
+    )
+    .await;
+    eprintln!("{}", worker.log());
     let (id, destination, error, attempts) = only_dead_letter(&db).await;
     assert_eq!(id, poison);
     assert_eq!(destination, "kafka:orders");
     assert!(error.contains("MessageSizeTooLarge"), "{error}");
     assert_eq!(attempts, 2);
 
-    // Raise the limits (the broker's and the outbox's: redrive applies publish's size rule),
-    // restart, redrive: the same id arrives.
-    worker.terminate(Duration::from_secs(30));
+    // Raise the limits (the topic's and the outbox's: redrive applies publish's size rule),
+    // redrive: the same id arrives.
+    kafka.alter_topic("orders", "max.message.bytes", "5000000");
     db.batch_execute("ALTER DATABASE postgres SET pg_outbox.max_message_size = '2MB'")
         .await
         .unwrap();
-    let relaxed =
-        Worker::config_file("[sinks.kafka.properties]\n\"message.max.bytes\" = 5000000\n");
-    let _worker = Worker::start(
-        &kafka_args(&pg.url(), &tansu.brokers(), relaxed.path()),
-        None,
-    );
-    pg.wait_for_slot(&db).await;
     let out = outbox_tests::worker::run_once(
         &[
             "dlq",
@@ -256,7 +268,7 @@ async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_ra
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let records = read(tansu.brokers(), "orders", 301).await;
+    let records = read(kafka.brokers(), "orders", 301).await;
     assert!(
         records
             .iter()

@@ -60,7 +60,7 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
     // Retriable errors on the next produce requests; librdkafka retries them itself, in order.
     // (A permanent one is not injected here: unlike Kafka, the mock broker accepts the batches
     // after a refused one instead of rejecting them as out of sequence, so the re-sent batch lands
-    // behind them. The permanent path is tested against tansu with an oversize message.)
+    // behind them. The permanent path is tested against Apache Kafka with an oversize message.)
     use RDKafkaRespErr::*;
     mock.request_errors(
         RDKafkaApiKey::Produce,

@@ -230,6 +230,7 @@ mod tests {
         (future.boxed(), confirm, outcome)
     }
 
+    #[allow(clippy::unnecessary_wraps)] // the confirm's type: Ok as lapin's acks are
     fn acked(returned: Option<&str>) -> Result<Confirmed, SinkError> {
         Ok(Confirmed {
             ack: true,
@@ -256,7 +257,7 @@ mod tests {
         let (c, c_confirm, mut c_outcome) = publish("c", None);
         let busy = Arc::new(AtomicUsize::new(1_000));
         let (d1, d1_confirm, mut d1_outcome) = busy_publish("d1", busy.clone());
-        let (d2, d2_confirm, mut d2_outcome) = busy_publish("d2", busy.clone());
+        let (d2, d2_confirm, mut d2_outcome) = busy_publish("d2", busy);
         for publish in [x, c, d1, d2] {
             confirms.push(publish);
         }

@@ -1,8 +1,8 @@
 //! Commit → consumed: one message per transaction at a fixed rate for 10 s, a consumer timing
 //! every arrival, and the total split where it can be measured: the publishing call (the
 //! transaction and its WAL flush), from the call's return to the consumer, and the worker's own
-//! commit → broker acknowledgement (its histogram). The same Kafka runs go to two brokers: tansu,
-//! a separate process, and librdkafka's MockCluster, in this process. Beside them a bare rdkafka
+//! commit → broker acknowledgement (its histogram). The same Kafka runs go to two brokers: Apache
+//! Kafka, a separate process, and librdkafka's MockCluster, in this process. Beside them a bare rdkafka
 //! producer, without PostgreSQL or the worker, shows what each broker alone adds between its
 //! acknowledgement and the consumer.
 
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_tests::worker::{config_args, http_get};
-use outbox_tests::{PgCluster, RabbitMq, Tansu, Worker};
+use outbox_tests::{KafkaBroker, PgCluster, RabbitMq, Worker};
 use outbox_worker::config::KafkaSinkConfig;
 use outbox_worker::sink::kafka::client_config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -25,37 +25,37 @@ const RUNS: usize = 5;
 const SECONDS: u64 = 10;
 
 /// A Kafka-protocol broker of the latency runs; each run gets a topic of its own.
-pub enum KafkaBroker<'a> {
-    Tansu(&'a Tansu),
+pub enum Broker<'a> {
+    Apache(&'a KafkaBroker),
     Mock(&'a MockCluster<'static, DefaultProducerContext>),
 }
 
-impl KafkaBroker<'_> {
+impl Broker<'_> {
     fn name(&self) -> &'static str {
         match self {
-            KafkaBroker::Tansu(_) => "tansu",
-            KafkaBroker::Mock(_) => "MockCluster",
+            Broker::Apache(_) => "Apache Kafka",
+            Broker::Mock(_) => "MockCluster",
         }
     }
 
     fn bootstrap(&self) -> String {
         match self {
-            KafkaBroker::Tansu(tansu) => tansu.brokers(),
-            KafkaBroker::Mock(mock) => mock.bootstrap_servers(),
+            Broker::Apache(kafka) => kafka.brokers(),
+            Broker::Mock(mock) => mock.bootstrap_servers(),
         }
     }
 
     fn new_topic(&self, topic: &str) {
         match self {
-            KafkaBroker::Tansu(tansu) => tansu.create_topic(topic, 1),
-            KafkaBroker::Mock(mock) => mock.create_topic(topic, 1, 1).expect("mock topic"),
+            Broker::Apache(kafka) => kafka.create_topic(topic, 1),
+            Broker::Mock(mock) => mock.create_topic(topic, 1, 1).expect("mock topic"),
         }
     }
 }
 
 #[derive(Clone, Copy)]
 enum Target<'a> {
-    Kafka(&'a KafkaBroker<'a>),
+    Kafka(&'a Broker<'a>),
     Amqp(&'a RabbitMq),
 }
 
@@ -121,18 +121,18 @@ fn ms(micros: i64) -> f64 {
 }
 
 pub async fn latency_table(
-    tansu: &Tansu,
+    kafka: &KafkaBroker,
     mock: &MockCluster<'static, DefaultProducerContext>,
     rabbit: &RabbitMq,
 ) -> String {
-    let kafka = [KafkaBroker::Tansu(tansu), KafkaBroker::Mock(mock)];
+    let kafka = [Broker::Apache(kafka), Broker::Mock(mock)];
     let mut table = format!(
         "Commit → consumed, 1 message per transaction for {SECONDS} s, the first second excluded \
          as warm-up (table storage; Kafka with `linger.ms = 1`). The total runs from the \
          transaction's start (`outbox-created-at`); beside it the publishing call (its commit \
          waits for the WAL flush), from the call's return to the consumer, and the worker's own \
          commit → broker acknowledgement (its `outbox_commit_to_ack_seconds` histogram, the \
-         bucket holding the 99th percentile). tansu runs as a separate process; MockCluster is \
+         bucket holding the 99th percentile). Apache Kafka runs as a separate process; MockCluster is \
          librdkafka's in-process broker.\n\n\
          | sink | rate (msg/s, achieved) | messages measured | p50 | p99 | publish call p99 | \
          returned → consumed p50 / p99 | worker commit → ack p99 |\n\
@@ -281,7 +281,7 @@ async fn worker_latency(target: Target<'_>, rate: u64, topic: &str) -> Latency {
 
 /// A bare rdkafka producer with the worker's client properties and `linger.ms = 1`, one message
 /// per millisecond, against the same consumer as the worker's runs.
-async fn bare_latency(broker: &KafkaBroker<'_>, topic: &str) -> BareLatency {
+async fn bare_latency(broker: &Broker<'_>, topic: &str) -> BareLatency {
     const RATE: u64 = 1000;
     let total = (RATE * SECONDS) as usize;
     broker.new_topic(topic);

@@ -3,11 +3,11 @@
 //!
 //! Throughput: a backlog of N messages (default 200k) is committed first, then drained by one
 //! consumer per slot: `pg_recvlogical` (the walsender's raw decoding rate), the worker with the
-//! `discard` sink, with `stdout`, with Kafka (tansu) and with RabbitMQ (per-key order, the default,
+//! `discard` sink, with `stdout`, with Kafka (kafka) and with RabbitMQ (per-key order, the default,
 //! and pipelined). Time runs from the worker's start until the slot is confirmed past the backlog,
 //! i.e. every message acknowledged; the worker's peak RSS (`VmHWM`) is read at that point.
 //! Per storage form. Beside them, without PostgreSQL: a bare rdkafka producer with the worker's
-//! client properties, records, headers and keys against the same tansu, and a bare lapin publisher
+//! client properties, records, headers and keys against the same kafka, and a bare lapin publisher
 //! with publisher confirms and one unconfirmed message per key against the same RabbitMQ.
 //! Latency (`latency.rs`): commit → consumed at 1,000 and 10,000 msg/s.
 //! Writes the tables into BENCHMARKS.md between the `worker` and `worker-latency` markers. Run
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_tests::publish::{publish_range, Storage};
-use outbox_tests::{PgCluster, RabbitMq, Tansu, Worker};
+use outbox_tests::{KafkaBroker, PgCluster, RabbitMq, Worker};
 use outbox_worker::config::KafkaSinkConfig;
 use outbox_worker::sink::kafka::client_config;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -37,7 +37,7 @@ const KEYS: u64 = 100;
 /// The worker's default `delivery.max_in_flight`: the bare producer's window too.
 const MAX_IN_FLIGHT: usize = 10_000;
 struct Brokers {
-    tansu: Tansu,
+    kafka: KafkaBroker,
     /// librdkafka's in-process broker: the latency runs' second Kafka.
     mock: MockCluster<'static, DefaultProducerContext>,
     rabbit: RabbitMq,
@@ -59,7 +59,7 @@ async fn main() {
         .unwrap_or(200_000);
     let mode = args.next();
     let brokers = Brokers {
-        tansu: Tansu::start(&[("orders", 3)]),
+        kafka: KafkaBroker::start(&[("orders", 3)]),
         mock: MockCluster::new(1).expect("mock cluster"),
         rabbit: RabbitMq::start(),
     };
@@ -69,7 +69,7 @@ async fn main() {
     brokers
         .rabbit
         .declare("bench", "direct", "latency", "latency");
-    let latency = || latency::latency_table(&brokers.tansu, &brokers.mock, &brokers.rabbit);
+    let latency = || latency::latency_table(&brokers.kafka, &brokers.mock, &brokers.rabbit);
     match mode.as_deref() {
         Some("--memory") => {
             let table = memory_table(&brokers, backlog).await;
@@ -105,7 +105,7 @@ fn sinks(brokers: &Brokers) -> Vec<(&'static str, String)> {
             "kafka",
             format!(
                 "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n",
-                brokers.tansu.brokers()
+                brokers.kafka.brokers()
             ),
         ),
         ("amqp", amqp.clone()),
@@ -118,7 +118,7 @@ fn sinks(brokers: &Brokers) -> Vec<(&'static str, String)> {
 
 async fn throughput_table(brokers: &Brokers, backlog: u64) -> String {
     eprintln!("==> bare clients: {backlog} messages");
-    let bare_kafka = bare_kafka(&brokers.tansu.brokers(), backlog).await;
+    let bare_kafka = bare_kafka(&brokers.kafka.brokers(), backlog).await;
     eprintln!("    bare rdkafka: {bare_kafka:.0} msg/s");
     purge(&brokers.rabbit).await;
     let bare_amqp = bare_amqp(&brokers.rabbit.url(), backlog).await;
