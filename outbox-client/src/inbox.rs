@@ -82,7 +82,7 @@ impl Inbox {
         let seconds = older_than.as_secs_f64();
         let row = client
             .query_one(
-                "SELECT outbox.purge_processed(make_interval(secs => $1), $2)",
+                "SELECT outbox.purge_processed(pg_catalog.make_interval(secs => $1), $2)",
                 &[&seconds, &self.consumer],
             )
             .await?;

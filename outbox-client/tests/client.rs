@@ -13,6 +13,7 @@ on_both_installs!(
     process_once_skips_duplicates_and_forgets_failed_attempts,
     eight_concurrent_deliveries_run_the_handler_once,
     bad_input_is_a_typed_error_with_the_servers_message,
+    no_client_statement_calls_a_function_planted_in_public,
 );
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -362,4 +363,73 @@ async fn bad_input_is_a_typed_error_with_the_servers_message(install: Install) {
         );
         assert_eq!(server.code.code(), "22023");
     }
+}
+
+/// The client's statements run in the application's session, whose search_path it must not
+/// change: they qualify every function. A role with CREATE on `public` plants a
+/// `make_interval(secs text)`: 0.2.1's unqualified call in `purge` resolved to it (its parameter
+/// then typed text, so every purge failed), and it would have run as the consumer (issue 34).
+async fn no_client_statement_calls_a_function_planted_in_public(install: Install) {
+    let pg = PgCluster::start_install(install).await;
+    let mut db = pg.superuser().await;
+    db.batch_execute(
+        "CREATE ROLE mallory LOGIN;
+         GRANT CREATE ON SCHEMA public TO mallory;
+         SELECT outbox.register_consumer('billing', current_user::regrole);",
+    )
+    .await
+    .unwrap();
+    pg.connect_as("mallory")
+        .await
+        .batch_execute(
+            "CREATE TABLE public.hijacked (via text);
+             GRANT INSERT, SELECT ON public.hijacked TO PUBLIC;
+             CREATE FUNCTION public.make_interval(secs text) RETURNS interval
+               LANGUAGE sql AS $$ INSERT INTO public.hijacked VALUES ('make_interval');
+                                  SELECT pg_catalog.make_interval(secs => secs::float8) $$;",
+        )
+        .await
+        .unwrap();
+    let outbox = Outbox::new();
+    let tx = db.transaction().await.unwrap();
+    let event = OrderPlaced {
+        order_id: 1,
+        customer: "c".into(),
+    };
+    outbox.publish_event(&tx, &event).await.unwrap();
+    outbox
+        .publish(&tx, "orders", &event, &Headers::new(), Some("c"))
+        .await
+        .unwrap();
+    outbox
+        .publish_batch(&tx, "orders", &[&event], &Headers::new(), None)
+        .await
+        .unwrap();
+    outbox
+        .publish_bytes(&tx, "raw", b"x", &Headers::new(), None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let inbox = Inbox::new("billing");
+    inbox
+        .process_once(
+            &mut db,
+            "m-1",
+            async |_tx: &tokio_postgres::Transaction<'_>| Ok::<_, tokio_postgres::Error>(()),
+        )
+        .await
+        .unwrap();
+    inbox
+        .purge(&db, std::time::Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let calls: i64 = db
+        .query_one("SELECT count(*) FROM public.hijacked", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        calls, 0,
+        "a function planted in public ran in the client's statements"
+    );
 }

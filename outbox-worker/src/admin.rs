@@ -46,7 +46,7 @@ pub async fn dlq(url: &str, command: DlqCommand) -> Result<()> {
             let rows = client
                 .query(
                     "SELECT d.id, d.queue, coalesce(d.key, ''), d.destination, d.attempts, d.failed_at::text,
-                            coalesce(to_jsonb(d) ->> 'written_by', '-'), d.error
+                            coalesce(pg_catalog.to_jsonb(d) ->> 'written_by', '-'), d.error
                        FROM outbox.dead_letters d WHERE $1::text IS NULL OR d.queue = $1
                       ORDER BY d.failed_at, d.id LIMIT $2",
                     &[&queue, &limit],

@@ -62,8 +62,8 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     let slot_state = client
         .query_opt(
             "SELECT plugin, database,
-                    wal_status = 'lost' OR coalesce((to_jsonb(s) ->> 'conflicting')::boolean, false),
-                    coalesce((to_jsonb(s) ->> 'failover')::boolean, false), active
+                    wal_status = 'lost' OR coalesce((pg_catalog.to_jsonb(s) ->> 'conflicting')::boolean, false),
+                    coalesce((pg_catalog.to_jsonb(s) ->> 'failover')::boolean, false), active
                FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
@@ -214,16 +214,16 @@ pub async fn check_publication(client: &Client, publication: &str) -> Result<(),
 pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
     let row = client
         .query_one(
-            "SELECT current_user::text, quote_ident(current_user),
+            "SELECT current_user::text, pg_catalog.quote_ident(current_user::text),
                     (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)
                       OR EXISTS (SELECT FROM unnest(ARRAY['rds_replication', 'neon_superuser']) AS r
-                                  WHERE pg_has_role(to_regrole(r), 'MEMBER')),
-                    has_schema_privilege('outbox', 'USAGE')
-                      AND has_table_privilege(to_regclass('outbox.dead_letters'), 'INSERT'),
-                    has_schema_privilege('outbox', 'USAGE')
-                      AND has_table_privilege(to_regclass('outbox.slots'), 'SELECT')
-                      AND has_table_privilege(to_regclass('outbox.slots'), 'INSERT')
-                      AND has_table_privilege(to_regclass('outbox.slots'), 'UPDATE')",
+                                  WHERE pg_catalog.pg_has_role(pg_catalog.to_regrole(r)::oid, 'MEMBER')),
+                    pg_catalog.has_schema_privilege('outbox', 'USAGE')
+                      AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.dead_letters')::oid, 'INSERT'),
+                    pg_catalog.has_schema_privilege('outbox', 'USAGE')
+                      AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.slots')::oid, 'SELECT')
+                      AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.slots')::oid, 'INSERT')
+                      AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.slots')::oid, 'UPDATE')",
             &[],
         )
         .await

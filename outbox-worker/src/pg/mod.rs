@@ -35,6 +35,13 @@ async fn connect_with(config: &tokio_postgres::Config) -> Result<Client, tokio_p
         tokio::spawn(drive(connection));
         client
     };
+    // Every statement of the worker finds names in pg_catalog first and never in a schema that
+    // another role may create objects in: a function planted in `public` with a closer argument
+    // type than the catalog's would run as the worker. set_config rather than a start-up option,
+    // which some poolers refuse.
+    client
+        .batch_execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)")
+        .await?;
     Ok(client)
 }
 
