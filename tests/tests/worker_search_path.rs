@@ -34,6 +34,19 @@ const SHADOWS: &str = "
     CREATE FUNCTION public.textlike_name(a name, b text) RETURNS boolean LANGUAGE sql
       AS $$ SELECT public.note('=(name, text)'); SELECT a::text OPERATOR(pg_catalog.=) b $$;
     CREATE OPERATOR public.= (LEFTARG = name, RIGHTARG = text, FUNCTION = public.textlike_name);
+    CREATE FUNCTION public.pg_create_logical_replication_slot(s text, p text, OUT slot_name name, OUT lsn pg_lsn)
+      LANGUAGE sql AS $$ SELECT public.note('pg_create_logical_replication_slot(text, text)');
+                         SELECT * FROM pg_catalog.pg_create_logical_replication_slot(s::name, p::name) $$;
+    CREATE FUNCTION public.pg_drop_replication_slot(s text) RETURNS void
+      LANGUAGE sql AS $$ SELECT public.note('pg_drop_replication_slot(text)');
+                         SELECT pg_catalog.pg_drop_replication_slot(s::name) $$;
+    CREATE FUNCTION public.unnest(a text[]) RETURNS SETOF text
+      LANGUAGE sql AS $$ SELECT public.note('unnest(text[])'); SELECT * FROM pg_catalog.unnest(a) $$;
+    CREATE FUNCTION public.format(f text, a name, b name) RETURNS text
+      LANGUAGE sql AS $$ SELECT public.note('format(text, name, name)'); SELECT pg_catalog.format(f, a, b) $$;
+    CREATE FUNCTION public.jsonb_field(j jsonb, k jsonb) RETURNS text
+      LANGUAGE sql AS $$ SELECT public.note('->>(jsonb, jsonb)'); SELECT j OPERATOR(pg_catalog.->>) (k #>> '{}') $$;
+    CREATE OPERATOR public.->> (LEFTARG = jsonb, RIGHTARG = jsonb, FUNCTION = public.jsonb_field);
 ";
 
 #[tokio::test(flavor = "multi_thread")]
@@ -73,6 +86,7 @@ async fn no_worker_command_calls_a_function_planted_in_public() {
         );
     };
     ok(&["setup", "--postgres-url", &url]);
+    ok(&["setup", "--new-slot", "--postgres-url", &url]);
     let dir = tempfile::tempdir().unwrap();
     let stdout = dir.path().join("stdout");
     let mut worker = Worker::start(&["run", "--postgres-url", &url], Some(&stdout));
