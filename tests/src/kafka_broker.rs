@@ -86,6 +86,10 @@ impl KafkaBroker {
     fn write_config(&self) {
         let data = self.dir.path().join("data");
         let (port, controller) = (self.port, self.controller_port);
+        // broker.session.timeout.ms: the controller is this same JVM, so a test that freezes the
+        // broker (SIGSTOP for 10 s) would otherwise find it fenced by its own controller on
+        // resume (default 9 s), its partitions leaderless for a while, sometimes for minutes; a
+        // real cluster's controllers run elsewhere.
         let mut config = format!(
             "process.roles=broker,controller\n\
              node.id=1\n\
@@ -102,6 +106,7 @@ impl KafkaBroker {
              transaction.state.log.min.isr=1\n\
              transaction.state.log.num.partitions=3\n\
              group.initial.rebalance.delay.ms=0\n\
+             broker.session.timeout.ms=60000\n\
              num.partitions=1\n\
              auto.create.topics.enable={}\n",
             data.display(),
@@ -118,7 +123,7 @@ impl KafkaBroker {
         let started = Instant::now();
         let child = java()
             .args(["-Xms128m", "-Xmx768m", "-XX:+UseSerialGC"])
-            .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
+            .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=info")
             .arg("-cp")
             .arg(classpath())
             .arg("kafka.Kafka")
@@ -246,6 +251,9 @@ impl KafkaBroker {
 impl Drop for KafkaBroker {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            eprintln!("Kafka broker log (end):\n{}", self.log_tail());
+        }
     }
 }
 

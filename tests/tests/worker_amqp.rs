@@ -138,7 +138,7 @@ async fn a_rabbitmq_node_stopped_for_ten_seconds_loses_nothing_and_flips_readine
     )
     .await;
     assert!(
-        worker.log().contains("retrying them in order"),
+        worker.log().contains("retrying this message alone"),
         "{}",
         worker.log()
     );

@@ -97,6 +97,136 @@ async fn a_message_over_the_brokers_size_limit_is_dead_lettered_and_the_rest_del
     assert!(worker.exited().is_none(), "{}", worker.log());
 }
 
+/// A queue at its length limit with `x-overflow = reject-publish` nacks every message for it.
+/// 0.2.1 paused all intake behind the first nack: 21 of 60 messages of another queue arrived in
+/// 60 s (issue 34). Now the refused ones are retried on their own, their keys wait, and the other
+/// queue's messages, published once the refusals began, arrive at once; once the full queue is
+/// read, every refused one arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_holds_only_its_own_messages() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare_bounded("events", "full", 5);
+    rabbit.declare("events", "direct", "orders", "orders");
+    let (_pg, worker, db, _config) = worker_for(
+        &rabbit,
+        "events",
+        "[delivery]\nretry_initial = \"200ms\"\nretry_max = \"2s\"\n",
+        &[],
+    )
+    .await;
+    // 20 for the full queue first (keys f-0..f-3), then 60 for the other one.
+    db.batch_execute(
+        "SELECT count(outbox.publish('full', jsonb_build_object('i', i, 'key', 'f-' || i % 4), '{}', 'f-' || i % 4))
+           FROM generate_series(0, 19) AS i",
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the full queue refusing",
+        || async { worker.log().contains("nacked") },
+    )
+    .await;
+    publish_range(&db, "orders", 0, 60, 10, Storage::Mixed).await;
+
+    let started = std::time::Instant::now();
+    let orders = rabbit.drain_queue("orders", 60, Duration::from_secs(30));
+    check_delivery(&seen(&orders), 60);
+    eprintln!(
+        "60 messages of the other queue in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // Reading the full queue makes room: every refused message arrives, each key in order.
+    let full = rabbit.drain_queue("full", 20, Duration::from_secs(120));
+    let full: Vec<Seen> = seen(&full);
+    let mut by_key: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for s in &full {
+        by_key
+            .entry(s.key.clone().unwrap())
+            .or_default()
+            .push(s.payload["i"].as_u64().unwrap());
+    }
+    let distinct: std::collections::BTreeSet<&str> = full.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(distinct.len(), 20, "every refused message arrived");
+    for (key, order) in by_key {
+        let mut deduplicated = order.clone();
+        deduplicated.dedup();
+        assert!(
+            deduplicated.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order: {order:?}"
+        );
+    }
+}
+
+/// One message or one route the broker refuses is dead-lettered alone while the rest flows
+/// (issue 34, item 3). 0.2.1: a header named CC closed the channel and the worker exited on every
+/// restart; a route's exchange that does not exist stopped the worker; a 256-byte exchange name
+/// (a malformed frame) and a direct reply-to routing key (541) closed the connection and were
+/// retried for ever, holding the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_or_route_the_broker_refuses_is_dead_lettered_alone() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    let long = format!("long.{}", "q".repeat(130));
+    let (_pg, mut worker, db, _config) = worker_for(
+        &rabbit,
+        "events",
+        "[delivery]\nmax_attempts = 2\nretry_initial = \"50ms\"\n\
+             [[routes]]\nqueues = \"odd.*\"\nsink = \"amqp\"\nexchange = \"{queue}\"\n\
+             [[routes]]\nqueues = \"long.*\"\nsink = \"amqp\"\nexchange = \"{queue}{queue}\"\n\
+             [[routes]]\nqueues = \"rpc\"\nsink = \"amqp\"\nexchange = \"\"\n\
+             routing_key = \"amq.rabbitmq.reply-to.xx.yy\"\n\
+             [[routes]]\nqueues = \"*\"\nsink = \"amqp\"\n",
+        &[],
+    )
+    .await;
+    publish_range(&db, "orders", 0, 100, 5, Storage::Mixed).await;
+    db.batch_execute(&format!(
+        "SELECT outbox.publish('orders', '{{\"cc\": 1}}', '{{\"CC\": \"audit\"}}', 'k-0');
+         SELECT outbox.publish('orders', '{{\"bcc\": 1}}', '{{\"BCC\": \"audit\"}}', 'k-1');
+         SELECT outbox.publish('odd.missing', '{{\"missing\": 1}}', '{{}}', 'k-2');
+         SELECT outbox.publish('{long}', '{{\"long\": 1}}', '{{}}', 'k-3');
+         SELECT outbox.publish('rpc', '{{\"rpc\": 1}}', '{{}}', 'k-4');"
+    ))
+    .await
+    .unwrap();
+    publish_range(&db, "orders", 100, 100, 5, Storage::Mixed).await;
+
+    let orders = rabbit.drain_queue("orders", 200, Duration::from_secs(120));
+    check_delivery(&seen(&orders), 200);
+    let db = &db;
+    eventually(
+        Duration::from_secs(60),
+        "the five refused messages in the dead letters",
+        || async move { count(db, "SELECT count(*) FROM outbox.dead_letters").await == 5 },
+    )
+    .await;
+    let errors: Vec<(String, String)> = db
+        .query(
+            "SELECT queue, error FROM outbox.dead_letters ORDER BY failed_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (queue, error) in &errors {
+        let expected = match queue.as_str() {
+            "orders" => "sender-selected",
+            "odd.missing" => "no exchange 'odd.missing'",
+            "rpc" => "reply-to",
+            _ => "exchange name is 270 bytes",
+        };
+        assert!(error.contains(expected), "{queue}: {error}");
+    }
+    assert!(
+        worker.exited().is_none(),
+        "the worker went on: {}",
+        worker.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_exchange_stops_the_worker_with_a_hint() {
     let rabbit = RabbitMq::start();

@@ -156,7 +156,7 @@ async fn with_a_local_timeout_each_key_waits_for_its_timed_out_message() {
     .await;
     let log = worker.log();
     assert!(log.contains("one message in flight at a time"), "{log}");
-    assert!(log.contains("retrying them in order"), "{log}");
+    assert!(log.contains("retrying this message alone"), "{log}");
 }
 
 /// One 3 kB message, refused by the producer (`message.max.bytes = 2000`), in the middle of a

@@ -3,9 +3,11 @@
 //!
 //! The slot may be confirmed up to a transaction's commit end only when every message of that
 //! transaction and of all transactions before it has been acknowledged ([`tracker`]). A failed
-//! send pauses intake; once everything else in flight has settled, the failed messages are sent
-//! again in their original order after a backoff ([`window`]), so a broker outage neither drops
-//! nor reorders messages.
+//! send of a pipelined sink (Kafka) pauses intake; once everything else in flight has settled, the
+//! failed messages are sent again in their original order after a backoff ([`window`]), so a
+//! broker outage neither drops nor reorders messages. A per-key sink (RabbitMQ) has one message
+//! per key in flight: its failed send is retried after its own backoff while every other key and
+//! destination goes on, and only its key's later messages wait for it.
 
 mod keys;
 mod metrics;
@@ -21,7 +23,7 @@ use self::keys::KeyQueues;
 pub use self::metrics::dead_lettered as count_dead_letter;
 use self::metrics::SinkMetrics;
 pub use self::tracker::{AckTracker, TxId};
-use self::window::{Entry, Window};
+use self::window::{Entry, Event, Window};
 use crate::config::{DeliveryConfig, KeyOrdering};
 use crate::fatal::Fatal;
 use crate::lsn::Lsn;
@@ -156,6 +158,7 @@ impl Delivery {
         let entry = Entry {
             seq: self.next_seq,
             tx,
+            pipelined: self.targets[route.sink].keys.is_none(),
             route,
             message: Arc::new(message),
             attempts: 0,
@@ -192,47 +195,68 @@ impl Delivery {
     /// Cancel-safe: nothing is lost when the future is dropped at its await points (a settled send
     /// is handled without awaiting; a backoff cut short resumes where it was).
     pub async fn progress(&mut self) -> Result<Option<Undeliverable>, Fatal> {
-        if let Some((entry, result)) = self.window.next_settled().await {
-            return match result {
-                Ok(()) => {
-                    self.targets[entry.route.sink]
-                        .metrics
-                        .published(&entry.message);
-                    self.tracker.acked(entry.tx);
-                    self.acknowledged += 1;
-                    self.bytes_in_flight -= entry.message.size();
-                    self.next_of_key(entry.route.sink, entry.message.key.as_deref());
-                    self.advance();
-                    Ok(None)
-                }
-                Err(error) => self.failed(entry, error),
-            };
-        }
-        let Some(attempts) = self.window.parked_attempts() else {
-            return std::future::pending().await;
-        };
-        // The window has settled: back off, then send the failed messages again, in order.
-        let retry_at = match self.retry_at {
-            Some(at) => at,
-            None => {
-                let backoff = self.backoff(attempts);
-                if let Some((sink, error)) = self.last_error.take() {
-                    tracing::warn!(
-                        failed = self.window.len(), sink, %error, attempt = attempts,
-                        backoff = %humantime::format_duration(backoff),
-                        "sends failed; retrying them in order after a backoff"
-                    );
-                }
-                *self.retry_at.insert(tokio::time::Instant::now() + backoff)
+        // Parked pipelined sends go again once nothing else is in flight, after a backoff fixed
+        // once per round.
+        let round_at = match self.window.parked_attempts() {
+            Some(attempts) if self.window.nothing_in_flight() => {
+                Some(self.retry_round_at(attempts))
             }
+            _ => None,
         };
-        tokio::time::sleep_until(retry_at).await;
-        self.retry_at = None;
-        for entry in self.window.take_parked().collect::<Vec<_>>() {
-            self.targets[entry.route.sink].metrics.retried();
-            self.dispatch(entry);
+        let event = match round_at {
+            Some(at) => tokio::select! {
+                biased;
+                Some(event) = self.window.next_event() => event,
+                () = tokio::time::sleep_until(at) => {
+                    self.retry_at = None;
+                    for entry in self.window.take_parked().collect::<Vec<_>>() {
+                        self.targets[entry.route.sink].metrics.retried();
+                        self.dispatch(entry);
+                    }
+                    return Ok(None);
+                }
+            },
+            None => match self.window.next_event().await {
+                Some(event) => event,
+                None => return std::future::pending().await,
+            },
+        };
+        match event {
+            Event::Settled(entry, Ok(())) => {
+                self.targets[entry.route.sink]
+                    .metrics
+                    .published(&entry.message);
+                self.tracker.acked(entry.tx);
+                self.acknowledged += 1;
+                self.bytes_in_flight -= entry.message.size();
+                self.next_of_key(entry.route.sink, entry.message.key.as_deref());
+                self.advance();
+                Ok(None)
+            }
+            Event::Settled(entry, Err(error)) => self.failed(entry, error),
+            Event::RetryDue(entry) => {
+                self.targets[entry.route.sink].metrics.retried();
+                self.dispatch(entry);
+                Ok(None)
+            }
         }
-        Ok(None)
+    }
+
+    /// When the parked pipelined sends go again: fixed at the first call of a round (logging the
+    /// round once), so a `progress` dropped during the backoff resumes the same wait.
+    fn retry_round_at(&mut self, attempts: u32) -> tokio::time::Instant {
+        if let Some(at) = self.retry_at {
+            return at;
+        }
+        let backoff = self.backoff(attempts);
+        if let Some((sink, error)) = self.last_error.take() {
+            tracing::warn!(
+                failed = self.window.len(), sink, %error, attempt = attempts,
+                backoff = %humantime::format_duration(backoff),
+                "sends failed; retrying them in order after a backoff"
+            );
+        }
+        *self.retry_at.insert(tokio::time::Instant::now() + backoff)
     }
 
     /// A failed send: parked for a retry, or given up on after `max_attempts` permanent refusals.
@@ -273,8 +297,21 @@ impl Delivery {
                 error,
             }));
         }
-        self.last_error = Some((target.name.clone(), error));
-        self.window.park(entry);
+        if entry.pipelined {
+            self.last_error = Some((target.name.clone(), error));
+            self.window.park(entry);
+        } else {
+            let backoff = self.backoff(entry.attempts);
+            if entry.attempts == 1 {
+                tracing::warn!(
+                    id = %entry.message.id, queue = %entry.message.queue, sink = target.name,
+                    destination = %entry.route.destination, %error,
+                    "send failed; retrying this message alone (later ones of its key wait for it, \
+                     everything else goes on)"
+                );
+            }
+            self.window.back_off(entry, backoff);
+        }
         Ok(None)
     }
 
@@ -449,6 +486,53 @@ mod tests {
         }
         assert_eq!(by_key["k-0"], [0, 3, 6]);
         assert_eq!(by_key["k-1"], [1, 4, 7]);
+        assert_eq!(delivery.confirmed(), Some(END));
+    }
+
+    /// 0.2.1 paused intake at any failed send until it was acknowledged: one message a broker
+    /// kept refusing (a RabbitMQ queue at its length limit) held every other queue. Per key, only
+    /// its own key waits.
+    #[tokio::test(start_paused = true)]
+    async fn per_key_a_refused_message_holds_only_its_own_key() {
+        let sink = ScriptedSink::new();
+        sink.on_id(Uuid::from_u128(0), Step::Reject(transient()), Some(3));
+        // Room for key k-0's ten messages and one more: the other keys' go through that one.
+        let (mut delivery, route) = delivery(&sink, 12, 5);
+        let tx = delivery.begin();
+        let mut next = 0;
+        while next < 30 || !delivery.is_idle() {
+            if next < 30 && delivery.can_accept() {
+                delivery.send(tx, route.clone(), keyed(next, &format!("k-{}", next % 3)));
+                next += 1;
+                if next == 30 {
+                    delivery.commit(tx, END);
+                }
+                continue;
+            }
+            assert!(delivery.progress().await.expect("no sink closed").is_none());
+        }
+        let stored = sink.stored();
+        let first_of_k0 = stored.iter().position(|s| s.id.as_u128() == 0).unwrap();
+        let others: Vec<u128> = stored[..first_of_k0]
+            .iter()
+            .map(|s| s.id.as_u128())
+            .collect();
+        assert_eq!(
+            others.len(),
+            20,
+            "every message of the other keys went while message 0 was refused: {others:?}"
+        );
+        let k0: Vec<u128> = stored
+            .iter()
+            .map(|s| s.id.as_u128())
+            .filter(|n| n % 3 == 0)
+            .collect();
+        assert_eq!(
+            k0,
+            (0..30).step_by(3).collect::<Vec<_>>(),
+            "its key kept its order"
+        );
+        assert_eq!(sink.attempts(Uuid::from_u128(0)), 4);
         assert_eq!(delivery.confirmed(), Some(END));
     }
 

@@ -209,18 +209,23 @@ async fn publish_loop(
                 .send(Err(SinkError::Permanent(format!("amqp: {problem}"))));
             continue;
         }
+        // Opening the channel declares the sink's own exchange: what fails there is the sink's.
         let channel = match session.channel(&config).await {
             Ok(channel) => channel.clone(),
             Err(e) => {
-                let _ = p.ack.send(Err(classify(
-                    &e,
-                    p.message.payload.as_bytes().len(),
-                    "cannot connect",
-                )));
+                let sink_itself = Suspect {
+                    payload_len: p.message.payload.as_bytes().len(),
+                    exchange: &config.exchange,
+                    own_exchange: true,
+                };
+                let _ = p
+                    .ack
+                    .send(Err(classify(&e, &sink_itself, "cannot connect")));
                 continue;
             }
         };
-        let mut publish = Box::pin(publish(channel, p));
+        let own_exchange = *p.exchange == *config.exchange;
+        let mut publish = Box::pin(publish(channel, p, own_exchange));
         // lapin numbers the message and queues its frames before its first await: one poll here
         // puts them on the wire in call order. The socket write and the broker's confirm complete
         // later, so the next message does not wait for this one's write.
@@ -239,12 +244,17 @@ async fn publish_loop(
 }
 
 /// Publishes one message and waits for the broker's confirm.
-async fn publish(channel: Channel, p: Publish) -> Settled {
+async fn publish(channel: Channel, p: Publish, own_exchange: bool) -> Settled {
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
     };
     let payload = p.message.payload.as_bytes();
+    let suspect = Suspect {
+        payload_len: payload.len(),
+        exchange: &p.exchange,
+        own_exchange,
+    };
     let result = match channel
         .basic_publish(&p.exchange, &p.routing_key, options, payload, p.properties)
         .await
@@ -261,9 +271,9 @@ async fn publish(channel: Channel, p: Publish) -> Settled {
             Ok(Confirmation::NotRequested) => Err(SinkError::Transient(
                 "amqp: the channel is not in confirm mode".into(),
             )),
-            Err(e) => Err(classify(&e, payload.len(), "the broker closed the channel")),
+            Err(e) => Err(classify(&e, &suspect, "the broker closed the channel")),
         },
-        Err(e) => Err(classify(&e, payload.len(), "cannot publish")),
+        Err(e) => Err(classify(&e, &suspect, "cannot publish")),
     };
     Settled {
         id: p.message.id.to_string(),
@@ -280,27 +290,59 @@ fn returned_message(r: &BasicReturnMessage) -> (Option<String>, String) {
     )
 }
 
+/// The message a channel-closing refusal may be about: what tells it apart from the others in
+/// flight on the channel, all of which fail with the same reply.
+struct Suspect<'a> {
+    payload_len: usize,
+    exchange: &'a str,
+    /// The exchange is the sink's own (`exchange` in its settings), not a route's.
+    own_exchange: bool,
+}
+
 /// What a channel-closing reply code means for the message whose confirm it failed. The broker
 /// closes the channel on the first bad publish and every confirm pending on it fails with the same
-/// code, so a refusal for size counts as permanent only for the message of that size.
-fn classify(error: &lapin::Error, payload_len: usize, context: &str) -> SinkError {
+/// code, so a refusal names its culprit where it can: a size refusal counts as permanent only for
+/// the message of that size, a missing or forbidden exchange only for the messages sent to it.
+/// Only a refusal of the sink's own exchange, credentials or virtual host stops the worker.
+fn classify(error: &lapin::Error, suspect: &Suspect<'_>, context: &str) -> SinkError {
     let lapin::Error::ProtocolError(amqp) = error else {
         return SinkError::Transient(format!("amqp: {context}: {error}"));
     };
     let text = amqp.get_message().as_str();
     let described = format!("amqp: {context}: {} {text}", amqp.get_id());
     let stop = |hint: &str| SinkError::Closed(format!("{described}: {hint}"));
+    let innocent = || {
+        SinkError::Transient(format!(
+            "{described} (another message's; this one is re-sent)"
+        ))
+    };
+    let about_another_exchange = named_exchange(text).is_some_and(|named| {
+        named != suspect.exchange && !(named == "amq.default" && suspect.exchange.is_empty())
+    });
     match amqp.kind() {
         AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => match refused_size(text) {
-            Some(size) if size != payload_len => SinkError::Transient(format!(
-                "{described} (another message's; this one is re-sent)"
-            )),
+            Some(size) if size != suspect.payload_len => innocent(),
             Some(_) => SinkError::Permanent(described),
             // Not about a message: the sink's own settings (declare_exchange of another kind than
             // the existing exchange, say). Every message would meet it.
             None => stop("the broker refuses this sink's settings; fix them (declare_exchange?)"),
         },
         AMQPErrorKind::Soft(AMQPSoftError::CONTENTTOOLARGE) => SinkError::Permanent(described),
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED)
+            if about_another_exchange =>
+        {
+            innocent()
+        }
+        // A route's exchange: that route's messages are refused (and dead-lettered), the others
+        // go on.
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED)
+            if !suspect.own_exchange =>
+        {
+            SinkError::Permanent(format!(
+                "{described}: create the exchange or give the user write permission on it, then \
+                 redrive"
+            ))
+        }
         AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
             stop("create the exchange (or set declare_exchange)")
         }
@@ -320,6 +362,29 @@ fn classify(error: &lapin::Error, payload_len: usize, context: &str) -> SinkErro
 /// properties travel in one frame (a broker closes the whole connection on a bigger one).
 fn unsendable(p: &Publish, frame_max: Option<usize>) -> Option<String> {
     const SHORT: usize = 255;
+    if p.exchange.len() > SHORT {
+        return Some(format!(
+            "the exchange name is {} bytes, over AMQP's 255",
+            p.exchange.len()
+        ));
+    }
+    // Direct reply-to pseudo-queues exist only for a live RPC caller's channel; RabbitMQ closes
+    // the whole connection on a publish to one that does not decode.
+    if p.exchange.is_empty() && p.routing_key.starts_with("amq.rabbitmq.reply-to") {
+        return Some(format!(
+            "routing key {:?} is a direct reply-to pseudo-queue, which only an RPC caller's \
+             channel can be sent to",
+            &p.routing_key[..p.routing_key.floor_char_boundary(60)]
+        ));
+    }
+    // RabbitMQ reads headers named CC and BCC as extra routing keys (sender-selected
+    // distribution, a list), and closes the channel on a text value.
+    if let Some(name) = p.message.headers.keys().find(|k| *k == "CC" || *k == "BCC") {
+        return Some(format!(
+            "header {name} is RabbitMQ's sender-selected distribution (a list of routing keys), \
+             which a text value cannot be; rename the header"
+        ));
+    }
     if p.routing_key.len() > SHORT {
         return Some(format!(
             "the routing key is {} bytes, over AMQP's 255",
@@ -350,6 +415,12 @@ fn unsendable(p: &Publish, frame_max: Option<usize>) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// The exchange a refusal names: "no exchange 'x' in vhost '/'", "write access to exchange 'x'".
+fn named_exchange(text: &str) -> Option<&str> {
+    let rest = &text[text.find("exchange '")? + "exchange '".len()..];
+    rest.get(..rest.find('\'')?)
 }
 
 /// The body size in RabbitMQ's "message size 20971520 is larger than configured max size …".
@@ -424,6 +495,49 @@ mod tests {
 
     use super::*;
 
+    fn suspect(payload_len: usize, exchange: &str, own_exchange: bool) -> Suspect<'_> {
+        Suspect {
+            payload_len,
+            exchange,
+            own_exchange,
+        }
+    }
+
+    /// A route's missing or forbidden exchange refuses that route's messages (dead-lettered); the
+    /// other messages on the closed channel are re-sent; only the sink's own exchange stops it.
+    #[test]
+    fn a_refused_exchange_is_the_fault_of_the_messages_sent_to_it() {
+        for (code, text) in [
+            (AMQPSoftError::NOTFOUND, "NOT_FOUND - no exchange 'events.odd' in vhost '/'"),
+            (
+                AMQPSoftError::ACCESSREFUSED,
+                "ACCESS_REFUSED - write access to exchange 'events.odd' in vhost '/' refused for user 'u'",
+            ),
+        ] {
+            let error = closed(AMQPErrorKind::Soft(code), text);
+            assert!(matches!(
+                classify(&error, &suspect(1, "events.odd", false), "x"),
+                SinkError::Permanent(_)
+            ));
+            assert!(matches!(
+                classify(&error, &suspect(1, "events", true), "x"),
+                SinkError::Transient(_)
+            ));
+            assert!(matches!(
+                classify(&error, &suspect(1, "events.odd", true), "x"),
+                SinkError::Closed(_)
+            ));
+        }
+        let default = closed(
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+            "ACCESS_REFUSED - write access to exchange 'amq.default' in vhost '/' refused for user 'u'",
+        );
+        assert!(matches!(
+            classify(&default, &suspect(1, "", true), "x"),
+            SinkError::Closed(_)
+        ));
+    }
+
     fn closed(kind: AMQPErrorKind, text: &str) -> lapin::Error {
         lapin::Error::ProtocolError(AMQPError::new(kind, text.into()))
     }
@@ -435,11 +549,11 @@ mod tests {
             "PRECONDITION_FAILED - message size 20971520 is larger than configured max size 16777216",
         );
         assert!(matches!(
-            classify(&error, 20_971_520, "x"),
+            classify(&error, &suspect(20_971_520, "events", true), "x"),
             SinkError::Permanent(_)
         ));
         assert!(matches!(
-            classify(&error, 100, "x"),
+            classify(&error, &suspect(100, "events", true), "x"),
             SinkError::Transient(_)
         ));
     }
@@ -468,7 +582,9 @@ mod tests {
                 "virtual host",
             ),
         ] {
-            let SinkError::Closed(message) = classify(&closed(kind, text), 1, "x") else {
+            let SinkError::Closed(message) =
+                classify(&closed(kind, text), &suspect(1, "x", true), "x")
+            else {
                 panic!("{text}: not closed")
             };
             assert!(
@@ -510,6 +626,19 @@ mod tests {
         let problem = unsendable(&publish(&[("h", &big)]), Some(131_072)).unwrap();
         assert!(problem.contains("frame_max"), "{problem}");
         assert!(unsendable(&publish(&[("content-type", &"t".repeat(300))]), None).is_some());
+        for name in ["CC", "BCC"] {
+            let problem = unsendable(&publish(&[(name, "other-queue")]), None).unwrap();
+            assert!(problem.contains("sender-selected"), "{problem}");
+        }
+        assert!(unsendable(&publish(&[("cc", "v")]), None).is_none());
+        let mut reply_to = publish(&[]);
+        reply_to.routing_key = "amq.rabbitmq.reply-to.xx.yy".into();
+        assert!(unsendable(&reply_to, None).unwrap().contains("reply-to"));
+        let mut long_exchange = publish(&[]);
+        long_exchange.exchange = "e".repeat(256).into();
+        assert!(unsendable(&long_exchange, None)
+            .unwrap()
+            .contains("exchange name"));
     }
 
     #[test]
@@ -518,9 +647,16 @@ mod tests {
             AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
             "CONNECTION_FORCED - shutdown",
         );
-        assert!(matches!(classify(&error, 1, "x"), SinkError::Transient(_)));
         assert!(matches!(
-            classify(&lapin::Error::MissingHeartbeatError, 1, "x"),
+            classify(&error, &suspect(1, "x", true), "x"),
+            SinkError::Transient(_)
+        ));
+        assert!(matches!(
+            classify(
+                &lapin::Error::MissingHeartbeatError,
+                &suspect(1, "x", true),
+                "x"
+            ),
             SinkError::Transient(_)
         ));
     }
