@@ -176,20 +176,31 @@ fn on_signal(shutdown: CancellationToken, shutdown_timeout: Duration) {
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        // The stop and its deadline start before anything is logged: a log line can block (stderr
+        // a full pipe nobody reads) and must not hold them.
         shutdown.cancel();
         // A plain thread: it must fire even if every runtime worker is blocked.
         std::thread::spawn(move || {
-            std::thread::sleep(shutdown_timeout + STOP_GRACE);
-            tracing::warn!(
-                "the stop took longer than shutdown_timeout; exiting now (unconfirmed messages are \
-                 delivered again by the next run)"
-            );
+            // Exits a little before the promised bound, which the exit itself takes time to meet.
+            const WARNING: Duration = Duration::from_millis(50);
+            const MARGIN: Duration = Duration::from_millis(200);
+            std::thread::sleep((shutdown_timeout + STOP_GRACE).saturating_sub(WARNING + MARGIN));
+            // Its warning may block like any log line: it gets a thread of its own, and the exit
+            // waits for it a moment at most.
+            std::thread::spawn(|| {
+                tracing::warn!(
+                    "the stop took longer than shutdown_timeout; exiting now (unconfirmed \
+                     messages are delivered again by the next run)"
+                );
+            });
+            std::thread::sleep(WARNING);
             std::process::exit(0);
         });
+        tracing::info!("{name} received");
     });
 }
 

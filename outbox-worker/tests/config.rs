@@ -153,6 +153,36 @@ fn invalid_librdkafka_property_value() {
     );
 }
 
+/// 0.2.1 took `acks = 0` (0 of 30 messages arrived while the slot was confirmed past them),
+/// `partitioner = "random"` silently, and `acks = 1` only to fail at start with exit status 1.
+#[test]
+fn kafka_properties_that_break_the_outboxs_promises() {
+    for (property, value, expected) in [
+        ("acks", "0", "only acks = \"all\""),
+        ("acks", "1", "only acks = \"all\""),
+        ("request.required.acks", "1", "only acks = \"all\""),
+        ("partitioner", "random", "lose their order"),
+    ] {
+        rejects(
+            Some(&format!(
+                "[sinks.k]\ntype = \"kafka\"\nbrokers = \"localhost:9092\"\n[sinks.k.properties]\n\"{property}\" = \"{value}\"\n"
+            )),
+            url(),
+            &[],
+            &[&format!("sinks.k.properties.{property} = \"{value}\""), expected],
+        );
+    }
+    for (property, value) in [("acks", "all"), ("acks", "-1"), ("partitioner", "murmur2")] {
+        let toml = format!(
+            "[sinks.k]\ntype = \"kafka\"\nbrokers = \"localhost:9092\"\n[sinks.k.properties]\n\"{property}\" = \"{value}\"\n"
+        );
+        assert!(
+            load(Some(&toml), url(), &[]).is_ok(),
+            "{property} = {value}"
+        );
+    }
+}
+
 #[test]
 fn empty_kafka_brokers() {
     rejects(

@@ -97,6 +97,31 @@ impl Worker {
         }
     }
 
+    /// Starts `outbox-worker ARGS` with its stdout and stderr both writing to one pipe, whose
+    /// reading end is returned: keep it and never read it, and both block once it is full.
+    pub fn start_into_one_pipe<S: AsRef<std::ffi::OsStr>>(
+        args: &[S],
+    ) -> (Worker, std::io::PipeReader) {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let dir = tempfile::Builder::new()
+            .prefix("outbox_worker")
+            .tempdir()
+            .unwrap();
+        let child = Command::new(binary())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(writer.try_clone().expect("pipe"))
+            .stderr(writer)
+            .spawn()
+            .expect("spawn outbox-worker");
+        let worker = Worker {
+            child: Some(child),
+            log: dir.path().join("stderr.log"),
+            _dir: dir,
+        };
+        (worker, reader)
+    }
+
     /// A config file that lives as long as the returned handle.
     pub fn config_file(toml: &str) -> tempfile::NamedTempFile {
         let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();

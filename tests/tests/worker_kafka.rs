@@ -277,3 +277,47 @@ async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_ra
         "the redriven message arrived with its id"
     );
 }
+
+/// A route to a topic the cluster does not have, with auto-creation off (the tests' brokers, as in
+/// production): librdkafka gives up on it after `topic.metadata.propagation.max.ms`, the message
+/// is dead-lettered after `max_attempts` naming the topic, the warning names the topic and the
+/// queue (0.2.1 named neither), and every other queue's messages arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_the_cluster_does_not_have_is_dead_lettered_and_named() {
+    let kafka = KafkaBroker::start(&[("orders", 2)]);
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(
+        "[delivery]\nmax_attempts = 2\nretry_initial = \"50ms\"\n\
+         [sinks.kafka.properties]\n\"topic.metadata.propagation.max.ms\" = 2000\n",
+    );
+    let worker = Worker::start(
+        &kafka_args(&pg.url(), &kafka.brokers(), config.path()),
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    publish_range(&db, "orders", 0, 100, 5, Storage::Mixed).await;
+    db.batch_execute("SELECT outbox.publish('billing', '{\"missing\": 1}', '{}', 'b-0')")
+        .await
+        .unwrap();
+    publish_range(&db, "orders", 100, 100, 5, Storage::Mixed).await;
+
+    let records = read(kafka.brokers(), "orders", 200).await;
+    check_delivery(&seen(&records), 200);
+    eventually(
+        Duration::from_secs(60),
+        "the billing message dead-lettered",
+        || async { count(&db, "SELECT count(*) FROM outbox.dead_letters").await == 1 },
+    )
+    .await;
+    let (_, destination, error, attempts) = only_dead_letter(&db).await;
+    assert_eq!(destination, "kafka:billing");
+    assert!(error.contains("Unknown topic"), "{error}");
+    // Two refusals for good; a transient failure may come first (metadata not yet fetched).
+    assert!(attempts >= 2, "{attempts}");
+    let log = worker.log();
+    assert!(
+        log.contains("destination=\"billing\"") && log.contains("queue=\"billing\""),
+        "the warning names the topic and the queue:\n{log}"
+    );
+}

@@ -61,6 +61,26 @@ async fn a_stdout_reader_that_never_reads_does_not_hold_the_stop() {
     stops_in_time(&mut worker);
 }
 
+/// stdout and stderr on one pipe nobody reads: 0.2.1's signal handler logged "SIGTERM received"
+/// before it started the stop, so it blocked on the full pipe and the stop never began (40 s and
+/// more, issue 34).
+#[tokio::test(flavor = "multi_thread")]
+async fn stdout_and_stderr_on_one_unread_pipe_do_not_hold_the_stop() {
+    let pg = PgCluster::start().await;
+    let config = config();
+    let (mut worker, _unread) = Worker::start_into_one_pipe(&config_args(&pg.url(), config.path()));
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    db.batch_execute(
+        "SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'pad', repeat('x', 1000))))
+           FROM generate_series(1, 2000) AS i",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stops_in_time(&mut worker);
+}
+
 /// 0.2.0 took 40 s with the default 30 s timeout: the drain, then a 10 s flush.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kafka_cluster_that_is_down_does_not_hold_the_stop() {

@@ -124,7 +124,30 @@ impl KafkaSinkConfig {
                     "enable.idempotence = false: retries may reorder and duplicate messages"
                 );
             }
+            unsafe_for_the_outbox(&key, &value)
+                .map_err(|e| format!("properties.{key} = {shown}: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// Properties librdkafka accepts that would break what the worker promises.
+fn unsafe_for_the_outbox(key: &str, value: &str) -> Result<(), String> {
+    let value = value.trim().to_ascii_lowercase();
+    match key {
+        // The slot is confirmed once Kafka acknowledged: an acknowledgement from the leader alone
+        // (1) can still be lost with it, and 0 acknowledges what was never sent.
+        "acks" | "request.required.acks" if value != "all" && value != "-1" => Err(
+            "the worker confirms the slot for what Kafka acknowledged, so an acknowledgement must \
+             mean written to every in-sync replica: only acks = \"all\" (the default) is allowed"
+                .into(),
+        ),
+        // Not by key: one key's messages would spread over partitions and lose their order.
+        "partitioner" if value == "random" => Err(
+            "messages of one key would spread over partitions and lose their order; use a \
+             partitioner that hashes the key (murmur2_random, the default, as Java's producer)"
+                .into(),
+        ),
+        _ => Ok(()),
     }
 }

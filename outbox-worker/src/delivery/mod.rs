@@ -45,6 +45,14 @@ pub struct Undeliverable {
     pub error: SinkError,
 }
 
+/// A failed send as the retry round's warning names it.
+struct LastError {
+    sink: String,
+    destination: String,
+    queue: String,
+    error: SinkError,
+}
+
 /// A sink with its name, metric handles and, when it sends one message per key at a time, the
 /// messages waiting for their key.
 struct Target {
@@ -67,8 +75,8 @@ pub struct Delivery {
     dead_lettered: u64,
     /// Highest commit end whose transaction and all before it are acknowledged.
     confirmed: Option<Lsn>,
-    /// The latest failure (sink name, error), reported once per retry round.
-    last_error: Option<(String, SinkError)>,
+    /// The latest failure, reported once per retry round.
+    last_error: Option<LastError>,
     /// When the parked sends go again: fixed once per round, so a `progress` dropped during the
     /// backoff resumes the same wait instead of starting a new one.
     retry_at: Option<tokio::time::Instant>,
@@ -249,9 +257,15 @@ impl Delivery {
             return at;
         }
         let backoff = self.backoff(attempts);
-        if let Some((sink, error)) = self.last_error.take() {
+        if let Some(LastError {
+            sink,
+            destination,
+            queue,
+            error,
+        }) = self.last_error.take()
+        {
             tracing::warn!(
-                failed = self.window.len(), sink, %error, attempt = attempts,
+                failed = self.window.len(), sink, destination, queue, %error, attempt = attempts,
                 backoff = %humantime::format_duration(backoff),
                 "sends failed; retrying them in order after a backoff"
             );
@@ -298,7 +312,12 @@ impl Delivery {
             }));
         }
         if entry.pipelined {
-            self.last_error = Some((target.name.clone(), error));
+            self.last_error = Some(LastError {
+                sink: target.name.clone(),
+                destination: entry.route.destination.to_string(),
+                queue: entry.message.queue.clone(),
+                error,
+            });
             self.window.park(entry);
         } else {
             let backoff = self.backoff(entry.attempts);

@@ -214,12 +214,15 @@ fn headers(message: &Message) -> OwnedHeaders {
     headers
 }
 
-/// Permanent: the broker (or librdkafka, before sending) refuses these bytes for good.
+/// Permanent: the broker (or librdkafka, before sending) refuses these bytes for good. A topic
+/// the cluster does not have (auto-creation off) is the route's fault: librdkafka gives up on it
+/// after `topic.metadata.propagation.max.ms` (30 s by default).
 fn classify(error: KafkaError) -> SinkError {
     use RDKafkaErrorCode::*;
     match error.rdkafka_error_code() {
         Some(
             MessageSizeTooLarge
+            | UnknownTopic
             | InvalidTopic
             | TopicAuthorizationFailed
             | ClusterAuthorizationFailed
