@@ -152,13 +152,17 @@ pub struct JsonLine<'a> {
     pub tail: String,
 }
 
+/// What a quarantine keeps of a message's raw content (its length is in the reason).
+pub const QUARANTINE_KEEP: usize = 64 * 1024;
+
 /// Something in the outbox's place that `outbox.publish` did not write: kept in the dead letters,
 /// never delivered.
 #[derive(Debug, PartialEq)]
 pub struct Quarantined {
     /// What the message claimed, when it could be read.
     pub id: Option<Uuid>,
-    /// The raw content (wal form) or the row's values (table form).
+    /// The start of the raw content (wal form) or of the row's values (table form): at most
+    /// [`QUARANTINE_KEEP`] bytes, so a forged message of up to 1 GB costs no more than its frame.
     pub raw: Vec<u8>,
     pub reason: String,
     pub commit_lsn: Lsn,

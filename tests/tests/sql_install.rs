@@ -342,6 +342,97 @@ async fn an_upgrade_under_load_fails_no_publish() {
     );
 }
 
+/// A role with no grant emits a 100 MB message under pg_outbox's prefix (open to it where the
+/// SQL install is used). 0.2.1 quarantined it whole: +648 MB RSS for 128 MB and 128 MB into
+/// `outbox.dead_letters`, repeatably (issue 34, item 5). The quarantine keeps the first 64 kB and
+/// says how long it was; the worker holds the replication frame and little else, and goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_forged_message_is_quarantined_as_a_bounded_prefix() {
+    const MB: u64 = 100;
+    let pg = PgCluster::start_sql_install().await;
+    let db = pg.superuser().await;
+    db.batch_execute("GRANT outbox_operator TO installer; CREATE ROLE stranger LOGIN;")
+        .await
+        .unwrap();
+    let (_dir, out) = stdout_file();
+    let args = ["run", "--postgres-url", &pg.url_of("installer", "postgres")];
+    let worker = Worker::start(&args, Some(&out));
+    pg.wait_for_slot(&db).await;
+    let rss = |field: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", worker.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            / 1024
+    };
+    let before = rss("VmRSS:");
+    let stranger = pg.connect_as("stranger").await;
+    for _ in 0..2 {
+        stranger
+            .batch_execute(&format!(
+                "SELECT pg_logical_emit_message(true, 'pg_outbox', repeat('x', {}))",
+                MB * 1024 * 1024
+            ))
+            .await
+            .unwrap();
+    }
+    db.batch_execute("SELECT outbox.publish('orders', '{\"after\": 1}', '{}', 'k')")
+        .await
+        .unwrap();
+    let db = &db;
+    eventually(
+        Duration::from_secs(120),
+        "both forged messages quarantined",
+        || async move {
+            count(
+                db,
+                "SELECT count(*) FROM outbox.dead_letters WHERE destination = 'quarantine'",
+            )
+            .await
+                == 2
+        },
+    )
+    .await;
+    let out = out.clone();
+    eventually(
+        Duration::from_secs(60),
+        "the next message delivered",
+        || {
+            let out = out.clone();
+            async move { std::fs::read_to_string(&out).is_ok_and(|s| s.contains("\"after\"")) }
+        },
+    )
+    .await;
+    let kept: Vec<(i32, String)> = db
+        .query(
+            "SELECT length(payload_bytes), error FROM outbox.dead_letters WHERE destination = 'quarantine'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (length, error) in &kept {
+        assert_eq!(*length, 64 * 1024, "{error}");
+        assert!(
+            error.contains(&format!("content of {} bytes", MB * 1024 * 1024)),
+            "{error}"
+        );
+    }
+    let peak = rss("VmHWM:");
+    eprintln!("{MB} MB forged twice: RSS {before} MB before, peak {peak} MB");
+    assert!(
+        peak - before <= 2 * MB + 50,
+        "peak RSS grew by {} MB for a {MB} MB message:\n{}",
+        peak - before,
+        worker.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_delivers_from_it_through_a_sigkill_and_refuses_forged_wal_messages() {
     const TOTAL: u64 = 5_000;

@@ -16,8 +16,9 @@ use super::decode::{
 use super::pgoutput::{self, Change};
 use crate::config::{Config, FailoverSlot};
 use crate::lsn::Lsn;
-use crate::message::{Message, Quarantined};
+use crate::message::{Message, Quarantined, QUARANTINE_KEEP};
 use crate::pg::ServerError;
+use std::fmt::Write as _;
 
 #[derive(Debug, Error)]
 pub enum SourceError {
@@ -172,14 +173,18 @@ impl ReplicationSource {
                         if e.is_newer_version() {
                             return Err(e.into());
                         }
-                        return Ok(self.checked(Err(e), || content.to_vec()));
+                        return Ok(self.checked(Err(e), || kept(&content)));
                     }
-                    return Ok(self.checked(decoded, || content.to_vec()));
+                    return Ok(self.checked(decoded, || kept(&content)));
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     if let Some((decoded, values)) = self.decode_change(&data)? {
-                        // The raw values are formatted only for a quarantine.
-                        return Ok(self.checked(decoded, || format!("{values:?}").into_bytes()));
+                        // The raw values are formatted only for a quarantine, and only so far.
+                        return Ok(self.checked(decoded, || {
+                            let mut text = Capped::default();
+                            let _ = write!(text, "{values:?}");
+                            (text.kept.into_bytes(), text.len)
+                        }));
                     }
                 }
                 // Other prefixes, non-transactional messages (never written by pg_outbox: they
@@ -189,11 +194,12 @@ impl ReplicationSource {
         }
     }
 
-    /// A decoded message that keeps the publish rules, or its quarantine.
+    /// A decoded message that keeps the publish rules, or its quarantine. `raw` gives the start
+    /// of the raw content and its whole length.
     fn checked(
         &mut self,
         decoded: Result<Message, EnvelopeError>,
-        raw: impl FnOnce() -> Vec<u8>,
+        raw: impl FnOnce() -> (Vec<u8>, usize),
     ) -> SourceEvent {
         self.seen_in_tx += 1;
         match decoded.and_then(|m| check_publish_rules(&m).map(|()| m)) {
@@ -201,13 +207,23 @@ impl ReplicationSource {
                 message.committed_at = self.committed_at;
                 SourceEvent::Message(message)
             }
-            Err(e) => SourceEvent::Quarantine(Quarantined {
-                id: e.claimed_id(),
-                raw: raw(),
-                reason: e.to_string(),
-                commit_lsn: self.commit_lsn,
-                position: self.seen_in_tx,
-            }),
+            Err(e) => {
+                let (raw, len) = raw();
+                let mut reason = e.to_string();
+                if len > raw.len() {
+                    reason.push_str(&format!(
+                        " (content of {len} bytes; its first {} kept)",
+                        raw.len()
+                    ));
+                }
+                SourceEvent::Quarantine(Quarantined {
+                    id: e.claimed_id(),
+                    raw,
+                    reason,
+                    commit_lsn: self.commit_lsn,
+                    position: self.seen_in_tx,
+                })
+            }
         }
     }
 
@@ -318,4 +334,31 @@ fn replication_config(
         .with_application_name("outbox-worker")
         // The row decoder reads timestamptz and bytea text in these formats.
         .with_options("-c datestyle=ISO -c timezone=UTC -c bytea_output=hex"))
+}
+
+/// The start of a message's content that a quarantine keeps, and its whole length.
+fn kept(content: &[u8]) -> (Vec<u8>, usize) {
+    (
+        content[..content.len().min(QUARANTINE_KEEP)].to_vec(),
+        content.len(),
+    )
+}
+
+/// Text that keeps its first [`QUARANTINE_KEEP`] bytes (on a character boundary) and counts the
+/// rest.
+#[derive(Default)]
+struct Capped {
+    kept: String,
+    len: usize,
+}
+
+impl std::fmt::Write for Capped {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.len += s.len();
+        let room = QUARANTINE_KEEP.saturating_sub(self.kept.len());
+        if room > 0 {
+            self.kept.push_str(&s[..s.floor_char_boundary(room)]);
+        }
+        Ok(())
+    }
 }
