@@ -97,6 +97,54 @@ async fn a_message_over_the_brokers_size_limit_is_dead_lettered_and_the_rest_del
     assert!(worker.exited().is_none(), "{}", worker.log());
 }
 
+/// RabbitMQ closes the channel on a message over its `max_message_size`, and every unconfirmed
+/// message on it is sent again (duplicates). 0.2.1 sent every oversize message, each attempt
+/// closing the channel (1,153 duplicates of 959 messages under load, issue 34, item 4); the
+/// broker does not announce its limit, so the sink learns it from the first refusal and refuses
+/// later oversize messages itself: one channel closed for five oversize messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_first_oversize_message_reaches_the_broker() {
+    let rabbit = RabbitMq::start_configured("max_message_size = 1048576\n");
+    rabbit.declare("events", "direct", "orders", "orders");
+    let (_pg, worker, db, _config) = worker_for(
+        &rabbit,
+        "events",
+        "[delivery]\nmax_attempts = 3\nretry_initial = \"50ms\"\n",
+        &[],
+    )
+    .await;
+    db.batch_execute("ALTER DATABASE postgres SET pg_outbox.max_message_size = '4MB'")
+        .await
+        .unwrap();
+    // The setting applies to new sessions.
+    let db = _pg.superuser().await;
+    for round in 0..5 {
+        publish_range(&db, "orders", round * 100, 100, 10, Storage::Mixed).await;
+        db.batch_execute(
+            "SELECT outbox.publish('orders', jsonb_build_object('oversize', repeat('x', 2 * 1024 * 1024)), '{}', 'big')",
+        )
+        .await
+        .unwrap();
+    }
+    let orders = rabbit.drain_queue("orders", 500, Duration::from_secs(120));
+    let tally = check_delivery(&seen(&orders), 500);
+    let db = &db;
+    eventually(
+        Duration::from_secs(60),
+        "five dead letters",
+        || async move { count(db, "SELECT count(*) FROM outbox.dead_letters").await == 5 },
+    )
+    .await;
+    let log = worker.log();
+    let refusals = log
+        .lines()
+        // lapin logs each channel the broker closes.
+        .filter(|l| l.contains("Channel closed") && l.contains("larger than configured max size"))
+        .count();
+    eprintln!("5 oversize messages: {refusals} channels closed by the broker, {tally:?}");
+    assert_eq!(refusals, 1, "{log}");
+}
+
 /// A queue at its length limit with `x-overflow = reject-publish` nacks every message for it.
 /// 0.2.1 paused all intake behind the first nack: 21 of 60 messages of another queue arrived in
 /// 60 s (issue 34). Now the refused ones are retried on their own, their keys wait, and the other

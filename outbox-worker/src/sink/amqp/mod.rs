@@ -10,7 +10,7 @@
 
 mod confirms;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -191,6 +191,10 @@ async fn publish_loop(
     connected: Arc<AtomicBool>,
 ) {
     let mut session = Session::default();
+    // The broker's max_message_size, once a refusal has told it: later messages over it are
+    // refused here, so that only the first costs a closed channel (and re-sends of the messages
+    // in flight on it). RabbitMQ does not announce the limit.
+    let broker_max = Arc::new(AtomicUsize::new(usize::MAX));
     let mut confirms = Confirms::default();
     loop {
         connected.store(session.can_deliver(), Ordering::Release);
@@ -203,6 +207,15 @@ async fn publish_loop(
                 Next::Stop => return,
             },
         };
+        let size = p.message.payload.as_bytes().len();
+        let max = broker_max.load(Ordering::Relaxed);
+        if size > max {
+            let _ = p.ack.send(Err(SinkError::Permanent(format!(
+                "amqp: the message is {size} bytes, over the broker's max_message_size ({max} \
+                 bytes, as its refusal of an earlier message said); not sent"
+            ))));
+            continue;
+        }
         if let Some(problem) = unsendable(&p, session.frame_max()) {
             let _ = p
                 .ack
@@ -225,7 +238,7 @@ async fn publish_loop(
             }
         };
         let own_exchange = *p.exchange == *config.exchange;
-        let mut publish = Box::pin(publish(channel, p, own_exchange));
+        let mut publish = Box::pin(publish(channel, p, own_exchange, broker_max.clone()));
         // lapin numbers the message and queues its frames before its first await: one poll here
         // puts them on the wire in call order. The socket write and the broker's confirm complete
         // later, so the next message does not wait for this one's write.
@@ -244,7 +257,12 @@ async fn publish_loop(
 }
 
 /// Publishes one message and waits for the broker's confirm.
-async fn publish(channel: Channel, p: Publish, own_exchange: bool) -> Settled {
+async fn publish(
+    channel: Channel,
+    p: Publish,
+    own_exchange: bool,
+    broker_max: Arc<AtomicUsize>,
+) -> Settled {
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
@@ -275,6 +293,11 @@ async fn publish(channel: Channel, p: Publish, own_exchange: bool) -> Settled {
         },
         Err(e) => Err(classify(&e, &suspect, "cannot publish")),
     };
+    if let Err(SinkError::Permanent(text)) = &result {
+        if let Some(max) = refused_max(text) {
+            broker_max.fetch_min(max, Ordering::Relaxed);
+        }
+    }
     Settled {
         id: p.message.id.to_string(),
         ack: p.ack,
@@ -423,6 +446,15 @@ fn named_exchange(text: &str) -> Option<&str> {
     rest.get(..rest.find('\'')?)
 }
 
+/// The limit in RabbitMQ's "message size … is larger than configured max size 16777216".
+fn refused_max(text: &str) -> Option<usize> {
+    let rest = &text[text.find("max size ")? + "max size ".len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The body size in RabbitMQ's "message size 20971520 is larger than configured max size …".
 fn refused_size(text: &str) -> Option<usize> {
     let rest = &text[text.find("message size ")? + "message size ".len()..];
@@ -540,6 +572,15 @@ mod tests {
 
     fn closed(kind: AMQPErrorKind, text: &str) -> lapin::Error {
         lapin::Error::ProtocolError(AMQPError::new(kind, text.into()))
+    }
+
+    #[test]
+    fn the_brokers_limit_is_read_from_its_refusal() {
+        let text = "amqp: the broker closed the channel: 406 PRECONDITION_FAILED - message size \
+                    20971520 is larger than configured max size 16777216";
+        assert_eq!(refused_max(text), Some(16_777_216));
+        assert_eq!(refused_size(text), Some(20_971_520));
+        assert_eq!(refused_max("NOT_FOUND - no exchange 'x'"), None);
     }
 
     #[test]
