@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use outbox_tests::postgres::count;
-use outbox_tests::publish::{check_delivery, publish_range, Seen, Storage};
+use outbox_tests::publish::{check_delivery, only_dead_letter, publish_range, Seen, Storage};
 use outbox_tests::worker::{config_args, http_get};
 use outbox_tests::{eventually, PgCluster, RabbitMq, Worker};
 
@@ -95,6 +95,46 @@ async fn a_message_over_the_brokers_size_limit_is_dead_lettered_and_the_rest_del
         "{error}"
     );
     assert!(worker.exited().is_none(), "{}", worker.log());
+}
+
+/// Topic permissions refuse routing keys, not the sink (found by a hostile helper): 0.2.1+ read
+/// "access to topic 'orders.bad' in exchange 'events'" as the sink's own exchange refused and
+/// stopped the worker, again on every restart; on a route's exchange it dead-lettered every
+/// message in flight on the closed channel (299 allowed messages of 303). Now only the refused
+/// key's message is dead-lettered, even with `max_attempts = 1`, and the worker goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_routing_key_refused_by_topic_permissions_is_dead_lettered_alone() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "topic", "ok", "orders.ok");
+    rabbit.ctl(&[
+        "set_topic_permissions",
+        "guest",
+        "events",
+        "^orders\\.ok$",
+        "^orders\\.ok$",
+    ]);
+    let (_pg, mut worker, db, _config) =
+        worker_for(&rabbit, "events", "[delivery]\nmax_attempts = 1\n", &[]).await;
+    publish_range(&db, "orders.ok", 0, 150, 10, Storage::Mixed).await;
+    db.batch_execute("SELECT outbox.publish('orders.bad', '{\"bad\": 1}', '{}', 'b')")
+        .await
+        .unwrap();
+    publish_range(&db, "orders.ok", 150, 150, 10, Storage::Mixed).await;
+    let ok = rabbit.drain_queue("ok", 300, Duration::from_secs(120));
+    check_delivery(&seen(&ok), 300);
+    let db = &db;
+    eventually(Duration::from_secs(60), "one dead letter", || async move {
+        count(db, "SELECT count(*) FROM outbox.dead_letters").await >= 1
+    })
+    .await;
+    let (_, destination, error, _) = only_dead_letter(db).await;
+    assert_eq!(destination, "amqp:events/orders.bad");
+    assert!(error.contains("access to topic 'orders.bad'"), "{error}");
+    assert!(
+        worker.exited().is_none(),
+        "the worker went on: {}",
+        worker.log()
+    );
 }
 
 /// RabbitMQ closes the channel on a message over its `max_message_size`, and every unconfirmed

@@ -229,6 +229,7 @@ async fn publish_loop(
                 let sink_itself = Suspect {
                     payload_len: p.message.payload.as_bytes().len(),
                     exchange: &config.exchange,
+                    routing_key: &p.routing_key,
                     own_exchange: true,
                 };
                 let _ = p
@@ -271,6 +272,7 @@ async fn publish(
     let suspect = Suspect {
         payload_len: payload.len(),
         exchange: &p.exchange,
+        routing_key: &p.routing_key,
         own_exchange,
     };
     let result = match channel
@@ -318,6 +320,7 @@ fn returned_message(r: &BasicReturnMessage) -> (Option<String>, String) {
 struct Suspect<'a> {
     payload_len: usize,
     exchange: &'a str,
+    routing_key: &'a str,
     /// The exchange is the sink's own (`exchange` in its settings), not a route's.
     own_exchange: bool,
 }
@@ -342,6 +345,18 @@ fn classify(error: &lapin::Error, suspect: &Suspect<'_>, context: &str) -> SinkE
     let about_another_exchange = named_exchange(text).is_some_and(|named| {
         named != suspect.exchange && !(named == "amq.default" && suspect.exchange.is_empty())
     });
+    // Topic authorisation ("access to topic 'K' in exchange 'E'") refuses a routing key, never
+    // the sink: the messages with that key are at fault, whatever the exchange.
+    if let Some(topic) = named_topic(text) {
+        return if topic == suspect.routing_key && !about_another_exchange {
+            SinkError::Permanent(format!(
+                "{described}: the user may not publish with this routing key (topic \
+                 permissions); grant it, then redrive"
+            ))
+        } else {
+            innocent()
+        };
+    }
     match amqp.kind() {
         AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => match refused_size(text) {
             Some(size) if size != suspect.payload_len => innocent(),
@@ -440,6 +455,12 @@ fn unsendable(p: &Publish, frame_max: Option<usize>) -> Option<String> {
     }
 }
 
+/// The routing key a topic-permission refusal names: "access to topic 'k' in exchange 'x'".
+fn named_topic(text: &str) -> Option<&str> {
+    let rest = &text[text.find("access to topic '")? + "access to topic '".len()..];
+    rest.get(..rest.find("' in exchange")?)
+}
+
 /// The exchange a refusal names: "no exchange 'x' in vhost '/'", "write access to exchange 'x'".
 fn named_exchange(text: &str) -> Option<&str> {
     let rest = &text[text.find("exchange '")? + "exchange '".len()..];
@@ -531,8 +552,35 @@ mod tests {
         Suspect {
             payload_len,
             exchange,
+            routing_key: "orders.ok",
             own_exchange,
         }
+    }
+
+    /// A topic permission refuses one routing key: those messages are refused for good, the
+    /// others re-sent, and the worker never stops for it, even on its own exchange.
+    #[test]
+    fn a_topic_permission_refusal_is_the_fault_of_that_routing_key() {
+        let error = closed(
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+            "ACCESS_REFUSED - access to topic 'orders.bad' in exchange 'events' in vhost '/' refused for user 'guest'",
+        );
+        let mut bad = suspect(1, "events", true);
+        bad.routing_key = "orders.bad";
+        assert!(matches!(
+            classify(&error, &bad, "x"),
+            SinkError::Permanent(_)
+        ));
+        assert!(matches!(
+            classify(&error, &suspect(1, "events", true), "x"),
+            SinkError::Transient(_)
+        ));
+        let mut elsewhere = suspect(1, "other", false);
+        elsewhere.routing_key = "orders.bad";
+        assert!(matches!(
+            classify(&error, &elsewhere, "x"),
+            SinkError::Transient(_)
+        ));
     }
 
     /// A route's missing or forbidden exchange refuses that route's messages (dead-lettered); the
