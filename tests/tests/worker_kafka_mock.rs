@@ -287,7 +287,7 @@ async fn a_broker_refusing_some_sends_never_breaks_per_key_order() {
     let tally = check_delivery(&seen, TOTAL);
     eprintln!("one key, broker down then refusing: {tally:?}");
     assert!(
-        worker.log().contains("retrying them in order"),
+        worker.log().contains("retrying this message alone"),
         "the worker's retry path ran:\n{}",
         worker.log()
     );
