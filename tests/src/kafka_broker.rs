@@ -46,6 +46,19 @@ pub struct KafkaOptions {
     pub auto_create_topics: bool,
     /// `message.max.bytes` (Kafka's default: 1 MiB).
     pub message_max_bytes: Option<u32>,
+    /// Two more listeners, SASL_PLAINTEXT with SCRAM-SHA-256 (user [`SCRAM_USER`]) and SSL with a
+    /// certificate of a test CA ([`KafkaBroker::ca_pem`]), and ACLs enforced for them (anyone may
+    /// do anything no ACL denies; the plain listener's anonymous user is a super user).
+    pub secured: bool,
+}
+
+/// The SCRAM-SHA-256 user of a secured broker, and its password.
+pub const SCRAM_USER: (&str, &str) = ("alice", "alice-secret");
+
+/// Listeners of a secured broker besides the plain one.
+struct Secured {
+    sasl_port: u16,
+    ssl_port: u16,
 }
 
 pub struct KafkaBroker {
@@ -54,6 +67,7 @@ pub struct KafkaBroker {
     pub port: u16,
     controller_port: u16,
     options: KafkaOptions,
+    secured: Option<Secured>,
 }
 
 impl KafkaBroker {
@@ -67,13 +81,31 @@ impl KafkaBroker {
             .prefix("outbox_kafka")
             .tempdir()
             .unwrap();
-        copy_dir(template(), &dir.path().join("data"));
+        let secured = options.secured.then(|| Secured {
+            sasl_port: free_port(),
+            ssl_port: free_port(),
+        });
+        if secured.is_some() {
+            // SCRAM credentials live in the cluster's metadata, written at format time.
+            let (user, password) = SCRAM_USER;
+            format_into(
+                &dir.path().join("data"),
+                &[
+                    "--add-scram",
+                    &format!("SCRAM-SHA-256=[name={user},password={password}]"),
+                ],
+            );
+            make_certificates(dir.path());
+        } else {
+            copy_dir(template(), &dir.path().join("data"));
+        }
         let mut broker = KafkaBroker {
             child: None,
             dir,
             port: free_port(),
             controller_port: free_port(),
             options,
+            secured,
         };
         broker.write_config();
         broker.launch();
@@ -114,6 +146,45 @@ impl KafkaBroker {
         );
         if let Some(max) = self.options.message_max_bytes {
             config.push_str(&format!("message.max.bytes={max}\n"));
+        }
+        if let Some(Secured {
+            sasl_port,
+            ssl_port,
+        }) = &self.secured
+        {
+            let dir = self.dir.path().display();
+            config = config
+                .replace(
+                    &format!("listeners=PLAINTEXT://127.0.0.1:{port},"),
+                    &format!(
+                        "listeners=PLAINTEXT://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_port},\
+                         SSL://127.0.0.1:{ssl_port},"
+                    ),
+                )
+                .replace(
+                    &format!("advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n"),
+                    &format!(
+                        "advertised.listeners=PLAINTEXT://127.0.0.1:{port},\
+                         SASL_PLAINTEXT://127.0.0.1:{sasl_port},SSL://127.0.0.1:{ssl_port}\n"
+                    ),
+                )
+                .replace(
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,\
+                     SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL\n",
+                );
+            config.push_str(&format!(
+                "sasl.enabled.mechanisms=SCRAM-SHA-256\n\
+                 listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=\
+                 org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                 ssl.keystore.type=PKCS12\n\
+                 ssl.keystore.location={dir}/server.p12\n\
+                 ssl.keystore.password=test-secret\n\
+                 ssl.key.password=test-secret\n\
+                 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n\
+                 super.users=User:ANONYMOUS\n\
+                 allow.everyone.if.no.acl.found=true\n"
+            ));
         }
         std::fs::write(self.dir.path().join("server.properties"), config).unwrap();
     }
@@ -162,6 +233,43 @@ impl KafkaBroker {
 
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The SASL_PLAINTEXT (SCRAM-SHA-256) listener of a secured broker.
+    pub fn sasl_brokers(&self) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.secured.as_ref().expect("secured").sasl_port
+        )
+    }
+
+    /// The SSL listener of a secured broker.
+    pub fn ssl_brokers(&self) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.secured.as_ref().expect("secured").ssl_port
+        )
+    }
+
+    /// The test CA that signed a secured broker's certificate (PEM).
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// `kafka-acls --add ARGS` through the plain listener (whose user is a super user).
+    pub fn add_acl(&self, args: &[&str]) {
+        let out = self
+            .tool("org.apache.kafka.tools.AclCommand")
+            .args(["--bootstrap-server", &self.brokers(), "--add"])
+            .args(args)
+            .output()
+            .expect("java");
+        assert!(
+            out.status.success(),
+            "kafka-acls {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Creates `topic`, retrying while the broker is still starting.
@@ -281,41 +389,127 @@ fn template() -> &'static Path {
             .tempdir()
             .unwrap();
         let data = dir.path().join("data");
-        let config = dir.path().join("server.properties");
-        std::fs::write(
-            &config,
-            format!(
-                "process.roles=broker,controller\nnode.id=1\n\
-                 controller.quorum.voters=1@127.0.0.1:9093\n\
-                 listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093\n\
-                 controller.listener.names=CONTROLLER\nlog.dirs={}\n",
-                data.display()
-            ),
-        )
-        .unwrap();
-        let started = Instant::now();
-        let out = java()
-            .args(["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"])
-            .arg("-cp")
-            .arg(classpath())
-            .args(["kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c"])
-            .arg(&config)
-            .output()
-            .expect("java on PATH (scripts/install-deps installs it)");
-        assert!(
-            out.status.success(),
-            "kafka-storage format: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!(
-            "Kafka log directory formatted in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
+        format_into(&data, &[]);
         // Another test binary may have won the race: either copy is good.
         let _ = std::fs::rename(&data, &template);
         template
     })
+}
+
+/// `kafka-storage format` of a new log directory `data`, with `extra` arguments.
+fn format_into(data: &Path, extra: &[&str]) {
+    let config = data.with_extension("format.properties");
+    std::fs::write(
+        &config,
+        format!(
+            "process.roles=broker,controller\nnode.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:9093\n\
+             listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093\n\
+             controller.listener.names=CONTROLLER\nlog.dirs={}\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = java()
+        .args(["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"])
+        .arg("-cp")
+        .arg(classpath())
+        .args(["kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c"])
+        .arg(&config)
+        .args(extra)
+        .output()
+        .expect("java on PATH (scripts/install-deps installs it)");
+    assert!(
+        out.status.success(),
+        "kafka-storage format: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "Kafka log directory formatted in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A test CA (`ca.pem`) and a certificate it signed for 127.0.0.1, in a PKCS12 keystore
+/// (`server.p12`, password `test-secret`), with openssl.
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=outbox test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    openssl(&[
+        "pkcs12",
+        "-export",
+        "-in",
+        "server.pem",
+        "-inkey",
+        "server.key",
+        "-certfile",
+        "ca.pem",
+        "-out",
+        "server.p12",
+        "-passout",
+        "pass:test-secret",
+    ]);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
