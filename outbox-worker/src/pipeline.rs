@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::dead_letters::DeadLetters;
 use crate::delivery::Delivery;
+use crate::fatal::Fatal;
 use crate::health::Health;
 use crate::http;
 use crate::outcome::{shutdown_requested, Parts};
@@ -74,6 +75,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         config.postgres.slot.clone(),
         shutdown.clone(),
     ));
+    let (publication_problems, mut publication_changed) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(watch_publication(
+        config.url().to_owned(),
+        settings.publication.clone(),
+        publication_problems,
+        shutdown.clone(),
+    ));
     let mut delivery = Delivery::new(&sinks, config.delivery.clone());
     let mut dead_letters = DeadLetters::new(config.url(), health.clone(), shutdown.clone());
     tracing::info!(
@@ -133,7 +141,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             delivery: &mut delivery,
             dead_letters: &mut dead_letters,
         };
-        let stopped = stream(&mut source, &mut parts, &config, &shutdown).await;
+        let stopped = stream(
+            &mut source,
+            &mut parts,
+            &config,
+            &mut publication_changed,
+            &shutdown,
+        )
+        .await;
         health.set_streaming(false);
         match stopped {
             Ok(Stop::Requested) => {
@@ -215,6 +230,7 @@ async fn stream(
     source: &mut ReplicationSource,
     parts: &mut Parts<'_>,
     config: &Config,
+    publication_changed: &mut tokio::sync::mpsc::Receiver<Fatal>,
     shutdown: &CancellationToken,
 ) -> Result<Stop> {
     let mut tx = None;
@@ -226,6 +242,7 @@ async fn stream(
                 drain(parts, config.delivery.shutdown_timeout).await?;
                 return Ok(Stop::Requested);
             }
+            Some(fatal) = publication_changed.recv() => return Err(fatal.into()),
             settled = parts.delivery.progress() => {
                 if shutdown_requested(parts.settle_one(settled).await)? {
                     return Ok(Stop::Requested);
@@ -316,6 +333,50 @@ async fn drain(parts: &mut Parts<'_>, timeout: Duration) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Every second: the publication still streams exactly the inserts of `outbox.messages`. Its
+/// owner can change it while the worker runs, and pgoutput then leaves out the table-form
+/// messages committed meanwhile, for good (it decodes by the publication as it was at their place
+/// in the WAL): the worker stops, saying how to send them again. A change undone within a second
+/// can go unseen.
+async fn watch_publication(
+    url: String,
+    publication: String,
+    problems: tokio::sync::mpsc::Sender<Fatal>,
+    shutdown: CancellationToken,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    while !shutdown.is_cancelled() {
+        if client
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
+            client = pg::connect(&url).await.ok();
+        }
+        if let Some(c) = &client {
+            if let Err(fatal) = setup::check_publication(c, &publication).await {
+                if !c.is_closed() {
+                    let _ = problems
+                        .send(Fatal::new(
+                            format!(
+                                "{} since the worker started: table-form messages committed while \
+                                 it is so are not streamed, and never will be",
+                                fatal.problem
+                            ),
+                            format!(
+                                "{}; then `outbox-worker replay --since <when it changed>` sends \
+                                 them from outbox.messages",
+                                fatal.hint
+                            ),
+                        ))
+                        .await;
+                    return;
+                }
+            }
+        }
+        wait_or_shutdown(Duration::from_secs(1), &shutdown).await;
     }
 }
 
