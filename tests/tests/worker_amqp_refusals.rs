@@ -90,10 +90,9 @@ async fn a_message_over_the_brokers_size_limit_is_dead_lettered_and_the_rest_del
         .await
         .unwrap()
         .get(0);
-    assert!(
-        error.contains("406") && error.contains("message size"),
-        "{error}"
-    );
+    // The first attempt meets the broker's 406; later ones are refused before sending, by the
+    // limit learned from it: either way the error names the broker's limit.
+    assert!(error.contains("1048576"), "{error}");
     assert!(worker.exited().is_none(), "{}", worker.log());
 }
 
