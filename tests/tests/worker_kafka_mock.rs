@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use outbox_tests::kafka::read;
 use outbox_tests::postgres::free_port;
-use outbox_tests::publish::{check_delivery, publish_range, Storage};
+use outbox_tests::publish::{check_delivery, check_no_loss, publish_range, Storage};
 use outbox_tests::worker::{http_get, kafka_args};
 use outbox_tests::{eventually, PgCluster, Worker};
 use rdkafka::mocking::MockCluster;
@@ -81,7 +81,12 @@ async fn produce_errors_and_brokers_down_for_ten_seconds_lose_nothing() {
 
     let records = read(&brokers, "orders", TOTAL as usize, Duration::from_secs(180)).await;
     let seen: Vec<_> = records.iter().map(|r| r.seen()).collect();
-    let tally = check_delivery(&seen, TOTAL);
+    // Counted, not ordered: after a dropped connection (__TRANSPORT) librdkafka re-sends the
+    // batches in order, but the mock cluster, unlike Kafka, does not refuse a later batch that
+    // arrives before a retried one (seen once in CI's CPU-contention round: "message 0 arrived
+    // after 450", with no retry of the worker's own). Order through broker faults is asserted
+    // against Apache Kafka (`worker_kafka`: a frozen broker, SIGKILLs).
+    let tally = check_no_loss(&seen, TOTAL);
     eprintln!("mock cluster faults: {tally:?}");
     assert!(
         !worker.log().contains("one message in flight at a time"),
