@@ -18,7 +18,7 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 
-use crate::postgres::free_port;
+use crate::postgres::{free_port, run};
 
 /// Where scripts/install-deps puts the broker's jars (`KAFKA_LIBS` overrides).
 pub const DEFAULT_LIBS: &str = "/opt/pg_outbox/kafka-4.4.0/libs";
@@ -433,81 +433,86 @@ fn format_into(data: &Path, extra: &[&str]) {
 /// A test CA (`ca.pem`) and a certificate it signed for 127.0.0.1, in a PKCS12 keystore
 /// (`server.p12`, password `test-secret`), with openssl.
 fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=outbox test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
-    openssl(&[
-        "pkcs12",
-        "-export",
-        "-in",
-        "server.pem",
-        "-inkey",
-        "server.key",
-        "-certfile",
-        "ca.pem",
-        "-out",
-        "server.p12",
-        "-passout",
-        "pass:test-secret",
-    ]);
+    let at = |name: &str| dir.join(name).display().to_string();
+    let (ca_key, ca, key, csr, cert, san) = (
+        at("ca.key"),
+        at("ca.pem"),
+        at("server.key"),
+        at("server.csr"),
+        at("server.pem"),
+        at("san.ext"),
+    );
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=outbox test CA",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+        ],
+    );
+    run(
+        "openssl",
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+    );
+    std::fs::write(&san, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &san,
+            "-out",
+            &cert,
+        ],
+    );
+    run(
+        "openssl",
+        &[
+            "pkcs12",
+            "-export",
+            "-in",
+            &cert,
+            "-inkey",
+            &key,
+            "-certfile",
+            &ca,
+            "-out",
+            &at("server.p12"),
+            "-passout",
+            "pass:test-secret",
+        ],
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -603,7 +603,8 @@ fn as_postgres(program: &str, args: &[&str]) {
     run("runuser", &all);
 }
 
-fn run(program: &str, args: &[&str]) {
+/// Runs `program ARGS`, asserting success.
+pub(crate) fn run(program: &str, args: &[&str]) {
     let out = Command::new(program)
         .args(args)
         .output()

@@ -30,6 +30,17 @@ fn stops_in_time(worker: &mut Worker) {
     eprintln!("stopped in {took:?}");
 }
 
+/// Publishes far more than a pipe holds (64 kB) and gives the worker time to block on it.
+async fn overfill_the_pipe(db: &tokio_postgres::Client) {
+    db.batch_execute(
+        "SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'pad', repeat('x', 1000))))
+           FROM generate_series(1, 2000) AS i",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
 fn config() -> tempfile::NamedTempFile {
     Worker::config_file(&format!(
         "[delivery]\nshutdown_timeout = \"{}s\"\n",
@@ -50,14 +61,7 @@ async fn a_stdout_reader_that_never_reads_does_not_hold_the_stop() {
     let _unread = worker.take_stdout();
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
-    // Far more than a pipe holds (64 kB).
-    db.batch_execute(
-        "SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'pad', repeat('x', 1000))))
-           FROM generate_series(1, 2000) AS i",
-    )
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    overfill_the_pipe(&db).await;
     stops_in_time(&mut worker);
 }
 
@@ -71,13 +75,7 @@ async fn stdout_and_stderr_on_one_unread_pipe_do_not_hold_the_stop() {
     let (mut worker, _unread) = Worker::start_into_one_pipe(&config_args(&pg.url(), config.path()));
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
-    db.batch_execute(
-        "SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'pad', repeat('x', 1000))))
-           FROM generate_series(1, 2000) AS i",
-    )
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    overfill_the_pipe(&db).await;
     stops_in_time(&mut worker);
 }
 
