@@ -162,7 +162,8 @@ pub struct Quarantined {
     /// What the message claimed, when it could be read.
     pub id: Option<Uuid>,
     /// The start of the raw content (wal form) or of the row's values (table form): at most
-    /// [`QUARANTINE_KEEP`] bytes, so a forged message of up to 1 GB costs no more than its frame.
+    /// [`QUARANTINE_KEEP`] bytes, so a forged message of up to 1 GB costs no more than its frame and the
+    /// replication client's one copy of it.
     pub raw: Vec<u8>,
     pub reason: String,
     pub commit_lsn: Lsn,

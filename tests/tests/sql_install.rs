@@ -345,7 +345,11 @@ async fn an_upgrade_under_load_fails_no_publish() {
 /// A role with no grant emits a 100 MB message under pg_outbox's prefix (open to it where the
 /// SQL install is used). 0.2.1 quarantined it whole: +648 MB RSS for 128 MB and 128 MB into
 /// `outbox.dead_letters`, repeatably (issue 34, item 5). The quarantine keeps the first 64 kB and
-/// says how long it was; the worker holds the replication frame and little else, and goes on.
+/// says how long it was, and the worker goes on. What one message costs: its replication frame
+/// and one copy of its content (pgwire-replication copies a logical message out of its frame),
+/// and with two back to back the first's copy may still be held while the second is read: at
+/// most three times its size (seen: +207 MB for one, +269 MB for two on PostgreSQL 18), never a
+/// copy per quarantine step.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_huge_forged_message_is_quarantined_as_a_bounded_prefix() {
     const MB: u64 = 100;
@@ -426,7 +430,7 @@ async fn a_huge_forged_message_is_quarantined_as_a_bounded_prefix() {
     let peak = rss("VmHWM:");
     eprintln!("{MB} MB forged twice: RSS {before} MB before, peak {peak} MB");
     assert!(
-        peak - before <= 2 * MB + 50,
+        peak - before <= 3 * MB + 50,
         "peak RSS grew by {} MB for a {MB} MB message:\n{}",
         peak - before,
         worker.log()
