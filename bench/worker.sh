@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # End-to-end delivery benchmark of outbox-worker (release build): drain throughput per storage
 # form and sink (Apache Kafka, RabbitMQ) against the slot's raw decoding rate and bare rdkafka/lapin
-# clients, the worker's peak RSS, and commit→consumed
-# latency at 1k msg/s to both brokers.
-# Writes the table into BENCHMARKS.md between the worker markers.
+# clients, the worker's peak RSS, commit→consumed latency at 1k msg/s to both brokers, and
+# Debezium 3.6.1 beside the worker (drain, RSS, CPU, idle WAL, latency at 1k and 10k msg/s).
+# Writes the tables into BENCHMARKS.md between their markers. Needs scripts/install-deps (Kafka's
+# and Debezium's jars) and the extension installed (scripts/install-extension).
 #   bench/worker.sh [backlog, default 200000]
 #   bench/worker.sh 1000000 --memory   peak RSS rows only (table storage), between the worker-memory markers
+#   bench/worker.sh 100000 --debezium  only Debezium beside the worker, between the versus-debezium markers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "==> building outbox-worker and worker-bench (release)" >&2

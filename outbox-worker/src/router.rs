@@ -6,7 +6,7 @@ use std::sync::Arc;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use crate::config::SinkId;
-use crate::config::{Config, SinkConfig};
+use crate::config::{Config, RecordShape, SinkConfig};
 use crate::rules::PLACEHOLDER;
 
 /// Where one message goes: a sink and the destination within it.
@@ -71,6 +71,16 @@ impl Template {
     }
 }
 
+/// The topic of a route that names none.
+fn default_topic(records: Option<RecordShape>) -> &'static str {
+    match records {
+        // (None: refused by the config's validation before any route is made.)
+        Some(RecordShape::Outbox) | None => PLACEHOLDER,
+        // Debezium's `route.topic.replacement` default, `outbox.event.${routedByValue}`.
+        Some(RecordShape::Debezium) => "outbox.event.{queue}",
+    }
+}
+
 struct Rule {
     queues: GlobSet,
     sink: SinkId,
@@ -95,9 +105,12 @@ impl Router {
                     queues.add(Glob::new(pattern).expect("validated glob"));
                 }
                 let template = match &config.sinks[&route.sink] {
-                    SinkConfig::Kafka(_) => {
-                        Template::Topic(route.topic.clone().unwrap_or(PLACEHOLDER.into()))
-                    }
+                    SinkConfig::Kafka(kafka) => Template::Topic(
+                        route
+                            .topic
+                            .clone()
+                            .unwrap_or_else(|| default_topic(kafka.record_shape()).into()),
+                    ),
                     SinkConfig::Amqp(amqp) => Template::Exchange {
                         exchange: route.exchange.clone().unwrap_or(amqp.exchange.clone()),
                         routing_key: route.routing_key.clone().unwrap_or(PLACEHOLDER.into()),
@@ -230,6 +243,34 @@ mod tests {
         assert_eq!(
             router.route("audit.login").unwrap().destination.to_string(),
             "audit/all"
+        );
+    }
+
+    #[test]
+    fn debezium_records_default_to_the_outbox_event_routers_topic() {
+        let mut router = Router::new(&config(
+            r#"
+            [sinks.k]
+            type = "kafka"
+            brokers = "localhost:9092"
+            records = "debezium"
+            [[routes]]
+            queues = "audit"
+            sink = "k"
+            topic = "audit-log"
+            [[routes]]
+            queues = "*"
+            sink = "k"
+            "#,
+        ));
+        assert_eq!(
+            router.route("orders").unwrap().destination.to_string(),
+            "outbox.event.orders"
+        );
+        assert_eq!(
+            router.route("audit").unwrap().destination.to_string(),
+            "audit-log",
+            "a route's topic wins"
         );
     }
 }

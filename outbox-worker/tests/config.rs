@@ -98,6 +98,16 @@ fn unknown_sink_type() {
 }
 
 #[test]
+fn unknown_record_shape() {
+    rejects(
+        Some("[sinks.k]\ntype = \"kafka\"\nbrokers = \"b:9092\"\nrecords = \"dbz\"\n"),
+        url(),
+        &[],
+        &["sinks.k.records = \"dbz\"", "\"outbox\"", "\"debezium\""],
+    );
+}
+
+#[test]
 fn route_to_an_undefined_sink() {
     rejects(
         Some("[sinks.out]\ntype = \"stdout\"\n[[routes]]\nqueues = \"*\"\nsink = \"kafka\"\n"),

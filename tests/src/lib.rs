@@ -1,5 +1,6 @@
 //! Shared harness for the end-to-end tests: each test starts the real processes it needs.
 
+pub mod debezium;
 pub mod failover;
 pub mod kafka;
 pub mod kafka_broker;

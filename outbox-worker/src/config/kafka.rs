@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::KafkaSinkConfig;
+use super::{KafkaSinkConfig, RecordShape};
 use crate::rules;
 use crate::secret::{self, Secret};
 
@@ -67,6 +67,15 @@ pub enum Scalar {
 }
 
 impl KafkaSinkConfig {
+    /// `records` as a shape; `None` for a value `check` refuses.
+    pub fn record_shape(&self) -> Option<RecordShape> {
+        match self.records.as_str() {
+            "outbox" => Some(RecordShape::Outbox),
+            "debezium" => Some(RecordShape::Debezium),
+            _ => None,
+        }
+    }
+
     /// The properties as librdkafka takes them: dotted names, text values (secrets included).
     pub fn flat_properties(&self) -> BTreeMap<String, String> {
         flatten(&self.properties.0)
@@ -110,6 +119,12 @@ impl KafkaSinkConfig {
     pub fn check(&self) -> Result<(), String> {
         if self.brokers.trim().is_empty() {
             return Err("brokers = \"\": list at least one host:port".into());
+        }
+        if self.record_shape().is_none() {
+            return Err(format!(
+                "records = {:?}: expected \"outbox\" (the default) or \"debezium\"",
+                self.records
+            ));
         }
         for (key, value) in self.flat_properties() {
             let shown = if secret::is_secret_property(&key) {

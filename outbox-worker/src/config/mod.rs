@@ -203,10 +203,31 @@ impl SinkConfig {
 pub struct KafkaSinkConfig {
     /// `bootstrap.servers`: `host:port[,host:port…]`.
     pub brokers: String,
+    /// How records look: `outbox` (the default) or `debezium`, the Outbox Event Router's defaults
+    /// for consumers written against Debezium ([`RecordShape`]). Text, checked by `check`, so
+    /// that a bad value is named with its key.
+    #[serde(default = "default_records")]
+    pub records: String,
     /// Any librdkafka producer property (`compression.type`, `sasl.mechanism`, …). Nested tables
     /// join with dots, so `[sinks.kafka.properties.sasl] password = "…"` is `sasl.password`.
     #[serde(default)]
     pub properties: Properties,
+}
+
+fn default_records() -> String {
+    "outbox".into()
+}
+
+/// The shape of a Kafka record. Both carry the message's key as the record key, its payload
+/// bytes as the value, and the outbox headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordShape {
+    /// Topic = the queue name unless a route names one.
+    Outbox,
+    /// As Debezium's Outbox Event Router writes with its defaults: topic `outbox.event.{queue}`
+    /// (the queue in the place of `aggregatetype`) unless a route names one, and the message id
+    /// in the header `id`.
+    Debezium,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -12,7 +12,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 
 use super::{Ack, Sink, SinkError};
-use crate::config::KafkaSinkConfig;
+use crate::config::{KafkaSinkConfig, RecordShape};
 use crate::message::{is_content_type, Message};
 use crate::router::Destination;
 use crate::rules::describe_kafka_error;
@@ -30,6 +30,7 @@ pub struct KafkaSink {
     brokers_answer: Arc<AtomicBool>,
     /// The producer keeps each partition's order through failures by itself ([`keeps_order`]).
     keeps_order: bool,
+    records: RecordShape,
 }
 
 /// Our defaults; any property in the config overrides them. Public for the bench's bare producer
@@ -106,6 +107,7 @@ impl KafkaSink {
             healthy: Arc::new(AtomicBool::new(true)),
             brokers_answer,
             keeps_order,
+            records: config.record_shape().unwrap_or(RecordShape::Outbox),
         })
     }
 
@@ -188,8 +190,8 @@ fn is_fatal(error: &KafkaError, producer: &FutureProducer) -> bool {
     ) || producer.client().fatal_error().is_some()
 }
 
-fn headers(message: &Message) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 4);
+fn headers(message: &Message, records: RecordShape) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 5);
     // The publisher's content-type wins and is sent once, among the fixed headers.
     for (key, value) in message.headers.iter().filter(|(k, _)| !is_content_type(k)) {
         headers = headers.insert(Header {
@@ -211,8 +213,19 @@ fn headers(message: &Message) -> OwnedHeaders {
             value: Some(value),
         });
     }
+    if records == RecordShape::Debezium {
+        // Last, so that a publisher's own `id` header (kept, before it) is not the one that
+        // Debezium consumers read with `lastHeader("id")`.
+        headers = headers.insert(Header {
+            key: DEBEZIUM_ID_HEADER,
+            value: Some(id.as_str()),
+        });
+    }
     headers
 }
+
+/// The header in which Debezium's Outbox Event Router puts the event id.
+const DEBEZIUM_ID_HEADER: &str = "id";
 
 /// Permanent: the broker (or librdkafka, before sending) refuses these bytes for good. A topic
 /// the cluster does not have (auto-creation off) is the route's fault: librdkafka gives up on it
@@ -243,7 +256,7 @@ impl Sink for KafkaSink {
         let topic: &str = topic;
         let mut record = FutureRecord::to(topic)
             .payload(message.payload.as_bytes())
-            .headers(headers(message))
+            .headers(headers(message, self.records))
             .timestamp(message.created_at.timestamp_millis());
         if let Some(key) = &message.key {
             record = record.key(key.as_str());
@@ -326,6 +339,7 @@ mod tests {
             .collect::<BTreeMap<_, _>>();
         let config = KafkaSinkConfig {
             brokers: "127.0.0.1:9".into(),
+            records: "outbox".into(),
             properties: Properties(properties),
         };
         keeps_order(&client_config(&config, 1000))
@@ -351,6 +365,7 @@ mod tests {
             .collect::<BTreeMap<_, _>>();
         let config = KafkaSinkConfig {
             brokers: "127.0.0.1:9".into(),
+            records: "outbox".into(),
             properties: Properties(properties),
         };
         let client = client_config(&config, 1000);

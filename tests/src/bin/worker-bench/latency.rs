@@ -81,13 +81,13 @@ struct BareLatency {
     after_p99_first_last: (f64, f64),
 }
 
-struct Percentiles {
-    p50: f64,
-    p99: f64,
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
 }
 
 impl Percentiles {
-    fn of(mut values: Vec<f64>) -> Percentiles {
+    pub fn of(mut values: Vec<f64>) -> Percentiles {
         values.sort_by(f64::total_cmp);
         let pick = |q: f64| values[((values.len() as f64 * q) as usize).min(values.len() - 1)];
         Percentiles {
@@ -106,17 +106,17 @@ struct Seen {
 }
 
 /// One timestamp per message, written by whichever task sees that moment.
-type Stamps = Arc<Vec<AtomicI64>>;
+pub type Stamps = Arc<Vec<AtomicI64>>;
 
-fn stamps(total: usize) -> Stamps {
+pub fn stamps(total: usize) -> Stamps {
     Arc::new((0..total).map(|_| AtomicI64::new(0)).collect())
 }
 
-fn now_micros() -> i64 {
+pub fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-fn ms(micros: i64) -> f64 {
+pub fn ms(micros: i64) -> f64 {
     micros as f64 / 1000.0
 }
 
@@ -287,6 +287,7 @@ async fn bare_latency(broker: &Broker<'_>, topic: &str) -> BareLatency {
     broker.new_topic(topic);
     let config = KafkaSinkConfig {
         brokers: broker.bootstrap(),
+        records: "outbox".into(),
         properties: Default::default(),
     };
     let producer: FutureProducer = client_config(&config, crate::MAX_IN_FLIGHT)
@@ -385,7 +386,7 @@ fn parse_created(created_at: &str) -> i64 {
         .timestamp_micros()
 }
 
-fn payload_n(payload: &[u8]) -> usize {
+pub fn payload_n(payload: &[u8]) -> usize {
     let value: serde_json::Value = serde_json::from_slice(payload).expect("JSON payload");
     value["n"].as_u64().expect("payload {\"n\": n}") as usize
 }

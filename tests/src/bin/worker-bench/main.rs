@@ -15,7 +15,10 @@
 //! `worker-bench N --memory`: only the table-storage drains of discard, Kafka and RabbitMQ with
 //! their peak RSS, written between the `worker-memory` markers (for the 1M-message backlog).
 //! `worker-bench 0 --latency`: only the latency tables.
+//! `worker-bench N --debezium`: only Debezium beside the worker (`debezium.rs`), a backlog of N
+//! (100k in the full run), written between the `versus-debezium` markers.
 
+mod debezium;
 mod latency;
 
 use std::process::Command;
@@ -76,6 +79,11 @@ async fn main() {
             println!("{table}");
             write_section("worker-memory", &table);
         }
+        Some("--debezium") => {
+            let table = debezium::versus_table(&brokers.kafka, backlog).await;
+            println!("{table}");
+            write_section("versus-debezium", &table);
+        }
         Some("--latency") => {
             let table = latency().await;
             println!("{table}");
@@ -88,6 +96,9 @@ async fn main() {
             let table = latency().await;
             println!("{table}");
             write_section("worker-latency", &table);
+            let table = debezium::versus_table(&brokers.kafka, 100_000).await;
+            println!("{table}");
+            write_section("versus-debezium", &table);
         }
     }
 }
@@ -343,6 +354,7 @@ async fn bare_kafka(brokers: &str, count: u64) -> f64 {
     let started = Instant::now();
     let config = KafkaSinkConfig {
         brokers: brokers.to_owned(),
+        records: "outbox".into(),
         properties: Default::default(),
     };
     let producer: FutureProducer = client_config(&config, MAX_IN_FLIGHT)
