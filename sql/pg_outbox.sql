@@ -62,11 +62,11 @@ $trust$;
 -- IF NOT EXISTS), every function and policy is made again.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '29064311186a' AS pg_outbox_same_build,
+SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'a25d51fd3962' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build 29064311186a) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.1 (SQL install, build a25d51fd3962) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -116,7 +116,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build 29064311186a)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build a25d51fd3962)
 \else
 BEGIN;
 DO $install$
@@ -580,14 +580,50 @@ BEGIN ATOMIC
                 ELSE outbox._json_length_of_large(value) END;
 END;
 
+-- The bytes of a text once converted to UTF-8, in a database whose encoding is not UTF-8: the
+-- worker receives every text converted (pgoutput converts it), so a text UTF-8 cannot represent
+-- (SQL_ASCII's non-UTF-8 bytes, WIN1252's 0x81) would fail the walsender on that row at every
+-- reconnect and stop delivery for good: refused here, as by the extension (size.rs).
+CREATE FUNCTION outbox._utf8_length(t text) RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN octet_length(convert_to(t, 'UTF8'));
+EXCEPTION WHEN character_not_in_repertoire OR untranslatable_character THEN
+    RAISE EXCEPTION 'pg_outbox: text is not valid in the database encoding and cannot be converted to UTF-8 (%)', SQLERRM
+        USING ERRCODE = 'character_not_in_repertoire',
+              HINT = 'Messages are delivered as UTF-8: publish text that UTF-8 can represent.';
+END
+$$;
+
+-- A key's bytes as sent: as stored in a UTF-8 database, converted in any other.
+CREATE FUNCTION outbox._sent_length(t text) RETURNS bigint
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN t IS NULL THEN NULL
+                WHEN getdatabaseencoding() = 'UTF8' THEN octet_length(t)
+                ELSE outbox._utf8_length(t) END;
+END;
+
+-- A JSON value's text as sent: _json_length in a UTF-8 database, converted in any other.
+CREATE FUNCTION outbox._sent_json_length(value jsonb) RETURNS bigint
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN value IS NULL THEN NULL
+                WHEN getdatabaseencoding() = 'UTF8' THEN outbox._json_length(value)
+                ELSE outbox._utf8_length(value::text) END;
+END;
+
 -- A message's size as the limit counts it: what the worker sends, as storage.rs counts it: the
 -- key's bytes, the JSON text of the headers and of a JSON payload (a jsonb of a few kB can print
 -- as gigabytes: numbers like 1e131071), the bytes of a binary payload, all at their full,
--- uncompressed size. Inlined by the planner where the publish functions test it.
+-- uncompressed size, and text in UTF-8 (a LATIN1 é counts 2). Inlined by the planner where the
+-- publish functions test it.
 CREATE FUNCTION outbox._message_size(key text, headers jsonb, payload_size bigint) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(octet_length(key), 0) + CASE WHEN headers = '{}' THEN 2 ELSE outbox._json_length(headers) END
+    SELECT coalesce(outbox._sent_length(key), 0)
+           + CASE WHEN headers = '{}' THEN 2 ELSE outbox._sent_json_length(headers) END
            + payload_size;
 END;
 
@@ -595,7 +631,7 @@ END;
 CREATE FUNCTION outbox._payload_size(payload jsonb, payload_bytes bytea) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(outbox._json_length(payload), octet_length(payload_bytes));
+    SELECT coalesce(outbox._sent_json_length(payload), octet_length(payload_bytes));
 END;
 
 -- The size rule of storage.rs (check_size): key + headers + payload as sent, against
@@ -604,8 +640,8 @@ CREATE FUNCTION outbox._check_size(function_name text, key text, headers jsonb, 
 RETURNS void LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    key_size bigint := coalesce(octet_length(key), 0);
-    headers_size bigint := outbox._json_length(headers);
+    key_size bigint := coalesce(outbox._sent_length(key), 0);
+    headers_size bigint := outbox._sent_json_length(headers);
     size bigint := key_size + headers_size + payload_size;
     limit_bytes bigint := CASE WHEN ceiling THEN 64 * 1024 * 1024 ELSE outbox._max_message_size() END;
 BEGIN
@@ -1208,7 +1244,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', '29064311186a');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'a25d51fd3962');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

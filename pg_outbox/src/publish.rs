@@ -13,9 +13,9 @@ use crate::args::Args;
 use crate::error;
 use crate::jsonb::{self, Jsonb};
 use crate::message::{Message, Payload};
-use crate::size::{check_json_size, check_size, headers_len, SizeLimit};
+use crate::size::{check_converted_size, check_json_size, check_size, headers_len, SizeLimit};
 use crate::storage::Writer;
-use crate::varlena::Varlena;
+use crate::varlena::{database_is_utf8, Varlena};
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 
@@ -124,6 +124,19 @@ fn write_checked(
         // SAFETY: a non-NULL bytea datum (the variant).
         PayloadDatum::Bytes(datum) => Payload::Bytes(unsafe { Varlena::from_datum(datum) }),
     };
+    if !database_is_utf8() {
+        let payload = match &payload {
+            Payload::Json { value, .. } => Ok(value),
+            Payload::Bytes(bytes) => Err(bytes.bytes.len()),
+        };
+        check_converted_size(
+            function,
+            SizeLimit::Setting,
+            key.as_ref(),
+            &headers,
+            payload,
+        );
+    }
     let message = Message {
         id,
         queue,

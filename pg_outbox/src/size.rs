@@ -54,10 +54,10 @@ pub fn check_size(
     } - pg_sys::VARHDRSZ;
     if is_json {
         if stored > limit_bytes.saturating_mul(STORED_PER_TEXT_BYTE) {
-            refuse(function, limit, key, headers_len, stored);
+            refuse(function, limit, key_len(key), headers_len, stored);
         }
     } else {
-        check_total(function, limit, key, headers_len, stored);
+        check_total(function, limit, Some(key_len(key)), headers_len, stored);
     }
 }
 
@@ -72,7 +72,13 @@ pub fn check_json_size(
     payload: &Jsonb,
 ) -> usize {
     let payload_len = payload.text_len();
-    check_total(function, limit, key, headers_len, payload_len);
+    check_total(
+        function,
+        limit,
+        Some(key_len(key)),
+        headers_len,
+        payload_len,
+    );
     payload_len
 }
 
@@ -85,31 +91,53 @@ pub fn headers_len(headers: &Jsonb) -> usize {
     }
 }
 
-fn check_total(
+/// The size rule in a database whose encoding is not UTF-8, where what is sent is the text
+/// converted to UTF-8 (pgoutput converts the table form's; the wal form converts its own): each
+/// text must convert, or the walsender would fail on that row at every reconnect and nothing
+/// after it would ever be delivered; and the limit counts the converted bytes (a LATIN1 `é` is
+/// sent as 2). An ERROR names the first text that does not convert. Not called in a UTF-8
+/// database, whose text is sent as it is stored.
+pub fn check_converted_size(
     function: &str,
     limit: SizeLimit,
     key: Option<&Varlena<'_>>,
+    headers: &Jsonb,
+    payload: Result<&Jsonb, usize>,
+) {
+    let key = key.map_or(0, |k| k.to_utf8().len());
+    let headers = if headers.is_empty_object() {
+        2
+    } else {
+        headers.to_text().len()
+    };
+    let payload = match payload {
+        Ok(json) => json.to_text().len(),
+        // Binary: its bytes, as they are.
+        Err(len) => len,
+    };
+    check_total(function, limit, Some(key), headers, payload);
+}
+
+fn key_len(key: Option<&Varlena<'_>>) -> usize {
+    key.map_or(0, |k| k.bytes.len())
+}
+
+fn check_total(
+    function: &str,
+    limit: SizeLimit,
+    key: Option<usize>,
     headers: usize,
     payload: usize,
 ) {
-    let size = key
-        .map_or(0, |k| k.bytes.len())
-        .saturating_add(headers)
-        .saturating_add(payload);
+    let key = key.unwrap_or(0);
+    let size = key.saturating_add(headers).saturating_add(payload);
     if size > limit.bytes().0 {
         refuse(function, limit, key, headers, payload);
     }
 }
 
-fn refuse(
-    function: &str,
-    limit: SizeLimit,
-    key: Option<&Varlena<'_>>,
-    headers: usize,
-    payload: usize,
-) -> ! {
+fn refuse(function: &str, limit: SizeLimit, key: usize, headers: usize, payload: usize) -> ! {
     let (limit, name) = limit.bytes();
-    let key = key.map_or(0, |k| k.bytes.len());
     let size = key.saturating_add(headers).saturating_add(payload);
     error::raise(
         pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,

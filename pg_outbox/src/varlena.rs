@@ -55,14 +55,37 @@ pub fn server_to_utf8(bytes: &[u8]) -> Cow<'_, str> {
             return Cow::Borrowed(text);
         }
     } else {
+        // pg_server_to_any raises its own ERROR for text it cannot convert (22021 for SQL_ASCII
+        // bytes that are not UTF-8, 22P05 for a character UTF-8 lacks): ours instead, which
+        // says what the text is for and what to do, with PostgreSQL's reason in it.
+        let reason = |e: &pg_sys::panic::CaughtError| match e {
+            pg_sys::panic::CaughtError::PostgresError(report)
+            | pg_sys::panic::CaughtError::ErrorReport(report) => report.message().to_owned(),
+            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+        };
+        let not_utf8 = |e: pg_sys::panic::CaughtError| -> *mut std::ffi::c_char {
+            raise_not_utf8(&reason(&e))
+        };
         // SAFETY: `bytes` is valid for `len`; pg_server_to_any returns the input pointer or a
-        // palloc'd NUL-terminated copy, and raises ERROR itself for unconvertible input.
-        unsafe {
-            let converted = pg_sys::pg_server_to_any(
+        // palloc'd NUL-terminated copy.
+        let converted = pgrx::PgTryBuilder::new(|| unsafe {
+            pg_sys::pg_server_to_any(
                 bytes.as_ptr().cast(),
                 bytes.len() as i32,
                 pg_sys::pg_enc::PG_UTF8 as i32,
-            );
+            )
+        })
+        .catch_when(
+            pgrx::PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            not_utf8,
+        )
+        .catch_when(
+            pgrx::PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER,
+            not_utf8,
+        )
+        .execute();
+        // SAFETY: as above: the input or a NUL-terminated palloc'd copy.
+        unsafe {
             let len = if converted.cast_const() == bytes.as_ptr().cast() {
                 bytes.len()
             } else {
@@ -76,10 +99,16 @@ pub fn server_to_utf8(bytes: &[u8]) -> Cow<'_, str> {
             }
         }
     }
+    raise_not_utf8("the converted text is not UTF-8")
+}
+
+fn raise_not_utf8(reason: &str) -> ! {
     error::raise(
         pgrx::PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-        "pg_outbox: text is not valid in the database encoding and cannot be converted to UTF-8"
-            .into(),
+        format!(
+            "pg_outbox: text is not valid in the database encoding and cannot be converted to \
+             UTF-8 ({reason})"
+        ),
         "Messages are delivered as UTF-8: publish text that UTF-8 can represent.",
     )
 }
