@@ -314,6 +314,56 @@ async fn a_message_or_route_the_broker_refuses_is_dead_lettered_alone() {
     );
 }
 
+/// A route whose exchange does not exist, under a flood: 0.2.1 sent each of its messages, and
+/// each 404 closed the channel under the other route's messages in flight, which were sent again
+/// (42% duplicates in an audit). The worker now checks a route's exchange on a channel of its own
+/// before it first sends there (and again after a refusal): the messages to the missing exchange
+/// are dead-lettered and the publishing channel never closes, so no other message is sent twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_to_a_missing_route_exchange_costs_the_other_messages_no_duplicate() {
+    let rabbit = RabbitMq::start();
+    rabbit.declare("events", "direct", "orders", "orders");
+    let (_pg, worker, db, _config) = worker_for(
+        &rabbit,
+        "events",
+        "[delivery]\nmax_attempts = 2\nretry_initial = \"50ms\"\n\
+             [[routes]]\nqueues = \"odd.*\"\nsink = \"amqp\"\nexchange = \"{queue}\"\n\
+             [[routes]]\nqueues = \"*\"\nsink = \"amqp\"\n",
+        &[],
+    )
+    .await;
+    // Each row publishes one message to the missing exchange and one to `orders`.
+    db.batch_execute(
+        "SELECT count(outbox.publish('odd.missing', jsonb_build_object('n', i), '{}', 'k-' || i % 5))
+              + count(outbox.publish('orders', jsonb_build_object('i', i, 'key', 'k-' || i % 5),
+                                     '{}', 'k-' || i % 5))
+           FROM generate_series(0, 299) AS i",
+    )
+    .await
+    .unwrap();
+    let db = &db;
+    eventually(
+        Duration::from_secs(120),
+        "the 300 messages to the missing exchange in the dead letters",
+        || async move { count(db, "SELECT count(*) FROM outbox.dead_letters").await == 300 },
+    )
+    .await;
+    let missing: i64 = count(
+        db,
+        "SELECT count(*) FROM outbox.dead_letters WHERE error LIKE '%no exchange ''odd.missing''%'",
+    )
+    .await;
+    assert_eq!(missing, 300, "each names the missing exchange");
+    let orders = rabbit.drain_queue("orders", 100_000, Duration::from_secs(15));
+    let tally = check_delivery(&seen(&orders), 300);
+    assert_eq!(
+        (tally.distinct, tally.duplicates),
+        (300, 0),
+        "every order once: {}",
+        worker.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_exchange_stops_the_worker_with_a_hint() {
     let rabbit = RabbitMq::start();

@@ -195,6 +195,8 @@ async fn publish_loop(
     // refused here, so that only the first costs a closed channel (and re-sends of the messages
     // in flight on it). RabbitMQ does not announce the limit.
     let broker_max = Arc::new(AtomicUsize::new(usize::MAX));
+    // Route exchanges seen to exist: the others are checked before a message is sent to them.
+    let exchanges = KnownExchanges::default();
     let mut confirms = Confirms::default();
     loop {
         connected.store(session.can_deliver(), Ordering::Release);
@@ -239,7 +241,37 @@ async fn publish_loop(
             }
         };
         let own_exchange = *p.exchange == *config.exchange;
-        let mut publish = Box::pin(publish(channel, p, own_exchange, broker_max.clone()));
+        if !own_exchange && !exchanges.contains(&p.exchange) {
+            let connection = session
+                .connection
+                .as_ref()
+                .expect("a channel is open on it");
+            match check_exchange(connection, &p.exchange).await {
+                Ok(()) => exchanges.insert(&p.exchange),
+                // Not an answer about the exchange (RabbitMQ asks no permission of a passive
+                // declare; another broker might): the publish itself will tell.
+                Err(e) if !is_not_found(&e) && !is_transport(&e) => {}
+                Err(e) => {
+                    let route = Suspect {
+                        payload_len: size,
+                        exchange: &p.exchange,
+                        routing_key: &p.routing_key,
+                        own_exchange: false,
+                    };
+                    let refused =
+                        classify(&e, &route, "the route's exchange, checked before sending");
+                    let _ = p.ack.send(Err(refused));
+                    continue;
+                }
+            }
+        }
+        let mut publish = Box::pin(publish(
+            channel,
+            p,
+            own_exchange,
+            broker_max.clone(),
+            exchanges.clone(),
+        ));
         // lapin numbers the message and queues its frames before its first await: one poll here
         // puts them on the wire in call order. The socket write and the broker's confirm complete
         // later, so the next message does not wait for this one's write.
@@ -257,12 +289,65 @@ async fn publish_loop(
     }
 }
 
+/// Route exchanges known to exist. A 404 or 403 for one closes the publishing channel under every
+/// message in flight on it (each is then sent again: duplicates), so a route's exchange is checked
+/// on a channel of its own (a passive declare) before the first message goes to it, and again
+/// after the broker refused it.
+#[derive(Clone, Default)]
+struct KnownExchanges(Arc<std::sync::Mutex<std::collections::HashSet<Arc<str>>>>);
+
+impl KnownExchanges {
+    fn contains(&self, exchange: &Arc<str>) -> bool {
+        // The default exchange always exists (and cannot be declared, even passively).
+        exchange.is_empty() || self.0.lock().unwrap().contains(exchange)
+    }
+
+    fn insert(&self, exchange: &Arc<str>) {
+        self.0.lock().unwrap().insert(exchange.clone());
+    }
+
+    fn forget(&self, exchange: &str) {
+        self.0.lock().unwrap().remove(exchange);
+    }
+}
+
+/// Whether `exchange` exists, asked on a channel opened for the question: a 404 closes that
+/// channel only.
+async fn check_exchange(connection: &Connection, exchange: &str) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange,
+            ExchangeKind::Direct,
+            passive,
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "exchange checked").await;
+    Ok(())
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error, lapin::Error::ProtocolError(e)
+        if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// The connection failed rather than the broker answering: transient, as `classify` says.
+fn is_transport(error: &lapin::Error) -> bool {
+    !matches!(error, lapin::Error::ProtocolError(_))
+}
+
 /// Publishes one message and waits for the broker's confirm.
 async fn publish(
     channel: Channel,
     p: Publish,
     own_exchange: bool,
     broker_max: Arc<AtomicUsize>,
+    exchanges: KnownExchanges,
 ) -> Settled {
     let options = BasicPublishOptions {
         mandatory: true,
@@ -298,6 +383,10 @@ async fn publish(
     if let Err(SinkError::Permanent(text)) = &result {
         if let Some(max) = refused_max(text) {
             broker_max.fetch_min(max, Ordering::Relaxed);
+        }
+        // Deleted (or its permission revoked) since it was checked: checked again next time.
+        if !own_exchange && named_exchange(text) == Some(&*p.exchange) {
+            exchanges.forget(&p.exchange);
         }
     }
     Settled {
