@@ -108,6 +108,16 @@ fn unknown_record_shape() {
 }
 
 #[test]
+fn an_unknown_key_on_a_sink_without_settings() {
+    rejects(
+        Some("[sinks.out]\ntype = \"stdout\"\nrecords = \"debezium\"\n"),
+        url(),
+        &[],
+        &["found `records`", "sinks.out"],
+    );
+}
+
+#[test]
 fn route_to_an_undefined_sink() {
     rejects(
         Some("[sinks.out]\ntype = \"stdout\"\n[[routes]]\nqueues = \"*\"\nsink = \"kafka\"\n"),

@@ -37,7 +37,8 @@ async fn the_workers_records_are_those_of_debeziums_outbox_event_router() {
     let pg = PgCluster::start().await;
     debezium::create_outbox_table(&pg).await;
     let config = Worker::config_file(&format!(
-        "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\nrecords = \"debezium\"\n",
+        "[delivery]\nmax_attempts = 2\nretry_initial = \"50ms\"\n\
+         [sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\nrecords = \"debezium\"\n",
         kafka.brokers()
     ));
     let worker = Worker::start(&config_args(&pg.url(), config.path()), None);
@@ -136,6 +137,31 @@ async fn the_workers_records_are_those_of_debeziums_outbox_event_router() {
         })
         .collect();
     assert_eq!(own.len(), 1, "the publisher's own id header is sent");
+
+    // A queue whose `outbox.event.` topic is over Kafka's 249 characters: dead-lettered, saying
+    // so (librdkafka alone says "Unknown topic", as if it were to be created).
+    let long = "q".repeat(240);
+    db.execute("SELECT outbox.publish($1, '{}', '{}', 'k')", &[&long])
+        .await
+        .unwrap();
+    let db = &db;
+    outbox_tests::eventually(
+        Duration::from_secs(60),
+        "the long topic's dead letter",
+        || async move {
+            outbox_tests::postgres::count(db, "SELECT count(*) FROM outbox.dead_letters").await == 1
+        },
+    )
+    .await;
+    let error: String = db
+        .query_one("SELECT error FROM outbox.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        error.contains("253 characters, over Kafka's limit of 249"),
+        "{error}"
+    );
     // The headers differ only by each relay's own: Debezium's context, the outbox headers.
     let names = |records: &[&Record]| -> BTreeSet<String> {
         records

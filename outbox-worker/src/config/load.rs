@@ -72,7 +72,8 @@ impl Config {
     /// No sink at all: print to stdout. One sink and no routes: everything goes to it.
     fn fill_defaults(&mut self) {
         if self.sinks.is_empty() {
-            self.sinks.insert(DEFAULT_SINK.into(), SinkConfig::Stdout);
+            self.sinks
+                .insert(DEFAULT_SINK.into(), SinkConfig::Stdout {});
         }
         if self.routes.is_empty() && self.sinks.len() == 1 {
             let sink = self.sinks.keys().next().unwrap().clone();

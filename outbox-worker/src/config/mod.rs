@@ -181,10 +181,11 @@ pub enum SinkConfig {
     Kafka(KafkaSinkConfig),
     /// RabbitMQ (AMQP 0.9.1) with publisher confirms.
     Amqp(AmqpSinkConfig),
-    /// JSON lines on standard output.
-    Stdout,
+    /// JSON lines on standard output. (Struct variants, empty: a unit variant would take any
+    /// other key silently, `records = "debezium"` on a stdout sink say.)
+    Stdout {},
     /// Acknowledges without sending anything: for benchmarks of the worker itself.
-    Discard,
+    Discard {},
 }
 
 impl SinkConfig {
@@ -192,8 +193,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Kafka(_) => "kafka",
             SinkConfig::Amqp(_) => "amqp",
-            SinkConfig::Stdout => "stdout",
-            SinkConfig::Discard => "discard",
+            SinkConfig::Stdout {} => "stdout",
+            SinkConfig::Discard {} => "discard",
         }
     }
 }

@@ -224,6 +224,9 @@ fn headers(message: &Message, records: RecordShape) -> OwnedHeaders {
     headers
 }
 
+/// The longest topic name Kafka accepts.
+const MAX_TOPIC_LEN: usize = 249;
+
 /// The header in which Debezium's Outbox Event Router puts the event id.
 const DEBEZIUM_ID_HEADER: &str = "id";
 
@@ -254,6 +257,15 @@ impl Sink for KafkaSink {
             return Box::pin(async move { Err(error) });
         };
         let topic: &str = topic;
+        // librdkafka would only say "Unknown topic", as if it were to be created.
+        if topic.len() > MAX_TOPIC_LEN {
+            let error = SinkError::Permanent(format!(
+                "kafka: the topic name is {} characters, over Kafka's limit of {MAX_TOPIC_LEN}; \
+                 shorten the queue name or route it to a shorter topic",
+                topic.len()
+            ));
+            return Box::pin(async move { Err(error) });
+        }
         let mut record = FutureRecord::to(topic)
             .payload(message.payload.as_bytes())
             .headers(headers(message, self.records))

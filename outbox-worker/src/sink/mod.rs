@@ -89,8 +89,8 @@ impl Sinks {
                             .map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?,
                     ),
                     SinkConfig::Amqp(amqp) => Arc::new(amqp::AmqpSink::start(amqp)),
-                    SinkConfig::Stdout => Arc::new(stdout::StdoutSink::start()),
-                    SinkConfig::Discard => Arc::new(Discard),
+                    SinkConfig::Stdout {} => Arc::new(stdout::StdoutSink::start()),
+                    SinkConfig::Discard {} => Arc::new(Discard),
                 };
                 Ok(NamedSink {
                     name: name.clone(),
