@@ -120,11 +120,17 @@ impl Connect {
         self.child.id()
     }
 
-    /// The end of Kafka Connect's log, for a failure message.
+    /// Kafka Connect's errors and the end of its log, for a failure message.
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("connect.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        let errors = lines
+            .iter()
+            // Connect's plugin scan complains about classes it does not need.
+            .filter(|l| l.contains("ERROR") && !l.contains("PluginScanner"))
+            .take(10);
+        let tail = &lines[lines.len().saturating_sub(30)..];
+        errors.chain(tail).copied().collect::<Vec<_>>().join("\n")
     }
 }
 

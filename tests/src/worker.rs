@@ -84,8 +84,12 @@ impl Worker {
         let log = dir.path().join("stderr.log");
         let child = Command::new(binary())
             .args(args)
+            // TEST_WORKER_LOG: another filter, to debug one test.
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
             .stdout(stdout.unwrap_or_else(Stdio::null))
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -589,3 +589,149 @@ async fn each_unroutable_message_is_dead_lettered_and_no_routable_one() {
         worker.log()
     );
 }
+
+/// Runs a pika script against `rabbit`'s default virtual host (binding changes).
+fn pika(rabbit: &RabbitMq, body: &str) {
+    let script = format!(
+        "import pika\nc = pika.BlockingConnection(pika.URLParameters('{}'))\nch = c.channel()\n\
+         {body}\nc.close()\n",
+        rabbit.url()
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "pika: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 34: the loss of an audit that deleted and restored an exchange, reproduced by a helper
+/// with the queues re-bound half at a time: routable and returned messages in flight together on
+/// one channel, their confirms in the same acks. 0.2.1 settled a confirm with another message's
+/// return, so a returned message read as delivered (17 and 11 of ~14k lost in 2 of 2 runs of the
+/// helper's longer version). Here half the queues lose their binding and get it back, four
+/// times, under four publishers: every committed message must arrive or be a dead letter.
+///
+/// NOT FIXED YET: the current worker still loses 1–4 of ~13,800 in about half the runs. The
+/// debug log (`TEST_WORKER_LOG=info,outbox_worker::sink::amqp::confirms=debug`) shows a retried
+/// message's confirm collected and settled with no return while the confirm that carried its
+/// return was still pending: the quiet point of `confirms.rs` assumes lapin wakes the carrier's
+/// task before it completes the next confirm, and that does not always hold. Ignored so that it
+/// does not fail every other change; README ("Known issues") says so. Run with `--ignored`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "issue 34: reproduces a RabbitMQ loss that is not fixed yet"]
+async fn bindings_that_come_and_go_under_publishers_lose_nothing() {
+    const QUEUES: [&str; 4] = ["o.0", "o.1", "o.2", "o.3"];
+    let rabbit = RabbitMq::start();
+    for queue in QUEUES {
+        rabbit.declare("events", "direct", queue, queue);
+    }
+    let (pg, worker, db, _config) = worker_for(
+        &rabbit,
+        "events",
+        "[delivery]\nmax_attempts = 2\nretry_initial = \"50ms\"\n",
+        &[],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let (db, stop) = (pg.superuser().await, stop.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let queue = QUEUES[n % QUEUES.len()];
+                let id: uuid::Uuid = db
+                    .query_one(
+                        "SELECT outbox.publish($1, jsonb_build_object('n', $2::int), '{}', $3)",
+                        &[&queue, &(n as i32), &format!("p{p}-{}", n % 3)],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                committed.push(id.to_string());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            committed
+        }));
+    }
+    let rabbit = std::sync::Arc::new(rabbit);
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let r = rabbit.clone();
+        tokio::task::spawn_blocking(move || {
+            pika(
+                &r,
+                "ch.queue_unbind('o.2', 'events', routing_key='o.2')\n\
+                      ch.queue_unbind('o.3', 'events', routing_key='o.3')",
+            );
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let r = rabbit.clone();
+        tokio::task::spawn_blocking(move || {
+            pika(
+                &r,
+                "ch.queue_bind('o.2', 'events', routing_key='o.2')\n\
+                      ch.queue_bind('o.3', 'events', routing_key='o.3')",
+            );
+        })
+        .await
+        .unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut committed = std::collections::BTreeSet::new();
+    for publisher in publishers {
+        committed.extend(publisher.await.unwrap());
+    }
+    // Everything handled: the slot confirmed past the last commit.
+    let end: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (db, end) = (&db, &end);
+    eventually(
+        Duration::from_secs(120),
+        "the slot confirmed past the last commit",
+        || async move {
+            db.query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
+                &[end],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        },
+    )
+    .await;
+    let mut handled = std::collections::BTreeSet::new();
+    for queue in QUEUES {
+        for m in rabbit.drain_queue(queue, 1_000_000, Duration::from_secs(5)) {
+            handled.insert(m["message_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let arrived = handled.len();
+    for row in db
+        .query("SELECT id::text FROM outbox.dead_letters", &[])
+        .await
+        .unwrap()
+    {
+        handled.insert(row.get(0));
+    }
+    let missing: Vec<&String> = committed.difference(&handled).collect();
+    eprintln!(
+        "{} committed, {arrived} arrived, {} dead letters, {} missing",
+        committed.len(),
+        handled.len() - arrived,
+        missing.len()
+    );
+    assert!(missing.is_empty(), "lost: {missing:?}\n{}", worker.log());
+}

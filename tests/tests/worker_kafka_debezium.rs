@@ -212,8 +212,25 @@ async fn a_cut_over_from_debezium_under_traffic_loses_nothing() {
     const EACH: usize = 500;
     let kafka = KafkaBroker::start(&[(TOPIC, 3)]);
     let pg = PgCluster::start().await;
+    // Debezium as many run it, capturing every table (the publication it would make itself with
+    // `publication.autocreate.mode=all_tables`, made before its slot as it would be).
+    pg.superuser()
+        .await
+        .batch_execute("CREATE PUBLICATION dbz_all FOR ALL TABLES")
+        .await
+        .unwrap();
     debezium::create_outbox_table(&pg).await;
-    let connect = Connect::start(&pg, &kafka, "", "");
+    // pg_outbox's schema excluded (step 1 of the README), so that the worker's table-form rows
+    // are not captured too.
+    let connect = Connect::start(
+        &pg,
+        &kafka,
+        "",
+        "table.include.list=\n\
+         publication.name=dbz_all\n\
+         publication.autocreate.mode=all_tables\n\
+         schema.exclude.list=outbox\n",
+    );
     let db = pg.superuser().await;
 
     let mut publishers = Vec::new();

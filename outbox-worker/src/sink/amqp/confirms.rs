@@ -145,6 +145,13 @@ impl Confirms {
         }
         for settled in batch {
             let returned = self.returned.remove(&settled.id);
+            tracing::debug!(
+                id = %settled.id,
+                own_return = returned.is_some(),
+                carried = ?settled.result.as_ref().ok().map(|c| (c.ack, c.returned.as_ref().map(|r| r.0.clone()))),
+                pending = self.pending.len(),
+                "confirm settled"
+            );
             let outcome = match (settled.result, returned) {
                 (Err(e), _) => Err(e),
                 (Ok(_), Some(reason)) => Err(SinkError::Permanent(format!(
