@@ -13,10 +13,16 @@
 //! with another message's return proves nothing about its own: its return may still be waiting
 //! behind that one. It is sent again (at least once allows a duplicate; losing it does not), and
 //! the unroutable message returns again.
+//!
+//! One more case breaks "lapin wakes it": a publish still waiting for its frames to be written
+//! (`basic_publish` resolves only then) does not wait on its confirm yet, so lapin can complete
+//! that confirm, handing it another message's return, without waking anyone. Seen: a retried
+//! unroutable message settled as delivered while such a publish held its return. So no point is
+//! quiet while a publish is still writing ([`Confirms::writing`]); its write completing wakes it.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -54,6 +60,18 @@ pub struct Confirms {
     collected: Vec<Settled>,
     /// Ids of messages the broker returned, with its reason, until their own confirm is settled.
     returned: HashMap<String, String>,
+    /// Publishes whose frames are not written yet ([`Writing`]).
+    writing: Arc<AtomicUsize>,
+}
+
+/// Held by a publish until `basic_publish` returned its confirm: while any is held, no point is
+/// quiet.
+pub struct Writing(Arc<AtomicUsize>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A waker that notes it was woken, and passes the wake on.
@@ -74,6 +92,12 @@ impl Wake for Noting {
 }
 
 impl Confirms {
+    /// Taken before a publish starts writing, dropped once its confirm is awaited.
+    pub fn writing(&self) -> Writing {
+        self.writing.fetch_add(1, Ordering::SeqCst);
+        Writing(self.writing.clone())
+    }
+
     pub fn push(&mut self, publish: BoxFuture<'static, Settled>) {
         self.pending.push(publish);
     }
@@ -119,6 +143,11 @@ impl Confirms {
                     break;
                 }
             }
+        }
+        // A publish still writing may hold a completed confirm nobody was woken for; its write
+        // completing wakes this task.
+        if quiet && self.writing.load(Ordering::SeqCst) > 0 {
+            return Poll::Pending;
         }
         if quiet && !self.collected.is_empty() {
             return Poll::Ready(());
@@ -185,7 +214,6 @@ impl Confirms {
 #[cfg(test)]
 mod tests {
     use std::future::Future;
-    use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
 
     use futures::FutureExt;
@@ -291,6 +319,46 @@ mod tests {
         while poll_once(&mut confirms).is_pending() {}
         assert_eq!(d1_outcome.try_recv(), Ok(Ok(())));
         assert_eq!(d2_outcome.try_recv(), Ok(Ok(())));
+        assert!(confirms.is_empty());
+    }
+
+    /// Seen end to end: c's publish is still writing (waiting on `basic_publish`, not on its
+    /// confirm) when lapin completes c's confirm with x's return, and x's with none. Nothing wakes
+    /// c; x is woken. Settling x then would read it as delivered: it must wait for c's write.
+    #[test]
+    fn a_confirm_completed_while_its_publish_is_still_writing_is_waited_for() {
+        let mut confirms = Confirms::default();
+        let (x, x_confirm, mut x_outcome) = publish("x", None);
+        let (c_written, written) = oneshot::channel::<()>();
+        let writing = confirms.writing();
+        let (c_inner, c_confirm, mut c_outcome) = publish("c", None);
+        let c = async move {
+            let _ = written.await;
+            drop(writing);
+            c_inner.await
+        };
+        confirms.push(x);
+        confirms.push(c.boxed());
+        assert!(poll_once(&mut confirms).is_pending());
+        c_confirm.send(acked(Some("x"))).unwrap();
+        x_confirm.send(acked(None)).unwrap();
+        for _ in 0..10 {
+            assert!(poll_once(&mut confirms).is_pending());
+            assert!(
+                x_outcome.try_recv().is_err(),
+                "x settled while c was writing"
+            );
+        }
+        c_written.send(()).unwrap();
+        while poll_once(&mut confirms).is_pending() {}
+        assert!(
+            matches!(x_outcome.try_recv(), Ok(Err(SinkError::Permanent(_)))),
+            "x was returned by the broker: it must be reported unroutable"
+        );
+        assert!(matches!(
+            c_outcome.try_recv(),
+            Ok(Err(SinkError::Transient(_)))
+        ));
         assert!(confirms.is_empty());
     }
 

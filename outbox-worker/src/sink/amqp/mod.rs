@@ -271,6 +271,7 @@ async fn publish_loop(
             own_exchange,
             broker_max.clone(),
             exchanges.clone(),
+            confirms.writing(),
         ));
         // lapin numbers the message and queues its frames before its first await: one poll here
         // puts them on the wire in call order. The socket write and the broker's confirm complete
@@ -348,6 +349,7 @@ async fn publish(
     own_exchange: bool,
     broker_max: Arc<AtomicUsize>,
     exchanges: KnownExchanges,
+    writing: confirms::Writing,
 ) -> Settled {
     let options = BasicPublishOptions {
         mandatory: true,
@@ -360,10 +362,12 @@ async fn publish(
         routing_key: &p.routing_key,
         own_exchange,
     };
-    let result = match channel
+    let published = channel
         .basic_publish(&p.exchange, &p.routing_key, options, payload, p.properties)
-        .await
-    {
+        .await;
+    // Written (or failed): from here its confirm wakes this task when lapin completes it.
+    drop(writing);
+    let result = match published {
         Ok(confirm) => match confirm.await {
             Ok(Confirmation::Ack(returned)) => Ok(Confirmed {
                 ack: true,
