@@ -57,7 +57,7 @@ pub fn check_size(
             refuse(function, limit, key_len(key), headers_len, stored);
         }
     } else {
-        check_total(function, limit, Some(key_len(key)), headers_len, stored);
+        check_total(function, limit, key_len(key), headers_len, stored);
     }
 }
 
@@ -72,13 +72,7 @@ pub fn check_json_size(
     payload: &Jsonb,
 ) -> usize {
     let payload_len = payload.text_len();
-    check_total(
-        function,
-        limit,
-        Some(key_len(key)),
-        headers_len,
-        payload_len,
-    );
+    check_total(function, limit, key_len(key), headers_len, payload_len);
     payload_len
 }
 
@@ -115,21 +109,14 @@ pub fn check_converted_size(
         // Binary: its bytes, as they are.
         Err(len) => len,
     };
-    check_total(function, limit, Some(key), headers, payload);
+    check_total(function, limit, key, headers, payload);
 }
 
 fn key_len(key: Option<&Varlena<'_>>) -> usize {
     key.map_or(0, |k| k.bytes.len())
 }
 
-fn check_total(
-    function: &str,
-    limit: SizeLimit,
-    key: Option<usize>,
-    headers: usize,
-    payload: usize,
-) {
-    let key = key.unwrap_or(0);
+fn check_total(function: &str, limit: SizeLimit, key: usize, headers: usize, payload: usize) {
     let size = key.saturating_add(headers).saturating_add(payload);
     if size > limit.bytes().0 {
         refuse(function, limit, key, headers, payload);

@@ -20,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message;
 use tokio_postgres::Client;
 
-use crate::latency::{ms, now_micros, payload_n, stamps, Percentiles};
+use crate::latency::{ms, now_micros, partition_zero_consumer, payload_n, stamps, Percentiles};
 use crate::KEYS;
 
 /// Seconds of each latency run; the first is warm-up.
@@ -291,7 +291,7 @@ async fn latency(contender: Contender, kafka: &KafkaBroker, rate: u64, run: usiz
     let (pg, db) = cluster(contender).await;
     let relay = Relay::start(contender, &pg, kafka, &topic);
     // Streaming once a first message went through.
-    let consumer = arrivals_consumer(kafka, &topic);
+    let consumer = partition_zero_consumer(&kafka.brokers(), &topic);
     db.execute(publish_statement(contender), &[&topic, &"{\"n\": -1}"])
         .await
         .unwrap();
@@ -338,21 +338,6 @@ async fn latency(contender: Contender, kafka: &KafkaBroker, rate: u64, run: usiz
             .map(|(n, consumed)| ms(consumed - started_at[*n].load(Ordering::Relaxed)))
             .collect(),
     )
-}
-
-fn arrivals_consumer(kafka: &KafkaBroker, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.brokers())
-        .set("group.id", "versus")
-        .set("fetch.wait.max.ms", "1")
-        .create()
-        .unwrap();
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
-        .unwrap();
-    consumer.assign(&assignment).unwrap();
-    consumer
 }
 
 /// `(n, consumed at)` for each of `total` messages after the warm-up message.

@@ -391,7 +391,9 @@ pub fn payload_n(payload: &[u8]) -> usize {
     value["n"].as_u64().expect("payload {\"n\": n}") as usize
 }
 
-fn kafka_arrivals(bootstrap: &str, topic: &str, total: usize) -> Vec<Seen> {
+/// A consumer of `topic`'s partition 0 from its beginning, fetching as soon as a message is there
+/// (`fetch.wait.max.ms = 1`): what every latency run reads with.
+pub fn partition_zero_consumer(bootstrap: &str, topic: &str) -> BaseConsumer {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "bench")
@@ -403,6 +405,11 @@ fn kafka_arrivals(bootstrap: &str, topic: &str, total: usize) -> Vec<Seen> {
         .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
         .unwrap();
     consumer.assign(&assignment).unwrap();
+    consumer
+}
+
+fn kafka_arrivals(bootstrap: &str, topic: &str, total: usize) -> Vec<Seen> {
+    let consumer = partition_zero_consumer(bootstrap, topic);
     let mut seen = Vec::with_capacity(total);
     let deadline = Instant::now() + Duration::from_secs(120);
     while seen.len() < total && Instant::now() < deadline {
