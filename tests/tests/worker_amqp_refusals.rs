@@ -616,17 +616,11 @@ fn pika(rabbit: &RabbitMq, body: &str) {
 /// helper's longer version). Here half the queues lose their binding and get it back, four
 /// times, under four publishers: every committed message must arrive or be a dead letter.
 ///
-/// NOT FIXED YET: the current worker still loses 0–4 of ~13,800 per run (5 of 8 runs lost some).
-/// The debug log (`TEST_WORKER_LOG=info,outbox_worker::sink::amqp::confirms=debug`) shows the lost
-/// message's retry settled with no return while the confirm that carried its return was still
-/// pending, in a later batch: the quiet point of `confirms.rs` assumes that lapin completes (and
-/// wakes) the carrier before the message itself. A publish still writing broke that assumption
-/// and is now waited for (a unit test), but the loss remains: which other path delivers the
-/// message's confirm before its return is unknown (in one case two returns were waiting and the
-/// message took neither). Ignored so that it does not fail every other change; README ("Known
-/// issues") says so. Run with `--ignored`.
+/// The quiet points of 0.2.2's first fix still lost 0–4 of ~13,800 in 5 of 8 runs: a message's
+/// confirm could be settled before the confirm that carried its return was seen. Now a batch is
+/// answered only once every confirm of it is in, and the next batch waits for that
+/// (`sink/amqp/confirms.rs`): 0 lost in 10 of 10 runs.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "issue 34: reproduces a RabbitMQ loss that is not fixed yet"]
 async fn bindings_that_come_and_go_under_publishers_lose_nothing() {
     const QUEUES: [&str; 4] = ["o.0", "o.1", "o.2", "o.3"];
     let rabbit = RabbitMq::start();

@@ -2,9 +2,10 @@
 //! message no queue is bound for comes back and counts as a (permanent) failure, matched to its
 //! message by id ([`confirms`]).
 //!
-//! One task owns the connection and puts messages on the channel in call order; each socket write
-//! and confirm is awaited on its own, so many messages are in flight and the next one does not
-//! wait for the last one's write. A lost connection or a channel the broker closed fails what is
+//! One task owns the connection and puts messages on the channel in call order, in batches: every
+//! message queued when the last batch was answered goes out at once (many in flight, none waiting
+//! for another's write), and the next batch goes once every confirm of this one is in, which is
+//! what lets each return find its message. A lost connection or a channel the broker closed fails what is
 //! pending (the caller re-sends it in order); the task reopens them at once and keeps trying while
 //! idle, so readiness follows the connection's real state (heartbeats included).
 
@@ -25,7 +26,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use outbox_client::contract::{HEADER_CREATED_AT, HEADER_ID, HEADER_QUEUE};
 use tokio::sync::{mpsc, oneshot};
 
-use self::confirms::{Confirmed, Confirms, Settled};
+use self::confirms::{Confirmed, Settled};
 use super::{Ack, Sink, SinkError};
 use crate::config::AmqpSinkConfig;
 use crate::message::{is_content_type, Message};
@@ -36,6 +37,9 @@ use crate::router::Destination;
 const HEARTBEAT_SECS: u16 = 10;
 /// How often an idle, disconnected sink tries to connect again.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// Bounds of one batch of publishes: the next batch waits for every confirm of this one.
+const BATCH_MESSAGES: usize = 4_096;
+const BATCH_BYTES: usize = 64 << 20;
 
 struct Publish {
     exchange: Arc<str>,
@@ -197,97 +201,138 @@ async fn publish_loop(
     let broker_max = Arc::new(AtomicUsize::new(usize::MAX));
     // Route exchanges seen to exist: the others are checked before a message is sent to them.
     let exchanges = KnownExchanges::default();
-    let mut confirms = Confirms::default();
     loop {
         connected.store(session.can_deliver(), Ordering::Release);
-        let p = tokio::select! {
-            biased;
-            () = confirms.settle_next(), if !confirms.is_empty() => continue,
-            next = next_publish(&mut rx, &mut session, &config) => match next {
-                Next::Publish(p) => *p,
-                Next::Again => continue,
-                Next::Stop => return,
-            },
+        let first = match next_publish(&mut rx, &mut session, &config).await {
+            Next::Publish(p) => *p,
+            Next::Again => continue,
+            Next::Stop => return,
         };
-        let size = p.message.payload.as_bytes().len();
-        let max = broker_max.load(Ordering::Relaxed);
-        if size > max {
-            let _ = p.ack.send(Err(SinkError::Permanent(format!(
-                "amqp: the message is {size} bytes, over the broker's max_message_size ({max} \
-                 bytes, as its refusal of an earlier message said); not sent"
-            ))));
-            continue;
+        let batch = take_batch(first, &mut rx);
+        let mut answered = Vec::with_capacity(batch.len());
+        let mut in_flight = Vec::with_capacity(batch.len());
+        for p in batch {
+            if let Some(publish) =
+                start_publish(p, &mut session, &config, &broker_max, &exchanges).await
+            {
+                let mut publish = Box::pin(publish);
+                // lapin numbers the message and queues its frames before its first await: one
+                // poll here puts them on the wire in call order. The socket write and the
+                // broker's confirm complete later, so the next message does not wait for this
+                // one's write.
+                match futures::poll!(publish.as_mut()) {
+                    Poll::Ready(settled) => {
+                        // Done at once means lapin refused it (a confirm takes a round trip): the
+                        // next message gets a fresh channel.
+                        if settled.result.is_err() {
+                            session.channel = None;
+                        }
+                        answered.push(settled);
+                    }
+                    Poll::Pending => in_flight.push(publish),
+                }
+            }
         }
-        if let Some(problem) = unsendable(&p, session.frame_max()) {
+        // Every confirm of the batch, before any is answered and before the next batch is sent:
+        // what makes each return find its message ([`confirms`]).
+        let all = futures::future::join_all(in_flight);
+        tokio::pin!(all);
+        let mut readiness = tokio::time::interval(RECONNECT_EVERY);
+        answered.extend(loop {
+            tokio::select! {
+                settled = &mut all => break settled,
+                _ = readiness.tick() => {
+                    connected.store(session.can_deliver(), Ordering::Release);
+                }
+            }
+        });
+        confirms::settle(answered);
+    }
+}
+
+/// `first` and the messages queued behind it, up to a batch's bounds.
+fn take_batch(first: Publish, rx: &mut mpsc::UnboundedReceiver<Publish>) -> Vec<Publish> {
+    let mut bytes = first.message.payload.as_bytes().len();
+    let mut batch = vec![first];
+    while batch.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
+        let Ok(p) = rx.try_recv() else { break };
+        bytes += p.message.payload.as_bytes().len();
+        batch.push(p);
+    }
+    batch
+}
+
+/// Checks one message and starts publishing it on the session's channel; `None` when it was
+/// answered without being sent (refused here, or no channel to send it on).
+async fn start_publish(
+    p: Publish,
+    session: &mut Session,
+    config: &AmqpSinkConfig,
+    broker_max: &Arc<AtomicUsize>,
+    exchanges: &KnownExchanges,
+) -> Option<impl std::future::Future<Output = Settled>> {
+    let size = p.message.payload.as_bytes().len();
+    let max = broker_max.load(Ordering::Relaxed);
+    if size > max {
+        let _ = p.ack.send(Err(SinkError::Permanent(format!(
+            "amqp: the message is {size} bytes, over the broker's max_message_size ({max} \
+             bytes, as its refusal of an earlier message said); not sent"
+        ))));
+        return None;
+    }
+    if let Some(problem) = unsendable(&p, session.frame_max()) {
+        let _ = p
+            .ack
+            .send(Err(SinkError::Permanent(format!("amqp: {problem}"))));
+        return None;
+    }
+    // Opening the channel declares the sink's own exchange: what fails there is the sink's.
+    let channel = match session.channel(config).await {
+        Ok(channel) => channel.clone(),
+        Err(e) => {
+            let sink_itself = Suspect {
+                payload_len: size,
+                exchange: &config.exchange,
+                routing_key: &p.routing_key,
+                own_exchange: true,
+            };
             let _ = p
                 .ack
-                .send(Err(SinkError::Permanent(format!("amqp: {problem}"))));
-            continue;
+                .send(Err(classify(&e, &sink_itself, "cannot connect")));
+            return None;
         }
-        // Opening the channel declares the sink's own exchange: what fails there is the sink's.
-        let channel = match session.channel(&config).await {
-            Ok(channel) => channel.clone(),
+    };
+    let own_exchange = *p.exchange == *config.exchange;
+    if !own_exchange && !exchanges.contains(&p.exchange) {
+        let connection = session
+            .connection
+            .as_ref()
+            .expect("a channel is open on it");
+        match check_exchange(connection, &p.exchange).await {
+            Ok(()) => exchanges.insert(&p.exchange),
+            // Not an answer about the exchange (RabbitMQ asks no permission of a passive
+            // declare; another broker might): the publish itself will tell.
+            Err(e) if !is_not_found(&e) && !is_transport(&e) => {}
             Err(e) => {
-                let sink_itself = Suspect {
-                    payload_len: p.message.payload.as_bytes().len(),
-                    exchange: &config.exchange,
+                let route = Suspect {
+                    payload_len: size,
+                    exchange: &p.exchange,
                     routing_key: &p.routing_key,
-                    own_exchange: true,
+                    own_exchange: false,
                 };
-                let _ = p
-                    .ack
-                    .send(Err(classify(&e, &sink_itself, "cannot connect")));
-                continue;
+                let refused = classify(&e, &route, "the route's exchange, checked before sending");
+                let _ = p.ack.send(Err(refused));
+                return None;
             }
-        };
-        let own_exchange = *p.exchange == *config.exchange;
-        if !own_exchange && !exchanges.contains(&p.exchange) {
-            let connection = session
-                .connection
-                .as_ref()
-                .expect("a channel is open on it");
-            match check_exchange(connection, &p.exchange).await {
-                Ok(()) => exchanges.insert(&p.exchange),
-                // Not an answer about the exchange (RabbitMQ asks no permission of a passive
-                // declare; another broker might): the publish itself will tell.
-                Err(e) if !is_not_found(&e) && !is_transport(&e) => {}
-                Err(e) => {
-                    let route = Suspect {
-                        payload_len: size,
-                        exchange: &p.exchange,
-                        routing_key: &p.routing_key,
-                        own_exchange: false,
-                    };
-                    let refused =
-                        classify(&e, &route, "the route's exchange, checked before sending");
-                    let _ = p.ack.send(Err(refused));
-                    continue;
-                }
-            }
-        }
-        let mut publish = Box::pin(publish(
-            channel,
-            p,
-            own_exchange,
-            broker_max.clone(),
-            exchanges.clone(),
-            confirms.writing(),
-        ));
-        // lapin numbers the message and queues its frames before its first await: one poll here
-        // puts them on the wire in call order. The socket write and the broker's confirm complete
-        // later, so the next message does not wait for this one's write.
-        match futures::poll!(publish.as_mut()) {
-            Poll::Ready(settled) => {
-                // Done at once means lapin refused it (a confirm takes a round trip): the next
-                // message gets a fresh channel.
-                if settled.result.is_err() {
-                    session.channel = None;
-                }
-                confirms.settle(vec![settled]);
-            }
-            Poll::Pending => confirms.push(publish),
         }
     }
+    Some(publish(
+        channel,
+        p,
+        own_exchange,
+        broker_max.clone(),
+        exchanges.clone(),
+    ))
 }
 
 /// Route exchanges known to exist. A 404 or 403 for one closes the publishing channel under every
@@ -349,7 +394,6 @@ async fn publish(
     own_exchange: bool,
     broker_max: Arc<AtomicUsize>,
     exchanges: KnownExchanges,
-    writing: confirms::Writing,
 ) -> Settled {
     let options = BasicPublishOptions {
         mandatory: true,
@@ -365,8 +409,6 @@ async fn publish(
     let published = channel
         .basic_publish(&p.exchange, &p.routing_key, options, payload, p.properties)
         .await;
-    // Written (or failed): from here its confirm wakes this task when lapin completes it.
-    drop(writing);
     let result = match published {
         Ok(confirm) => match confirm.await {
             Ok(Confirmation::Ack(returned)) => Ok(Confirmed {
