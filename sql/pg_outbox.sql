@@ -1,4 +1,4 @@
--- pg_outbox 0.2.1, SQL install: the schema, functions, roles and publication of
+-- pg_outbox 0.2.2, SQL install: the schema, functions, roles and publication of
 -- CREATE EXTENSION pg_outbox, for PostgreSQL servers that cannot load a C extension (managed
 -- services). Run as a role with CREATE on the database and CREATEROLE:
 --     psql -v ON_ERROR_STOP=1 -f sql/pg_outbox.sql
@@ -59,14 +59,14 @@ $trust$;
 -- Over an install of this very script (version and build) it does nothing, so deploy pipelines
 -- may run it every time. Over an older one, or another build of this version, it upgrades in
 -- place: tables are kept (created when missing, as this script creates every table and index
--- IF NOT EXISTS), every function and policy is made again.
+-- IF NOT EXISTS), every function is replaced in place, policies are made where missing.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.1' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'a25d51fd3962' AS pg_outbox_same_build,
+SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'bc73a3ece3f7' AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.1 (SQL install, build a25d51fd3962) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.2 (SQL install, build bc73a3ece3f7) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -76,47 +76,25 @@ SET LOCAL client_min_messages = warning;
 DO $upgrade$
 DECLARE
     installed text := (SELECT version FROM outbox.sql_install);
-    f regprocedure;
     p record;
-    dropped integer;
 BEGIN
-    IF string_to_array(installed, '.')::int[] > string_to_array('0.2.1', '.')::int[] THEN
-        RAISE EXCEPTION 'pg_outbox: the SQL install % is newer than this script (0.2.1)', installed
+    IF string_to_array(installed, '.')::int[] > string_to_array('0.2.2', '.')::int[] THEN
+        RAISE EXCEPTION 'pg_outbox: the SQL install % is newer than this script (0.2.2)', installed
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'Run the sql/pg_outbox.sql of that version or a later one.';
     END IF;
-    FOR p IN SELECT policyname, tablename FROM pg_catalog.pg_policies WHERE schemaname = 'outbox' LOOP
-        IF p.policyname NOT IN ('registered_consumer', 'operator_reads', 'operator_purges') THEN
-            RAISE WARNING 'pg_outbox: dropping policy % on outbox.%, which is not pg_outbox''s', p.policyname, p.tablename
-                USING HINT = 'pg_outbox makes its policies again on every upgrade; create yours again after it if you still need it.';
-        END IF;
+    -- Functions are replaced in place and pg_outbox's policies kept (api.sql, as
+    -- scripts/build-sql-install makes it replayable): nothing a caller has looked up disappears,
+    -- and no lock a caller would queue behind is taken. Only a policy pg_outbox does not make goes.
+    FOR p IN SELECT policyname, tablename FROM pg_catalog.pg_policies
+              WHERE schemaname = 'outbox' AND policyname NOT IN ('registered_consumer', 'operator_reads', 'operator_purges') LOOP
+        RAISE WARNING 'pg_outbox: dropping policy % on outbox.%, which is not pg_outbox''s', p.policyname, p.tablename
+            USING HINT = 'pg_outbox makes its policies again on every upgrade; create yours again after it if you still need it.';
         EXECUTE format('DROP POLICY %I ON outbox.%I', p.policyname, p.tablename);
-    END LOOP;
-    -- Those no other function depends on first (a SQL-standard body depends on what it calls),
-    -- until none is left; one that something else still needs is then dropped plainly, and its
-    -- error names what depends on it. A trigger's function is kept (schema.sql replaces it):
-    -- dropping it would drop the trigger.
-    LOOP
-        dropped := 0;
-        FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
-                  WHERE fn.pronamespace = 'outbox'::regnamespace
-                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgfoid = fn.oid)
-                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
-                                     WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = fn.oid
-                                       AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid <> fn.oid) LOOP
-            EXECUTE format('DROP FUNCTION %s', f);
-            dropped := dropped + 1;
-        END LOOP;
-        EXIT WHEN dropped = 0;
-    END LOOP;
-    FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
-              WHERE fn.pronamespace = 'outbox'::regnamespace
-                AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgfoid = fn.oid) LOOP
-        EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.1 (build a25d51fd3962)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build bc73a3ece3f7)
 \else
 BEGIN;
 DO $install$
@@ -223,7 +201,9 @@ CREATE TABLE IF NOT EXISTS outbox.consumers (
     role          name        NOT NULL,
     registered_at timestamptz NOT NULL DEFAULT now()
 );
--- 0.2.0 stored a regrole (the SQL install keeps its table across upgrades).
+-- 0.2.0 stored a regrole (the SQL install keeps its table across upgrades). A rewrite: a consumer
+-- that waits on it reads the table empty and fails, once, with 42501 "not registered" (README,
+-- "Upgrades"); from 0.2.1 on, no upgrade changes a row a consumer reads.
 DO $role$
 BEGIN
     IF (SELECT a.atttypid FROM pg_catalog.pg_attribute a
@@ -276,6 +256,7 @@ $written_by$;
 -- installs keep what was recorded. A trigger rather than column rights: the worker checks at
 -- start that it may INSERT into the table (has_table_privilege), which column rights would fail.
 -- CREATE OR REPLACE: the SQL install keeps this function across upgrades (its trigger needs it).
+-- @upgrade:begin
 CREATE OR REPLACE FUNCTION outbox._dead_letter_written_by() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -296,8 +277,15 @@ BEGIN
         CREATE TRIGGER written_by BEFORE INSERT ON outbox.dead_letters
             FOR EACH ROW EXECUTE FUNCTION outbox._dead_letter_written_by();
     END IF;
+    -- ALWAYS: a role allowed to SET session_replication_role = replica would otherwise skip it
+    -- (0.2.1) and forge written_by.
+    IF (SELECT t.tgenabled FROM pg_catalog.pg_trigger t
+         WHERE t.tgrelid = 'outbox.dead_letters'::regclass AND t.tgname = 'written_by') <> 'A' THEN
+        ALTER TABLE outbox.dead_letters ENABLE ALWAYS TRIGGER written_by;
+    END IF;
 END
 $trigger$;
+-- @upgrade:end
 
 -- The slots a worker has streamed from. A slot that disappears (dropped, invalidated, lost in a
 -- failover or a restore) then stops the worker with what may be missing, instead of being
@@ -345,7 +333,7 @@ CREATE TABLE IF NOT EXISTS outbox.settings (
 -- sets it, not the session: the extension makes pg_outbox.max_message_size a superuser setting
 -- that a publisher cannot raise. PL/pgSQL, not SQL, so that its query plans are kept for the
 -- session rather than made again in every transaction.
-CREATE FUNCTION outbox._database_setting(name text) RETURNS text
+CREATE OR REPLACE FUNCTION outbox._database_setting(name text) RETURNS text
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -360,7 +348,7 @@ $$;
 
 -- pg_outbox.max_message_size in bytes, read and checked as the extension's setting is: a number
 -- without a unit is kB, from 1kB to 64MB.
-CREATE FUNCTION outbox._max_message_size() RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._max_message_size() RETURNS bigint
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -369,7 +357,7 @@ DECLARE
 BEGIN
     BEGIN
         bytes := pg_size_bytes(CASE WHEN setting ~ '^\s*\d+\s*$' THEN setting || 'kB' ELSE setting END);
-    EXCEPTION WHEN invalid_parameter_value THEN
+    EXCEPTION WHEN invalid_parameter_value OR numeric_value_out_of_range THEN
         bytes := NULL;
     END;
     IF bytes IS NULL OR bytes NOT BETWEEN 1024 AND 64 * 1024 * 1024 THEN
@@ -383,7 +371,7 @@ $$;
 
 -- pg_outbox.retention in seconds (default 1 day), read and checked the same way: a number without
 -- a unit is seconds, at least one second.
-CREATE FUNCTION outbox._retention_seconds() RETURNS integer
+CREATE OR REPLACE FUNCTION outbox._retention_seconds() RETURNS integer
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -392,7 +380,8 @@ DECLARE
 BEGIN
     BEGIN
         seconds := extract(epoch FROM setting::interval);
-    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow
+                   OR numeric_value_out_of_range THEN
         seconds := NULL;
     END;
     IF seconds IS NULL OR seconds NOT BETWEEN 1 AND 2147483647 THEN
@@ -407,16 +396,22 @@ $$;
 -- Sets pg_outbox.max_message_size or pg_outbox.retention for every session of this database
 -- (value NULL: back to the database's setting, or the default), checked as it is set. For
 -- outbox_operator: no superuser needed, and no publisher can change it.
-CREATE FUNCTION outbox.set_setting(name text, value text) RETURNS void
+CREATE OR REPLACE FUNCTION outbox.set_setting(name text, value text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF name IS NULL OR name NOT IN ('pg_outbox.max_message_size', 'pg_outbox.retention') THEN
         RAISE EXCEPTION 'outbox.set_setting: unknown setting %', coalesce(quote_literal(name), 'NULL')
             USING ERRCODE = 'undefined_object', HINT = 'The SQL install has two: pg_outbox.max_message_size and pg_outbox.retention.';
     END IF;
-    DELETE FROM outbox.settings s WHERE s.name = set_setting.name;
-    IF value IS NOT NULL THEN
-        INSERT INTO outbox.settings (name, value) VALUES (set_setting.name, set_setting.value);
+    -- One statement either way, so that two operators setting it at once do not both insert.
+    -- session_user: the operator who called, not this function's owner.
+    IF value IS NULL THEN
+        DELETE FROM outbox.settings s WHERE s.name = set_setting.name;
+    ELSE
+        INSERT INTO outbox.settings AS s (name, value, set_at, set_by)
+             VALUES (set_setting.name, set_setting.value, now(), session_user)
+        ON CONFLICT ON CONSTRAINT settings_pkey
+        DO UPDATE SET value = excluded.value, set_at = excluded.set_at, set_by = excluded.set_by;
     END IF;
     -- Read back as every publish and prune reads it: a bad value raises here, undoing the change.
     IF name = 'pg_outbox.max_message_size' THEN
@@ -431,7 +426,7 @@ COMMENT ON FUNCTION outbox.set_setting(text, text) IS
 
 -- What every publish checks before it writes, as the extension's Writer::open does: a read-only
 -- transaction is refused like an INSERT, and only the table form exists here.
-CREATE FUNCTION outbox._check_writable(function_name text) RETURNS void
+CREATE OR REPLACE FUNCTION outbox._check_writable(function_name text) RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -453,7 +448,7 @@ END
 $$;
 
 -- The queue name rules of publish.rs (check_queue_name).
-CREATE FUNCTION outbox._check_queue(function_name text, queue text) RETURNS void
+CREATE OR REPLACE FUNCTION outbox._check_queue(function_name text, queue text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -478,14 +473,14 @@ END
 $$;
 
 -- A character as Rust's {:?} prints it in publish.rs's messages: 'x', with \n, \t, \' escaped.
-CREATE FUNCTION outbox._char_literal(c text) RETURNS text
+CREATE OR REPLACE FUNCTION outbox._char_literal(c text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT '''' || CASE c WHEN E'\n' THEN '\n' WHEN E'\t' THEN '\t' WHEN E'\r' THEN '\r'
                           WHEN '''' THEN '\''' WHEN '\' THEN '\\' ELSE c END || ''''
 $$;
 
 -- The key and headers rules of publish.rs (key_arg, headers_arg, check_headers).
-CREATE FUNCTION outbox._check_key(function_name text, argument_name text, key text) RETURNS void
+CREATE OR REPLACE FUNCTION outbox._check_key(function_name text, argument_name text, key text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -496,7 +491,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION outbox._check_headers(function_name text, headers jsonb) RETURNS void
+CREATE OR REPLACE FUNCTION outbox._check_headers(function_name text, headers jsonb) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -526,7 +521,7 @@ $$;
 -- The length of a string as JSON text, quotes and escapes included, without printing it (a
 -- string of control characters prints 6 bytes for each): \" \\ \b \f \n \r \t take 2 bytes, the
 -- other characters below U+0020 \u00XX, 6.
-CREATE FUNCTION outbox._json_string_length(s text) RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._json_string_length(s text) RETURNS bigint
 LANGUAGE sql IMMUTABLE
 BEGIN ATOMIC
     SELECT octet_length(s)::bigint + 2
@@ -539,7 +534,7 @@ END;
 -- and only if that fails (54000 "out of memory: Cannot enlarge string buffer"; a real out of
 -- memory), measured part by part. The exception block (a subtransaction) is entered only for
 -- values stored in more than 64 kB or compressed, never on the path of an ordinary publish.
-CREATE FUNCTION outbox._json_length_of_large(value jsonb) RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._json_length_of_large(value jsonb) RETURNS bigint
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -571,7 +566,7 @@ $$;
 -- uncompressed, prints in less than the 1 GB a text can hold, and is simply printed: the path of
 -- every ordinary publish, inlined by the planner. A larger or compressed one takes
 -- _json_length_of_large, which never makes a text over 1 GB.
-CREATE FUNCTION outbox._json_length(value jsonb) RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._json_length(value jsonb) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT CASE WHEN value IS NULL THEN NULL
@@ -584,7 +579,7 @@ END;
 -- worker receives every text converted (pgoutput converts it), so a text UTF-8 cannot represent
 -- (SQL_ASCII's non-UTF-8 bytes, WIN1252's 0x81) would fail the walsender on that row at every
 -- reconnect and stop delivery for good: refused here, as by the extension (size.rs).
-CREATE FUNCTION outbox._utf8_length(t text) RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._utf8_length(t text) RETURNS bigint
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -597,7 +592,7 @@ END
 $$;
 
 -- A key's bytes as sent: as stored in a UTF-8 database, converted in any other.
-CREATE FUNCTION outbox._sent_length(t text) RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._sent_length(t text) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT CASE WHEN t IS NULL THEN NULL
@@ -606,7 +601,7 @@ BEGIN ATOMIC
 END;
 
 -- A JSON value's text as sent: _json_length in a UTF-8 database, converted in any other.
-CREATE FUNCTION outbox._sent_json_length(value jsonb) RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._sent_json_length(value jsonb) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT CASE WHEN value IS NULL THEN NULL
@@ -619,7 +614,7 @@ END;
 -- as gigabytes: numbers like 1e131071), the bytes of a binary payload, all at their full,
 -- uncompressed size, and text in UTF-8 (a LATIN1 é counts 2). Inlined by the planner where the
 -- publish functions test it.
-CREATE FUNCTION outbox._message_size(key text, headers jsonb, payload_size bigint) RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._message_size(key text, headers jsonb, payload_size bigint) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT coalesce(outbox._sent_length(key), 0)
@@ -628,7 +623,7 @@ BEGIN ATOMIC
 END;
 
 -- The payload's size as _message_size counts it.
-CREATE FUNCTION outbox._payload_size(payload jsonb, payload_bytes bytea) RETURNS bigint
+CREATE OR REPLACE FUNCTION outbox._payload_size(payload jsonb, payload_bytes bytea) RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT coalesce(outbox._sent_json_length(payload), octet_length(payload_bytes));
@@ -636,7 +631,7 @@ END;
 
 -- The size rule of storage.rs (check_size): key + headers + payload as sent, against
 -- pg_outbox.max_message_size, or its 64MB ceiling for a redriven message.
-CREATE FUNCTION outbox._check_size(function_name text, key text, headers jsonb, payload_size bigint, ceiling boolean)
+CREATE OR REPLACE FUNCTION outbox._check_size(function_name text, key text, headers jsonb, payload_size bigint, ceiling boolean)
 RETURNS void LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -651,7 +646,7 @@ BEGIN
             CASE WHEN ceiling THEN 'the ceiling of pg_outbox.max_message_size' ELSE 'pg_outbox.max_message_size' END,
             limit_bytes
             USING ERRCODE = 'program_limit_exceeded',
-                  HINT = 'Brokers refuse large messages: store the large part elsewhere (a table, object storage) and publish a reference to it, or raise pg_outbox.max_message_size (superuser, at most 64MB) together with the broker''s limit.';
+                  HINT = 'Brokers refuse large messages: store the large part elsewhere (a table, object storage) and publish a reference to it, or raise the limit (at most 64MB) together with the broker''s: SELECT outbox.set_setting(''pg_outbox.max_message_size'', ''1MB''); (an operator).';
     END IF;
 END
 $$;
@@ -660,24 +655,29 @@ $$;
 -- or before the last one the session took, so that the ids a session takes ascend, as the
 -- extension's do. SQL, not PL/pgSQL, so that the planner inlines it (as _uuid_v7): one
 -- expression, no FROM. The session can set pg_outbox._last_micros to anything: what is not a
--- plain number is ignored (no raw bigint error), and it counts for at most a day ahead of the
+-- plain number is ignored (no raw bigint error), and so is a value more than a day ahead of the
 -- transaction's start (no far-future ids; a clock stepped back by less still keeps ids ascending).
-CREATE FUNCTION outbox._take_micros(n bigint) RETURNS bigint
+-- Ignored, not capped: 0.2.1 capped it, and every id after it in the transaction had the same
+-- time.
+CREATE OR REPLACE FUNCTION outbox._take_micros(n bigint) RETURNS bigint
 LANGUAGE sql VOLATILE
 BEGIN ATOMIC
     SELECT set_config('pg_outbox._last_micros',
                (greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
-                         least(coalesce(CASE WHEN length(current_setting('pg_outbox._last_micros', true)) BETWEEN 1 AND 18
-                                              AND translate(current_setting('pg_outbox._last_micros', true), '0123456789', '') = ''
-                                             THEN current_setting('pg_outbox._last_micros', true)::bigint + 1 END, 0),
-                               (extract(epoch FROM now()) * 1000000)::bigint + 86400000000)) + n - 1)::text,
+                         coalesce(CASE WHEN length(current_setting('pg_outbox._last_micros', true)) BETWEEN 1 AND 18
+                                        AND translate(current_setting('pg_outbox._last_micros', true), '0123456789', '') = ''
+                                       -- Nested: the cast only once the text is known to be digits.
+                                       THEN CASE WHEN current_setting('pg_outbox._last_micros', true)::bigint
+                                                      < (extract(epoch FROM now()) * 1000000)::bigint + 86400000000
+                                                 THEN current_setting('pg_outbox._last_micros', true)::bigint + 1 END
+                                  END, 0)) + n - 1)::text,
                false)::bigint - n + 1;
 END;
 
 -- A UUIDv7 (RFC 9562) for a time in Unix microseconds: 48 bits of milliseconds, 12 bits of the
 -- microseconds within them, version, and the variant and 62 random bits of a gen_random_uuid()
 -- (a strong random source: setseed() cannot make ids repeat).
-CREATE FUNCTION outbox._uuid_v7(micros bigint) RETURNS uuid
+CREATE OR REPLACE FUNCTION outbox._uuid_v7(micros bigint) RETURNS uuid
 LANGUAGE sql VOLATILE
 BEGIN ATOMIC
     SELECT encode(int8send((micros / 1000 << 16) | 28672 | ((micros % 1000) * 4096 / 1000))
@@ -690,7 +690,7 @@ END;
 -- No SET clause: it would cost a settings save and restore per publish. Instead every name in it
 -- is schema-qualified, operators and casts included (OPERATOR(pg_catalog.=), ::pg_catalog.int8),
 -- so it means the same under any search_path; tests/tests/sql_rules.rs checks that.
-CREATE FUNCTION outbox._publish(function_name text, queue text, payload jsonb, payload_bytes bytea,
+CREATE OR REPLACE FUNCTION outbox._publish(function_name text, queue text, payload jsonb, payload_bytes bytea,
                                 headers jsonb, key text, id uuid, ceiling boolean)
 RETURNS uuid LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -737,7 +737,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION outbox.publish(queue text, payload jsonb, headers jsonb DEFAULT '{}', key text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION outbox.publish(queue text, payload jsonb, headers jsonb DEFAULT '{}', key text DEFAULT NULL)
 RETURNS uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -747,7 +747,7 @@ $$;
 COMMENT ON FUNCTION outbox.publish(text, jsonb, jsonb, text) IS
     'Publishes a JSON message to queue in the current transaction; returns its id (UUIDv7).';
 
-CREATE FUNCTION outbox.publish_bytes(queue text, payload bytea, headers jsonb DEFAULT '{}', key text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION outbox.publish_bytes(queue text, payload bytea, headers jsonb DEFAULT '{}', key text DEFAULT NULL)
 RETURNS uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -758,7 +758,7 @@ COMMENT ON FUNCTION outbox.publish_bytes(text, bytea, jsonb, text) IS
     'Publishes a binary message (Avro, Protobuf...) to queue in the current transaction; set a content-type header.';
 
 -- One element of publish_batch's checks, in the extension's order; true, or the error.
-CREATE FUNCTION outbox._check_batch_element(function_name text, i bigint, payload jsonb, key text, headers jsonb)
+CREATE OR REPLACE FUNCTION outbox._check_batch_element(function_name text, i bigint, payload jsonb, key text, headers jsonb)
 RETURNS boolean LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -777,7 +777,7 @@ $$;
 -- cannot fail a check skip the PL/pgSQL call (the size limit is at least 1kB). The ids take
 -- consecutive microseconds of the session's id clock. A generic plan: a custom plan would copy
 -- the arrays into itself (a million elements: 95 MB of backend memory instead of 31).
-CREATE FUNCTION outbox.publish_batch(queue text, payloads jsonb[], headers jsonb DEFAULT '{}', keys text[] DEFAULT NULL)
+CREATE OR REPLACE FUNCTION outbox.publish_batch(queue text, payloads jsonb[], headers jsonb DEFAULT '{}', keys text[] DEFAULT NULL)
 RETURNS SETOF uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER ROWS 100
 SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
@@ -825,7 +825,7 @@ COMMENT ON FUNCTION outbox.publish_batch(text, jsonb[], jsonb, text[]) IS
     'Publishes one message per element of payloads (keys[i] is the key of payloads[i]); returns their ids in order.';
 
 -- Re-publishes a message with its original id (used by outbox.redrive). Not granted to anyone.
-CREATE FUNCTION outbox._publish_message(id uuid, queue text, key text, payload jsonb, payload_bytes bytea, headers jsonb)
+CREATE OR REPLACE FUNCTION outbox._publish_message(id uuid, queue text, key text, payload jsonb, payload_bytes bytea, headers jsonb)
 RETURNS uuid LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f constant text := 'outbox._publish_message';
@@ -852,7 +852,7 @@ $$;
 -- Runs last (finalize), after the C functions of publish.rs exist.
 
 -- Raises a clear error when a text argument is NULL or empty.
-CREATE FUNCTION outbox._require_text(function_name text, argument_name text, value text, hint text)
+CREATE OR REPLACE FUNCTION outbox._require_text(function_name text, argument_name text, value text, hint text)
 RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF value IS NULL THEN
@@ -861,6 +861,20 @@ BEGIN
     ELSIF value = '' THEN
         RAISE EXCEPTION '%: % must not be an empty string', function_name, argument_name
             USING ERRCODE = 'invalid_parameter_value', HINT = hint;
+    END IF;
+END
+$$;
+
+-- Raises a clear error when a name or id is NULL, empty, or longer than the index on it can hold
+-- (a btree entry holds at most a third of a page: a consumer name and a message id of 1,000 bytes
+-- each fit; PostgreSQL's own error, 54000, names neither).
+CREATE OR REPLACE FUNCTION outbox._require_key_text(function_name text, argument_name text, value text, hint text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM outbox._require_text(function_name, argument_name, value, hint);
+    IF octet_length(value) > 1000 THEN
+        RAISE EXCEPTION '%: % is % bytes, over 1000', function_name, argument_name, octet_length(value)
+            USING ERRCODE = 'string_data_right_truncation', HINT = hint;
     END IF;
 END
 $$;
@@ -874,7 +888,7 @@ $$;
 -- A SQL-standard body (BEGIN ATOMIC) is parsed here, once, under this script's search_path: the
 -- caller's search_path cannot swap its = for an operator of its own (a SET clause would do that
 -- too, but would stop the planner from inlining it into the policy).
-CREATE FUNCTION outbox._may_act_as(consumer text)
+CREATE OR REPLACE FUNCTION outbox._may_act_as(consumer text)
 RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
 BEGIN ATOMIC
     SELECT EXISTS (SELECT FROM outbox.consumers c
@@ -883,9 +897,11 @@ BEGIN ATOMIC
                       AND pg_catalog.pg_has_role(r.oid, 'USAGE'));
 END;
 
--- Raises a clear error unless the current role may act as consumer.
-CREATE FUNCTION outbox._require_consumer(function_name text, consumer text)
-RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+-- Raises a clear error unless the current role may act as consumer. VOLATILE, so that each of
+-- its statements reads with a snapshot taken after the locks it waited for: a STABLE function
+-- reads with its caller's, from before an upgrade it waited on, and missed what the upgrade wrote.
+CREATE OR REPLACE FUNCTION outbox._require_consumer(function_name text, consumer text)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT outbox._may_act_as(consumer) THEN
         IF NOT EXISTS (SELECT FROM outbox.consumers c WHERE c.name = consumer) THEN
@@ -910,10 +926,10 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION outbox.register_consumer(consumer text, role regrole)
+CREATE OR REPLACE FUNCTION outbox.register_consumer(consumer text, role regrole)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM outbox._require_text('outbox.register_consumer', 'consumer', $1,
+    PERFORM outbox._require_key_text('outbox.register_consumer', 'consumer', $1,
         'Name the consumer as its service passes it to try_mark_processed, e.g. ''billing.orders''.');
     IF $2 IS NULL THEN
         RAISE EXCEPTION 'outbox.register_consumer: role must not be NULL'
@@ -926,9 +942,11 @@ $$;
 COMMENT ON FUNCTION outbox.register_consumer(text, regrole) IS
     'Lets members of role mark messages as processed under the consumer name (replaces an earlier registration).';
 
-CREATE FUNCTION outbox.unregister_consumer(consumer text)
+CREATE OR REPLACE FUNCTION outbox.unregister_consumer(consumer text)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    PERFORM outbox._require_text('outbox.unregister_consumer', 'consumer', $1,
+        'Pass a consumer name as registered: SELECT name FROM outbox.consumers lists them.');
     DELETE FROM outbox.consumers c WHERE c.name = $1;
     RETURN FOUND;
 END
@@ -938,12 +956,12 @@ COMMENT ON FUNCTION outbox.unregister_consumer(text) IS
 
 -- SECURITY INVOKER: row-level security on outbox.processed_messages limits each role to the
 -- consumers registered for it, whatever it calls.
-CREATE FUNCTION outbox.try_mark_processed(consumer text, message_id text)
+CREATE OR REPLACE FUNCTION outbox.try_mark_processed(consumer text, message_id text)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM outbox._require_text('outbox.try_mark_processed', 'consumer', $1,
+    PERFORM outbox._require_key_text('outbox.try_mark_processed', 'consumer', $1,
         'Name the consumer (e.g. the service and handler), so each consumer de-duplicates on its own.');
-    PERFORM outbox._require_text('outbox.try_mark_processed', 'message_id', $2,
+    PERFORM outbox._require_key_text('outbox.try_mark_processed', 'message_id', $2,
         'Pass the outbox-id header of the message.');
     PERFORM outbox._require_consumer('outbox.try_mark_processed', $1);
     -- A concurrent caller with the same id waits here for our transaction: it gets true only if
@@ -955,20 +973,21 @@ $$;
 COMMENT ON FUNCTION outbox.try_mark_processed(text, text) IS
     'Marks message_id as processed by consumer in the current transaction: true the first time, false for a duplicate.';
 
-CREATE FUNCTION outbox.is_processed(consumer text, message_id text)
+CREATE OR REPLACE FUNCTION outbox.is_processed(consumer text, message_id text)
 RETURNS boolean LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM outbox._require_text('outbox.is_processed', 'consumer', $1, 'Name the consumer.');
-    PERFORM outbox._require_text('outbox.is_processed', 'message_id', $2, 'Pass the outbox-id header of the message.');
+    PERFORM outbox._require_key_text('outbox.is_processed', 'consumer', $1, 'Name the consumer.');
+    PERFORM outbox._require_key_text('outbox.is_processed', 'message_id', $2, 'Pass the outbox-id header of the message.');
     PERFORM outbox._require_consumer('outbox.is_processed', $1);
     RETURN EXISTS (SELECT FROM outbox.processed_messages p WHERE p.consumer = $1 AND p.message_id = $2);
 END
 $$;
 
-CREATE FUNCTION outbox.purge_processed(older_than interval, consumer text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION outbox.purge_processed(older_than interval, consumer text DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     purged bigint;
+    cutoff timestamptz;
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         RAISE EXCEPTION 'outbox.purge_processed: older_than must be a non-negative interval, got %',
@@ -980,9 +999,10 @@ BEGIN
         RAISE EXCEPTION 'outbox.purge_processed: consumer must not be an empty string'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to purge every consumer you may act as.';
     END IF;
+    cutoff := outbox._before_now(older_than);
     -- Row-level security limits a consumer role to its own consumers' marks.
     DELETE FROM outbox.processed_messages p
-     WHERE p.processed_at < now() - older_than AND ($2 IS NULL OR p.consumer = $2);
+     WHERE p.processed_at < cutoff AND ($2 IS NULL OR p.consumer = $2);
     GET DIAGNOSTICS purged = ROW_COUNT;
     RETURN purged;
 END
@@ -993,12 +1013,12 @@ $$;
 ------------------------------------------------------------------------------------------------
 
 -- A dead letter's writer as redrive names it.
-CREATE FUNCTION outbox._writer(written_by name) RETURNS text
+CREATE OR REPLACE FUNCTION outbox._writer(written_by name) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce('role ' || quote_ident(written_by), 'an unrecorded role (before pg_outbox 0.2.1)')
 $$;
 
-CREATE FUNCTION outbox.redrive(id uuid)
+CREATE OR REPLACE FUNCTION outbox.redrive(id uuid)
 RETURNS uuid LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     letter outbox.dead_letters;
@@ -1027,7 +1047,7 @@ $$;
 COMMENT ON FUNCTION outbox.redrive(uuid) IS
     'Publishes a dead letter again with the same id and removes it from outbox.dead_letters, in one transaction.';
 
-CREATE FUNCTION outbox.redrive(queue text)
+CREATE OR REPLACE FUNCTION outbox.redrive(queue text)
 RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     letter outbox.dead_letters;
@@ -1061,12 +1081,24 @@ COMMENT ON FUNCTION outbox.redrive(text) IS
 -- Retention
 ------------------------------------------------------------------------------------------------
 
-CREATE FUNCTION outbox.prune(older_than interval DEFAULT NULL, max_rows integer DEFAULT 100000)
+-- now() - age, or -infinity when that is before the earliest timestamp (interval '10000 years'
+-- raised 22008 "timestamp out of range": nothing is that old, so nothing goes).
+CREATE OR REPLACE FUNCTION outbox._before_now(age interval) RETURNS timestamptz
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN now() - age;
+EXCEPTION WHEN datetime_field_overflow THEN
+    RETURN '-infinity';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION outbox.prune(older_than interval DEFAULT NULL, max_rows integer DEFAULT 100000)
 RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     -- Through the library, so every session reads pg_outbox.retention the same way.
     keep interval := coalesce(older_than, make_interval(secs => outbox._retention_seconds()));
     pruned bigint;
+    cutoff timestamptz;
 BEGIN
     IF keep < interval '0' THEN
         RAISE EXCEPTION 'outbox.prune: older_than must be a non-negative interval, got %', keep
@@ -1087,9 +1119,10 @@ BEGIN
         ALTER TABLE outbox.messages REPLICA IDENTITY FULL;
     END IF;
     -- One bounded batch per call keeps each transaction short; the BRIN index finds the batch.
+    cutoff := outbox._before_now(keep);
     DELETE FROM outbox.messages m
      WHERE m.ctid = ANY (ARRAY(SELECT x.ctid FROM outbox.messages x
-                                WHERE x.created_at < now() - keep LIMIT max_rows));
+                                WHERE x.created_at < cutoff LIMIT max_rows));
     GET DIAGNOSTICS pruned = ROW_COUNT;
     RETURN pruned;
 END
@@ -1101,7 +1134,7 @@ COMMENT ON FUNCTION outbox.prune(interval, integer) IS
 -- Status
 ------------------------------------------------------------------------------------------------
 
-CREATE FUNCTION outbox.status()
+CREATE OR REPLACE FUNCTION outbox.status()
 RETURNS TABLE (slot_name name, active boolean, active_pid integer, confirmed_flush_lsn pg_lsn,
                lag_bytes numeric, retained_wal_bytes numeric, wal_status text, dead_letters bigint,
                failover boolean)
@@ -1182,18 +1215,28 @@ GRANT EXECUTE ON FUNCTION outbox.try_mark_processed(text, text),
                           outbox.is_processed(text, text),
                           outbox.purge_processed(interval, text),
                           outbox._may_act_as(text), outbox._require_consumer(text, text),
-                          outbox._require_text(text, text, text, text)
+                          outbox._require_text(text, text, text, text),
+                          outbox._require_key_text(text, text, text, text),
+                          outbox._before_now(interval)
     TO outbox_consumer, outbox_operator;
 -- Row-level security: a consumer role reads, marks and purges only the consumers registered
 -- for it; an operator reads and purges all. The extension's owner (the installer) bypasses it.
 GRANT SELECT ON outbox.consumers TO outbox_consumer, outbox_operator;
 GRANT SELECT, INSERT, DELETE ON outbox.processed_messages TO outbox_consumer;
 GRANT SELECT, DELETE ON outbox.processed_messages TO outbox_operator;
+DO $rls$ BEGIN IF NOT (SELECT c.relrowsecurity FROM pg_catalog.pg_class c WHERE c.oid = 'outbox.processed_messages'::regclass) THEN
 ALTER TABLE outbox.processed_messages ENABLE ROW LEVEL SECURITY;
+END IF; END $rls$;
+DO $policy$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_policy p WHERE p.polname = 'registered_consumer' AND p.polrelid = 'outbox.processed_messages'::regclass) THEN
 CREATE POLICY registered_consumer ON outbox.processed_messages TO outbox_consumer
     USING (outbox._may_act_as(consumer)) WITH CHECK (outbox._may_act_as(consumer));
+END IF; END $policy$;
+DO $policy$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_policy p WHERE p.polname = 'operator_reads' AND p.polrelid = 'outbox.processed_messages'::regclass) THEN
 CREATE POLICY operator_reads ON outbox.processed_messages FOR SELECT TO outbox_operator USING (true);
+END IF; END $policy$;
+DO $policy$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_policy p WHERE p.polname = 'operator_purges' AND p.polrelid = 'outbox.processed_messages'::regclass) THEN
 CREATE POLICY operator_purges ON outbox.processed_messages FOR DELETE TO outbox_operator USING (true);
+END IF; END $policy$;
 
 GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
                           outbox.prune(interval, integer), outbox.status(),
@@ -1244,7 +1287,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.1', 'a25d51fd3962');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', 'bc73a3ece3f7');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$
@@ -1265,6 +1308,40 @@ GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_
 -- The SQL install's own settings (sql-install/publish.sql), after api.sql set every other right.
 GRANT EXECUTE ON FUNCTION outbox.set_setting(text, text) TO outbox_operator;
 GRANT SELECT ON outbox.settings TO outbox_operator;
+-- Functions of an earlier version that this one no longer has: this transaction made or replaced
+-- every function of this version. Those nothing else needs first; one that something outside
+-- pg_outbox still needs (a view, a BEGIN ATOMIC wrapper) stops the upgrade, named.
+DO $obsolete$
+DECLARE
+    f regprocedure;
+    dropped integer;
+    users text;
+BEGIN
+    LOOP
+        dropped := 0;
+        FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
+                  WHERE fn.pronamespace = 'outbox'::regnamespace
+                    AND NOT fn.xmin = pg_catalog.pg_current_xact_id()::xid
+                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                                     WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = fn.oid
+                                       AND d.objid <> fn.oid) LOOP
+            EXECUTE format('DROP FUNCTION %s', f);
+            dropped := dropped + 1;
+        END LOOP;
+        EXIT WHEN dropped = 0;
+    END LOOP;
+    FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
+              WHERE fn.pronamespace = 'outbox'::regnamespace
+                AND NOT fn.xmin = pg_catalog.pg_current_xact_id()::xid LOOP
+        users := (SELECT string_agg(pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ')
+                    FROM pg_catalog.pg_depend d
+                   WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = f AND d.objid <> f);
+        RAISE EXCEPTION 'pg_outbox: function % is gone in 0.2.2, but % uses it', f, users
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Drop or change what uses it, then run this script again (nothing was changed).';
+    END LOOP;
+END
+$obsolete$;
 COMMIT;
 -- The prologue pinned the search_path for this script; a session that ran it with \i gets its own back.
 RESET search_path;

@@ -15,6 +15,20 @@ BEGIN
 END
 $$;
 
+-- Raises a clear error when a name or id is NULL, empty, or longer than the index on it can hold
+-- (a btree entry holds at most a third of a page: a consumer name and a message id of 1,000 bytes
+-- each fit; PostgreSQL's own error, 54000, names neither).
+CREATE FUNCTION outbox._require_key_text(function_name text, argument_name text, value text, hint text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM outbox._require_text(function_name, argument_name, value, hint);
+    IF octet_length(value) > 1000 THEN
+        RAISE EXCEPTION '%: % is % bytes, over 1000', function_name, argument_name, octet_length(value)
+            USING ERRCODE = 'string_data_right_truncation', HINT = hint;
+    END IF;
+END
+$$;
+
 ------------------------------------------------------------------------------------------------
 -- Idempotent consumers
 ------------------------------------------------------------------------------------------------
@@ -33,9 +47,11 @@ BEGIN ATOMIC
                       AND pg_catalog.pg_has_role(r.oid, 'USAGE'));
 END;
 
--- Raises a clear error unless the current role may act as consumer.
+-- Raises a clear error unless the current role may act as consumer. VOLATILE, so that each of
+-- its statements reads with a snapshot taken after the locks it waited for: a STABLE function
+-- reads with its caller's, from before an upgrade it waited on, and missed what the upgrade wrote.
 CREATE FUNCTION outbox._require_consumer(function_name text, consumer text)
-RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT outbox._may_act_as(consumer) THEN
         IF NOT EXISTS (SELECT FROM outbox.consumers c WHERE c.name = consumer) THEN
@@ -63,7 +79,7 @@ $$;
 CREATE FUNCTION outbox.register_consumer(consumer text, role regrole)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM outbox._require_text('outbox.register_consumer', 'consumer', $1,
+    PERFORM outbox._require_key_text('outbox.register_consumer', 'consumer', $1,
         'Name the consumer as its service passes it to try_mark_processed, e.g. ''billing.orders''.');
     IF $2 IS NULL THEN
         RAISE EXCEPTION 'outbox.register_consumer: role must not be NULL'
@@ -79,6 +95,8 @@ COMMENT ON FUNCTION outbox.register_consumer(text, regrole) IS
 CREATE FUNCTION outbox.unregister_consumer(consumer text)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    PERFORM outbox._require_text('outbox.unregister_consumer', 'consumer', $1,
+        'Pass a consumer name as registered: SELECT name FROM outbox.consumers lists them.');
     DELETE FROM outbox.consumers c WHERE c.name = $1;
     RETURN FOUND;
 END
@@ -91,9 +109,9 @@ COMMENT ON FUNCTION outbox.unregister_consumer(text) IS
 CREATE FUNCTION outbox.try_mark_processed(consumer text, message_id text)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM outbox._require_text('outbox.try_mark_processed', 'consumer', $1,
+    PERFORM outbox._require_key_text('outbox.try_mark_processed', 'consumer', $1,
         'Name the consumer (e.g. the service and handler), so each consumer de-duplicates on its own.');
-    PERFORM outbox._require_text('outbox.try_mark_processed', 'message_id', $2,
+    PERFORM outbox._require_key_text('outbox.try_mark_processed', 'message_id', $2,
         'Pass the outbox-id header of the message.');
     PERFORM outbox._require_consumer('outbox.try_mark_processed', $1);
     -- A concurrent caller with the same id waits here for our transaction: it gets true only if
@@ -108,8 +126,8 @@ COMMENT ON FUNCTION outbox.try_mark_processed(text, text) IS
 CREATE FUNCTION outbox.is_processed(consumer text, message_id text)
 RETURNS boolean LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM outbox._require_text('outbox.is_processed', 'consumer', $1, 'Name the consumer.');
-    PERFORM outbox._require_text('outbox.is_processed', 'message_id', $2, 'Pass the outbox-id header of the message.');
+    PERFORM outbox._require_key_text('outbox.is_processed', 'consumer', $1, 'Name the consumer.');
+    PERFORM outbox._require_key_text('outbox.is_processed', 'message_id', $2, 'Pass the outbox-id header of the message.');
     PERFORM outbox._require_consumer('outbox.is_processed', $1);
     RETURN EXISTS (SELECT FROM outbox.processed_messages p WHERE p.consumer = $1 AND p.message_id = $2);
 END
@@ -119,6 +137,7 @@ CREATE FUNCTION outbox.purge_processed(older_than interval, consumer text DEFAUL
 RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     purged bigint;
+    cutoff timestamptz;
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         RAISE EXCEPTION 'outbox.purge_processed: older_than must be a non-negative interval, got %',
@@ -130,9 +149,10 @@ BEGIN
         RAISE EXCEPTION 'outbox.purge_processed: consumer must not be an empty string'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to purge every consumer you may act as.';
     END IF;
+    cutoff := outbox._before_now(older_than);
     -- Row-level security limits a consumer role to its own consumers' marks.
     DELETE FROM outbox.processed_messages p
-     WHERE p.processed_at < now() - older_than AND ($2 IS NULL OR p.consumer = $2);
+     WHERE p.processed_at < cutoff AND ($2 IS NULL OR p.consumer = $2);
     GET DIAGNOSTICS purged = ROW_COUNT;
     RETURN purged;
 END
@@ -211,12 +231,24 @@ COMMENT ON FUNCTION outbox.redrive(text) IS
 -- Retention
 ------------------------------------------------------------------------------------------------
 
+-- now() - age, or -infinity when that is before the earliest timestamp (interval '10000 years'
+-- raised 22008 "timestamp out of range": nothing is that old, so nothing goes).
+CREATE FUNCTION outbox._before_now(age interval) RETURNS timestamptz
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN now() - age;
+EXCEPTION WHEN datetime_field_overflow THEN
+    RETURN '-infinity';
+END
+$$;
+
 CREATE FUNCTION outbox.prune(older_than interval DEFAULT NULL, max_rows integer DEFAULT 100000)
 RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     -- Through the library, so every session reads pg_outbox.retention the same way.
     keep interval := coalesce(older_than, make_interval(secs => outbox._retention_seconds()));
     pruned bigint;
+    cutoff timestamptz;
 BEGIN
     IF keep < interval '0' THEN
         RAISE EXCEPTION 'outbox.prune: older_than must be a non-negative interval, got %', keep
@@ -237,9 +269,10 @@ BEGIN
         ALTER TABLE outbox.messages REPLICA IDENTITY FULL;
     END IF;
     -- One bounded batch per call keeps each transaction short; the BRIN index finds the batch.
+    cutoff := outbox._before_now(keep);
     DELETE FROM outbox.messages m
      WHERE m.ctid = ANY (ARRAY(SELECT x.ctid FROM outbox.messages x
-                                WHERE x.created_at < now() - keep LIMIT max_rows));
+                                WHERE x.created_at < cutoff LIMIT max_rows));
     GET DIAGNOSTICS pruned = ROW_COUNT;
     RETURN pruned;
 END
@@ -332,7 +365,9 @@ GRANT EXECUTE ON FUNCTION outbox.try_mark_processed(text, text),
                           outbox.is_processed(text, text),
                           outbox.purge_processed(interval, text),
                           outbox._may_act_as(text), outbox._require_consumer(text, text),
-                          outbox._require_text(text, text, text, text)
+                          outbox._require_text(text, text, text, text),
+                          outbox._require_key_text(text, text, text, text),
+                          outbox._before_now(interval)
     TO outbox_consumer, outbox_operator;
 -- Row-level security: a consumer role reads, marks and purges only the consumers registered
 -- for it; an operator reads and purges all. The extension's owner (the installer) bypasses it.

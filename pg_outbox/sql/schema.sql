@@ -152,7 +152,9 @@ CREATE TABLE outbox.consumers (
     role          name        NOT NULL,
     registered_at timestamptz NOT NULL DEFAULT now()
 );
--- 0.2.0 stored a regrole (the SQL install keeps its table across upgrades).
+-- 0.2.0 stored a regrole (the SQL install keeps its table across upgrades). A rewrite: a consumer
+-- that waits on it reads the table empty and fails, once, with 42501 "not registered" (README,
+-- "Upgrades"); from 0.2.1 on, no upgrade changes a row a consumer reads.
 DO $role$
 BEGIN
     IF (SELECT a.atttypid FROM pg_catalog.pg_attribute a
@@ -205,6 +207,7 @@ $written_by$;
 -- installs keep what was recorded. A trigger rather than column rights: the worker checks at
 -- start that it may INSERT into the table (has_table_privilege), which column rights would fail.
 -- CREATE OR REPLACE: the SQL install keeps this function across upgrades (its trigger needs it).
+-- @upgrade:begin
 CREATE OR REPLACE FUNCTION outbox._dead_letter_written_by() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -225,8 +228,15 @@ BEGIN
         CREATE TRIGGER written_by BEFORE INSERT ON outbox.dead_letters
             FOR EACH ROW EXECUTE FUNCTION outbox._dead_letter_written_by();
     END IF;
+    -- ALWAYS: a role allowed to SET session_replication_role = replica would otherwise skip it
+    -- (0.2.1) and forge written_by.
+    IF (SELECT t.tgenabled FROM pg_catalog.pg_trigger t
+         WHERE t.tgrelid = 'outbox.dead_letters'::regclass AND t.tgname = 'written_by') <> 'A' THEN
+        ALTER TABLE outbox.dead_letters ENABLE ALWAYS TRIGGER written_by;
+    END IF;
 END
 $trigger$;
+-- @upgrade:end
 
 -- The slots a worker has streamed from. A slot that disappears (dropped, invalidated, lost in a
 -- failover or a restore) then stops the worker with what may be missing, instead of being

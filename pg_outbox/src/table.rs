@@ -57,16 +57,20 @@ struct Index {
 impl MessagesTable {
     pub fn open(function: &str) -> MessagesTable {
         if let Some(shape) = checked::current() {
-            // SAFETY: the relation checked before; taking the lock processes pending
-            // invalidations, after which the shape is trusted only if none concerned the table.
-            let rel = unsafe { pg_sys::table_open(shape.relid, pg_sys::RowExclusiveLock as _) };
-            if checked::still_current() {
-                return MessagesTable::with_shape(rel, &shape);
+            // SAFETY: taking the lock processes pending invalidations, after which the shape is
+            // trusted only if none concerned the table. try_: the table checked before may have
+            // been dropped since (and another made in its place): NULL, not an XX000 "could not
+            // open relation".
+            let rel = unsafe { pg_sys::try_table_open(shape.relid, pg_sys::RowExclusiveLock as _) };
+            if !rel.is_null() {
+                if checked::still_current() {
+                    return MessagesTable::with_shape(rel, &shape);
+                }
+                // Changed while this transaction waited for the lock: found by name and checked
+                // again below (the lock is kept, as the executor keeps it).
+                // SAFETY: opened just above.
+                unsafe { pg_sys::table_close(rel, pg_sys::NoLock as _) };
             }
-            // Changed while this transaction waited for the lock: found by name and checked
-            // again below (the lock is kept, as the executor keeps it).
-            // SAFETY: opened just above.
-            unsafe { pg_sys::table_close(rel, pg_sys::NoLock as _) };
         }
         MessagesTable::open_and_check(function)
     }

@@ -195,6 +195,12 @@ impl PgCluster {
 
     /// Runs `sql/pg_outbox.sql` in `database` as `installer` (created when missing).
     pub async fn sql_install(&self, database: &str) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/pg_outbox.sql");
+        self.sql_install_script(database, Path::new(script)).await;
+    }
+
+    /// Runs SQL install `script` in `database` as `installer` (created when missing).
+    pub async fn sql_install_script(&self, database: &str, script: &Path) {
         self.superuser()
             .await
             .batch_execute(&format!(
@@ -207,10 +213,10 @@ impl PgCluster {
             ))
             .await
             .unwrap();
-        let out = self.run_sql_install(database);
+        let out = self.run_sql_install_script(database, script);
         assert!(
             out.status.success(),
-            "psql -f sql/pg_outbox.sql as installer: {}",
+            "psql -f {script:?} as installer: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -218,6 +224,12 @@ impl PgCluster {
     /// `psql -v ON_ERROR_STOP=1 -f sql/pg_outbox.sql` in `database` as `installer`, as it ran.
     pub fn run_sql_install(&self, database: &str) -> std::process::Output {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/pg_outbox.sql");
+        self.run_sql_install_script(database, Path::new(script))
+    }
+
+    /// `psql -v ON_ERROR_STOP=1 -f script` in `database` as `installer`, as it ran (a released
+    /// SQL install, say).
+    pub fn run_sql_install_script(&self, database: &str, script: &Path) -> std::process::Output {
         let port = self.port.to_string();
         Command::new(self.installation.program("psql"))
             .args([
@@ -230,7 +242,8 @@ impl PgCluster {
                 "-U",
                 "installer",
             ])
-            .args(["-d", database, "-v", "ON_ERROR_STOP=1", "-f", script])
+            .args(["-d", database, "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(script)
             .output()
             .expect("psql")
     }
@@ -644,7 +657,7 @@ pub fn bad_inputs() -> Vec<(String, &'static str, &'static str)> {
     ("SELECT outbox.publish_batch('q', ARRAY[['1'],['2']]::jsonb[])".into(), "outbox.publish_batch: payloads must be a one-dimensional array, got 2 dimensions", "flat array"),
     ("SELECT outbox.publish_batch('q', ARRAY['1']::jsonb[], '{}', ARRAY[''])".into(), "outbox.publish_batch: keys element must not be an empty string", "Pass NULL"),
     ("SELECT outbox.publish_batch('q', ARRAY['1', to_jsonb(repeat('x', 600000)), NULL])".into(), "more than pg_outbox.max_message_size (524288 bytes)", "store the large part elsewhere"),
-    ("SELECT outbox.publish('q', to_jsonb(repeat('x', 600000)), '{}', 'k')".into(), "outbox.publish: the message is 6000", "raise pg_outbox.max_message_size"),
+    ("SELECT outbox.publish('q', to_jsonb(repeat('x', 600000)), '{}', 'k')".into(), "outbox.publish: the message is 6000", "store the large part elsewhere"),
     ("SELECT outbox.publish_batch('q!', ARRAY['1']::jsonb[])".into(), "outbox.publish_batch: invalid queue name \"q!\"", "Queue names"),
     ("SET pg_outbox.storage = 'disk'; SELECT outbox.publish('q', '{}')".into(), "invalid value for parameter \"pg_outbox.storage\": \"disk\"", "Available values: table, wal"),
     ("SELECT outbox.try_mark_processed(NULL, 'm')".into(), "outbox.try_mark_processed: consumer must not be NULL", "Name the consumer"),

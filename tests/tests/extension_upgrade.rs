@@ -1,7 +1,7 @@
 //! `ALTER EXTENSION pg_outbox UPDATE` from every released version: old rows intact, everything
 //! works afterwards, and the upgraded schema is exactly a fresh install's.
 
-use outbox_tests::postgres::count;
+use outbox_tests::postgres::{column, count};
 use outbox_tests::PgCluster;
 use tokio_postgres::Client;
 
@@ -233,10 +233,67 @@ async fn upgrade_from_0_2_0_equals_a_fresh_install_and_revokes_what_default_priv
     )
     .await
     .unwrap();
-    let writers: Vec<Option<String>> = outbox_tests::postgres::column(
+    let writers: Vec<Option<String>> = column(
         &db,
         "SELECT written_by::text FROM outbox.dead_letters ORDER BY id",
     )
     .await;
     assert_eq!(writers, [None, Some("postgres".to_owned())]);
+}
+
+/// 0.2.1 -> 0.2.2 (issue 30): api.sql replayed (functions replaced in place, policies kept), the
+/// dead-letter trigger made ALWAYS; equal to a fresh install, rows and marks kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_from_0_2_1_equals_a_fresh_install() {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    for database in ["upgraded", "fresh"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
+    let fresh = pg.connect_to("postgres", "fresh").await;
+    fresh
+        .batch_execute("CREATE EXTENSION pg_outbox")
+        .await
+        .unwrap();
+    let db = pg.connect_to("postgres", "upgraded").await;
+    db.batch_execute(
+        "CREATE ROLE app LOGIN IN ROLE outbox_consumer;
+         CREATE EXTENSION pg_outbox VERSION '0.2.1';
+         SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'old');
+         SELECT outbox.register_consumer('billing', 'app');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        column::<String>(
+            &db,
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgname = 'written_by'"
+        )
+        .await,
+        ["O"],
+        "0.2.1's trigger does not fire under session_replication_role = replica"
+    );
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE")
+        .await
+        .unwrap();
+    assert_eq!(fingerprint(&db).await, fingerprint(&fresh).await);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.messages WHERE key = 'old'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.consumers WHERE role = 'app'"
+        )
+        .await,
+        1
+    );
 }

@@ -28,6 +28,40 @@ GRANT SELECT ON outbox.sql_install TO outbox_publisher, outbox_consumer, outbox_
 -- The SQL install's own settings (sql-install/publish.sql), after api.sql set every other right.
 GRANT EXECUTE ON FUNCTION outbox.set_setting(text, text) TO outbox_operator;
 GRANT SELECT ON outbox.settings TO outbox_operator;
+-- Functions of an earlier version that this one no longer has: this transaction made or replaced
+-- every function of this version. Those nothing else needs first; one that something outside
+-- pg_outbox still needs (a view, a BEGIN ATOMIC wrapper) stops the upgrade, named.
+DO $obsolete$
+DECLARE
+    f regprocedure;
+    dropped integer;
+    users text;
+BEGIN
+    LOOP
+        dropped := 0;
+        FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
+                  WHERE fn.pronamespace = 'outbox'::regnamespace
+                    AND NOT fn.xmin = pg_catalog.pg_current_xact_id()::xid
+                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                                     WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = fn.oid
+                                       AND d.objid <> fn.oid) LOOP
+            EXECUTE format('DROP FUNCTION %s', f);
+            dropped := dropped + 1;
+        END LOOP;
+        EXIT WHEN dropped = 0;
+    END LOOP;
+    FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
+              WHERE fn.pronamespace = 'outbox'::regnamespace
+                AND NOT fn.xmin = pg_catalog.pg_current_xact_id()::xid LOOP
+        users := (SELECT string_agg(pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ')
+                    FROM pg_catalog.pg_depend d
+                   WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = f AND d.objid <> f);
+        RAISE EXCEPTION 'pg_outbox: function % is gone in @VERSION@, but % uses it', f, users
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Drop or change what uses it, then run this script again (nothing was changed).';
+    END LOOP;
+END
+$obsolete$;
 COMMIT;
 -- The prologue pinned the search_path for this script; a session that ran it with \i gets its own back.
 RESET search_path;

@@ -59,7 +59,7 @@ $trust$;
 -- Over an install of this very script (version and build) it does nothing, so deploy pipelines
 -- may run it every time. Over an older one, or another build of this version, it upgrades in
 -- place: tables are kept (created when missing, as this script creates every table and index
--- IF NOT EXISTS), every function and policy is made again.
+-- IF NOT EXISTS), every function is replaced in place, policies are made where missing.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
 SELECT version = '@VERSION@' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '@BUILD@' AS pg_outbox_same_build,
@@ -76,43 +76,21 @@ SET LOCAL client_min_messages = warning;
 DO $upgrade$
 DECLARE
     installed text := (SELECT version FROM outbox.sql_install);
-    f regprocedure;
     p record;
-    dropped integer;
 BEGIN
     IF string_to_array(installed, '.')::int[] > string_to_array('@VERSION@', '.')::int[] THEN
         RAISE EXCEPTION 'pg_outbox: the SQL install % is newer than this script (@VERSION@)', installed
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'Run the sql/pg_outbox.sql of that version or a later one.';
     END IF;
-    FOR p IN SELECT policyname, tablename FROM pg_catalog.pg_policies WHERE schemaname = 'outbox' LOOP
-        IF p.policyname NOT IN ('registered_consumer', 'operator_reads', 'operator_purges') THEN
-            RAISE WARNING 'pg_outbox: dropping policy % on outbox.%, which is not pg_outbox''s', p.policyname, p.tablename
-                USING HINT = 'pg_outbox makes its policies again on every upgrade; create yours again after it if you still need it.';
-        END IF;
+    -- Functions are replaced in place and pg_outbox's policies kept (api.sql, as
+    -- scripts/build-sql-install makes it replayable): nothing a caller has looked up disappears,
+    -- and no lock a caller would queue behind is taken. Only a policy pg_outbox does not make goes.
+    FOR p IN SELECT policyname, tablename FROM pg_catalog.pg_policies
+              WHERE schemaname = 'outbox' AND policyname NOT IN ('registered_consumer', 'operator_reads', 'operator_purges') LOOP
+        RAISE WARNING 'pg_outbox: dropping policy % on outbox.%, which is not pg_outbox''s', p.policyname, p.tablename
+            USING HINT = 'pg_outbox makes its policies again on every upgrade; create yours again after it if you still need it.';
         EXECUTE format('DROP POLICY %I ON outbox.%I', p.policyname, p.tablename);
-    END LOOP;
-    -- Those no other function depends on first (a SQL-standard body depends on what it calls),
-    -- until none is left; one that something else still needs is then dropped plainly, and its
-    -- error names what depends on it. A trigger's function is kept (schema.sql replaces it):
-    -- dropping it would drop the trigger.
-    LOOP
-        dropped := 0;
-        FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
-                  WHERE fn.pronamespace = 'outbox'::regnamespace
-                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgfoid = fn.oid)
-                    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
-                                     WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid = fn.oid
-                                       AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid <> fn.oid) LOOP
-            EXECUTE format('DROP FUNCTION %s', f);
-            dropped := dropped + 1;
-        END LOOP;
-        EXIT WHEN dropped = 0;
-    END LOOP;
-    FOR f IN SELECT fn.oid::regprocedure FROM pg_catalog.pg_proc fn
-              WHERE fn.pronamespace = 'outbox'::regnamespace
-                AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgfoid = fn.oid) LOOP
-        EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
 END
 $upgrade$;

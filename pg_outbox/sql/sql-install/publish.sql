@@ -49,7 +49,7 @@ DECLARE
 BEGIN
     BEGIN
         bytes := pg_size_bytes(CASE WHEN setting ~ '^\s*\d+\s*$' THEN setting || 'kB' ELSE setting END);
-    EXCEPTION WHEN invalid_parameter_value THEN
+    EXCEPTION WHEN invalid_parameter_value OR numeric_value_out_of_range THEN
         bytes := NULL;
     END;
     IF bytes IS NULL OR bytes NOT BETWEEN 1024 AND 64 * 1024 * 1024 THEN
@@ -72,7 +72,8 @@ DECLARE
 BEGIN
     BEGIN
         seconds := extract(epoch FROM setting::interval);
-    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow
+                   OR numeric_value_out_of_range THEN
         seconds := NULL;
     END;
     IF seconds IS NULL OR seconds NOT BETWEEN 1 AND 2147483647 THEN
@@ -94,9 +95,15 @@ BEGIN
         RAISE EXCEPTION 'outbox.set_setting: unknown setting %', coalesce(quote_literal(name), 'NULL')
             USING ERRCODE = 'undefined_object', HINT = 'The SQL install has two: pg_outbox.max_message_size and pg_outbox.retention.';
     END IF;
-    DELETE FROM outbox.settings s WHERE s.name = set_setting.name;
-    IF value IS NOT NULL THEN
-        INSERT INTO outbox.settings (name, value) VALUES (set_setting.name, set_setting.value);
+    -- One statement either way, so that two operators setting it at once do not both insert.
+    -- session_user: the operator who called, not this function's owner.
+    IF value IS NULL THEN
+        DELETE FROM outbox.settings s WHERE s.name = set_setting.name;
+    ELSE
+        INSERT INTO outbox.settings AS s (name, value, set_at, set_by)
+             VALUES (set_setting.name, set_setting.value, now(), session_user)
+        ON CONFLICT ON CONSTRAINT settings_pkey
+        DO UPDATE SET value = excluded.value, set_at = excluded.set_at, set_by = excluded.set_by;
     END IF;
     -- Read back as every publish and prune reads it: a bad value raises here, undoing the change.
     IF name = 'pg_outbox.max_message_size' THEN
@@ -331,7 +338,7 @@ BEGIN
             CASE WHEN ceiling THEN 'the ceiling of pg_outbox.max_message_size' ELSE 'pg_outbox.max_message_size' END,
             limit_bytes
             USING ERRCODE = 'program_limit_exceeded',
-                  HINT = 'Brokers refuse large messages: store the large part elsewhere (a table, object storage) and publish a reference to it, or raise pg_outbox.max_message_size (superuser, at most 64MB) together with the broker''s limit.';
+                  HINT = 'Brokers refuse large messages: store the large part elsewhere (a table, object storage) and publish a reference to it, or raise the limit (at most 64MB) together with the broker''s: SELECT outbox.set_setting(''pg_outbox.max_message_size'', ''1MB''); (an operator).';
     END IF;
 END
 $$;
@@ -340,17 +347,22 @@ $$;
 -- or before the last one the session took, so that the ids a session takes ascend, as the
 -- extension's do. SQL, not PL/pgSQL, so that the planner inlines it (as _uuid_v7): one
 -- expression, no FROM. The session can set pg_outbox._last_micros to anything: what is not a
--- plain number is ignored (no raw bigint error), and it counts for at most a day ahead of the
+-- plain number is ignored (no raw bigint error), and so is a value more than a day ahead of the
 -- transaction's start (no far-future ids; a clock stepped back by less still keeps ids ascending).
+-- Ignored, not capped: 0.2.1 capped it, and every id after it in the transaction had the same
+-- time.
 CREATE FUNCTION outbox._take_micros(n bigint) RETURNS bigint
 LANGUAGE sql VOLATILE
 BEGIN ATOMIC
     SELECT set_config('pg_outbox._last_micros',
                (greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
-                         least(coalesce(CASE WHEN length(current_setting('pg_outbox._last_micros', true)) BETWEEN 1 AND 18
-                                              AND translate(current_setting('pg_outbox._last_micros', true), '0123456789', '') = ''
-                                             THEN current_setting('pg_outbox._last_micros', true)::bigint + 1 END, 0),
-                               (extract(epoch FROM now()) * 1000000)::bigint + 86400000000)) + n - 1)::text,
+                         coalesce(CASE WHEN length(current_setting('pg_outbox._last_micros', true)) BETWEEN 1 AND 18
+                                        AND translate(current_setting('pg_outbox._last_micros', true), '0123456789', '') = ''
+                                       -- Nested: the cast only once the text is known to be digits.
+                                       THEN CASE WHEN current_setting('pg_outbox._last_micros', true)::bigint
+                                                      < (extract(epoch FROM now()) * 1000000)::bigint + 86400000000
+                                                 THEN current_setting('pg_outbox._last_micros', true)::bigint + 1 END
+                                  END, 0)) + n - 1)::text,
                false)::bigint - n + 1;
 END;
 
