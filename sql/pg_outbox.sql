@@ -13,13 +13,22 @@ SET search_path = pg_catalog, pg_temp;
 -- duplicate key or a deadlock. It waits up to 10 s (a run that just ended may still hold the lock
 -- for a moment), then says so. Released at the end of the script (or when psql exits).
 DO $one$
+DECLARE
+    holder text;
 BEGIN
     SET LOCAL lock_timeout = '10s';
     PERFORM pg_catalog.pg_advisory_lock(pg_catalog.hashtext('pg_outbox SQL install'), 0);
 EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'pg_outbox: another install of pg_outbox is running in this database'
+    -- Any role can take an advisory lock: name the session that holds it.
+    SELECT pg_catalog.string_agg(pg_catalog.format('pid %s (role %s, application %L, %s since %s)', a.pid, a.usename,
+                                                   a.application_name, a.state, a.state_change), ', ')
+      INTO holder
+      FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
+       AND l.classid = pg_catalog.hashtext('pg_outbox SQL install')::oid AND l.objid = 0 AND l.objsubid = 2;
+    RAISE EXCEPTION 'pg_outbox: another session holds the install''s lock in this database: %', coalesce(holder, 'a session this role may not see')
         USING ERRCODE = 'lock_not_available',
-              HINT = 'Wait for it to finish, then run this script again (it does nothing if that install was this version).';
+              HINT = 'If it is an install, wait for it to finish, then run this script again (it does nothing if that install was this version); if not, end that session (SELECT pg_terminate_backend(pid)).';
 END
 $one$;
 -- Before anything here is trusted (the version record included): schema outbox, its objects and
@@ -62,11 +71,17 @@ $trust$;
 -- IF NOT EXISTS), every function is replaced in place, policies are made where missing.
 SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed \gset
 \if :pg_outbox_sql_installed
-SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'bc73a3ece3f7' AS pg_outbox_same_build,
+-- The same build only if no other role can have written the record: a role that 0.2.0's default
+-- privileges let write it could otherwise make this script skip the upgrade, and keep its rights.
+SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '81cf85c51e79'
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_class c,
+                              pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
+                        WHERE c.oid = 'outbox.sql_install'::regclass AND g.grantee <> c.relowner
+                          AND g.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')) AS pg_outbox_same_build,
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.2 (SQL install, build bc73a3ece3f7) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.2 (SQL install, build 81cf85c51e79) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -94,7 +109,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build bc73a3ece3f7)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build 81cf85c51e79)
 \else
 BEGIN;
 DO $install$
@@ -1287,7 +1302,7 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
 ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', 'bc73a3ece3f7');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', '81cf85c51e79');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

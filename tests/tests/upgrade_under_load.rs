@@ -232,3 +232,80 @@ async fn the_sql_install_upgrades_past_idle_readers_wrappers_and_views() {
         1
     );
 }
+
+/// The rest of issue 30's item 3, on the SQL install: a role that can write the version record
+/// (a grant that leaked, as 0.2.0's default privileges did) wrote this build into it, so that the
+/// script said "nothing to do" and kept that role's rights; a direct grant on an outbox function
+/// vanished without a word; any role holding the install's advisory lock made every run fail
+/// after 10 s without saying who.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sql_install_sees_through_a_forged_version_record_and_names_what_it_revokes_and_who_holds_its_lock(
+) {
+    let pg = PgCluster::start_without_extension();
+    pg.sql_install_script("postgres", &released("sql-install-0.2.1.sql"))
+        .await;
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN IN ROLE outbox_publisher;
+             GRANT UPDATE ON outbox.sql_install TO app;
+             GRANT INSERT ON outbox.messages TO app;
+             GRANT EXECUTE ON FUNCTION outbox.status() TO app;",
+        )
+        .await
+        .unwrap();
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/pg_outbox.sql"))
+            .unwrap();
+    let (version, build) = script
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("INSERT INTO outbox.sql_install (version, build) VALUES ('")
+        })
+        .and_then(|rest| rest.strip_suffix("');"))
+        .and_then(|rest| rest.split_once("', '"))
+        .expect("the script's version record");
+    let app = pg.connect_as("app").await;
+    app.batch_execute(&format!(
+        "UPDATE outbox.sql_install SET version = '{version}', build = '{build}'"
+    ))
+    .await
+    .unwrap();
+    let out = pg.run_sql_install("postgres");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("upgrading the SQL install"), "{stdout}");
+    assert!(
+        stderr.contains("app: EXECUTE on function outbox.status()")
+            && stderr.contains("app: INSERT on table outbox.messages"),
+        "what another role held is named: {stderr}"
+    );
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM pg_class c, aclexplode(c.relacl) g
+              WHERE c.relnamespace = 'outbox'::regnamespace AND g.grantee = 'app'::regrole"
+        )
+        .await,
+        0
+    );
+
+    app.batch_execute("SELECT pg_advisory_lock(hashtext('pg_outbox SQL install'), 0)")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("UPDATE outbox.sql_install SET build = 'older'")
+        .await
+        .unwrap();
+    let out = pg.run_sql_install("postgres");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("holds the install's lock") && stderr.contains("role app"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pg_terminate_backend"), "{stderr}");
+}
