@@ -7,5 +7,9 @@ pub const HEADER_ID: &str = "outbox-id";
 pub const HEADER_QUEUE: &str = "outbox-queue";
 /// When it was published, RFC 3339 with microseconds, UTC.
 pub const HEADER_CREATED_AT: &str = "outbox-created-at";
+/// Who redrove the message from the dead letters (`outbox.redrive`: the operator's login role).
+/// Reserved: only pg_outbox sets it, so a consumer can tell a redriven message from a first
+/// delivery.
+pub const HEADER_REDRIVEN_BY: &str = "outbox-redriven-by";
 /// Header names publishers may not use (compared without case).
 pub const RESERVED_HEADER_PREFIX: &str = "outbox-";

@@ -52,7 +52,7 @@ impl DeadLetters {
     /// Durable before it returns `Ok`: only then may the slot move past the message. A database
     /// that cannot be reached is waited for (with backoff, not ready meanwhile), never skipped,
     /// until shutdown. Already there (the worker died after writing it and before confirming):
-    /// kept as it is, so INSERT is the only right needed (`outbox_operator` has it).
+    /// kept as it is, so INSERT is the only right needed (`outbox_relay` has it).
     pub async fn write(
         &mut self,
         message: &Message,
@@ -67,7 +67,7 @@ impl DeadLetters {
             let attempt = self.try_write(message, destination, error, attempts);
             return match tokio::time::timeout(DRAIN_ATTEMPT, attempt).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(failure)) => match triage::of_sql(&failure, triage::OPERATOR_RIGHT) {
+                Ok(Err(failure)) => match triage::of_sql(&failure, triage::WORKER_RIGHT) {
                     Some(fatal) => Err(fatal.into()),
                     None => {
                         tracing::warn!(id = %message.id, error = %format!("{failure:#}"), "cannot write the dead letter while stopping; the next run will");
@@ -105,7 +105,7 @@ impl DeadLetters {
                 }
                 Err(e) => e,
             };
-            if let Some(fatal) = triage::of_sql(&failure, triage::OPERATOR_RIGHT) {
+            if let Some(fatal) = triage::of_sql(&failure, triage::WORKER_RIGHT) {
                 return Err(fatal.into());
             }
             tracing::warn!(id = %message.id, error = %format!("{failure:#}"), "cannot write the dead letter; retrying");

@@ -197,7 +197,7 @@ async fn connect_at_start(
         match pg::connect(url).await {
             Ok(client) => return Ok(Some(client)),
             Err(e) => {
-                if let Some(fatal) = triage::of_sql(&e, triage::OPERATOR_RIGHT) {
+                if let Some(fatal) = triage::of_sql(&e, triage::WORKER_RIGHT) {
                     return Err(fatal.into());
                 }
                 attempt += 1;

@@ -76,7 +76,7 @@ pub async fn replay(
             &[&range.since, &range.until],
         )
         .await
-        .context("cannot read outbox.messages (the worker's role needs outbox_operator)")?
+        .context("cannot read outbox.messages (the worker's role needs outbox_relay)")?
         .get(0);
     eprintln!(
         "replaying up to {total} message(s) created from {}{}",

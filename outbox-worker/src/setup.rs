@@ -228,7 +228,7 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
         )
         .await
         .map_err(|e| {
-            crate::triage::of_query(&e, crate::triage::OPERATOR_RIGHT).unwrap_or_else(|| {
+            crate::triage::of_query(&e, crate::triage::WORKER_RIGHT).unwrap_or_else(|| {
                 Fatal::new(
                     format!("cannot check the worker's rights: {e}"),
                     "is pg_outbox installed in this database (CREATE EXTENSION pg_outbox, or sql/pg_outbox.sql)?",
@@ -251,7 +251,7 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
                 "role {role:?} cannot write outbox.dead_letters and outbox.slots, so a message a \
                  broker refuses could never be set aside"
             ),
-            format!("GRANT outbox_operator TO {quoted}"),
+            format!("GRANT outbox_relay TO {quoted}"),
         ));
     }
     Ok(())

@@ -28,7 +28,7 @@ pub enum Remedy {
 /// What the role of each connection must be granted when it lacks a right.
 const REPLICATION_RIGHT: &str = "the REPLICATION attribute (ALTER ROLE … REPLICATION; on Amazon \
                                  RDS and Aurora, GRANT rds_replication TO …)";
-pub const OPERATOR_RIGHT: &str = "outbox_operator";
+pub const WORKER_RIGHT: &str = "outbox_relay";
 
 /// The replication stream's errors.
 pub fn of_stream(error: &SourceError) -> Remedy {

@@ -168,6 +168,33 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce('role ' || quote_ident(written_by), 'an unrecorded role (before pg_outbox 0.2.1)')
 $$;
 
+-- Redrive publishes only what a worker set aside: a row written by a role that is not a member
+-- of outbox_relay (by hand, before 0.2.2 let only workers write them) is refused, so an
+-- operator cannot publish anything by writing a dead letter. The table's owner may vouch for one
+-- by setting written_by (only the owner can).
+CREATE FUNCTION outbox._require_worker_letter(letter outbox.dead_letters) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF letter.written_by IS NULL
+       OR NOT EXISTS (SELECT FROM pg_roles r WHERE r.rolname = letter.written_by
+                         AND (pg_has_role(r.oid, 'outbox_relay', 'MEMBER')
+                              OR pg_has_role(r.oid, (SELECT c.relowner FROM pg_class c WHERE c.oid = 'outbox.dead_letters'::regclass), 'MEMBER'))) THEN
+        RAISE EXCEPTION 'outbox.redrive: dead letter % was written by %, not by a worker (a member of outbox_relay)',
+            letter.id, outbox._writer(letter.written_by)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only what a worker set aside is published again. If you trust this row, the table''s owner can vouch for it: UPDATE outbox.dead_letters SET written_by = <the worker''s role> WHERE id = ...; or publish it yourself with outbox.publish.';
+    END IF;
+END
+$$;
+
+-- The dead letter's headers, with outbox-redriven-by naming the login role that redrives it: the
+-- one reserved header pg_outbox sets, so consumers can tell a redriven message from a first
+-- delivery (and who sent it again).
+CREATE FUNCTION outbox._redriven_headers(headers jsonb) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(headers, '{}') || jsonb_build_object('outbox-redriven-by', session_user::text)
+$$;
+
 CREATE FUNCTION outbox.redrive(id uuid)
 RETURNS uuid LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -187,11 +214,11 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Inspect payload_bytes and error; if it is legitimate, publish it again with outbox.publish, then DELETE the row.';
     END IF;
-    -- Who wrote the row: the worker's role, or a role that wrote it by hand (written_by).
+    PERFORM outbox._require_worker_letter(letter);
     RAISE NOTICE 'outbox.redrive: dead letter % was written by %', $1, outbox._writer(letter.written_by);
     -- Same id, so consumers that saw an earlier attempt still de-duplicate it.
     RETURN outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
-                                   letter.payload_bytes, letter.headers);
+                                   letter.payload_bytes, outbox._redriven_headers(letter.headers));
 END
 $$;
 COMMENT ON FUNCTION outbox.redrive(uuid) IS
@@ -211,8 +238,9 @@ BEGIN
                        WHERE d.queue = $1 AND d.destination <> 'quarantine' RETURNING *)
         SELECT * FROM gone ORDER BY gone.id
     LOOP
+        PERFORM outbox._require_worker_letter(letter);
         PERFORM outbox._publish_message(letter.id, letter.queue, letter.key, letter.payload,
-                                        letter.payload_bytes, letter.headers);
+                                        letter.payload_bytes, outbox._redriven_headers(letter.headers));
         redriven := redriven + 1;
         writers := writers || outbox._writer(letter.written_by);
     END LOOP;
@@ -304,7 +332,7 @@ COMMENT ON FUNCTION outbox.status() IS
     'One row per pgoutput slot of this database: activity, worker pid, bytes not yet confirmed, WAL retained, whether it survives a failover.';
 
 ------------------------------------------------------------------------------------------------
--- Rights: nothing for PUBLIC; three roles the README names.
+-- Rights: nothing for PUBLIC; four roles the README names.
 ------------------------------------------------------------------------------------------------
 
 -- Exactly the grants below, after every install and upgrade: every right on the schema, its
@@ -342,7 +370,7 @@ BEGIN
         -- regrole prints a quoted identifier.
         EXECUTE pg_catalog.format('REVOKE ALL ON %s %s FROM %s', o.kind, o.name,
                                   CASE o.grantee WHEN 0 THEN 'PUBLIC' ELSE o.grantee::regrole::text END);
-        IF o.grantee <> 0 AND o.grantee::regrole::text NOT IN ('outbox_publisher', 'outbox_consumer', 'outbox_operator') THEN
+        IF o.grantee <> 0 AND o.grantee::regrole::text NOT IN ('outbox_publisher', 'outbox_consumer', 'outbox_operator', 'outbox_relay') THEN
             revoked := revoked || pg_catalog.format('%s: %s on %s %s', o.grantee::regrole, o.privilege_type,
                                                     pg_catalog.lower(o.kind), o.name);
         END IF;
@@ -385,7 +413,9 @@ GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
                           outbox.register_consumer(text, regrole), outbox.unregister_consumer(text)
     TO outbox_operator;
 GRANT SELECT ON outbox.messages TO outbox_operator;
-GRANT SELECT, INSERT, DELETE ON outbox.dead_letters TO outbox_operator;
+GRANT SELECT, DELETE ON outbox.dead_letters TO outbox_operator;
+-- Only the worker writes dead letters, so redrive publishes only what a worker set aside.
+GRANT INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE ON outbox.slots TO outbox_operator;
 
 -- Last, after every object is in place: schema outbox, everything in it and the publication

@@ -56,8 +56,28 @@ $forgery$;
 
 -- Roles the docs name. Cluster-wide, so created only when missing and never dropped with the
 -- extension. Grant them to your application roles.
+-- @upgrade:begin
 DO $roles$
+DECLARE
+    members text;
 BEGIN
+    -- outbox_relay: the worker's role, an operator that may also write dead letters. Before
+    -- 0.2.2 every operator could, and so publish anything through redrive. Made once per cluster;
+    -- then (an upgrade) granted to every member of outbox_operator, so that no worker stops: the
+    -- WARNING names them, for the people among them to lose it.
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_relay') THEN
+        CREATE ROLE outbox_relay NOLOGIN;
+        IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_operator') THEN
+            SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname) INTO members
+              FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles r ON r.oid = m.member
+             WHERE m.roleid = 'outbox_operator'::regrole;
+            IF members IS NOT NULL THEN
+                EXECUTE 'GRANT outbox_relay TO ' || members;
+                RAISE WARNING 'pg_outbox 0.2.2: only members of outbox_relay may write dead letters now; granted it to the members of outbox_operator: %', members
+                    USING HINT = 'Keep it for your workers'' roles only: REVOKE outbox_relay FROM each person''s role.';
+            END IF;
+        END IF;
+    END IF;
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_publisher') THEN
         CREATE ROLE outbox_publisher NOLOGIN;
     END IF;
@@ -67,8 +87,19 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_operator') THEN
         CREATE ROLE outbox_operator NOLOGIN;
     END IF;
+    -- The worker does what an operator does (slots, status, replay) besides its dead letters.
+    IF NOT pg_catalog.pg_has_role('outbox_relay', 'outbox_operator', 'MEMBER') THEN
+        BEGIN
+            GRANT outbox_operator TO outbox_relay;
+        EXCEPTION WHEN insufficient_privilege THEN
+            -- PostgreSQL 16+: a CREATEROLE installer may grant only roles it administers.
+            RAISE WARNING 'pg_outbox: % may not grant outbox_operator to outbox_relay', current_user
+                USING HINT = 'Have a superuser (or the role that made outbox_operator) run: GRANT outbox_operator TO outbox_relay;';
+        END;
+    END IF;
 END
 $roles$;
+-- @upgrade:end
 
 -- The outbox itself. Insert-only: rows are never updated, so logical decoding never meets an
 -- unchanged TOASTed value, and the publication streams inserts only (pruning is never streamed).

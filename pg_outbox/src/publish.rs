@@ -19,6 +19,11 @@ use crate::varlena::{database_is_utf8, Varlena};
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 
+/// The header `outbox.redrive` adds, naming who redrove the message (the worker's
+/// `outbox_client::contract::HEADER_REDRIVEN_BY`): the one reserved name a caller may set, and
+/// only through `_publish_message`, which only pg_outbox's own functions can call.
+const HEADER_REDRIVEN_BY: &str = "outbox-redriven-by";
+
 const QUEUE_HINT: &str = "Queue names become Kafka topics and AMQP routing keys: use 1 to 249 of the characters A-Z a-z 0-9 . _ - (not \".\" or \"..\").";
 const HEADERS_HINT: &str =
     "Pass a JSON object whose values are strings, e.g. '{\"traceparent\": \"00-...\"}', or '{}' for none.";
@@ -57,7 +62,7 @@ fn publish_one(args: Args, payload: PayloadDatum) -> pgrx::Uuid {
     let f = args.function;
     let writer = Writer::open(f);
     let queue = queue_arg(args, 0);
-    let headers = headers_arg(args, 2);
+    let headers = headers_arg(args, 2, None);
     let key = key_arg(args.varlena(3), f, "key");
     let id = write_checked(
         &writer,
@@ -170,7 +175,7 @@ fn publish_batch(fcinfo: FcInfo) -> SetOfIterator<'static, pgrx::Uuid> {
     );
     // SAFETY: argument 1 is declared jsonb[].
     let payloads = unsafe { deconstruct(payloads, pg_sys::JSONBOID, f, "payloads") };
-    let headers = headers_arg(args, 2);
+    let headers = headers_arg(args, 2, None);
     // SAFETY: argument 3 is declared text[].
     let keys = args
         .datum(3)
@@ -266,7 +271,8 @@ fn publish_message(fcinfo: FcInfo) -> pgrx::Uuid {
         .unwrap_or_else(|| error::null_argument(f, "id", "Pass the id of the message."));
     let queue = queue_arg(args, 1);
     let key = key_arg(args.varlena(2), f, "key");
-    let headers = headers_arg(args, 5);
+    // Redrive names who redrove the message in the one reserved header a caller may set.
+    let headers = headers_arg(args, 5, Some(HEADER_REDRIVEN_BY));
     let payload = match args.datum(3) {
         Some(json) => PayloadDatum::Json(json),
         None => {
@@ -348,7 +354,7 @@ fn key_arg<'a>(key: Option<Varlena<'a>>, function: &str, name: &str) -> Option<V
     key
 }
 
-fn headers_arg(args: Args, index: usize) -> Jsonb {
+fn headers_arg(args: Args, index: usize, reserved_allowed: Option<&str>) -> Jsonb {
     let function = args.function;
     // SAFETY: the headers argument is declared jsonb; NULL means "no headers", like the default.
     let headers =
@@ -372,7 +378,7 @@ fn headers_arg(args: Args, index: usize) -> Jsonb {
             );
         }
         let text = headers.to_text();
-        if let Err(problem) = check_headers(&text) {
+        if let Err(problem) = check_headers(&text, reserved_allowed) {
             error::invalid(format!("{function}: {problem}"), HEADERS_HINT);
         }
     }
@@ -380,15 +386,18 @@ fn headers_arg(args: Args, index: usize) -> Jsonb {
 }
 
 /// Header values must be strings (Kafka and AMQP headers are strings to every consumer) and
-/// names must not use the `outbox-` prefix, which the worker reserves for its own headers.
-pub fn check_headers(json: &str) -> Result<(), String> {
+/// names must not use the `outbox-` prefix, which the worker reserves for its own headers (but
+/// `reserved_allowed`, which pg_outbox itself sets).
+pub fn check_headers(json: &str, reserved_allowed: Option<&str>) -> Result<(), String> {
     let map: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(json).map_err(|e| format!("headers are not a JSON object: {e}"))?;
     for (name, value) in &map {
         if name.is_empty() {
             return Err("a header name is empty".into());
         }
-        if name.to_ascii_lowercase().starts_with("outbox-") {
+        if name.to_ascii_lowercase().starts_with("outbox-")
+            && reserved_allowed.is_none_or(|allowed| !name.eq_ignore_ascii_case(allowed))
+        {
             return Err(format!(
                 "header \"{name}\" uses the reserved prefix \"outbox-\""
             ));

@@ -6,18 +6,109 @@ use outbox_tests::postgres::{column, count, expect_error, Install};
 use outbox_tests::{on_both_installs, PgCluster};
 
 on_both_installs!(
+    only_workers_write_dead_letters_and_redrive_sends_only_theirs_naming_who_redrove,
     written_by_holds_under_session_replication_role_replica,
     over_long_names_and_ids_empty_names_and_huge_ages_get_clear_answers,
 );
 
-/// 0.2.1's trigger fired in the default mode only: an operator allowed to SET
-/// session_replication_role = replica wrote a dead letter in the worker's name.
+/// Issue 30, item 5: in 0.2.1 every operator could INSERT a dead letter and redrive it, so publish
+/// anything, delivered as genuine. Now only members of outbox_relay (workers' roles) write dead
+/// letters; redrive publishes only rows a worker wrote (or the table's owner vouched for), and
+/// the message carries `outbox-redriven-by`, a reserved header no publisher can set, naming the
+/// operator who redrove it.
+async fn only_workers_write_dead_letters_and_redrive_sends_only_theirs_naming_who_redrove(
+    install: Install,
+) {
+    let pg = PgCluster::start_install(install).await;
+    let admin = pg.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE ops LOGIN IN ROLE outbox_operator;
+             CREATE ROLE relay LOGIN IN ROLE outbox_relay;
+             CREATE ROLE app LOGIN IN ROLE outbox_publisher;",
+        )
+        .await
+        .unwrap();
+    const LETTER: &str = "INSERT INTO outbox.dead_letters (id, queue, payload, headers, created_at, destination, error, attempts) VALUES";
+    let ops = pg.connect_as("ops").await;
+    let (code, message, _) = expect_error(
+        &ops,
+        &format!("{LETTER} ('018f0000-0000-7000-8000-000000000001', 'payments', '{{\"refund\": 1000000}}', '{{}}', now(), 'kafka:payments', 'x', 1)"),
+    )
+    .await;
+    assert_eq!(
+        code, "42501",
+        "an operator writes no dead letter: {message}"
+    );
+    let relay = pg.connect_as("relay").await;
+    relay
+        .batch_execute(&format!(
+            "{LETTER} ('018f0000-0000-7000-8000-000000000002', 'orders', '{{\"n\": 2}}', '{{\"trace\": \"t\"}}', now(), 'kafka:orders', 'x', 1)"
+        ))
+        .await
+        .unwrap();
+    // Rows from before (written_by NULL, or a person's role in 0.2.1), as the table's owner can
+    // still write them: refused, and the hint says how to vouch for one.
+    admin
+        .batch_execute(&format!(
+            "{LETTER} ('018f0000-0000-7000-8000-000000000003', 'orders', '{{\"n\": 3}}', '{{}}', now(), 'kafka:orders', 'x', 1);
+             UPDATE outbox.dead_letters SET written_by = NULL WHERE id = '018f0000-0000-7000-8000-000000000003';
+             {LETTER} ('018f0000-0000-7000-8000-000000000004', 'orders', '{{\"n\": 4}}', '{{}}', now(), 'kafka:orders', 'x', 1);
+             UPDATE outbox.dead_letters SET written_by = 'ops' WHERE id = '018f0000-0000-7000-8000-000000000004';"
+        ))
+        .await
+        .unwrap();
+    for id in [
+        "018f0000-0000-7000-8000-000000000003",
+        "018f0000-0000-7000-8000-000000000004",
+    ] {
+        let (code, message, hint) =
+            expect_error(&ops, &format!("SELECT outbox.redrive('{id}'::uuid)")).await;
+        assert_eq!(code, "42501", "{message}");
+        assert!(message.contains("not by a worker"), "{message}");
+        assert!(hint.contains("vouch"), "{hint}");
+    }
+    let (code, _, _) = expect_error(&ops, "SELECT outbox.redrive('orders')").await;
+    assert_eq!(
+        code, "42501",
+        "by queue too, and nothing of the queue is redriven"
+    );
+    admin
+        .batch_execute(
+            "DELETE FROM outbox.dead_letters WHERE id <> '018f0000-0000-7000-8000-000000000002'",
+        )
+        .await
+        .unwrap();
+    ops.batch_execute("SELECT outbox.redrive('orders')")
+        .await
+        .unwrap();
+    let headers: Vec<serde_json::Value> = column(
+        &admin,
+        "SELECT headers FROM outbox.messages WHERE id = '018f0000-0000-7000-8000-000000000002'",
+    )
+    .await;
+    assert_eq!(
+        headers,
+        [serde_json::json!({"trace": "t", "outbox-redriven-by": "ops"})]
+    );
+    // No publisher can set it.
+    let app = pg.connect_as("app").await;
+    let (code, message, _) = expect_error(
+        &app,
+        "SELECT outbox.publish('orders', '{}', '{\"outbox-redriven-by\": \"ops\"}')",
+    )
+    .await;
+    assert_eq!(code, "22023", "{message}");
+}
+
+/// 0.2.1's trigger fired in the default mode only: a role allowed to SET
+/// session_replication_role = replica (and to write dead letters) wrote one in another's name.
 async fn written_by_holds_under_session_replication_role_replica(install: Install) {
     let pg = PgCluster::start_install(install).await;
     let admin = pg.superuser().await;
     admin
         .batch_execute(
-            "CREATE ROLE op LOGIN IN ROLE outbox_operator;
+            "CREATE ROLE op LOGIN IN ROLE outbox_relay;
              GRANT SET ON PARAMETER session_replication_role TO op;",
         )
         .await

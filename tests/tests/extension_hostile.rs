@@ -322,7 +322,7 @@ async fn foreign_rights(db: &Client) -> Vec<String> {
                              FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace) o,
                 aclexplode(o.acl) g
           WHERE g.grantee <> o.owner
-            AND (g.grantee = 0 OR g.grantee::regrole::text NOT IN ('outbox_publisher', 'outbox_consumer', 'outbox_operator'))
+            AND (g.grantee = 0 OR g.grantee::regrole::text NOT IN ('outbox_publisher', 'outbox_consumer', 'outbox_operator', 'outbox_relay'))
           ORDER BY 1",
     )
     .await
@@ -822,20 +822,21 @@ async fn a_sql_install_upgrade_waits_for_no_publisher_and_says_what_it_drops() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("another install of pg_outbox is running in this database"),
+        stderr.contains("another session holds the install's lock in this database")
+            && stderr.contains("role postgres"),
         "{stderr}"
     );
 }
 
 on_both_installs!(redrive_applies_publishs_size_limit);
 
-/// A dead letter written by hand (an operator may INSERT them) over the size limit is not
+/// A dead letter written by hand (a worker's role may INSERT them) over the size limit is not
 /// published by redrive.
 async fn redrive_applies_publishs_size_limit(install: Install) {
     let pg = PgCluster::start_install(install).await;
     let admin = pg.superuser().await;
     admin
-        .batch_execute("CREATE ROLE ops LOGIN IN ROLE outbox_operator")
+        .batch_execute("CREATE ROLE ops LOGIN IN ROLE outbox_relay")
         .await
         .unwrap();
     let ops = pg.connect_as("ops").await;
@@ -857,7 +858,7 @@ async fn redrive_applies_publishs_size_limit(install: Install) {
         "{message}"
     );
     // One whose JSON text would be more than a text can hold (1.18 GB from 144 kB): the same
-    // error, with its exact size.
+    // error, with its exact size (headers: the outbox-redriven-by that redrive adds).
     ops.batch_execute(
         "INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts)
          VALUES ('018f0000-0000-7000-8000-000000000002', 'orders',
@@ -873,7 +874,7 @@ async fn redrive_applies_publishs_size_limit(install: Install) {
     .await;
     assert_eq!(code, "54000", "{message}");
     assert!(
-        message.contains("(key 0, headers 2, payload 1179666000), more than pg_outbox.max_message_size (524288 bytes)"),
+        message.contains("(key 0, headers 29, payload 1179666000), more than pg_outbox.max_message_size (524288 bytes)"),
         "{message}"
     );
     assert_eq!(
@@ -1058,23 +1059,25 @@ async fn a_tampered_sql_install_id_clock_gives_neither_errors_nor_far_future_ids
 
 on_both_installs!(dead_letters_name_who_wrote_them);
 
-/// Operators (the worker's role among them) may INSERT dead letters: one written by hand (an id
-/// reused from a real message, a quarantined row copied into a normal one) names the login role
-/// that wrote it, which no grantee can set, and redrive says who wrote what it publishes.
+/// Members of outbox_relay (workers' roles; every operator before 0.2.2) may INSERT dead letters:
+/// one written by hand (an id reused from a real message, a quarantined row copied into a normal
+/// one) names the login role that wrote it, which no grantee can set, and redrive says who wrote
+/// what it publishes.
 async fn dead_letters_name_who_wrote_them(install: Install) {
     let pg = PgCluster::start_install(install).await;
     let admin = pg.superuser().await;
     admin
         .batch_execute(
-            "CREATE ROLE alice LOGIN IN ROLE outbox_operator;
-             CREATE ROLE bob LOGIN IN ROLE outbox_operator;
-             CREATE ROLE team IN ROLE outbox_operator; GRANT team TO alice;
+            "CREATE ROLE alice LOGIN IN ROLE outbox_relay;
+             CREATE ROLE bob LOGIN IN ROLE outbox_relay;
+             CREATE ROLE team IN ROLE outbox_relay; GRANT team TO alice;
              INSERT INTO outbox.dead_letters (id, queue, payload_bytes, created_at, destination, error, attempts)
                   VALUES ('018f0000-0000-7000-8000-0000000000aa', 'orders', '\\x7b7d', now(), 'quarantine', 'forged', 1);",
         )
         .await
         .unwrap();
     let alice = pg.connect_as("alice").await;
+    let bob = pg.connect_as("bob").await;
     const LETTER: &str = "INSERT INTO outbox.dead_letters (id, queue, payload, created_at, destination, error, attempts";
     for (written_by, as_role) in [
         ("'worker'", ""),
@@ -1206,9 +1209,26 @@ async fn dead_letters_name_who_wrote_them(install: Install) {
         )
         .await;
         assert_eq!(code, "42501");
+        // Redrive sends only what a worker wrote: an unrecorded writer is refused until the
+        // table's owner vouches for the row.
+        let (code, message, _) = expect_error(&bob, "SELECT outbox.redrive('orders')").await;
+        assert_eq!(code, "42501", "{message}");
+        assert!(
+            message.contains(
+                "written by an unrecorded role (before pg_outbox 0.2.1), not by a worker"
+            ),
+            "{message}"
+        );
+        admin
+            .batch_execute(
+                "UPDATE outbox.dead_letters SET written_by = 'bob'
+                  WHERE written_by IS NULL AND destination <> 'quarantine'",
+            )
+            .await
+            .unwrap();
         let told = redrive("SELECT outbox.redrive('orders')");
         assert!(
-            told.contains("1 dead letter(s) of queue orders written by an unrecorded role (before pg_outbox 0.2.1) (1)"),
+            told.contains("1 dead letter(s) of queue orders written by role bob (1)"),
             "{told}"
         );
     }

@@ -253,15 +253,12 @@ async fn upgrade_from_0_2_1_equals_a_fresh_install() {
             .await
             .unwrap();
     }
-    let fresh = pg.connect_to("postgres", "fresh").await;
-    fresh
-        .batch_execute("CREATE EXTENSION pg_outbox")
-        .await
-        .unwrap();
+    // Upgraded first: outbox_relay, cluster-wide, does not exist yet (as in a cluster on 0.2.1).
     let db = pg.connect_to("postgres", "upgraded").await;
     db.batch_execute(
-        "CREATE ROLE app LOGIN IN ROLE outbox_consumer;
-         CREATE EXTENSION pg_outbox VERSION '0.2.1';
+        "CREATE EXTENSION pg_outbox VERSION '0.2.1';
+         CREATE ROLE app LOGIN IN ROLE outbox_consumer;
+         CREATE ROLE worker LOGIN IN ROLE outbox_operator;
          SELECT outbox.publish('orders', '{\"n\": 1}', '{}', 'old');
          SELECT outbox.register_consumer('billing', 'app');",
     )
@@ -277,6 +274,21 @@ async fn upgrade_from_0_2_1_equals_a_fresh_install() {
         "0.2.1's trigger does not fire under session_replication_role = replica"
     );
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE")
+        .await
+        .unwrap();
+    // 0.2.1's operators (its workers among them) wrote dead letters: they keep that right.
+    assert_eq!(
+        column::<bool>(
+            &db,
+            "SELECT pg_has_role('worker', 'outbox_relay', 'MEMBER')
+                AND has_table_privilege('worker', 'outbox.dead_letters', 'INSERT')"
+        )
+        .await,
+        [true]
+    );
+    let fresh = pg.connect_to("postgres", "fresh").await;
+    fresh
+        .batch_execute("CREATE EXTENSION pg_outbox")
         .await
         .unwrap();
     assert_eq!(fingerprint(&db).await, fingerprint(&fresh).await);

@@ -125,7 +125,7 @@ fn block_step(block: &Block) -> (String, String) {
 
 /// What the README's reader has before its statements: their own tables and roles.
 const READERS_OBJECTS: &str = "
-    CREATE ROLE my_service LOGIN; CREATE ROLE my_consumer LOGIN; CREATE ROLE ops LOGIN;
+    CREATE ROLE my_service LOGIN; CREATE ROLE my_consumer LOGIN; CREATE ROLE ops LOGIN; CREATE ROLE worker LOGIN;
     CREATE TABLE orders (id bigint PRIMARY KEY, customer text, total numeric);
     CREATE TABLE accounts (id bigint PRIMARY KEY, balance numeric);
     INSERT INTO accounts VALUES (7, 100);";

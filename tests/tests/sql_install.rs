@@ -384,7 +384,7 @@ async fn a_huge_forged_message_is_quarantined_as_a_bounded_prefix() {
     const MB: u64 = 100;
     let pg = PgCluster::start_sql_install().await;
     let db = pg.superuser().await;
-    db.batch_execute("GRANT outbox_operator TO installer; CREATE ROLE stranger LOGIN;")
+    db.batch_execute("GRANT outbox_relay TO installer; CREATE ROLE stranger LOGIN;")
         .await
         .unwrap();
     let (_dir, out) = stdout_file();
@@ -471,11 +471,11 @@ async fn the_worker_delivers_from_it_through_a_sigkill_and_refuses_forged_wal_me
     const TOTAL: u64 = 5_000;
     let pg = PgCluster::start_sql_install().await;
     let db = pg.superuser().await;
-    db.batch_execute("GRANT outbox_operator TO installer; CREATE ROLE stranger LOGIN;")
+    db.batch_execute("GRANT outbox_relay TO installer; CREATE ROLE stranger LOGIN;")
         .await
         .unwrap();
     let (_dir, out) = stdout_file();
-    // The installer runs the worker: REPLICATION and outbox_operator, no superuser.
+    // The installer runs the worker: REPLICATION and outbox_relay, no superuser.
     let args = ["run", "--postgres-url", &pg.url_of("installer", "postgres")];
     let mut worker = Worker::start(&args, Some(&out));
     pg.wait_for_slot(&db).await;

@@ -231,7 +231,7 @@ async fn role_is_refused(create: &str, expected: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_role_without_replication_stops_the_worker_with_a_hint() {
     role_is_refused(
-        "CREATE ROLE relay LOGIN; GRANT outbox_operator TO relay",
+        "CREATE ROLE relay LOGIN; GRANT outbox_relay TO relay",
         &[
             "role \"relay\" may not stream",
             "ALTER ROLE relay REPLICATION (on Amazon RDS and Aurora: GRANT rds_replication TO relay)",
@@ -250,7 +250,7 @@ async fn a_member_of_a_managed_services_replication_role_passes_the_start_up_che
         let log = role_is_refused(
             &format!(
                 "CREATE ROLE {service_role};
-                 CREATE ROLE relay LOGIN IN ROLE {service_role}, outbox_operator"
+                 CREATE ROLE relay LOGIN IN ROLE {service_role}, outbox_relay"
             ),
             &[
                 "must be superuser or replication role",
@@ -272,7 +272,7 @@ async fn a_role_that_cannot_write_dead_letters_is_refused_at_start() {
         "CREATE ROLE relay LOGIN REPLICATION",
         &[
             "cannot write outbox.dead_letters",
-            "GRANT outbox_operator TO relay",
+            "GRANT outbox_relay TO relay",
         ],
     )
     .await;
@@ -284,7 +284,7 @@ async fn a_wrong_password_stops_the_worker_with_a_hint() {
     pg.superuser()
         .await
         .batch_execute(
-            "CREATE ROLE relay LOGIN REPLICATION PASSWORD 'right'; GRANT outbox_operator TO relay",
+            "CREATE ROLE relay LOGIN REPLICATION PASSWORD 'right'; GRANT outbox_relay TO relay",
         )
         .await
         .unwrap();
@@ -456,7 +456,7 @@ async fn wal_level_below_logical_stops_the_worker_with_a_hint() {
 async fn a_right_revoked_mid_run_stops_the_worker_at_the_dead_letter_it_cannot_write() {
     let pg = PgCluster::start().await;
     let db = pg.superuser().await;
-    db.batch_execute("CREATE ROLE relay LOGIN REPLICATION; GRANT outbox_operator TO relay")
+    db.batch_execute("CREATE ROLE relay LOGIN REPLICATION; GRANT outbox_relay TO relay")
         .await
         .unwrap();
     setup(&pg);
@@ -473,7 +473,7 @@ async fn a_right_revoked_mid_run_stops_the_worker_at_the_dead_letter_it_cannot_w
     ];
     let mut worker = Worker::start(&args, None);
     pg.wait_for_slot(&db).await;
-    db.batch_execute("REVOKE outbox_operator FROM relay; SELECT outbox.publish('audit', '{}')")
+    db.batch_execute("REVOKE outbox_relay FROM relay; SELECT outbox.publish('audit', '{}')")
         .await
         .unwrap();
     let status = worker.wait_exit(EXIT_WITHIN);
@@ -481,7 +481,7 @@ async fn a_right_revoked_mid_run_stops_the_worker_at_the_dead_letter_it_cannot_w
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("permission denied"), "{log}");
     assert!(
-        log.contains("hint: the worker's role lacks a right it needs: outbox_operator"),
+        log.contains("hint: the worker's role lacks a right it needs: outbox_relay"),
         "{log}"
     );
     assert_eq!(

@@ -1,7 +1,7 @@
 //! The worker's own SQL against a hostile role that can create objects in `public` (issue 34,
 //! item 2). 0.2.1's start-up query called `quote_ident(current_user)` unqualified: a planted
 //! `public.quote_ident(name)` matched better than `pg_catalog.quote_ident(text)` and ran as the
-//! worker (outbox_operator + REPLICATION). Here shadows of the functions the worker's statements
+//! worker (outbox_relay + REPLICATION). Here shadows of the functions the worker's statements
 //! call, each with an argument type that beats the catalog's by one cast, note every call in a
 //! table; every command of the worker runs, and none may be called.
 
@@ -57,7 +57,7 @@ async fn no_worker_command_calls_a_function_planted_in_public() {
         "CREATE ROLE mallory LOGIN;
          GRANT CREATE ON SCHEMA public TO mallory;
          GRANT USAGE ON SCHEMA outbox TO mallory;
-         CREATE ROLE relay LOGIN REPLICATION IN ROLE outbox_operator;",
+         CREATE ROLE relay LOGIN REPLICATION IN ROLE outbox_relay;",
     )
     .await
     .unwrap();

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::pgoutput::{Relation, Value};
 use crate::lsn::Lsn;
-use outbox_client::contract::RESERVED_HEADER_PREFIX;
+use outbox_client::contract::{HEADER_REDRIVEN_BY, RESERVED_HEADER_PREFIX};
 
 use crate::message::{Message, Payload};
 use crate::rules;
@@ -257,9 +257,11 @@ pub fn check_publish_rules(message: &Message) -> Result<(), EnvelopeError> {
         "it holds a NUL character (\\u0000), which PostgreSQL's text and jsonb cannot store".into()
     } else if let Some(name) = message.headers.keys().find(|name| {
         name.is_empty()
-            || name
+            || (name
                 .to_ascii_lowercase()
                 .starts_with(RESERVED_HEADER_PREFIX)
+                // The one pg_outbox's redrive sets (no publisher can).
+                && !name.eq_ignore_ascii_case(HEADER_REDRIVEN_BY))
     }) {
         format!("header {name:?} is empty or uses the reserved prefix \"outbox-\"")
     } else {
@@ -441,6 +443,23 @@ mod tests {
             );
             let message = decode_envelope(content.as_bytes(), Lsn(9)).unwrap();
             assert!(check_publish_rules(&message).is_err(), "{content}");
+        }
+    }
+
+    /// `outbox.redrive` names who redrove a message in the one reserved header pg_outbox sets.
+    #[test]
+    fn the_redrive_header_is_the_one_reserved_name_allowed() {
+        for (headers, allowed) in [
+            (r#"{"outbox-redriven-by":"ops"}"#, true),
+            (r#"{"Outbox-Redriven-By":"ops"}"#, true),
+            (r#"{"outbox-redriven-by-x":"ops"}"#, false),
+            (r#"{"outbox-queue":"q"}"#, false),
+        ] {
+            let content = format!(
+                r#"{{"v":1,"id":"01a2075e-ab60-72df-a257-c9236de1f4c9","queue":"q","key":null,"created_at":"2026-11-23T07:46:14Z","headers":{headers},"payload":1}}"#
+            );
+            let message = decode_envelope(content.as_bytes(), Lsn(9)).unwrap();
+            assert_eq!(check_publish_rules(&message).is_ok(), allowed, "{headers}");
         }
     }
 

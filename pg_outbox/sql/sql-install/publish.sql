@@ -199,7 +199,10 @@ BEGIN
         IF header.key = '' THEN
             RAISE EXCEPTION '%: a header name is empty', function_name
                 USING ERRCODE = 'invalid_parameter_value', HINT = hint;
-        ELSIF lower(header.key) LIKE 'outbox-%' THEN
+        -- outbox-redriven-by: the one reserved header pg_outbox sets itself (redrive, through
+        -- _publish_message, which only its own functions can call).
+        ELSIF lower(header.key) LIKE 'outbox-%'
+              AND NOT (function_name = 'outbox._publish_message' AND lower(header.key) = 'outbox-redriven-by') THEN
             RAISE EXCEPTION '%: header "%" uses the reserved prefix "outbox-"', function_name, header.key
                 USING ERRCODE = 'invalid_parameter_value', HINT = hint;
         ELSIF jsonb_typeof(header.value) <> 'string' THEN
