@@ -1,8 +1,11 @@
 //! `outbox.dead_letters` from the worker's side: writing a message a broker refused for good, or
 //! one that `outbox.publish` did not write (a quarantine).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use anyhow::Result;
 use tokio_postgres::Client;
@@ -37,6 +40,8 @@ pub struct DeadLetters {
     client: Option<Client>,
     health: Arc<Health>,
     shutdown: CancellationToken,
+    /// The dead letters there were when the stream last started ([`DeadLetters::load_earlier`]).
+    earlier: HashSet<(uuid::Uuid, DateTime<Utc>)>,
 }
 
 impl DeadLetters {
@@ -46,7 +51,44 @@ impl DeadLetters {
             client: None,
             health,
             shutdown,
+            earlier: HashSet::new(),
         }
+    }
+
+    /// Notes the dead letters already written, by message id and creation time, before the stream
+    /// starts. A message a run dead-lettered comes back when the run ended before the slot moved
+    /// past it; sent again once its cause was gone, it arrived after later messages of its key
+    /// (and stayed a dead letter too: found by a hostile audit). A redriven copy has the same id
+    /// but a new creation time: it is sent. Not loaded (the database cannot be reached): nothing
+    /// is skipped, and the message may come twice, as before.
+    pub async fn load_earlier(&mut self) {
+        match self.try_load_earlier().await {
+            Ok(earlier) => self.earlier = earlier,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the dead letters already written; a message dead-lettered just before the last stop may be sent again");
+                self.earlier.clear();
+            }
+        }
+    }
+
+    async fn try_load_earlier(&mut self) -> Result<HashSet<(uuid::Uuid, DateTime<Utc>)>> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = Some(pg::connect(&self.url).await?);
+        }
+        let client = self.client.as_ref().expect("connected above");
+        let rows = client
+            .query(
+                "SELECT d.id, d.created_at FROM outbox.dead_letters d
+                  WHERE d.destination OPERATOR(pg_catalog.<>) 'quarantine'",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Whether an earlier run dead-lettered this very message ([`DeadLetters::load_earlier`]).
+    pub fn written_earlier(&self, message: &Message) -> bool {
+        self.earlier.contains(&(message.id, message.created_at))
     }
 
     /// Durable before it returns `Ok`: only then may the slot move past the message. A database
@@ -132,9 +174,9 @@ impl DeadLetters {
             key: None,
             headers: Default::default(),
             payload: Payload::Bytes(q.raw.clone()),
-            created_at: chrono::Utc::now(),
+            created_at: Utc::now(),
             commit_lsn: q.commit_lsn,
-            committed_at: chrono::Utc::now(),
+            committed_at: Utc::now(),
         };
         self.write(&message, "quarantine", &q.reason, 1).await
     }

@@ -25,6 +25,11 @@ pub enum Routed {
 impl Parts<'_> {
     /// Sends `message` on its route, or dead-letters it when no route matches its queue.
     pub async fn route(&mut self, tx: TxId, message: Message) -> Result<Routed, NotWritten> {
+        if self.dead_letters.written_earlier(&message) {
+            tracing::info!(id = %message.id, queue = %message.queue,
+                "dead-lettered by an earlier run before the slot moved past it; not sent again");
+            return Ok(Routed::DeadLettered);
+        }
         if let Some(route) = self.router.route(&message.queue) {
             self.delivery.send(tx, route, message);
             return Ok(Routed::Sent);

@@ -127,6 +127,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             _ = shutdown.cancelled() => break Ok(()),
         };
         waiting_for_slot = false;
+        dead_letters.load_earlier().await;
         let connected_at = tokio::time::Instant::now();
         health.set_streaming(true);
         match start {

@@ -10,6 +10,7 @@
 //! idle, so readiness follows the connection's real state (heartbeats included).
 
 mod confirms;
+mod orphans;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use outbox_client::contract::{HEADER_CREATED_AT, HEADER_ID, HEADER_QUEUE};
 use tokio::sync::{mpsc, oneshot};
 
 use self::confirms::{Confirmed, Settled};
+use self::orphans::{Abandoned, Orphans};
 use super::{Ack, Sink, SinkError};
 use crate::config::AmqpSinkConfig;
 use crate::message::{is_content_type, Message};
@@ -211,9 +213,17 @@ async fn publish_loop(
         let batch = take_batch(first, &mut rx);
         let mut answered = Vec::with_capacity(batch.len());
         let mut in_flight = Vec::with_capacity(batch.len());
+        let mut orphans = Orphans::default();
         for p in batch {
-            if let Some(publish) =
-                start_publish(p, &mut session, &config, &broker_max, &exchanges).await
+            if let Some(publish) = start_publish(
+                p,
+                &mut session,
+                &config,
+                &broker_max,
+                &exchanges,
+                &mut orphans,
+            )
+            .await
             {
                 let mut publish = Box::pin(publish);
                 // lapin numbers the message and queues its frames before its first await: one
@@ -243,6 +253,7 @@ async fn publish_loop(
                 settled = &mut all => break settled,
                 _ = readiness.tick() => {
                     connected.store(session.can_deliver(), Ordering::Release);
+                    orphans.check();
                 }
             }
         });
@@ -270,6 +281,7 @@ async fn start_publish(
     config: &AmqpSinkConfig,
     broker_max: &Arc<AtomicUsize>,
     exchanges: &KnownExchanges,
+    orphans: &mut Orphans,
 ) -> Option<impl std::future::Future<Output = Settled>> {
     let size = p.message.payload.as_bytes().len();
     let max = broker_max.load(Ordering::Relaxed);
@@ -326,12 +338,14 @@ async fn start_publish(
             }
         }
     }
+    let abandoned = orphans.watch(&channel);
     Some(publish(
         channel,
         p,
         own_exchange,
         broker_max.clone(),
         exchanges.clone(),
+        abandoned,
     ))
 }
 
@@ -394,6 +408,7 @@ async fn publish(
     own_exchange: bool,
     broker_max: Arc<AtomicUsize>,
     exchanges: KnownExchanges,
+    abandoned: Abandoned,
 ) -> Settled {
     let options = BasicPublishOptions {
         mandatory: true,
@@ -406,11 +421,28 @@ async fn publish(
         routing_key: &p.routing_key,
         own_exchange,
     };
-    let published = channel
-        .basic_publish(&p.exchange, &p.routing_key, options, payload, p.properties)
-        .await;
-    let result = match published {
-        Ok(confirm) => match confirm.await {
+    let answer = async {
+        match channel
+            .basic_publish(&p.exchange, &p.routing_key, options, payload, p.properties)
+            .await
+        {
+            Ok(confirm) => confirm
+                .await
+                .map_err(|e| (e, "the broker closed the channel")),
+            Err(e) => Err((e, "cannot publish")),
+        }
+    };
+    // Biased: the publish is polled first, so that the caller's one poll queues its frames.
+    let answer = tokio::select! {
+        biased;
+        answer = answer => Some(answer),
+        _ = abandoned => None,
+    };
+    let result = match answer {
+        None => Err(SinkError::Transient(
+            "amqp: the channel closed without answering for this message; sending it again".into(),
+        )),
+        Some(answer) => match answer {
             Ok(Confirmation::Ack(returned)) => Ok(Confirmed {
                 ack: true,
                 returned: returned.map(|r| returned_message(&r)),
@@ -422,9 +454,8 @@ async fn publish(
             Ok(Confirmation::NotRequested) => Err(SinkError::Transient(
                 "amqp: the channel is not in confirm mode".into(),
             )),
-            Err(e) => Err(classify(&e, &suspect, "the broker closed the channel")),
+            Err((e, context)) => Err(classify(&e, &suspect, context)),
         },
-        Err(e) => Err(classify(&e, &suspect, "cannot publish")),
     };
     if let Err(SinkError::Permanent(text)) = &result {
         if let Some(max) = refused_max(text) {

@@ -84,6 +84,11 @@ async fn main() {
             println!("{table}");
             write_section("versus-debezium", &table);
         }
+        Some("--throughput") => {
+            let table = throughput_table(&brokers, backlog).await;
+            println!("{table}");
+            write_section("worker", &table);
+        }
         Some("--latency") => {
             let table = latency().await;
             println!("{table}");
