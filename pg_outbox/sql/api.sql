@@ -85,6 +85,11 @@ BEGIN
         RAISE EXCEPTION 'outbox.register_consumer: role must not be NULL'
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the role the consuming service logs in as (or a group role it belongs to).';
     END IF;
+    -- '-'::regrole is 0, and any number casts: 0.2.1 stored "unknown (OID=0)".
+    IF NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = $2) THEN
+        RAISE EXCEPTION 'outbox.register_consumer: no role has oid %', $2::oid
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the name of an existing role.';
+    END IF;
     INSERT INTO outbox.consumers AS c (name, role) VALUES ($1, pg_get_userbyid($2))
         ON CONFLICT (name) DO UPDATE SET role = excluded.role, registered_at = now();
 END
@@ -189,10 +194,13 @@ $$;
 
 -- The dead letter's headers, with outbox-redriven-by naming the login role that redrives it: the
 -- one reserved header pg_outbox sets, so consumers can tell a redriven message from a first
--- delivery (and who sent it again).
+-- delivery (and who sent it again). Any spelling of it already in the row (a worker's role can
+-- write one into a dead letter: OUTBOX-REDRIVEN-BY) goes first.
 CREATE FUNCTION outbox._redriven_headers(headers jsonb) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(headers, '{}') || jsonb_build_object('outbox-redriven-by', session_user::text)
+    SELECT coalesce((SELECT jsonb_object_agg(h.key, h.value) FROM jsonb_each(headers) h
+                      WHERE lower(h.key) <> 'outbox-redriven-by'), '{}')
+           || jsonb_build_object('outbox-redriven-by', session_user::text)
 $$;
 
 CREATE FUNCTION outbox.redrive(id uuid)

@@ -43,33 +43,35 @@ $trust$;
 -- ==== pg_outbox/sql/schema.sql (@upgrade blocks) ====
 DO $roles$
 DECLARE
+    role text;
     members text;
 BEGIN
-    -- outbox_relay: the worker's role, an operator that may also write dead letters. Before
-    -- 0.2.2 every operator could, and so publish anything through redrive. Made once per cluster;
-    -- then (an upgrade) granted to every member of outbox_operator, so that no worker stops: the
-    -- WARNING names them, for the people among them to lose it.
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_relay') THEN
-        CREATE ROLE outbox_relay NOLOGIN;
-        IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_operator') THEN
-            SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname) INTO members
-              FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles r ON r.oid = m.member
-             WHERE m.roleid = 'outbox_operator'::regrole;
-            IF members IS NOT NULL THEN
-                EXECUTE 'GRANT outbox_relay TO ' || members;
-                RAISE WARNING 'pg_outbox 0.2.2: only members of outbox_relay may write dead letters now; granted it to the members of outbox_operator: %', members
-                    USING HINT = 'Keep it for your workers'' roles only: REVOKE outbox_relay FROM each person''s role.';
-            END IF;
+    FOREACH role IN ARRAY ARRAY['outbox_publisher', 'outbox_consumer', 'outbox_operator', 'outbox_relay'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = role) THEN
+            BEGIN
+                EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', role);
+            EXCEPTION WHEN unique_violation OR duplicate_object THEN
+                -- Another database's install made it meanwhile: roles are cluster-wide, the
+                -- install's lock is per database.
+                NULL;
+            END;
         END IF;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_publisher') THEN
-        CREATE ROLE outbox_publisher NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_consumer') THEN
-        CREATE ROLE outbox_consumer NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_operator') THEN
-        CREATE ROLE outbox_operator NOLOGIN;
+    END LOOP;
+    -- outbox_relay: the worker's role, an operator that may also write dead letters. Before
+    -- 0.2.2 every operator could (and so publish anything through redrive). Upgrading a database
+    -- whose operators still hold that right grants outbox_relay to those that lack it, so that no
+    -- worker of this database stops; the WARNING names them, for the people among them to lose it.
+    IF pg_catalog.to_regclass('outbox.dead_letters') IS NOT NULL
+       AND pg_catalog.has_table_privilege('outbox_operator', 'outbox.dead_letters', 'INSERT') THEN
+        SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname) INTO members
+          FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles r ON r.oid = m.member
+         WHERE m.roleid = 'outbox_operator'::regrole AND r.rolname <> 'outbox_relay'
+           AND NOT pg_catalog.pg_has_role(r.oid, 'outbox_relay', 'MEMBER');
+        IF members IS NOT NULL THEN
+            EXECUTE 'GRANT outbox_relay TO ' || members;
+            RAISE WARNING 'pg_outbox 0.2.2: only members of outbox_relay may write dead letters now; granted it to the members of outbox_operator: %', members
+                USING HINT = 'Keep it for your workers'' roles only: REVOKE outbox_relay FROM each person''s role.';
+        END IF;
     END IF;
     -- The worker does what an operator does (slots, status, replay) besides its dead letters.
     IF NOT pg_catalog.pg_has_role('outbox_relay', 'outbox_operator', 'MEMBER') THEN
@@ -200,6 +202,11 @@ BEGIN
         RAISE EXCEPTION 'outbox.register_consumer: role must not be NULL'
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the role the consuming service logs in as (or a group role it belongs to).';
     END IF;
+    -- '-'::regrole is 0, and any number casts: 0.2.1 stored "unknown (OID=0)".
+    IF NOT EXISTS (SELECT FROM pg_roles r WHERE r.oid = $2) THEN
+        RAISE EXCEPTION 'outbox.register_consumer: no role has oid %', $2::oid
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the name of an existing role.';
+    END IF;
     INSERT INTO outbox.consumers AS c (name, role) VALUES ($1, pg_get_userbyid($2))
         ON CONFLICT (name) DO UPDATE SET role = excluded.role, registered_at = now();
 END
@@ -304,10 +311,13 @@ $$;
 
 -- The dead letter's headers, with outbox-redriven-by naming the login role that redrives it: the
 -- one reserved header pg_outbox sets, so consumers can tell a redriven message from a first
--- delivery (and who sent it again).
+-- delivery (and who sent it again). Any spelling of it already in the row (a worker's role can
+-- write one into a dead letter: OUTBOX-REDRIVEN-BY) goes first.
 CREATE OR REPLACE FUNCTION outbox._redriven_headers(headers jsonb) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(headers, '{}') || jsonb_build_object('outbox-redriven-by', session_user::text)
+    SELECT coalesce((SELECT jsonb_object_agg(h.key, h.value) FROM jsonb_each(headers) h
+                      WHERE lower(h.key) <> 'outbox-redriven-by'), '{}')
+           || jsonb_build_object('outbox-redriven-by', session_user::text)
 $$;
 
 CREATE OR REPLACE FUNCTION outbox.redrive(id uuid)

@@ -59,33 +59,35 @@ $forgery$;
 -- @upgrade:begin
 DO $roles$
 DECLARE
+    role text;
     members text;
 BEGIN
-    -- outbox_relay: the worker's role, an operator that may also write dead letters. Before
-    -- 0.2.2 every operator could, and so publish anything through redrive. Made once per cluster;
-    -- then (an upgrade) granted to every member of outbox_operator, so that no worker stops: the
-    -- WARNING names them, for the people among them to lose it.
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_relay') THEN
-        CREATE ROLE outbox_relay NOLOGIN;
-        IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_operator') THEN
-            SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname) INTO members
-              FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles r ON r.oid = m.member
-             WHERE m.roleid = 'outbox_operator'::regrole;
-            IF members IS NOT NULL THEN
-                EXECUTE 'GRANT outbox_relay TO ' || members;
-                RAISE WARNING 'pg_outbox 0.2.2: only members of outbox_relay may write dead letters now; granted it to the members of outbox_operator: %', members
-                    USING HINT = 'Keep it for your workers'' roles only: REVOKE outbox_relay FROM each person''s role.';
-            END IF;
+    FOREACH role IN ARRAY ARRAY['outbox_publisher', 'outbox_consumer', 'outbox_operator', 'outbox_relay'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = role) THEN
+            BEGIN
+                EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', role);
+            EXCEPTION WHEN unique_violation OR duplicate_object THEN
+                -- Another database's install made it meanwhile: roles are cluster-wide, the
+                -- install's lock is per database.
+                NULL;
+            END;
         END IF;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_publisher') THEN
-        CREATE ROLE outbox_publisher NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_consumer') THEN
-        CREATE ROLE outbox_consumer NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_operator') THEN
-        CREATE ROLE outbox_operator NOLOGIN;
+    END LOOP;
+    -- outbox_relay: the worker's role, an operator that may also write dead letters. Before
+    -- 0.2.2 every operator could (and so publish anything through redrive). Upgrading a database
+    -- whose operators still hold that right grants outbox_relay to those that lack it, so that no
+    -- worker of this database stops; the WARNING names them, for the people among them to lose it.
+    IF pg_catalog.to_regclass('outbox.dead_letters') IS NOT NULL
+       AND pg_catalog.has_table_privilege('outbox_operator', 'outbox.dead_letters', 'INSERT') THEN
+        SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname) INTO members
+          FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles r ON r.oid = m.member
+         WHERE m.roleid = 'outbox_operator'::regrole AND r.rolname <> 'outbox_relay'
+           AND NOT pg_catalog.pg_has_role(r.oid, 'outbox_relay', 'MEMBER');
+        IF members IS NOT NULL THEN
+            EXECUTE 'GRANT outbox_relay TO ' || members;
+            RAISE WARNING 'pg_outbox 0.2.2: only members of outbox_relay may write dead letters now; granted it to the members of outbox_operator: %', members
+                USING HINT = 'Keep it for your workers'' roles only: REVOKE outbox_relay FROM each person''s role.';
+        END IF;
     END IF;
     -- The worker does what an operator does (slots, status, replay) besides its dead letters.
     IF NOT pg_catalog.pg_has_role('outbox_relay', 'outbox_operator', 'MEMBER') THEN

@@ -396,7 +396,7 @@ pub fn check_headers(json: &str, reserved_allowed: Option<&str>) -> Result<(), S
             return Err("a header name is empty".into());
         }
         if name.to_ascii_lowercase().starts_with("outbox-")
-            && reserved_allowed.is_none_or(|allowed| !name.eq_ignore_ascii_case(allowed))
+            && reserved_allowed.is_none_or(|allowed| name != allowed)
         {
             return Err(format!(
                 "header \"{name}\" uses the reserved prefix \"outbox-\""

@@ -41,9 +41,10 @@ async fn only_workers_write_dead_letters_and_redrive_sends_only_theirs_naming_wh
         "an operator writes no dead letter: {message}"
     );
     let relay = pg.connect_as("relay").await;
+    // With a forged spelling of the redrive header (hostile review): it does not survive.
     relay
         .batch_execute(&format!(
-            "{LETTER} ('018f0000-0000-7000-8000-000000000002', 'orders', '{{\"n\": 2}}', '{{\"trace\": \"t\"}}', now(), 'kafka:orders', 'x', 1)"
+            "{LETTER} ('018f0000-0000-7000-8000-000000000002', 'orders', '{{\"n\": 2}}', '{{\"trace\": \"t\", \"OUTBOX-REDRIVEN-BY\": \"ceo\"}}', now(), 'kafka:orders', 'x', 1)"
         ))
         .await
         .unwrap();
@@ -171,6 +172,10 @@ async fn over_long_names_and_ids_empty_names_and_huge_ages_get_clear_answers(ins
         );
         assert!(!hint.is_empty(), "{sql}");
     }
+    // 0.2.1 stored "unknown (OID=0)" for '-' (hostile review).
+    let (code, message, _) =
+        expect_error(&admin, "SELECT outbox.register_consumer('ghost', '-')").await;
+    assert_eq!(code, "22023", "{message}");
     // 0.2.1 returned false, as for a name that was not registered.
     let (code, message, _) = expect_error(&admin, "SELECT outbox.unregister_consumer(NULL)").await;
     assert_eq!(code, "22004", "{message}");

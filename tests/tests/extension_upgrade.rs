@@ -309,3 +309,60 @@ async fn upgrade_from_0_2_1_equals_a_fresh_install() {
         1
     );
 }
+
+/// Several databases of one cluster upgraded from 0.2.1 (hostile review): roles are cluster-wide
+/// but the upgrade's lock is per database. Two at once both made outbox_relay (the second failed,
+/// 23505); and only the first granted it to the operators, so a worker set up the 0.2.1 way for
+/// the second database lost its dead letters there. Each database's upgrade now grants it to the
+/// operators that lack it, and a role made meanwhile by another is taken as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn databases_of_one_cluster_upgrade_at_once_and_each_keeps_its_workers() {
+    let pg = PgCluster::start_without_extension();
+    let admin = pg.superuser().await;
+    for database in ["a", "b"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+        pg.connect_to("postgres", database)
+            .await
+            .batch_execute("CREATE EXTENSION pg_outbox VERSION '0.2.1'")
+            .await
+            .unwrap();
+    }
+    let a = pg.connect_to("postgres", "a").await;
+    let b = pg.connect_to("postgres", "b").await;
+    // a's upgrade has made outbox_relay, not yet committed, when b's starts.
+    a.batch_execute("BEGIN; ALTER EXTENSION pg_outbox UPDATE")
+        .await
+        .unwrap();
+    let b_upgrade = tokio::spawn(async move {
+        let result = b.batch_execute("ALTER EXTENSION pg_outbox UPDATE").await;
+        (b, result)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    a.batch_execute("COMMIT").await.unwrap();
+    let (_b, result) = b_upgrade.await.unwrap();
+    result.expect("the second database's upgrade");
+    // c on 0.2.1 still; a worker for it set up the 0.2.1 way, after a's upgrade.
+    admin.batch_execute("CREATE DATABASE c").await.unwrap();
+    admin
+        .batch_execute("CREATE ROLE w2 LOGIN IN ROLE outbox_operator")
+        .await
+        .unwrap();
+    let c = pg.connect_to("postgres", "c").await;
+    c.batch_execute(
+        "CREATE EXTENSION pg_outbox VERSION '0.2.1';
+         ALTER EXTENSION pg_outbox UPDATE;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        column::<bool>(
+            &c,
+            "SELECT has_table_privilege('w2', 'outbox.dead_letters', 'INSERT')"
+        )
+        .await,
+        [true]
+    );
+}

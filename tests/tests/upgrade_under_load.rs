@@ -206,6 +206,13 @@ async fn the_sql_install_upgrades_past_idle_readers_wrappers_and_views() {
         .batch_execute("BEGIN; SELECT count(*) FROM outbox.processed_messages")
         .await
         .unwrap();
+    // And one that read the version record (hostile review: the script's ALTER TABLE of it
+    // waited, holding the dead letters' lock).
+    let version_reader = pg.connect_as("app").await;
+    version_reader
+        .batch_execute("BEGIN; SELECT * FROM outbox.sql_install")
+        .await
+        .unwrap();
     let script = {
         let pg = pg.clone();
         tokio::task::spawn_blocking(move || pg.run_sql_install("postgres"))
@@ -220,6 +227,7 @@ async fn the_sql_install_upgrades_past_idle_readers_wrappers_and_views() {
         String::from_utf8_lossy(&out.stderr)
     );
     reader.batch_execute("COMMIT").await.unwrap();
+    version_reader.batch_execute("COMMIT").await.unwrap();
     let app = pg.connect_as("app").await;
     app.batch_execute(
         "SELECT public.publish_order(1); SELECT * FROM public.outbox_health;

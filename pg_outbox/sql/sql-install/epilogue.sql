@@ -5,7 +5,16 @@ CREATE TABLE IF NOT EXISTS outbox.sql_install (
     installed_at timestamptz NOT NULL DEFAULT now()
 );
 -- The build: a digest of this script, so that a changed script of the same version upgrades too.
-ALTER TABLE outbox.sql_install ADD COLUMN IF NOT EXISTS build text;
+-- Looked up first: ALTER TABLE takes its lock even when the column is there, and would wait
+-- behind any session that read the table (holding the upgrade's other locks meanwhile).
+DO $build$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = 'outbox.sql_install'::regclass AND a.attname = 'build' AND NOT a.attisdropped) THEN
+        ALTER TABLE outbox.sql_install ADD COLUMN build text;
+    END IF;
+END
+$build$;
 DELETE FROM outbox.sql_install;
 INSERT INTO outbox.sql_install (version, build) VALUES ('@VERSION@', '@BUILD@');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the

@@ -202,7 +202,7 @@ BEGIN
         -- outbox-redriven-by: the one reserved header pg_outbox sets itself (redrive, through
         -- _publish_message, which only its own functions can call).
         ELSIF lower(header.key) LIKE 'outbox-%'
-              AND NOT (function_name = 'outbox._publish_message' AND lower(header.key) = 'outbox-redriven-by') THEN
+              AND NOT (function_name = 'outbox._publish_message' AND header.key = 'outbox-redriven-by') THEN
             RAISE EXCEPTION '%: header "%" uses the reserved prefix "outbox-"', function_name, header.key
                 USING ERRCODE = 'invalid_parameter_value', HINT = hint;
         ELSIF jsonb_typeof(header.value) <> 'string' THEN
