@@ -60,16 +60,22 @@ async fn fingerprint(db: &Client) -> String {
     db.query_one(FINGERPRINT, &[]).await.unwrap().get(0)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn upgrade_from_0_1_0_keeps_rows_and_equals_a_fresh_install() {
+/// A cluster without the extension, with these databases.
+async fn with_databases(databases: &[&str]) -> PgCluster {
     let pg = PgCluster::start_without_extension();
     let admin = pg.superuser().await;
-    for database in ["upgraded", "fresh"] {
+    for database in databases {
         admin
             .batch_execute(&format!("CREATE DATABASE {database}"))
             .await
             .unwrap();
     }
+    pg
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_from_0_1_0_keeps_rows_and_equals_a_fresh_install() {
+    let pg = with_databases(&["upgraded", "fresh"]).await;
     let fresh = pg.connect_to("postgres", "fresh").await;
     fresh
         .batch_execute("CREATE EXTENSION pg_outbox")
@@ -177,14 +183,7 @@ async fn upgrade_from_0_1_0_keeps_rows_and_equals_a_fresh_install() {
 /// made again, with the installer's default privileges revoked, equal to a fresh install.
 #[tokio::test(flavor = "multi_thread")]
 async fn upgrade_from_0_2_0_equals_a_fresh_install_and_revokes_what_default_privileges_granted() {
-    let pg = PgCluster::start_without_extension();
-    let admin = pg.superuser().await;
-    for database in ["upgraded", "fresh"] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE {database}"))
-            .await
-            .unwrap();
-    }
+    let pg = with_databases(&["upgraded", "fresh"]).await;
     let fresh = pg.connect_to("postgres", "fresh").await;
     fresh
         .batch_execute("CREATE EXTENSION pg_outbox")
@@ -245,14 +244,7 @@ async fn upgrade_from_0_2_0_equals_a_fresh_install_and_revokes_what_default_priv
 /// dead-letter trigger made ALWAYS; equal to a fresh install, rows and marks kept.
 #[tokio::test(flavor = "multi_thread")]
 async fn upgrade_from_0_2_1_equals_a_fresh_install() {
-    let pg = PgCluster::start_without_extension();
-    let admin = pg.superuser().await;
-    for database in ["upgraded", "fresh"] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE {database}"))
-            .await
-            .unwrap();
-    }
+    let pg = with_databases(&["upgraded", "fresh"]).await;
     // Upgraded first: outbox_relay, cluster-wide, does not exist yet (as in a cluster on 0.2.1).
     let db = pg.connect_to("postgres", "upgraded").await;
     db.batch_execute(
