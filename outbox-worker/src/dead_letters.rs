@@ -5,9 +5,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-
 use anyhow::Result;
+use chrono::{DateTime, Utc};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -72,11 +71,9 @@ impl DeadLetters {
     }
 
     async fn try_load_earlier(&mut self) -> Result<HashSet<(uuid::Uuid, DateTime<Utc>)>> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(pg::connect(&self.url).await?);
-        }
-        let client = self.client.as_ref().expect("connected above");
-        let rows = client
+        let rows = self
+            .connection()
+            .await?
             .query(
                 "SELECT d.id, d.created_at FROM outbox.dead_letters d
                   WHERE d.destination OPERATOR(pg_catalog.<>) 'quarantine'",
@@ -84,6 +81,14 @@ impl DeadLetters {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The connection, opened again if it was closed.
+    async fn connection(&mut self) -> Result<&Client> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = Some(pg::connect(&self.url).await?);
+        }
+        Ok(self.client.as_ref().expect("connected above"))
     }
 
     /// Whether an earlier run dead-lettered this very message ([`DeadLetters::load_earlier`]).
@@ -188,9 +193,7 @@ impl DeadLetters {
         error: &str,
         attempts: u32,
     ) -> Result<()> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(pg::connect(&self.url).await?);
-        }
+        self.connection().await?;
         match self.insert(message, destination, error, attempts).await {
             // A data exception (a `\u0000` jsonb refuses, a character the database's encoding
             // lacks) would fail every retry and stall delivery for good: keep the payload as

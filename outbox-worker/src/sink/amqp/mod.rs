@@ -5,9 +5,10 @@
 //! One task owns the connection and puts messages on the channel in call order, in batches: every
 //! message queued when the last batch was answered goes out at once (many in flight, none waiting
 //! for another's write), and the next batch goes once every confirm of this one is in, which is
-//! what lets each return find its message. A lost connection or a channel the broker closed fails what is
-//! pending (the caller re-sends it in order); the task reopens them at once and keeps trying while
-//! idle, so readiness follows the connection's real state (heartbeats included).
+//! what lets each return find its message. A lost connection or a channel the broker closed
+//! fails what is pending (the caller re-sends it in order); the task reopens them at once and
+//! keeps trying while idle, so readiness follows the connection's real state (heartbeats
+//! included).
 
 mod confirms;
 mod orphans;
