@@ -11,5 +11,8 @@ pub const HEADER_CREATED_AT: &str = "outbox-created-at";
 /// Reserved: only pg_outbox sets it, so a consumer can tell a redriven message from a first
 /// delivery.
 pub const HEADER_REDRIVEN_BY: &str = "outbox-redriven-by";
+/// When `outbox-worker replay` sent the message again (RFC 3339): a replayed message is a new
+/// delivery on purpose, even to a sink that delivers exactly once, and says so.
+pub const HEADER_REPLAYED_AT: &str = "outbox-replayed-at";
 /// Header names publishers may not use (compared without case).
 pub const RESERVED_HEADER_PREFIX: &str = "outbox-";

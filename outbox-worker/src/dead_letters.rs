@@ -181,6 +181,7 @@ impl DeadLetters {
             payload: Payload::Bytes(q.raw.clone()),
             created_at: Utc::now(),
             commit_lsn: q.commit_lsn,
+            index: q.position,
             committed_at: Utc::now(),
         };
         self.write(&message, "quarantine", &q.reason, 1).await

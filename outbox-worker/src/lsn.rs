@@ -13,6 +13,20 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// A message's place in a slot's stream: its transaction's commit LSN, then its place among that
+/// transaction's outbox messages. Stream order is this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub index: u32,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.commit_lsn, self.index)
+    }
+}
+
 impl FromStr for Lsn {
     type Err = String;
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, Position};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
@@ -21,6 +21,9 @@ pub struct Message {
     pub created_at: DateTime<Utc>,
     /// The commit LSN of the transaction that published it.
     pub commit_lsn: Lsn,
+    /// Its place among the outbox messages of that transaction, from 1 (0: not from the stream,
+    /// as in a replay). With `commit_lsn`, its [`Position`] in the slot's stream.
+    pub index: u32,
     /// When that transaction committed (for the commit → ack latency).
     pub committed_at: DateTime<Utc>,
 }
@@ -55,6 +58,14 @@ pub fn is_content_type(header: &str) -> bool {
 }
 
 impl Message {
+    /// Where it is in the slot's stream: every decoding of the same WAL gives the same.
+    pub fn position(&self) -> Position {
+        Position {
+            commit_lsn: self.commit_lsn,
+            index: self.index,
+        }
+    }
+
     /// What the message takes in memory, near enough: queue, key, headers and payload.
     pub fn size(&self) -> usize {
         let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -186,6 +197,7 @@ mod tests {
                 .unwrap()
                 .to_utc(),
             commit_lsn: Lsn(1),
+            index: 1,
             committed_at: Utc::now(),
         }
     }

@@ -7,6 +7,7 @@ use crate::delivery::{self, Delivery, TxId, Undeliverable};
 use crate::fatal::Fatal;
 use crate::message::Message;
 use crate::router::Router;
+use crate::telemetry;
 
 /// What a stream (or a replay) works with, borrowed for its lifetime.
 pub struct Parts<'a> {
@@ -20,6 +21,8 @@ pub struct Parts<'a> {
 pub enum Routed {
     Sent,
     DeadLettered,
+    /// An exactly-once sink already has it, committed by an earlier run.
+    AlreadyDelivered,
 }
 
 impl Parts<'_> {
@@ -28,9 +31,16 @@ impl Parts<'_> {
         if self.dead_letters.written_earlier(&message) {
             tracing::info!(id = %message.id, queue = %message.queue,
                 "dead-lettered by an earlier run before the slot moved past it; not sent again");
+            metrics::counter!(telemetry::SKIPPED, "reason" => "dead_lettered_earlier").increment(1);
             return Ok(Routed::DeadLettered);
         }
         if let Some(route) = self.router.route(&message.queue) {
+            if self.delivery.already_delivered(&route, &message) {
+                tracing::debug!(id = %message.id, position = %message.position(),
+                    "already committed in Kafka by an earlier run; not sent again");
+                metrics::counter!(telemetry::SKIPPED, "reason" => "already_delivered").increment(1);
+                return Ok(Routed::AlreadyDelivered);
+            }
             self.delivery.send(tx, route, message);
             return Ok(Routed::Sent);
         }

@@ -16,7 +16,7 @@ use crate::outcome::{shutdown_requested, Parts};
 use crate::pg;
 use crate::router::Router;
 use crate::setup::{self, SlotSetup};
-use crate::sink::Sinks;
+use crate::sink::{Purpose, Sinks, StreamId};
 use crate::source::{ReplicationSource, SlotSettings, SourceError, SourceEvent};
 use crate::telemetry;
 use crate::triage::{self, Remedy};
@@ -40,7 +40,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     };
     // Health answers from the start: live while PostgreSQL is unreachable or the first slot is
     // being created, ready only once streaming.
-    let sinks = Sinks::build(&config)?;
+    let sinks = Sinks::build(&config, Purpose::Stream)?;
     let health = Health::new(sinks.iter().map(|(_, s)| s.sink.clone()).collect());
     if let Some(listener) = listener {
         let metrics = http::install_metrics()?;
@@ -55,6 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         return Ok(());
     };
     setup::check_rights(&client).await?;
+    let stream_id = stream_id(&client, &config.postgres.slot).await?;
     let mut settings = SlotSettings::of(&config);
     if !config.postgres.setup {
         // ensure_slot checks it otherwise.
@@ -69,6 +70,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     }
     drop(client);
+    for (_, named) in sinks.iter() {
+        tokio::select! {
+            resumed = named.sink.resume(&stream_id) => resumed?,
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
     let mut router = Router::new(&config);
     tokio::spawn(watch_slot(
         config.url().to_owned(),
@@ -185,6 +192,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         None => tracing::info!("outbox-worker stopped"),
     }
     result
+}
+
+/// The stream's identity: PostgreSQL's system identifier (kept by a physical standby that takes
+/// over, new after a restore or `pg_upgrade`), the database and the slot.
+async fn stream_id(client: &tokio_postgres::Client, slot: &str) -> Result<StreamId> {
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, current_database()::text
+               FROM pg_catalog.pg_control_system()",
+            &[],
+        )
+        .await
+        .context("cannot read the PostgreSQL system identifier")?;
+    Ok(StreamId {
+        system: row.get(0),
+        database: row.get(1),
+        slot: slot.to_owned(),
+    })
 }
 
 /// The first SQL connection: waits (with backoff) for a server that is down or starting, stops

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use globset::{Glob, GlobMatcher};
+use outbox_client::contract::HEADER_REPLAYED_AT;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -21,7 +22,7 @@ use crate::lsn::Lsn;
 use crate::outcome::{shutdown_requested, Parts, Routed};
 use crate::pg;
 use crate::router::Router;
-use crate::sink::Sinks;
+use crate::sink::{Purpose, Sinks};
 use crate::source::decode;
 
 /// Which messages to send again.
@@ -87,8 +88,9 @@ pub async fn replay(
             .unwrap_or_default()
     );
 
+    let replayed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let mut router = Router::new(config);
-    let sinks = Sinks::build(config)?;
+    let sinks = Sinks::build(config, Purpose::Replay)?;
     let health = Health::new(Vec::new());
     let mut delivery = Delivery::new(&sinks, config.delivery.clone());
     let mut dead_letters = DeadLetters::new(config.url(), health, shutdown.clone());
@@ -119,7 +121,7 @@ pub async fn replay(
         page_number += 1;
         let page = parts.delivery.begin();
         for row in &rows {
-            let message = match decode::message_of_row(row) {
+            let mut message = match decode::message_of_row(row) {
                 Ok(message) => message,
                 Err(problem) => {
                     tracing::warn!(%problem, "not sent again");
@@ -134,11 +136,14 @@ pub async fn replay(
                 summary.other_queues += 1;
                 continue;
             }
+            message
+                .headers
+                .insert(HEADER_REPLAYED_AT.to_owned(), replayed_at.clone());
             while !parts.delivery.can_accept() {
                 settle(&mut parts, &shutdown).await?;
             }
             match parts.route(page, message).await {
-                Ok(Routed::Sent) => {}
+                Ok(Routed::Sent | Routed::AlreadyDelivered) => {}
                 Ok(Routed::DeadLettered) => summary.dead_lettered += 1,
                 Err(not_written) => interrupted(shutdown_requested::<()>(Err(not_written))?)?,
             }

@@ -13,6 +13,8 @@ pub const IN_FLIGHT: &str = "outbox_in_flight";
 pub const IN_FLIGHT_BYTES: &str = "outbox_in_flight_bytes";
 pub const CONFIRMED_LSN: &str = "outbox_confirmed_lsn";
 pub const SLOT_LAG: &str = "outbox_slot_lag_bytes";
+pub const SKIPPED: &str = "outbox_messages_skipped_total";
+pub const KAFKA_TRANSACTIONS: &str = "outbox_kafka_transactions_total";
 
 /// Registers the descriptions with the installed recorder.
 pub fn describe() {
@@ -37,6 +39,16 @@ pub fn describe() {
     describe_counter!(
         QUARANTINED,
         "Messages outbox.publish did not write (forged or undecodable), kept in outbox.dead_letters"
+    );
+    describe_counter!(
+        SKIPPED,
+        "Messages of the stream not sent again, by reason: already_delivered (an exactly-once \
+         sink has them committed) or dead_lettered_earlier (a run dead-lettered them before the \
+         slot moved past them)"
+    );
+    describe_counter!(
+        KAFKA_TRANSACTIONS,
+        "Kafka transactions of exactly-once sinks, by sink and outcome (committed or aborted)"
     );
     describe_gauge!(IN_FLIGHT, "Messages sent and not yet acknowledged");
     describe_gauge!(

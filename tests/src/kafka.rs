@@ -106,6 +106,61 @@ pub fn read_until(
     records
 }
 
+/// Which records a reader sees: every one written, or only those of committed transactions.
+#[derive(Debug, Clone, Copy)]
+pub enum Isolation {
+    ReadUncommitted,
+    ReadCommitted,
+}
+
+/// Reads `topic` from the beginning with kafka-python (a client nobody here wrote) until
+/// `expected` distinct outbox ids arrived or `timeout` passed: one JSON object per record
+/// (partition, key, headers, payload).
+pub fn kafka_python(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    isolation: Isolation,
+) -> Vec<serde_json::Value> {
+    let isolation = match isolation {
+        Isolation::ReadUncommitted => "read_uncommitted",
+        Isolation::ReadCommitted => "read_committed",
+    };
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/kafka_consume.py"
+        ))
+        .args([brokers, topic, &expected.to_string()])
+        .arg(timeout.as_secs().to_string())
+        .arg(isolation)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "kafka-python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A kafka-python record as the delivery checks take it.
+pub fn python_seen(record: &serde_json::Value) -> Seen {
+    Seen {
+        id: record["headers"]["outbox-id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        key: record["key"].as_str().map(str::to_owned),
+        payload: record["payload"].clone(),
+    }
+}
+
 /// Reads `topic` from the beginning with Kafka's own console consumer (a JVM client nobody here
 /// wrote) until `max` records arrived or `timeout` passed without one: (headers, key, payload).
 pub fn console_consume(

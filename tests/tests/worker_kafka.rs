@@ -4,10 +4,9 @@
 //! limit. Every test counts messages from publish to consumer.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::Duration;
 
-use outbox_tests::kafka::{self, Record};
+use outbox_tests::kafka::{self, Isolation, Record};
 use outbox_tests::postgres::count;
 use outbox_tests::publish::{
     check_delivery, only_dead_letter, publish_range, publish_rolled_back, Seen, Storage,
@@ -75,32 +74,14 @@ async fn ten_thousand_messages_in_both_storage_forms_arrive_in_order_with_header
     uuid::Uuid::parse_str(&r.headers["outbox-id"]).unwrap();
 
     // The same topic through kafka-python, a client nobody here wrote.
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/python/kafka_consume.py"
-        ))
-        .args([&kafka.brokers(), "orders", &TOTAL.to_string(), "120"])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "kafka-python: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let python = kafka::kafka_python(
+        &kafka.brokers(),
+        "orders",
+        TOTAL as usize,
+        Duration::from_secs(120),
+        Isolation::ReadUncommitted,
     );
-    let python: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let python_seen: Vec<Seen> = python
-        .iter()
-        .map(|v| Seen {
-            id: v["headers"]["outbox-id"].as_str().unwrap().to_owned(),
-            key: v["key"].as_str().map(str::to_owned),
-            payload: v["payload"].clone(),
-        })
-        .collect();
+    let python_seen: Vec<Seen> = python.iter().map(kafka::python_seen).collect();
     let tally = check_delivery(&python_seen, TOTAL);
     assert_eq!(tally.distinct, TOTAL as usize);
     assert!(python.iter().all(|v| v["headers"]["test"] == "yes"));

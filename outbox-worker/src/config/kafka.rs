@@ -126,7 +126,18 @@ impl KafkaSinkConfig {
                 self.records
             ));
         }
+        if !rules::is_valid_queue(&self.progress_topic) {
+            return Err(format!(
+                "progress_topic = {:?}: not a Kafka topic name (1 to 249 of letters, digits, \
+                 '.', '_', '-')",
+                self.progress_topic
+            ));
+        }
         for (key, value) in self.flat_properties() {
+            if self.exactly_once {
+                conflicts_with_exactly_once(&key, &value)
+                    .map_err(|e| format!("properties.{key} = {value:?}: {e}"))?;
+            }
             let shown = if secret::is_secret_property(&key) {
                 secret::HIDDEN.to_owned()
             } else {
@@ -143,6 +154,23 @@ impl KafkaSinkConfig {
                 .map_err(|e| format!("properties.{key} = {shown}: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// Properties that `exactly_once = true` sets or needs.
+fn conflicts_with_exactly_once(key: &str, value: &str) -> Result<(), String> {
+    match key {
+        "transactional.id" => Err(
+            "the worker derives it from the stream (PostgreSQL system, database, slot, sink) so \
+             that a new run or a standby fences the old one; remove it"
+                .into(),
+        ),
+        "enable.idempotence" if value.trim().eq_ignore_ascii_case("false") => Err(
+            "Kafka transactions need the idempotent producer; set exactly_once = false to turn \
+             it off"
+                .into(),
+        ),
+        _ => Ok(()),
     }
 }
 

@@ -213,10 +213,26 @@ pub struct KafkaSinkConfig {
     /// join with dots, so `[sinks.kafka.properties.sasl] password = "…"` is `sasl.password`.
     #[serde(default)]
     pub properties: Properties,
+    /// Kafka transactions with the stream position committed beside the messages, so that a
+    /// crash, a restart or a takeover sends nothing twice to `read_committed` consumers (on by
+    /// default; a broker without transactions stops the worker at start, naming this key).
+    #[serde(default = "default_exactly_once")]
+    pub exactly_once: bool,
+    /// The compacted topic holding each stream's committed position (created if missing).
+    #[serde(default = "default_progress_topic")]
+    pub progress_topic: String,
 }
 
 fn default_records() -> String {
     "outbox".into()
+}
+
+fn default_exactly_once() -> bool {
+    true
+}
+
+fn default_progress_topic() -> String {
+    "pg_outbox-progress".into()
 }
 
 /// The shape of a Kafka record. Both carry the message's key as the record key, its payload

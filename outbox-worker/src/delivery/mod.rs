@@ -160,6 +160,15 @@ impl Delivery {
         self.confirmed
     }
 
+    /// The route's sink already has this message for good (an exactly-once sink, after a
+    /// restart or a reconnect re-streamed it).
+    pub fn already_delivered(&self, route: &Route, message: &Message) -> bool {
+        self.targets[route.sink]
+            .sink
+            .delivered_through()
+            .is_some_and(|through| message.position() <= through)
+    }
+
     pub fn send(&mut self, tx: TxId, route: Route, message: Message) {
         self.tracker.sent(tx);
         self.bytes_in_flight += message.size();
@@ -402,6 +411,7 @@ mod tests {
             payload: Payload::Json(format!("{{\"n\": {n}}}")),
             created_at: chrono::Utc::now(),
             commit_lsn: Lsn(0x10),
+            index: n as u32,
             committed_at: chrono::Utc::now(),
         }
     }

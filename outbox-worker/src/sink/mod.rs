@@ -13,6 +13,8 @@ use thiserror::Error;
 
 pub use crate::config::SinkId;
 use crate::config::{Config, SinkConfig};
+use crate::fatal::Fatal;
+use crate::lsn::Position;
 use crate::message::Message;
 use crate::router::Destination;
 
@@ -40,7 +42,9 @@ pub enum SinkError {
 ///   [`Ack`] that resolves `Ok` only when the broker has durably accepted the message (Kafka:
 ///   `acks=all`), or `Err` when this attempt failed.
 /// - Delivery is at least once: a message may be sent again after a failed attempt or a crash.
-///   Sinks do not de-duplicate; consumers do, by `outbox-id`.
+///   Sinks do not de-duplicate; consumers do, by `outbox-id`. An exactly-once sink commits what
+///   it acknowledges together with the stream position ([`Sink::delivered_through`]), and the run
+///   skips what it already has.
 /// - Retrying is the caller's job: a sink reports and classifies a failure, never drops a message
 ///   and never retries behind the caller's back in a way that reorders messages.
 /// - `close` is called at most once, after the last `send`, and waits for pending sends.
@@ -62,6 +66,36 @@ pub trait Sink: Send + Sync {
     fn is_ready(&self) -> bool {
         true
     }
+
+    /// Called once before the first message of a run. An exactly-once sink fences earlier
+    /// writers of `stream` here and learns up to where the broker already has its messages.
+    fn resume<'a>(&'a self, _stream: &'a StreamId) -> BoxFuture<'a, Result<(), Fatal>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The stream position up to which this sink's messages are in the broker for good (an
+    /// exactly-once sink): the run skips them instead of sending them again.
+    fn delivered_through(&self) -> Option<Position> {
+        None
+    }
+}
+
+/// Which stream a run delivers: the same for every run and standby of one slot, another for any
+/// other slot, database or PostgreSQL system (a restore or `pg_upgrade` makes a new system, whose
+/// positions do not compare with the old one's).
+#[derive(Debug, Clone)]
+pub struct StreamId {
+    pub system: String,
+    pub database: String,
+    pub slot: String,
+}
+
+/// Why the sinks are built: a `run` delivers the stream once; a `replay` sends again on purpose,
+/// outside the stream's progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Stream,
+    Replay,
 }
 
 /// A sink and the name it has under `[sinks]`.
@@ -78,15 +112,20 @@ pub type Sinks = BySink<NamedSink>;
 
 impl Sinks {
     /// One sink per `[sinks.NAME]`, connecting lazily.
-    pub fn build(config: &Config) -> anyhow::Result<Sinks> {
+    pub fn build(config: &Config, purpose: Purpose) -> anyhow::Result<Sinks> {
         let sinks = config
             .sinks
             .iter()
             .map(|(name, sink)| -> anyhow::Result<NamedSink> {
                 let sink: Arc<dyn Sink> = match sink {
                     SinkConfig::Kafka(kafka) => Arc::new(
-                        kafka::KafkaSink::new(kafka, config.delivery.max_in_flight)
-                            .map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?,
+                        kafka::KafkaSink::new(
+                            name,
+                            kafka,
+                            config.delivery.max_in_flight,
+                            kafka.exactly_once && purpose == Purpose::Stream,
+                        )
+                        .map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?,
                     ),
                     SinkConfig::Amqp(amqp) => Arc::new(amqp::AmqpSink::start(amqp)),
                     SinkConfig::Stdout {} => Arc::new(stdout::StdoutSink::start()),

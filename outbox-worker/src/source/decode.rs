@@ -116,6 +116,7 @@ impl TableLayout {
             payload,
             created_at,
             commit_lsn,
+            index: 0,
             committed_at: created_at,
         })
     }
@@ -171,6 +172,7 @@ pub fn decode_envelope(content: &[u8], commit_lsn: Lsn) -> Result<Message, Envel
         payload,
         created_at: envelope.created_at,
         commit_lsn,
+        index: 0,
         committed_at: envelope.created_at,
     })
 }
@@ -225,6 +227,7 @@ pub fn message_of_row(row: &tokio_postgres::Row) -> Result<Message, String> {
         payload,
         created_at: row.get(6),
         commit_lsn: Lsn(0),
+        index: 0,
         committed_at: Utc::now(),
     };
     check_publish_rules(&message).map_err(|e| e.to_string())?;

@@ -205,6 +205,7 @@ impl ReplicationSource {
         match decoded.and_then(|m| check_publish_rules(&m).map(|()| m)) {
             Ok(mut message) => {
                 message.committed_at = self.committed_at;
+                message.index = self.seen_in_tx;
                 SourceEvent::Message(message)
             }
             Err(e) => {

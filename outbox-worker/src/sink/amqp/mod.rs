@@ -862,6 +862,7 @@ mod tests {
             payload: crate::message::Payload::Json("1".into()),
             created_at: chrono::Utc::now(),
             commit_lsn: crate::lsn::Lsn(1),
+            index: 1,
             committed_at: chrono::Utc::now(),
         };
         Publish {

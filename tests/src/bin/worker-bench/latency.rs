@@ -289,6 +289,8 @@ async fn bare_latency(broker: &Broker<'_>, topic: &str) -> BareLatency {
         brokers: broker.bootstrap(),
         records: "outbox".into(),
         properties: Default::default(),
+        exactly_once: false,
+        progress_topic: "pg_outbox-progress".into(),
     };
     let producer: FutureProducer = client_config(&config, crate::MAX_IN_FLIGHT)
         .set("linger.ms", "1")

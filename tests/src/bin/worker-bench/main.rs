@@ -361,6 +361,8 @@ async fn bare_kafka(brokers: &str, count: u64) -> f64 {
         brokers: brokers.to_owned(),
         records: "outbox".into(),
         properties: Default::default(),
+        exactly_once: false,
+        progress_topic: "pg_outbox-progress".into(),
     };
     let producer: FutureProducer = client_config(&config, MAX_IN_FLIGHT)
         .create()

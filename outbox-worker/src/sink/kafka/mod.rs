@@ -1,18 +1,27 @@
 //! Kafka through librdkafka: idempotent producer, `acks=all`, key → partition with Java's
 //! murmur2 partitioner (same key, same partition as a Java producer would pick), outbox headers.
+//! With `exactly_once` (the default for `run`), sends go through Kafka transactions
+//! ([`transactions`]) with the stream's progress beside them ([`progress`]).
+
+mod progress;
+mod transactions;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use outbox_client::contract::{HEADER_CREATED_AT, HEADER_ID, HEADER_QUEUE};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 
-use super::{Ack, Sink, SinkError};
+use self::transactions::Transactions;
+use super::{Ack, Sink, SinkError, StreamId};
 use crate::config::{KafkaSinkConfig, RecordShape};
+use crate::fatal::Fatal;
+use crate::lsn::Position;
 use crate::message::{is_content_type, Message};
 use crate::router::Destination;
 use crate::rules::describe_kafka_error;
@@ -31,31 +40,62 @@ pub struct KafkaSink {
     /// The producer keeps each partition's order through failures by itself ([`keeps_order`]).
     keeps_order: bool,
     records: RecordShape,
+    /// Exactly once: sends go through Kafka transactions instead of `producer`.
+    transactions: Option<Transactions>,
 }
 
 /// Our defaults; any property in the config overrides them. Public for the bench's bare producer
 /// (worker-bench), which must use the same properties.
 pub fn client_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig {
+    let mut client = common_config(config, max_in_flight);
+    client
+        // A batch the broker refuses for good must not leave a gap that later messages of the
+        // same partition jump: librdkafka turns it into a fatal error instead, the failed
+        // messages come back in order, and the sink replaces the producer and sends them again.
+        .set("enable.gapless.guarantee", "true")
+        // No local time-out: librdkafka retries a message until the broker takes it. A time-out
+        // fails the older messages of a partition while younger ones, queued later, still get
+        // through once the broker answers again: the worker's re-send of the older ones would
+        // land behind them. An outage shows as not ready (the broker probe) and in the lag.
+        .set("message.timeout.ms", "0");
+    with_properties(client, config)
+}
+
+/// The transactional producer's properties (its `transactional.id` is set at start). A failure
+/// aborts the whole transaction, so the order holds without the gapless guarantee, and a local
+/// time-out (librdkafka's default: `transaction.timeout.ms`) only aborts it too.
+fn transactional_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig {
+    with_properties(common_config(config, max_in_flight), config)
+}
+
+/// For the progress topic's reader and admin client: the brokers and the sink's own properties
+/// (security), none of our producer defaults.
+fn reader_config(config: &KafkaSinkConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (key, value) in config.flat_properties() {
+        client.set(key, value);
+    }
+    client
+}
+
+fn common_config(config: &KafkaSinkConfig, max_in_flight: usize) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)
         .set("client.id", "outbox-worker")
         .set("enable.idempotence", "true")
-        // A batch the broker refuses for good must not leave a gap that later messages of the
-        // same partition jump: librdkafka turns it into a fatal error instead, the failed
-        // messages come back in order, and the sink replaces the producer and sends them again.
-        .set("enable.gapless.guarantee", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
-        // No local time-out: librdkafka retries a message until the broker takes it. A time-out
-        // fails the older messages of a partition while younger ones, queued later, still get
-        // through once the broker answers again: the worker's re-send of the older ones would
-        // land behind them. An outage shows as not ready (the broker probe) and in the lag.
-        .set("message.timeout.ms", "0")
         .set(
             "queue.buffering.max.messages",
             (max_in_flight + 1000).max(100_000).to_string(),
         );
+    client
+}
+
+/// The sink's own properties over ours.
+fn with_properties(mut client: ClientConfig, config: &KafkaSinkConfig) -> ClientConfig {
     let properties = config.flat_properties();
     for (key, value) in &properties {
         client.set(key, value);
@@ -78,10 +118,28 @@ fn is_off(value: Option<&str>) -> bool {
 }
 
 impl KafkaSink {
-    pub fn new(config: &KafkaSinkConfig, max_in_flight: usize) -> Result<KafkaSink, String> {
+    /// `exactly_once`: the sink's setting, unless the caller sends again on purpose (replay).
+    pub fn new(
+        name: &str,
+        config: &KafkaSinkConfig,
+        max_in_flight: usize,
+        exactly_once: bool,
+    ) -> Result<KafkaSink, String> {
         config.check()?;
         let client_config = client_config(config, max_in_flight);
-        let keeps_order = keeps_order(&client_config);
+        let records = config.record_shape().unwrap_or(RecordShape::Outbox);
+        let transactions = exactly_once
+            .then(|| {
+                Transactions::new(
+                    name,
+                    transactional_config(config, max_in_flight),
+                    reader_config(config),
+                    records,
+                    config.progress_topic.clone(),
+                )
+            })
+            .transpose()?;
+        let keeps_order = transactions.is_some() || keeps_order(&client_config);
         if !keeps_order {
             tracing::warn!(
                 "kafka: with these properties a failed send can be overtaken by later messages of \
@@ -107,7 +165,8 @@ impl KafkaSink {
             healthy: Arc::new(AtomicBool::new(true)),
             brokers_answer,
             keeps_order,
-            records: config.record_shape().unwrap_or(RecordShape::Outbox),
+            records,
+            transactions,
         })
     }
 
@@ -250,29 +309,43 @@ fn classify(error: KafkaError) -> SinkError {
     }
 }
 
+/// The record of `message` for `topic`, or why it cannot be sent.
+fn record_to<'a>(
+    topic: &'a str,
+    message: &'a Message,
+    records: RecordShape,
+) -> Result<FutureRecord<'a, str, [u8]>, SinkError> {
+    // librdkafka would only say "Unknown topic", as if it were to be created.
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(SinkError::Permanent(format!(
+            "kafka: the topic name is {} characters, over Kafka's limit of {MAX_TOPIC_LEN}; \
+             shorten the queue name or route it to a shorter topic",
+            topic.len()
+        )));
+    }
+    let mut record = FutureRecord::to(topic)
+        .payload(message.payload.as_bytes())
+        .headers(headers(message, records))
+        .timestamp(message.created_at.timestamp_millis());
+    if let Some(key) = &message.key {
+        record = record.key(key.as_str());
+    }
+    Ok(record)
+}
+
 impl Sink for KafkaSink {
     fn send(&self, destination: &Destination, message: &Arc<Message>) -> Ack {
         let Destination::Topic(topic) = destination else {
             let error = SinkError::Permanent(format!("kafka: {destination:?} is not a topic"));
             return Box::pin(async move { Err(error) });
         };
-        let topic: &str = topic;
-        // librdkafka would only say "Unknown topic", as if it were to be created.
-        if topic.len() > MAX_TOPIC_LEN {
-            let error = SinkError::Permanent(format!(
-                "kafka: the topic name is {} characters, over Kafka's limit of {MAX_TOPIC_LEN}; \
-                 shorten the queue name or route it to a shorter topic",
-                topic.len()
-            ));
-            return Box::pin(async move { Err(error) });
+        if let Some(transactions) = &self.transactions {
+            return transactions.send(topic, message);
         }
-        let mut record = FutureRecord::to(topic)
-            .payload(message.payload.as_bytes())
-            .headers(headers(message, self.records))
-            .timestamp(message.created_at.timestamp_millis());
-        if let Some(key) = &message.key {
-            record = record.key(key.as_str());
-        }
+        let record = match record_to(topic, message, self.records) {
+            Ok(record) => record,
+            Err(error) => return Box::pin(async move { Err(error) }),
+        };
         let producer = match self.producer() {
             Ok(producer) => producer,
             Err(error) => return Box::pin(async move { Err(error) }),
@@ -310,8 +383,25 @@ impl Sink for KafkaSink {
         }
     }
 
+    fn resume<'a>(&'a self, stream: &'a StreamId) -> BoxFuture<'a, Result<(), Fatal>> {
+        Box::pin(async move {
+            match &self.transactions {
+                Some(transactions) => transactions.start(stream).await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn delivered_through(&self) -> Option<Position> {
+        self.transactions.as_ref().and_then(Transactions::committed)
+    }
+
     fn is_ready(&self) -> bool {
-        self.brokers_answer.load(Ordering::Acquire) && self.healthy.load(Ordering::Acquire)
+        let healthy = match &self.transactions {
+            Some(transactions) => transactions.is_healthy(),
+            None => self.healthy.load(Ordering::Acquire),
+        };
+        self.brokers_answer.load(Ordering::Acquire) && healthy
     }
 
     fn keeps_key_order(&self) -> bool {
@@ -320,8 +410,11 @@ impl Sink for KafkaSink {
 
     /// Whatever is still unacknowledged here stays unconfirmed and is sent again by the next run,
     /// so nothing is waited for: a broker that is down must not hold the stop.
-    fn close(&self) -> futures::future::BoxFuture<'_, ()> {
+    fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            if let Some(transactions) = &self.transactions {
+                transactions.close().await;
+            }
             let producer = self.producer.read().unwrap().clone();
             let _ = tokio::task::spawn_blocking(move || {
                 producer.purge(PurgeConfig::default().queue().inflight());
@@ -353,6 +446,8 @@ mod tests {
             brokers: "127.0.0.1:9".into(),
             records: "outbox".into(),
             properties: Properties(properties),
+            exactly_once: false,
+            progress_topic: "p".into(),
         };
         keeps_order(&client_config(&config, 1000))
     }
@@ -379,6 +474,8 @@ mod tests {
             brokers: "127.0.0.1:9".into(),
             records: "outbox".into(),
             properties: Properties(properties),
+            exactly_once: false,
+            progress_topic: "p".into(),
         };
         let client = client_config(&config, 1000);
         assert_eq!(client.get("enable.gapless.guarantee"), Some("false"));

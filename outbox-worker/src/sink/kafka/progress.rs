@@ -1,0 +1,138 @@
+//! The progress topic: one compacted record per stream (key: its `transactional.id`) saying up to
+//! which stream position its messages are in Kafka. Written in the same Kafka transaction as the
+//! messages, read back (`read_committed`) once per run after the old writer was fenced.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::lsn::{Lsn, Position};
+
+/// Every progress record goes to this partition, whatever the topic has: one place to read.
+pub const PARTITION: i32 = 0;
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    commit_lsn: String,
+    index: u32,
+    /// When it was committed, for a human reading the topic.
+    written_at: String,
+}
+
+/// The record's value for `position`.
+pub fn encode(position: Position) -> Vec<u8> {
+    serde_json::to_vec(&Record {
+        commit_lsn: position.commit_lsn.to_string(),
+        index: position.index,
+        written_at: chrono::Utc::now().to_rfc3339(),
+    })
+    .expect("a record serializes")
+}
+
+fn decode(value: &[u8]) -> Result<Position, String> {
+    let record: Record = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+    Ok(Position {
+        commit_lsn: record.commit_lsn.parse::<Lsn>()?,
+        index: record.index,
+    })
+}
+
+/// Creates the topic, compacted, if the cluster does not have it: `Ok(true)` when it was created
+/// now (so no stream can have progress in it yet).
+pub fn ensure_topic(client: &ClientConfig, topic: &str, timeout: Duration) -> Result<bool, String> {
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().map_err(|e| format!("kafka: {e}"))?;
+    // -1: the cluster's default replication factor.
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
+        .set("cleanup.policy", "compact")
+        .set("segment.ms", "3600000");
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = futures::executor::block_on(admin.create_topics([&new], &options))
+        .map_err(|e| format!("kafka: cannot create the progress topic {topic:?}: {e}"))?;
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(true),
+        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
+        Some(Err((_, code))) => Err(format!(
+            "kafka: cannot create the progress topic {topic:?}: {code}"
+        )),
+        None => Ok(false),
+    }
+}
+
+/// The last committed position of `key`, reading the topic's progress partition to its end with
+/// `read_committed`. `None`: the stream has none (first run, or the topic lost it).
+pub fn read(
+    client: &ClientConfig,
+    topic: &str,
+    key: &str,
+    timeout: Duration,
+) -> Result<Option<Position>, String> {
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        // The end is reached sooner than with the default 500 ms of waiting per fetch.
+        .set("fetch.wait.max.ms", "10")
+        .set("group.id", "pg_outbox-progress-reader")
+        .create()
+        .map_err(|e| format!("kafka: {e}"))?;
+    let mut partitions = TopicPartitionList::new();
+    partitions
+        .add_partition_offset(topic, PARTITION, Offset::Beginning)
+        .map_err(|e| format!("kafka: {e}"))?;
+    consumer
+        .assign(&partitions)
+        .map_err(|e| format!("kafka: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "kafka: reading the progress topic {topic:?} did not reach its end within {}s",
+                timeout.as_secs()
+            ));
+        }
+        match consumer.poll(left.min(Duration::from_millis(500))) {
+            Some(Ok(record)) if record.key() == Some(key.as_bytes()) => {
+                last = match record.payload() {
+                    Some(value) => Some(decode(value).map_err(|e| {
+                        format!(
+                            "kafka: the progress record of {key:?} at offset {} of {topic:?} is \
+                             not pg_outbox's ({e})",
+                            record.offset()
+                        )
+                    })?),
+                    // A tombstone: someone deleted the stream's progress.
+                    None => None,
+                };
+            }
+            Some(Ok(_)) => {}
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(last),
+            Some(Err(e)) => tracing::debug!(error = %e, "reading the progress topic"),
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_survives_the_record() {
+        let position = Position {
+            commit_lsn: Lsn(0x16_B374_D848),
+            index: 41,
+        };
+        assert_eq!(decode(&encode(position)), Ok(position));
+        assert!(decode(b"{\"commit_lsn\": \"x\", \"index\": 1, \"written_at\": \"\"}").is_err());
+    }
+}

@@ -1,0 +1,524 @@
+//! Exactly once into Kafka: messages go out in Kafka transactions, each ending with a progress
+//! record (the stream position of its last message) in the same transaction, so that what Kafka
+//! has and up to where it has it commit together. The producer's `transactional.id` is the
+//! stream's: a new run or a standby fences the old writer at start, aborting what it left open,
+//! then reads the committed progress and skips what is already in Kafka.
+//!
+//! One thread owns the producer (its transaction calls block). A send is acknowledged only once
+//! its transaction committed. Any failure aborts the transaction and fails every message in it;
+//! the delivery layer sends them again in order once everything in flight settled. Sends made
+//! between the abort and the moment the delivery layer sees a failure of it are refused too
+//! (epochs), so that nothing overtakes the aborted ones.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+use tokio::sync::oneshot;
+
+use super::{classify, progress, record_to, RecordShape};
+use crate::fatal::Fatal;
+use crate::lsn::Position;
+use crate::message::Message;
+use crate::sink::{SinkError, StreamId};
+use crate::telemetry;
+
+/// A transaction commits once its first message is this old, or holds this many messages.
+const LINGER: Duration = Duration::from_millis(20);
+const MAX_MESSAGES: usize = 5_000;
+/// How long a commit, an abort or the fencing at start may take before it is tried again.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the sink's `send` and `close` share with the transaction thread.
+pub struct Transactions {
+    commands: Mutex<mpsc::Sender<Command>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Bumped by every abort: a send stamped with an older epoch is refused.
+    epoch: AtomicU64,
+    /// The epoch sends are stamped with. It catches up with `epoch` when the delivery layer
+    /// receives a failure of the aborted transaction: from then on it sends nothing new until
+    /// the failed messages went again, in order.
+    accepting: AtomicU64,
+    /// Up to where this stream's messages are committed in Kafka.
+    committed: Mutex<Option<Position>>,
+    /// The last transaction committed (or none failed yet).
+    healthy: AtomicBool,
+}
+
+type Reply = oneshot::Sender<Result<(), (SinkError, u64)>>;
+
+enum Command {
+    Start {
+        stream: StreamId,
+        reply: oneshot::Sender<Result<(), Fatal>>,
+    },
+    Produce {
+        topic: String,
+        message: Arc<Message>,
+        epoch: u64,
+        reply: Reply,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl Transactions {
+    pub fn new(
+        sink: &str,
+        client: ClientConfig,
+        reader: ClientConfig,
+        records: RecordShape,
+        progress_topic: String,
+    ) -> Result<Transactions, String> {
+        let (commands, receiver) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            accepting: AtomicU64::new(0),
+            committed: Mutex::new(None),
+            healthy: AtomicBool::new(true),
+        });
+        let writer = Writer {
+            sink: sink.to_owned(),
+            client,
+            reader,
+            records,
+            progress_topic,
+            shared: shared.clone(),
+            producer: None,
+            key: String::new(),
+            open: Vec::new(),
+            opened_at: None,
+            closed: None,
+        };
+        std::thread::Builder::new()
+            .name("kafka-transactions".into())
+            .spawn(move || writer.run(&receiver))
+            .map_err(|e| format!("cannot start the transaction thread: {e}"))?;
+        Ok(Transactions {
+            commands: Mutex::new(commands),
+            shared,
+        })
+    }
+
+    fn command(&self, command: Command) {
+        // A send error means the thread is gone: the dropped reply says so to the waiter.
+        let _ = self.commands.lock().unwrap().send(command);
+    }
+
+    /// Fences earlier writers of `stream`, then reads up to where Kafka has its messages.
+    pub async fn start(&self, stream: &StreamId) -> Result<(), Fatal> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Start {
+            stream: stream.clone(),
+            reply,
+        });
+        answer.await.unwrap_or_else(|_| {
+            Err(Fatal::new(
+                "kafka: the transaction thread stopped",
+                "see the log above",
+            ))
+        })
+    }
+
+    pub fn send(&self, topic: &str, message: &Arc<Message>) -> super::Ack {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Produce {
+            topic: topic.to_owned(),
+            message: message.clone(),
+            epoch: self.shared.accepting.load(Ordering::Acquire),
+            reply,
+        });
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err((error, epoch))) => {
+                    // The delivery layer now knows of the abort: new sends are accepted again.
+                    shared.accepting.fetch_max(epoch, Ordering::AcqRel);
+                    Err(error)
+                }
+                Err(_) => Err(SinkError::Closed(
+                    "kafka: the transaction thread stopped".into(),
+                )),
+            }
+        })
+    }
+
+    pub fn committed(&self) -> Option<Position> {
+        *self.shared.committed.lock().unwrap()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Acquire)
+    }
+
+    /// Aborts the open transaction (its messages are sent again by the next run, and skipped by
+    /// no one: they were never committed).
+    pub async fn close(&self) {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Close { reply });
+        let _ = answer.await;
+    }
+}
+
+/// A message in the open transaction.
+struct Pending {
+    position: Position,
+    reply: Reply,
+    delivery: Result<DeliveryFuture, KafkaError>,
+}
+
+/// The transaction thread's state.
+struct Writer {
+    sink: String,
+    client: ClientConfig,
+    /// For the progress topic's admin client and reader.
+    reader: ClientConfig,
+    records: RecordShape,
+    progress_topic: String,
+    shared: Arc<Shared>,
+    producer: Option<FutureProducer>,
+    /// The stream's `transactional.id`, also the key of its progress record.
+    key: String,
+    open: Vec<Pending>,
+    opened_at: Option<Instant>,
+    /// Why nothing can be sent any more (fenced, or a fatal producer error).
+    closed: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, commands: &mpsc::Receiver<Command>) {
+        loop {
+            let next = match self.opened_at {
+                None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => {
+                    commands.recv_timeout((at + LINGER).saturating_duration_since(Instant::now()))
+                }
+            };
+            match next {
+                Ok(Command::Start { stream, reply }) => {
+                    let _ = reply.send(self.start(&stream));
+                }
+                Ok(Command::Produce {
+                    topic,
+                    message,
+                    epoch,
+                    reply,
+                }) => self.produce(&topic, message, epoch, reply),
+                Ok(Command::Close { reply }) => {
+                    self.abort("the worker is stopping");
+                    let _ = reply.send(());
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.abort("the sink was dropped");
+                    return;
+                }
+            }
+            let due = self
+                .opened_at
+                .is_some_and(|at| at.elapsed() >= LINGER || self.open.len() >= MAX_MESSAGES);
+            if due {
+                self.commit();
+            }
+        }
+    }
+
+    fn start(&mut self, stream: &StreamId) -> Result<(), Fatal> {
+        self.key = format!(
+            "pg_outbox-{}-{}-{}-{}",
+            stream.system, stream.database, stream.slot, self.sink
+        );
+        let mut client = self.client.clone();
+        client.set("transactional.id", &self.key);
+        let producer: FutureProducer = client.create().map_err(|e| {
+            Fatal::new(
+                format!("sinks.{}: {e}", self.sink),
+                "check the sink's properties",
+            )
+        })?;
+        let mut attempt = 0u32;
+        while let Err(e) = producer.init_transactions(CALL_TIMEOUT) {
+            let unsupported = matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::UnsupportedFeature | RDKafkaErrorCode::UnsupportedVersion)
+            );
+            if let Some(problem) = self
+                .fatal(&e, &producer)
+                .or_else(|| unsupported.then(|| format!("kafka: {e}")))
+            {
+                return Err(unsupported_or(problem, &self.sink));
+            }
+            attempt += 1;
+            tracing::warn!(sink = self.sink, error = %e, attempt,
+                "kafka: cannot start transactions yet (fencing earlier writers); retrying");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.producer = Some(producer);
+        let created = progress::ensure_topic(&self.reader, &self.progress_topic, CALL_TIMEOUT)
+            .map_err(|e| {
+                Fatal::new(
+                    format!("sinks.{}: {e}", self.sink),
+                    format!(
+                        "create the compacted topic {:?} (cleanup.policy=compact) or grant the \
+                         worker's Kafka user the right to, or name another with progress_topic",
+                        self.progress_topic
+                    ),
+                )
+            })?;
+        let committed = progress::read(&self.reader, &self.progress_topic, &self.key, CALL_TIMEOUT)
+            .map_err(|e| Fatal::new(format!("sinks.{}: {e}", self.sink), "check the topic"))?;
+        *self.shared.committed.lock().unwrap() = committed;
+        match committed {
+            Some(position) => tracing::info!(
+                sink = self.sink, transactional_id = self.key, topic = self.progress_topic,
+                %position, "kafka: exactly once; resuming after the last committed position"
+            ),
+            None if created => tracing::info!(
+                sink = self.sink,
+                transactional_id = self.key,
+                topic = self.progress_topic,
+                "kafka: exactly once; created the progress topic, nothing committed yet"
+            ),
+            None => {
+                tracing::warn!(
+                sink = self.sink, transactional_id = self.key, topic = self.progress_topic,
+                "kafka: exactly once, but the progress topic has no position for this stream: a \
+                 first start, or the topic lost it (deleted, or the PostgreSQL system changed): \
+                 messages Kafka already has from before, if any, are sent again this once"
+            )
+            }
+        }
+        Ok(())
+    }
+
+    fn produce(&mut self, topic: &str, message: Arc<Message>, epoch: u64, reply: Reply) {
+        if let Some(why) = &self.closed {
+            let _ = reply.send(Err((SinkError::Closed(why.clone()), epoch)));
+            return;
+        }
+        let current = self.shared.epoch.load(Ordering::Acquire);
+        if epoch < current {
+            let _ = reply.send(Err((
+                SinkError::Transient(
+                    "kafka: an earlier transaction was aborted; sent again after its messages"
+                        .into(),
+                ),
+                current,
+            )));
+            return;
+        }
+        let Some(producer) = self.producer.clone() else {
+            let _ = reply.send(Err((
+                SinkError::Closed("kafka: a send before the sink started".into()),
+                current,
+            )));
+            return;
+        };
+        if self.opened_at.is_none() {
+            if let Err(e) = producer.begin_transaction() {
+                let error = self.failure(&e, &producer);
+                let _ = reply.send(Err((error, current)));
+                return;
+            }
+            self.opened_at = Some(Instant::now());
+        }
+        let delivery = match record_to(topic, &message, self.records) {
+            Ok(record) => producer.send_result(record).map_err(|(e, _)| e),
+            Err(refused) => {
+                let _ = reply.send(Err((refused, current)));
+                return;
+            }
+        };
+        self.open.push(Pending {
+            position: message.position(),
+            reply,
+            delivery,
+        });
+    }
+
+    /// Writes the progress record and commits; on failure aborts, failing every message.
+    fn commit(&mut self) {
+        let producer = self.producer.clone().expect("a transaction is open");
+        let position = self.open.iter().map(|p| p.position).max();
+        let previous = *self.shared.committed.lock().unwrap();
+        let through = position.max(previous);
+        let mut outcome = match through {
+            Some(through) => {
+                let value = progress::encode(through);
+                let record = FutureRecord::to(&self.progress_topic)
+                    .partition(progress::PARTITION)
+                    .key(&self.key)
+                    .payload(&value);
+                producer.send_result(record).map(drop).map_err(|(e, _)| e)
+            }
+            None => Ok(()),
+        };
+        if outcome.is_ok() {
+            outcome = loop {
+                match producer.commit_transaction(CALL_TIMEOUT) {
+                    Err(KafkaError::Transaction(e))
+                        if e.is_retriable() && !e.txn_requires_abort() =>
+                    {
+                        tracing::warn!(sink = self.sink, error = %e, "kafka: commit not confirmed yet; retrying");
+                    }
+                    other => break other,
+                }
+            };
+        }
+        self.opened_at = None;
+        let open = std::mem::take(&mut self.open);
+        match outcome {
+            Ok(()) => {
+                *self.shared.committed.lock().unwrap() = through;
+                self.shared.healthy.store(true, Ordering::Release);
+                metrics::counter!(telemetry::KAFKA_TRANSACTIONS, "sink" => self.sink.clone(), "outcome" => "committed")
+                    .increment(1);
+                for pending in open {
+                    let _ = pending.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let error = self.failure(&e, &producer);
+                if self.closed.is_none() {
+                    self.abort_with(&producer, &e.to_string());
+                }
+                let epoch = self.shared.epoch.load(Ordering::Acquire);
+                metrics::counter!(telemetry::KAFKA_TRANSACTIONS, "sink" => self.sink.clone(), "outcome" => "aborted")
+                    .increment(1);
+                for pending in open {
+                    let own = own_failure(pending.delivery);
+                    let error = match (&error, own) {
+                        (SinkError::Closed(_), _) => error.clone(),
+                        (_, Some(own)) => own,
+                        (_, None) => error.clone(),
+                    };
+                    let _ = pending.reply.send(Err((error, epoch)));
+                }
+            }
+        }
+    }
+
+    /// Aborts the open transaction, if any, failing its messages.
+    fn abort(&mut self, why: &str) {
+        let Some(producer) = self.producer.clone() else {
+            return;
+        };
+        if self.opened_at.take().is_none() {
+            return;
+        }
+        if self.closed.is_none() {
+            self.abort_with(&producer, why);
+        }
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        for pending in std::mem::take(&mut self.open) {
+            let error = SinkError::Transient(format!("kafka: transaction aborted: {why}"));
+            let _ = pending.reply.send(Err((error, epoch)));
+        }
+    }
+
+    /// The abort itself; the epoch moves on first, so that sends already queued behind the
+    /// aborted ones are refused.
+    fn abort_with(&mut self, producer: &FutureProducer, why: &str) {
+        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        self.shared.healthy.store(false, Ordering::Release);
+        tracing::warn!(
+            sink = self.sink,
+            reason = why,
+            "kafka: transaction aborted; its messages are sent again in order"
+        );
+        loop {
+            match producer.abort_transaction(CALL_TIMEOUT) {
+                Ok(()) => return,
+                Err(e) => {
+                    if let Some(fatal) = self.fatal(&e, producer) {
+                        self.closed = Some(fatal);
+                        return;
+                    }
+                    tracing::warn!(sink = self.sink, error = %e, "kafka: abort not confirmed yet; retrying");
+                }
+            }
+        }
+    }
+
+    /// What a failed transaction call means for the messages in it; a fatal error closes the sink.
+    fn failure(&mut self, error: &KafkaError, producer: &FutureProducer) -> SinkError {
+        match self.fatal(error, producer) {
+            Some(why) => {
+                self.closed = Some(why.clone());
+                SinkError::Closed(why)
+            }
+            None => SinkError::Transient(format!("kafka: transaction aborted: {error}")),
+        }
+    }
+
+    /// The message that stops this sink for good, if `error` is fatal: fenced by a newer writer
+    /// of the stream, or another fatal producer error. Either way a new run resumes from the
+    /// committed progress.
+    fn fatal(&self, error: &KafkaError, producer: &FutureProducer) -> Option<String> {
+        let fatal = producer.client().fatal_error();
+        let code = fatal
+            .as_ref()
+            .map(|(code, _)| *code)
+            .or(error.rdkafka_error_code());
+        let is_fatal =
+            fatal.is_some() || matches!(error, KafkaError::Transaction(e) if e.is_fatal());
+        if !is_fatal {
+            return None;
+        }
+        use RDKafkaErrorCode::*;
+        Some(match code {
+            Some(ProducerFenced | Fenced | InvalidProducerEpoch | TransactionCoordinatorFenced) => {
+                format!(
+                    "kafka: fenced: another worker took over this stream's transactional.id {:?} \
+                     (a standby, or a newer run of this one); this one stops, and what it had \
+                     not committed is the new writer's to send",
+                    self.key
+                )
+            }
+            _ => format!(
+                "kafka: the transactional producer failed for good ({}); a new run resumes from \
+                 the committed progress",
+                fatal.map_or_else(|| error.to_string(), |(_, text)| text)
+            ),
+        })
+    }
+}
+
+/// The message's own delivery error, if the broker refused it (the others of an aborted
+/// transaction fail as transient).
+fn own_failure(delivery: Result<DeliveryFuture, KafkaError>) -> Option<SinkError> {
+    use futures::FutureExt;
+    let error = match delivery {
+        Err(e) => e,
+        Ok(future) => match future.now_or_never() {
+            Some(Ok(Err((e, _)))) => e,
+            _ => return None,
+        },
+    };
+    match classify(error) {
+        permanent @ SinkError::Permanent(_) => Some(permanent),
+        _ => None,
+    }
+}
+
+/// A broker without transactions gets a hint that names the setting.
+fn unsupported_or(problem: String, sink: &str) -> Fatal {
+    Fatal::new(
+        format!("sinks.{sink}: {problem}"),
+        format!(
+            "the brokers must support Kafka transactions (Apache Kafka 0.11 or later, with the \
+             transaction state log's replication satisfiable); or set sinks.{sink}.exactly_once = \
+             false for at-least-once delivery"
+        ),
+    )
+}

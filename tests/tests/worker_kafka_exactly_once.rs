@@ -1,0 +1,265 @@
+//! Exactly once into Apache Kafka (`sinks.NAME.exactly_once`, on by default): SIGKILLs at random
+//! moments under concurrent publishers, a standby taking over from a frozen worker, a replay.
+//! Every test reads back with kafka-python at `read_committed` and counts each message.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_tests::kafka::{self, Isolation};
+use outbox_tests::kafka_broker::signal;
+use outbox_tests::publish::{check_delivery, publish_rolled_back, Seen, Storage, Tally};
+use outbox_tests::worker::kafka_args;
+use outbox_tests::{eventually, KafkaBroker, PgCluster, Worker};
+use tokio_postgres::Client;
+
+/// Global message indexes, handed out in ranges to the publishers.
+type Counter = Arc<AtomicU64>;
+
+/// Publishes messages `first..first+count` on `orders` in one transaction, keys `{prefix}-0` to
+/// `{prefix}-{keys-1}`: each publisher has keys of its own, so each key's commit order is its
+/// index order.
+async fn publish(db: &Client, first: u64, count: u64, prefix: &str, keys: u64, wal: bool) {
+    let form = if wal { "wal" } else { "table" };
+    db.batch_execute(&format!(
+        "BEGIN; SET LOCAL pg_outbox.storage = '{form}';
+         SELECT count(outbox.publish('orders',
+                    jsonb_build_object('i', i, 'key', '{prefix}-' || i % {keys}),
+                    '{{}}', '{prefix}-' || i % {keys}))
+           FROM generate_series({first}::bigint, {last}::bigint) AS i;
+         COMMIT;",
+        last = first + count - 1
+    ))
+    .await
+    .expect("publish");
+}
+
+/// A publisher of its own connection: transactions of 1 to 20 messages, both storage forms in
+/// turn, until `stop`.
+fn spawn_publisher(
+    pg: &PgCluster,
+    number: u64,
+    next: Counter,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let url = pg.url();
+    tokio::spawn(async move {
+        let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        let mut txs = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            let size = 1 + (txs * 7919 + number) % 20;
+            let first = next.fetch_add(size, Ordering::AcqRel);
+            publish(&db, first, size, &format!("p{number}"), 10, txs % 2 == 0).await;
+            txs += 1;
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    })
+}
+
+/// kafka-python at `read_committed`: every committed record of `orders`.
+async fn read_committed(kafka: &KafkaBroker, expected: u64) -> Vec<Seen> {
+    let brokers = kafka.brokers();
+    let records = tokio::task::spawn_blocking(move || {
+        kafka::kafka_python(
+            &brokers,
+            "orders",
+            expected as usize,
+            Duration::from_secs(240),
+            Isolation::ReadCommitted,
+        )
+    })
+    .await
+    .unwrap();
+    records.iter().map(kafka::python_seen).collect()
+}
+
+/// `kills` SIGKILLs of the worker at random moments (0.1 to 1.5 s into a run, most once it
+/// streams) under four publishers,
+/// with one transaction of `big` messages among them, then a last run that delivers the rest.
+/// Returns what a `read_committed` reader got, and how many runs resumed from Kafka's progress.
+async fn kill_under_publishers(exactly_once: bool, kills: usize, big: u64) -> (Tally, usize) {
+    let kafka = KafkaBroker::start(&[("orders", 3)]);
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file(&format!(
+        "[postgres]\nstatus_interval = \"10ms\"\n\
+         [delivery]\nmax_in_flight = 2000\n\
+         [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\nexactly_once = {exactly_once}\n",
+        kafka.brokers()
+    ));
+    let args = kafka_args(&pg.url(), &kafka.brokers(), config.path());
+    let mut worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    let next: Counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = (0..4)
+        .map(|n| spawn_publisher(&pg, n, next.clone(), stop.clone()))
+        .collect();
+    if big > 0 {
+        let first = next.fetch_add(big, Ordering::AcqRel);
+        let db = pg.superuser().await;
+        publish(&db, first, big, "big", 7, false).await;
+    }
+    publish_rolled_back(&db, "orders", Storage::Table).await;
+    publish_rolled_back(&db, "orders", Storage::Wal).await;
+
+    let mut resumed = 0;
+    let mut seed = 0x2545_f491_u64;
+    for kill in 0..kills {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Four kills in five land while the run streams, the fifth wherever it is (often while
+        // it fences and reads the progress).
+        if kill % 5 != 4 {
+            let log = || worker.log();
+            eventually(Duration::from_secs(30), "the run streams", || {
+                let streaming = log().contains("streaming");
+                async move { streaming }
+            })
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(100 + seed % 1400)).await;
+        resumed += usize::from(worker.log().contains("resuming after the last committed"));
+        if std::env::var_os("SHOW_LOGS").is_some() {
+            eprintln!("=== run log\n{}", worker.log());
+        }
+        worker.kill();
+        worker = Worker::start(&args, None);
+    }
+    stop.store(true, Ordering::Release);
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let total = next.load(Ordering::Acquire);
+
+    let seen = read_committed(&kafka, total).await;
+    if seen.len() < total as usize {
+        eprintln!("worker log:\n{}", worker.log());
+    }
+    let tally = check_delivery(&seen, total);
+    eprintln!(
+        "exactly_once = {exactly_once}: {total} messages, {kills} SIGKILLs: {tally:?}, \
+         {resumed} runs resumed from Kafka's progress"
+    );
+    (tally, resumed)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkills_under_four_publishers_deliver_each_committed_message_exactly_once() {
+    let (tally, resumed) = kill_under_publishers(true, 22, 100_000).await;
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
+    assert!(resumed > 0, "no run resumed from Kafka's progress");
+}
+
+/// The same crashes at least once: duplicates, so the exactly-once test can fail.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_sigkills_at_least_once_duplicate() {
+    let (tally, resumed) = kill_under_publishers(false, 10, 0).await;
+    assert!(tally.duplicates > 0, "{tally:?}");
+    assert_eq!(resumed, 0);
+}
+
+/// A worker frozen (SIGSTOP) while a standby takes its slot over: the standby fences it in
+/// Kafka, and when it wakes up it stops, saying so, without writing anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_fences_a_frozen_worker_which_stops_when_it_wakes() {
+    let kafka = KafkaBroker::start(&[("orders", 3)]);
+    // The server drops a frozen worker's replication connection after 2 s, freeing the slot.
+    let pg = PgCluster::start_with_conf("wal_sender_timeout = '2s'\n").await;
+    let config = Worker::config_file("[postgres]\nstatus_interval = \"100ms\"\n");
+    let args = kafka_args(&pg.url(), &kafka.brokers(), config.path());
+    let mut old = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    let next: Counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = (0..2)
+        .map(|n| spawn_publisher(&pg, n, next.clone(), stop.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(old.pid(), "STOP");
+    let mut standby = Worker::start(&args, None);
+    eventually(Duration::from_secs(30), "the standby resumed", || {
+        let log = standby.log();
+        async move { log.contains("exactly once;") }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(old.pid(), "CONT");
+    let status = old.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", old.log());
+    let fenced: Vec<String> = old
+        .log()
+        .lines()
+        .filter(|l| l.contains("fenced") && !l.contains("librdkafka"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!fenced.is_empty(), "{}", old.log());
+    eprintln!("the old worker said: {}", fenced.join("\n"));
+
+    stop.store(true, Ordering::Release);
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let total = next.load(Ordering::Acquire);
+    let seen = read_committed(&kafka, total).await;
+    let tally = check_delivery(&seen, total);
+    eprintln!("takeover: {total} messages: {tally:?}");
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
+    assert!(standby.exited().is_none(), "{}", standby.log());
+}
+
+/// `replay` sends again on purpose, exactly-once sink or not, and marks what it sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_is_a_new_delivery_marked_as_such() {
+    let kafka = KafkaBroker::start(&[("orders", 3)]);
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file("");
+    let args = kafka_args(&pg.url(), &kafka.brokers(), config.path());
+    let mut worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    publish(&db, 0, 100, "r", 5, false).await;
+    let first = read_committed(&kafka, 100).await;
+    assert_eq!(check_delivery(&first, 100).duplicates, 0);
+    worker.terminate(Duration::from_secs(10));
+
+    let mut replay = vec!["replay".to_owned(), "--since".to_owned(), "1h".to_owned()];
+    replay.extend(args[1..].iter().cloned());
+    let out =
+        outbox_tests::worker::run_once(&replay.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let brokers = kafka.brokers();
+    let records = tokio::task::spawn_blocking(move || {
+        kafka::kafka_python(
+            &brokers,
+            "orders",
+            100,
+            Duration::from_secs(60),
+            Isolation::ReadCommitted,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        records.len(),
+        200,
+        "each message twice: first, then replayed"
+    );
+    let replayed = records
+        .iter()
+        .filter(|r| r["headers"]["outbox-replayed-at"].is_string())
+        .count();
+    assert_eq!(replayed, 100);
+}
