@@ -70,12 +70,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     }
     drop(client);
-    for (_, named) in sinks.iter() {
-        tokio::select! {
-            resumed = named.sink.resume(&stream_id) => resumed?,
-            () = shutdown.cancelled() => return Ok(()),
-        }
-    }
     let mut router = Router::new(&config);
     tokio::spawn(watch_slot(
         config.url().to_owned(),
@@ -134,6 +128,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             _ = shutdown.cancelled() => break Ok(()),
         };
         waiting_for_slot = false;
+        // Only the run that holds the slot may fence the earlier writers of its stream (a
+        // standby waiting for the slot must not stop the worker it stands by for).
+        if resume(&sinks, &stream_id, &shutdown).await? {
+            break Ok(());
+        }
         dead_letters.load_earlier().await;
         let connected_at = tokio::time::Instant::now();
         health.set_streaming(true);
@@ -192,6 +191,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         None => tracing::info!("outbox-worker stopped"),
     }
     result
+}
+
+/// Resumes every sink for a stream that starts: `true` when shutdown came first.
+async fn resume(sinks: &Sinks, stream: &StreamId, shutdown: &CancellationToken) -> Result<bool> {
+    for (_, named) in sinks.iter() {
+        tokio::select! {
+            resumed = named.sink.resume(stream) => resumed?,
+            () = shutdown.cancelled() => return Ok(true),
+        }
+    }
+    Ok(false)
 }
 
 /// The stream's identity: PostgreSQL's system identifier (kept by a physical standby that takes

@@ -52,6 +52,8 @@ pub fn read_until(
         .set("bootstrap.servers", brokers)
         .set("group.id", "outbox-tests")
         .set("enable.auto.commit", "false")
+        // librdkafka's default too: aborted transactions of an exactly-once sink are not seen.
+        .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
     let mut assignment = TopicPartitionList::new();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use outbox_tests::kafka::{self, Isolation, Record};
 use outbox_tests::postgres::count;
 use outbox_tests::publish::{
-    check_delivery, only_dead_letter, publish_range, publish_rolled_back, Seen, Storage,
+    check_delivery, only_dead_letter, publish_range, publish_rolled_back, Seen, Storage, Tally,
 };
 use outbox_tests::worker::kafka_args;
 use outbox_tests::{eventually, KafkaBroker, PgCluster, Worker};
@@ -138,12 +138,12 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_stay_bounded() {
 
 /// 20,000 messages over 50 keys, the broker frozen (SIGSTOP) for 10 s in the middle, with
 /// `properties`: nothing lost, each key in commit order. Returns the worker's log.
-async fn a_broker_frozen_for_ten_seconds(properties: &str) -> String {
+async fn a_broker_frozen_for_ten_seconds(sink: &str, properties: &str) -> (String, Tally) {
     const TOTAL: u64 = 20_000;
     let kafka = KafkaBroker::start(&[("orders", 3)]);
     let pg = PgCluster::start().await;
     let config = Worker::config_file(&format!(
-        "[sinks.kafka.properties]\n\"request.timeout.ms\" = 1500\n{properties}"
+        "[sinks.kafka]\n{sink}\n[sinks.kafka.properties]\n\"request.timeout.ms\" = 1500\n{properties}"
     ));
     let worker = Worker::start(
         &kafka_args(&pg.url(), &kafka.brokers(), config.path()),
@@ -163,22 +163,26 @@ async fn a_broker_frozen_for_ten_seconds(properties: &str) -> String {
         eprintln!("worker log:\n{}", worker.log());
     }
     let tally = check_delivery(&seen(&records), TOTAL);
-    eprintln!("frozen broker ({properties:?}): {tally:?}");
-    worker.log()
+    eprintln!("frozen broker ({sink:?}, {properties:?}): {tally:?}");
+    (worker.log(), tally)
 }
 
-/// The default producer is pipelined and retries by itself (requests time out after 1.5 s here).
+/// The default (exactly-once) producer retries by itself, then aborts and sends again (requests
+/// time out after 1.5 s here): nothing lost, nothing twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_frozen_for_ten_seconds_loses_nothing() {
-    let log = a_broker_frozen_for_ten_seconds("").await;
+    let (log, tally) = a_broker_frozen_for_ten_seconds("", "").await;
     assert!(!log.contains("one message in flight at a time"), "{log}");
+    assert_eq!(tally.duplicates, 0, "exactly once, read_committed");
 }
 
 /// With a 2 s local time-out, sends fail while the broker is frozen and the worker's own retry
 /// path runs, one message per key at a time.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_frozen_for_ten_seconds_with_a_local_timeout_loses_nothing() {
-    let log = a_broker_frozen_for_ten_seconds("\"message.timeout.ms\" = 2000\n").await;
+    let (log, _) =
+        a_broker_frozen_for_ten_seconds("exactly_once = false", "\"message.timeout.ms\" = 2000\n")
+            .await;
     assert!(log.contains("one message in flight at a time"), "{log}");
     assert!(log.contains("retrying this message alone"), "{log}");
 }

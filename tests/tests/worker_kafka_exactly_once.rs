@@ -164,8 +164,9 @@ async fn the_same_sigkills_at_least_once_duplicate() {
     assert_eq!(resumed, 0);
 }
 
-/// A worker frozen (SIGSTOP) while a standby takes its slot over: the standby fences it in
-/// Kafka, and when it wakes up it stops, saying so, without writing anything.
+/// A standby started beside a running worker leaves it alone; once that worker is frozen
+/// (SIGSTOP) the standby takes the slot over and fences it in Kafka, and when it wakes up it stops,
+/// saying so, without writing anything.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_fences_a_frozen_worker_which_stops_when_it_wakes() {
     let kafka = KafkaBroker::start(&[("orders", 3)]);
@@ -182,9 +183,16 @@ async fn a_standby_fences_a_frozen_worker_which_stops_when_it_wakes() {
     let publishers: Vec<_> = (0..2)
         .map(|n| spawn_publisher(&pg, n, next.clone(), stop.clone()))
         .collect();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    signal(old.pid(), "STOP");
+    // A standby waits for the slot without touching Kafka: the worker it stands by for goes on.
     let mut standby = Worker::start(&args, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(old.exited().is_none(), "{}", old.log());
+    assert!(
+        !standby.log().contains("exactly once;"),
+        "{}",
+        standby.log()
+    );
+    signal(old.pid(), "STOP");
     eventually(Duration::from_secs(30), "the standby resumed", || {
         let log = standby.log();
         async move { log.contains("exactly once;") }

@@ -321,12 +321,24 @@ impl Delivery {
             }));
         }
         if entry.pipelined {
-            self.last_error = Some(LastError {
-                sink: target.name.clone(),
-                destination: entry.route.destination.to_string(),
-                queue: entry.message.queue.clone(),
-                error,
-            });
+            // The round's warning names a message refused for its own sake before the others
+            // that failed with it (an aborted Kafka transaction fails every message in it).
+            let own_fault = matches!(error, SinkError::Permanent(_));
+            let have_own_fault = matches!(
+                self.last_error,
+                Some(LastError {
+                    error: SinkError::Permanent(_),
+                    ..
+                })
+            );
+            if own_fault || !have_own_fault {
+                self.last_error = Some(LastError {
+                    sink: target.name.clone(),
+                    destination: entry.route.destination.to_string(),
+                    queue: entry.message.queue.clone(),
+                    error,
+                });
+            }
             self.window.park(entry);
         } else {
             let backoff = self.backoff(entry.attempts);

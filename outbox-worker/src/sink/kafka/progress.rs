@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -65,6 +65,19 @@ pub fn ensure_topic(client: &ClientConfig, topic: &str, timeout: Duration) -> Re
     }
 }
 
+/// rdkafka logs every client error, the end of a partition included: here it is the goal.
+struct EndIsNoError;
+
+impl ClientContext for EndIsNoError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(%error, reason, "kafka: reading the progress topic");
+        }
+    }
+}
+
+impl ConsumerContext for EndIsNoError {}
+
 /// The last committed position of `key`, reading the topic's progress partition to its end with
 /// `read_committed`. `None`: the stream has none (first run, or the topic lost it).
 pub fn read(
@@ -73,7 +86,7 @@ pub fn read(
     key: &str,
     timeout: Duration,
 ) -> Result<Option<Position>, String> {
-    let consumer: BaseConsumer = client
+    let consumer: BaseConsumer<EndIsNoError> = client
         .clone()
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
@@ -81,7 +94,7 @@ pub fn read(
         // The end is reached sooner than with the default 500 ms of waiting per fetch.
         .set("fetch.wait.max.ms", "10")
         .set("group.id", "pg_outbox-progress-reader")
-        .create()
+        .create_with_context(EndIsNoError)
         .map_err(|e| format!("kafka: {e}"))?;
     let mut partitions = TopicPartitionList::new();
     partitions

@@ -10,6 +10,7 @@
 //! between the abort and the moment the delivery layer sees a failure of it are refused too
 //! (epochs), so that nothing overtakes the aborted ones.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -96,6 +97,7 @@ impl Transactions {
             key: String::new(),
             open: Vec::new(),
             opened_at: None,
+            known_topics: HashSet::new(),
             closed: None,
         };
         std::thread::Builder::new()
@@ -173,7 +175,7 @@ impl Transactions {
 struct Pending {
     position: Position,
     reply: Reply,
-    delivery: Result<DeliveryFuture, KafkaError>,
+    delivery: DeliveryFuture,
 }
 
 /// The transaction thread's state.
@@ -190,6 +192,8 @@ struct Writer {
     key: String,
     open: Vec<Pending>,
     opened_at: Option<Instant>,
+    /// Topics the cluster has and lets the worker see ([`Writer::check_topic`]).
+    known_topics: HashSet<String>,
     /// Why nothing can be sent any more (fenced, or a fatal producer error).
     closed: Option<String>,
 }
@@ -234,6 +238,11 @@ impl Writer {
     }
 
     fn start(&mut self, stream: &StreamId) -> Result<(), Fatal> {
+        if let Some(why) = &self.closed {
+            return Err(Fatal::new(why.clone(), "start the worker again"));
+        }
+        // A stream that starts again (a lost replication connection) begins with nothing open.
+        self.abort("the stream starts again");
         self.key = format!(
             "pg_outbox-{}-{}-{}-{}",
             stream.system, stream.database, stream.slot, self.sink
@@ -332,18 +341,73 @@ impl Writer {
             }
             self.opened_at = Some(Instant::now());
         }
-        let delivery = match record_to(topic, &message, self.records) {
-            Ok(record) => producer.send_result(record).map_err(|(e, _)| e),
-            Err(refused) => {
-                let _ = reply.send(Err((refused, current)));
-                return;
-            }
-        };
-        self.open.push(Pending {
-            position: message.position(),
-            reply,
-            delivery,
+        let enqueued = record_to(topic, &message, self.records).and_then(|record| {
+            self.check_topic(&producer, topic)?;
+            producer
+                .send_result(record)
+                .map_err(|(e, _)| self.failure_of_send(&e, &producer))
         });
+        match enqueued {
+            Ok(delivery) => self.open.push(Pending {
+                position: message.position(),
+                reply,
+                delivery,
+            }),
+            // Refused before it entered the transaction. Nothing may commit a position past it
+            // while it waits for its retry or its dead letter: the transaction is aborted, and
+            // the sends queued behind it are refused, as for a refusal inside the transaction.
+            Err(error) => {
+                self.abort(&error.to_string());
+                let epoch = self.shared.epoch.load(Ordering::Acquire);
+                let _ = reply.send(Err((error, epoch)));
+            }
+        }
+    }
+
+    /// A topic the cluster does not have, or that the worker may not write, is refused at once:
+    /// inside a transaction librdkafka would wait `topic.metadata.propagation.max.ms` (30 s)
+    /// for it while holding every other message of the transaction. Topics found are remembered.
+    fn check_topic(&mut self, producer: &FutureProducer, topic: &str) -> Result<(), SinkError> {
+        if self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| SinkError::Transient(format!("kafka: metadata of {topic:?}: {e}")))?;
+        let error = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .and_then(|t| t.error());
+        match error.map(RDKafkaErrorCode::from) {
+            None => {
+                self.known_topics.insert(topic.to_owned());
+                Ok(())
+            }
+            Some(
+                code @ (RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::InvalidTopic),
+            ) => Err(SinkError::Permanent(format!(
+                "kafka: topic {topic:?}: {code}"
+            ))),
+            Some(code) => Err(SinkError::Transient(format!(
+                "kafka: topic {topic:?}: {code}"
+            ))),
+        }
+    }
+
+    /// A send librdkafka refused at once (too large for `message.max.bytes`, a fatal state).
+    fn failure_of_send(&mut self, error: &KafkaError, producer: &FutureProducer) -> SinkError {
+        match self.fatal(error, producer) {
+            Some(why) => {
+                self.closed = Some(why.clone());
+                SinkError::Closed(why)
+            }
+            None => classify(error.clone()),
+        }
     }
 
     /// Writes the progress record and commits; on failure aborts, failing every message.
@@ -389,12 +453,12 @@ impl Writer {
             }
             Err(e) => {
                 let error = self.failure(&e, &producer);
+                self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+                self.shared.healthy.store(false, Ordering::Release);
                 if self.closed.is_none() {
-                    self.abort_with(&producer, &e.to_string());
+                    self.abort_transaction(&producer, &e.to_string());
                 }
                 let epoch = self.shared.epoch.load(Ordering::Acquire);
-                metrics::counter!(telemetry::KAFKA_TRANSACTIONS, "sink" => self.sink.clone(), "outcome" => "aborted")
-                    .increment(1);
                 for pending in open {
                     let own = own_failure(pending.delivery);
                     let error = match (&error, own) {
@@ -408,16 +472,15 @@ impl Writer {
         }
     }
 
-    /// Aborts the open transaction, if any, failing its messages.
+    /// Aborts the open transaction, if any, failing its messages, and refuses every send queued
+    /// behind them until the delivery layer has seen one of these failures.
     fn abort(&mut self, why: &str) {
-        let Some(producer) = self.producer.clone() else {
-            return;
-        };
-        if self.opened_at.take().is_none() {
-            return;
-        }
-        if self.closed.is_none() {
-            self.abort_with(&producer, why);
+        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        self.shared.healthy.store(false, Ordering::Release);
+        if let (Some(producer), Some(_)) = (self.producer.clone(), self.opened_at.take()) {
+            if self.closed.is_none() {
+                self.abort_transaction(&producer, why);
+            }
         }
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         for pending in std::mem::take(&mut self.open) {
@@ -426,11 +489,9 @@ impl Writer {
         }
     }
 
-    /// The abort itself; the epoch moves on first, so that sends already queued behind the
-    /// aborted ones are refused.
-    fn abort_with(&mut self, producer: &FutureProducer, why: &str) {
-        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
-        self.shared.healthy.store(false, Ordering::Release);
+    fn abort_transaction(&mut self, producer: &FutureProducer, why: &str) {
+        metrics::counter!(telemetry::KAFKA_TRANSACTIONS, "sink" => self.sink.clone(), "outcome" => "aborted")
+            .increment(1);
         tracing::warn!(
             sink = self.sink,
             reason = why,
@@ -496,17 +557,13 @@ impl Writer {
 
 /// The message's own delivery error, if the broker refused it (the others of an aborted
 /// transaction fail as transient).
-fn own_failure(delivery: Result<DeliveryFuture, KafkaError>) -> Option<SinkError> {
+fn own_failure(delivery: DeliveryFuture) -> Option<SinkError> {
     use futures::FutureExt;
-    let error = match delivery {
-        Err(e) => e,
-        Ok(future) => match future.now_or_never() {
-            Some(Ok(Err((e, _)))) => e,
-            _ => return None,
+    match delivery.now_or_never() {
+        Some(Ok(Err((error, _)))) => match classify(error) {
+            permanent @ SinkError::Permanent(_) => Some(permanent),
+            _ => None,
         },
-    };
-    match classify(error) {
-        permanent @ SinkError::Permanent(_) => Some(permanent),
         _ => None,
     }
 }
