@@ -52,7 +52,15 @@ fn spawn_publisher(
         while !stop.load(Ordering::Acquire) {
             let size = 1 + (txs * 7919 + number) % 20;
             let first = next.fetch_add(size, Ordering::AcqRel);
-            publish(&db, first, size, &format!("p{number}"), 10, txs % 2 == 0).await;
+            publish(
+                &db,
+                first,
+                size,
+                &format!("p{number}"),
+                10,
+                txs.is_multiple_of(2),
+            )
+            .await;
             txs += 1;
             tokio::time::sleep(Duration::from_millis(15)).await;
         }

@@ -304,7 +304,7 @@ impl Writer {
                 "kafka: exactly once, but the progress topic has no position for this stream: a \
                  first start, or the topic lost it (deleted, or the PostgreSQL system changed): \
                  messages Kafka already has from before, if any, are sent again this once"
-            )
+            );
             }
         }
         Ok(())
