@@ -279,3 +279,56 @@ async fn a_replay_is_a_new_delivery_marked_as_such() {
         .count();
     assert_eq!(replayed, 100);
 }
+
+/// A queue routed to another sink while the worker was stopped: Kafka's progress says nothing of
+/// its messages, so they are sent, not skipped. The first run sends queue `b` to a sink whose
+/// brokers never answer (its messages hold the slot back) and commits queue `a`'s later messages
+/// in Kafka; the second routes both to Kafka.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_routed_to_kafka_while_stopped_is_sent_not_skipped() {
+    let kafka = KafkaBroker::start(&[("a", 1), ("b", 1)]);
+    let pg = PgCluster::start().await;
+    let unreachable = format!("127.0.0.1:{}", outbox_tests::postgres::free_port());
+    let first = Worker::config_file(&format!(
+        "[sinks.k1]\ntype = \"kafka\"\nbrokers = \"{}\"\n\
+         [sinks.k2]\ntype = \"kafka\"\nbrokers = \"{unreachable}\"\nexactly_once = false\n\
+         [[routes]]\nqueues = \"b\"\nsink = \"k2\"\n\
+         [[routes]]\nqueues = \"a\"\nsink = \"k1\"\n",
+        kafka.brokers()
+    ));
+    let mut worker = Worker::start(
+        &outbox_tests::worker::config_args(&pg.url(), first.path()),
+        None,
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    for queue in ["b", "a"] {
+        db.batch_execute(&format!(
+            "SELECT count(outbox.publish('{queue}', jsonb_build_object('i', i), '{{}}', 'k'))
+               FROM generate_series(0, 9) AS i"
+        ))
+        .await
+        .unwrap();
+    }
+    kafka::read(&kafka.brokers(), "a", 10, Duration::from_secs(60)).await;
+    worker.kill();
+
+    let second = Worker::config_file(&format!(
+        "[sinks.k1]\ntype = \"kafka\"\nbrokers = \"{}\"\n\
+         [[routes]]\nqueues = [\"a\", \"b\"]\nsink = \"k1\"\n",
+        kafka.brokers()
+    ));
+    let worker = Worker::start(
+        &outbox_tests::worker::config_args(&pg.url(), second.path()),
+        None,
+    );
+    let b = kafka::read(&kafka.brokers(), "b", 10, Duration::from_secs(60)).await;
+    let distinct: std::collections::HashSet<_> =
+        b.iter().map(|r| r.headers["outbox-id"].clone()).collect();
+    assert_eq!(distinct.len(), 10, "{}", worker.log());
+    assert!(
+        worker.log().contains("the routes changed"),
+        "{}",
+        worker.log()
+    );
+}

@@ -124,6 +124,7 @@ impl Sinks {
                             kafka,
                             config.delivery.max_in_flight,
                             kafka.exactly_once && purpose == Purpose::Stream,
+                            kafka::progress::routes_fingerprint(config, name),
                         )
                         .map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?,
                     ),

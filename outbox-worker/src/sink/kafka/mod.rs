@@ -3,7 +3,7 @@
 //! With `exactly_once` (the default for `run`), sends go through Kafka transactions
 //! ([`transactions`]) with the stream's progress beside them ([`progress`]).
 
-mod progress;
+pub mod progress;
 mod transactions;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,11 +119,13 @@ fn is_off(value: Option<&str>) -> bool {
 
 impl KafkaSink {
     /// `exactly_once`: the sink's setting, unless the caller sends again on purpose (replay).
+    /// `routes`: this run's [`progress::routes_fingerprint`].
     pub fn new(
         name: &str,
         config: &KafkaSinkConfig,
         max_in_flight: usize,
         exactly_once: bool,
+        routes: String,
     ) -> Result<KafkaSink, String> {
         config.check()?;
         let client_config = client_config(config, max_in_flight);
@@ -136,6 +138,7 @@ impl KafkaSink {
                     reader_config(config),
                     records,
                     config.progress_topic.clone(),
+                    routes,
                 )
             })
             .transpose()?;

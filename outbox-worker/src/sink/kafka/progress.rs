@@ -12,6 +12,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Config, SinkConfig};
 use crate::lsn::{Lsn, Position};
 
 /// Every progress record goes to this partition, whatever the topic has: one place to read.
@@ -21,25 +22,53 @@ pub const PARTITION: i32 = 0;
 struct Record {
     commit_lsn: String,
     index: u32,
+    /// Which routes sent messages to this sink ([`routes_fingerprint`]): with other routes, a
+    /// message at or before the position may never have been this sink's.
+    #[serde(default)]
+    routes: String,
     /// When it was committed, for a human reading the topic.
     written_at: String,
 }
 
+/// A stream's committed progress: its position, and the routes it was committed under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub position: Position,
+    pub routes: String,
+}
+
+/// What decides which messages reach the sink `name`: every route (the first match wins) and
+/// the sink's record shape (its topics), hashed.
+pub fn routes_fingerprint(config: &Config, name: &str) -> String {
+    use sha2::Digest;
+    let records = match &config.sinks.get(name) {
+        Some(SinkConfig::Kafka(kafka)) => kafka.records.as_str(),
+        _ => "",
+    };
+    let text = serde_json::to_string(&(&config.routes, name, records)).expect("routes serialize");
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The record's value for `position`.
-pub fn encode(position: Position) -> Vec<u8> {
+pub fn encode(position: Position, routes: &str) -> Vec<u8> {
     serde_json::to_vec(&Record {
         commit_lsn: position.commit_lsn.to_string(),
         index: position.index,
+        routes: routes.to_owned(),
         written_at: chrono::Utc::now().to_rfc3339(),
     })
     .expect("a record serializes")
 }
 
-fn decode(value: &[u8]) -> Result<Position, String> {
+fn decode(value: &[u8]) -> Result<Committed, String> {
     let record: Record = serde_json::from_slice(value).map_err(|e| e.to_string())?;
-    Ok(Position {
-        commit_lsn: record.commit_lsn.parse::<Lsn>()?,
-        index: record.index,
+    Ok(Committed {
+        position: Position {
+            commit_lsn: record.commit_lsn.parse::<Lsn>()?,
+            index: record.index,
+        },
+        routes: record.routes,
     })
 }
 
@@ -85,7 +114,7 @@ pub fn read(
     topic: &str,
     key: &str,
     timeout: Duration,
-) -> Result<Option<Position>, String> {
+) -> Result<Option<Committed>, String> {
     let consumer: BaseConsumer<EndIsNoError> = client
         .clone()
         .set("isolation.level", "read_committed")
@@ -115,6 +144,7 @@ pub fn read(
         }
         match consumer.poll(left.min(Duration::from_millis(500))) {
             Some(Ok(record)) if record.key() == Some(key.as_bytes()) => {
+                tracing::debug!(offset = record.offset(), "a progress record of this stream");
                 last = match record.payload() {
                     Some(value) => Some(decode(value).map_err(|e| {
                         format!(
@@ -128,7 +158,10 @@ pub fn read(
                 };
             }
             Some(Ok(_)) => {}
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(last),
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                tracing::debug!(?last, "the end of the progress topic");
+                return Ok(last);
+            }
             Some(Err(e)) => tracing::debug!(error = %e, "reading the progress topic"),
             None => {}
         }
@@ -145,7 +178,14 @@ mod tests {
             commit_lsn: Lsn(0x16_B374_D848),
             index: 41,
         };
-        assert_eq!(decode(&encode(position)), Ok(position));
+        let committed = decode(&encode(position, "abc")).unwrap();
+        assert_eq!(
+            committed,
+            Committed {
+                position,
+                routes: "abc".into()
+            }
+        );
         assert!(decode(b"{\"commit_lsn\": \"x\", \"index\": 1, \"written_at\": \"\"}").is_err());
     }
 }

@@ -78,6 +78,7 @@ impl Transactions {
         reader: ClientConfig,
         records: RecordShape,
         progress_topic: String,
+        routes: String,
     ) -> Result<Transactions, String> {
         let (commands, receiver) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -92,6 +93,7 @@ impl Transactions {
             reader,
             records,
             progress_topic,
+            routes,
             shared: shared.clone(),
             producer: None,
             key: String::new(),
@@ -186,6 +188,8 @@ struct Writer {
     reader: ClientConfig,
     records: RecordShape,
     progress_topic: String,
+    /// This run's [`progress::routes_fingerprint`].
+    routes: String,
     shared: Arc<Shared>,
     producer: Option<FutureProducer>,
     /// The stream's `transactional.id`, also the key of its progress record.
@@ -242,7 +246,9 @@ impl Writer {
             return Err(Fatal::new(why.clone(), "start the worker again"));
         }
         // A stream that starts again (a lost replication connection) begins with nothing open.
-        self.abort("the stream starts again");
+        if self.opened_at.is_some() {
+            self.abort("the stream starts again");
+        }
         self.key = format!(
             "pg_outbox-{}-{}-{}-{}",
             stream.system, stream.database, stream.slot, self.sink
@@ -286,27 +292,45 @@ impl Writer {
             })?;
         let committed = progress::read(&self.reader, &self.progress_topic, &self.key, CALL_TIMEOUT)
             .map_err(|e| Fatal::new(format!("sinks.{}: {e}", self.sink), "check the topic"))?;
-        *self.shared.committed.lock().unwrap() = committed;
-        match committed {
-            Some(position) => tracing::info!(
-                sink = self.sink, transactional_id = self.key, topic = self.progress_topic,
-                %position, "kafka: exactly once; resuming after the last committed position"
-            ),
-            None if created => tracing::info!(
-                sink = self.sink,
-                transactional_id = self.key,
-                topic = self.progress_topic,
-                "kafka: exactly once; created the progress topic, nothing committed yet"
-            ),
+        let (topic, key) = (&self.progress_topic, &self.key);
+        let resume_after = match committed {
+            Some(committed) if committed.routes == self.routes => {
+                tracing::info!(sink = self.sink, transactional_id = key, topic,
+                    position = %committed.position,
+                    "kafka: exactly once; resuming after the last committed position");
+                Some(committed.position)
+            }
+            Some(committed) => {
+                tracing::warn!(sink = self.sink, transactional_id = key, topic,
+                    position = %committed.position,
+                    "kafka: exactly once, but the routes changed since the last committed \
+                     position: messages up to it that the slot sends again are sent again this \
+                     once (some may be duplicates)");
+                None
+            }
+            None if created => {
+                tracing::info!(
+                    sink = self.sink,
+                    transactional_id = key,
+                    topic,
+                    "kafka: exactly once; created the progress topic, nothing committed yet"
+                );
+                None
+            }
             None => {
                 tracing::warn!(
-                sink = self.sink, transactional_id = self.key, topic = self.progress_topic,
-                "kafka: exactly once, but the progress topic has no position for this stream: a \
-                 first start, or the topic lost it (deleted, or the PostgreSQL system changed): \
-                 messages Kafka already has from before, if any, are sent again this once"
-            );
+                    sink = self.sink,
+                    transactional_id = key,
+                    topic,
+                    "kafka: exactly once, but the progress topic has no position for this \
+                     stream: a first start, or the topic lost it (deleted, or the PostgreSQL \
+                     system changed): messages Kafka already has from before, if any, are sent \
+                     again this once"
+                );
+                None
             }
-        }
+        };
+        *self.shared.committed.lock().unwrap() = resume_after;
         Ok(())
     }
 
@@ -418,7 +442,7 @@ impl Writer {
         let through = position.max(previous);
         let mut outcome = match through {
             Some(through) => {
-                let value = progress::encode(through);
+                let value = progress::encode(through, &self.routes);
                 let record = FutureRecord::to(&self.progress_topic)
                     .partition(progress::PARTITION)
                     .key(&self.key)
