@@ -55,7 +55,9 @@ impl Broker<'_> {
 
 #[derive(Clone, Copy)]
 enum Target<'a> {
-    Kafka(&'a Broker<'a>),
+    /// A Kafka broker, and whether the sink delivers exactly once (Kafka transactions; the
+    /// MockCluster cannot) or at least once.
+    Kafka(&'a Broker<'a>, bool),
     Amqp(&'a RabbitMq),
 }
 
@@ -140,13 +142,20 @@ pub async fn latency_table(
     );
     let mut runs: Vec<(Target<'_>, u64)> = Vec::new();
     for broker in &kafka {
-        runs.extend((0..RUNS).map(|_| (Target::Kafka(broker), 1000)));
-        runs.push((Target::Kafka(broker), 10_000));
+        let modes: &[bool] = match broker {
+            Broker::Apache(_) => &[true, false],
+            Broker::Mock(_) => &[false],
+        };
+        for &exactly_once in modes {
+            runs.extend((0..RUNS).map(|_| (Target::Kafka(broker, exactly_once), 1000)));
+            runs.push((Target::Kafka(broker, exactly_once), 10_000));
+        }
     }
     runs.push((Target::Amqp(rabbit), 1000));
     for (run, (target, rate)) in runs.into_iter().enumerate() {
         let name = match target {
-            Target::Kafka(broker) => format!("Kafka ({})", broker.name()),
+            Target::Kafka(broker, true) => format!("Kafka ({}), exactly once", broker.name()),
+            Target::Kafka(broker, false) => format!("Kafka ({}), at least once", broker.name()),
             Target::Amqp(_) => "RabbitMQ".to_owned(),
         };
         let l = worker_latency(target, rate, &format!("latency-{run}")).await;
@@ -198,10 +207,11 @@ async fn worker_latency(target: Target<'_>, rate: u64, topic: &str) -> Latency {
     let total = (rate * SECONDS) as usize;
     let pg = PgCluster::start().await;
     let (sink, queue) = match target {
-        Target::Kafka(broker) => {
+        Target::Kafka(broker, exactly_once) => {
             broker.new_topic(topic);
             let sink = format!(
-                "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\n[sinks.k.properties]\n\"linger.ms\" = 1\n",
+                "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\nexactly_once = {exactly_once}\n\
+                 [sinks.k.properties]\n\"linger.ms\" = 1\n",
                 broker.bootstrap()
             );
             (sink, topic.to_owned())
@@ -221,7 +231,7 @@ async fn worker_latency(target: Target<'_>, rate: u64, topic: &str) -> Latency {
     pg.wait_for_slot(&db).await;
 
     let consumer = match target {
-        Target::Kafka(broker) => {
+        Target::Kafka(broker, _) => {
             let (bootstrap, topic) = (broker.bootstrap(), topic.to_owned());
             tokio::task::spawn_blocking(move || kafka_arrivals(&bootstrap, &topic, total))
         }

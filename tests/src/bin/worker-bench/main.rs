@@ -49,6 +49,9 @@ struct Brokers {
 /// One drain of the backlog by one consumer.
 struct Drain {
     rate: f64,
+    /// The rate from the worker's first "streaming" log line (after its start-up: an
+    /// exactly-once Kafka sink fences and reads its progress first), when known.
+    streaming_rate: Option<f64>,
     /// Peak RSS of the worker process, kB (none for `pg_recvlogical`).
     peak_kb: Option<u64>,
 }
@@ -124,6 +127,13 @@ fn sinks(brokers: &Brokers) -> Vec<(&'static str, String)> {
                 brokers.kafka.brokers()
             ),
         ),
+        (
+            "kafka_at_least_once",
+            format!(
+                "[sinks.k]\ntype = \"kafka\"\nbrokers = \"{}\"\nexactly_once = false\n",
+                brokers.kafka.brokers()
+            ),
+        ),
         ("amqp", amqp.clone()),
         (
             "amqp_pipelined",
@@ -146,6 +156,8 @@ async fn throughput_table(brokers: &Brokers, backlog: u64) -> String {
          PostgreSQL, same broker, records, headers and keys: rdkafka {bare_kafka:.0} msg/s \
          (the worker's client properties, {MAX_IN_FLIGHT} in flight); lapin {bare_amqp:.0} msg/s \
          (publisher confirms, persistent, mandatory, one unconfirmed message per key).\n\n\
+         In brackets: from the worker's \"streaming\" log line, after its start-up (an exactly-once \
+         Kafka sink first fences earlier writers and reads its progress).\n\n\
          | storage | consumer | msg/s | ceiling | worker / ceiling | peak RSS |\n\
          |---|---|---|---|---|---|\n"
     );
@@ -165,7 +177,7 @@ async fn throughput_table(brokers: &Brokers, backlog: u64) -> String {
         table.push_str(&row(name, "pg_recvlogical", &recvlogical, None));
         for (slot, drain) in &drains {
             let ceiling = match *slot {
-                "kafka" => Some(decoding.min(bare_kafka)),
+                "kafka" | "kafka_at_least_once" => Some(decoding.min(bare_kafka)),
                 "amqp" | "amqp_pipelined" => Some(decoding.min(bare_amqp)),
                 _ => None,
             };
@@ -204,8 +216,12 @@ fn row(storage: &str, consumer: &str, drain: &Drain, ceiling: Option<f64>) -> St
         .peak_kb
         .map(|kb| format!("{:.0} MiB", kb as f64 / 1024.0))
         .unwrap_or_default();
+    let streaming = drain
+        .streaming_rate
+        .map(|r| format!(" ({r:.0})"))
+        .unwrap_or_default();
     format!(
-        "| {storage} | {consumer} | {:.0} | {ceiling} | {ratio} | {rss} |\n",
+        "| {storage} | {consumer} | {:.0}{streaming} | {ceiling} | {ratio} | {rss} |\n",
         drain.rate
     )
 }
@@ -260,6 +276,7 @@ fn recvlogical(pg: &PgCluster, end: &str, backlog: u64) -> Drain {
     eprintln!("    pg_recvlogical: {rate:.0} msg/s");
     Drain {
         rate,
+        streaming_rate: None,
         peak_kb: None,
     }
 }
@@ -288,13 +305,21 @@ async fn drain(
         path,
     ];
     let mut worker = Worker::start(&args, None);
-    wait_confirmed(db, slot, end).await;
+    let mut streaming = None;
+    while !is_confirmed(db, slot, end).await {
+        if streaming.is_none() && worker.log().contains("streaming") {
+            streaming = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let rate = backlog as f64 / started.elapsed().as_secs_f64();
+    let streaming_rate = streaming.map(|at| backlog as f64 / at.elapsed().as_secs_f64());
     let peak_kb = peak_rss_kb(worker.pid());
     eprintln!("    {slot}: {rate:.0} msg/s, peak RSS {peak_kb} kB");
     worker.terminate(Duration::from_secs(60));
     Drain {
         rate,
+        streaming_rate,
         peak_kb: Some(peak_kb),
     }
 }
@@ -309,21 +334,14 @@ fn peak_rss_kb(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-async fn wait_confirmed(db: &Client, slot: &str, end: &str) {
-    loop {
-        let done: bool = db
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot, &end],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if done {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn is_confirmed(db: &Client, slot: &str, end: &str) -> bool {
+    db.query_one(
+        "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot, &end],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// What the worker sends for message `i` of the backlog: key, payload, and its headers (the
