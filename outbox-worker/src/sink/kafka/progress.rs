@@ -107,6 +107,17 @@ impl ClientContext for EndIsNoError {
 
 impl ConsumerContext for EndIsNoError {}
 
+/// Why the progress could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Its end was not reached in time: another stream's transaction left open on the topic (a
+    /// crashed worker's, until its next run or `transaction.timeout.ms`) holds `read_committed`
+    /// readers back, or the brokers are slow. Worth another try.
+    NotYet(String),
+    /// The topic cannot be read, or holds what pg_outbox did not write.
+    Broken(String),
+}
+
 /// The last committed position of `key`, reading the topic's progress partition to its end with
 /// `read_committed`. `None`: the stream has none (first run, or the topic lost it).
 pub fn read(
@@ -114,7 +125,8 @@ pub fn read(
     topic: &str,
     key: &str,
     timeout: Duration,
-) -> Result<Option<Committed>, String> {
+) -> Result<Option<Committed>, ReadError> {
+    let broken = |e: KafkaError| ReadError::Broken(format!("kafka: {e}"));
     let consumer: BaseConsumer<EndIsNoError> = client
         .clone()
         .set("isolation.level", "read_committed")
@@ -124,34 +136,32 @@ pub fn read(
         .set("fetch.wait.max.ms", "10")
         .set("group.id", "pg_outbox-progress-reader")
         .create_with_context(EndIsNoError)
-        .map_err(|e| format!("kafka: {e}"))?;
+        .map_err(broken)?;
     let mut partitions = TopicPartitionList::new();
     partitions
         .add_partition_offset(topic, PARTITION, Offset::Beginning)
-        .map_err(|e| format!("kafka: {e}"))?;
-    consumer
-        .assign(&partitions)
-        .map_err(|e| format!("kafka: {e}"))?;
+        .map_err(broken)?;
+    consumer.assign(&partitions).map_err(broken)?;
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!(
+            return Err(ReadError::NotYet(format!(
                 "kafka: reading the progress topic {topic:?} did not reach its end within {}s",
                 timeout.as_secs()
-            ));
+            )));
         }
         match consumer.poll(left.min(Duration::from_millis(500))) {
             Some(Ok(record)) if record.key() == Some(key.as_bytes()) => {
                 tracing::debug!(offset = record.offset(), "a progress record of this stream");
                 last = match record.payload() {
                     Some(value) => Some(decode(value).map_err(|e| {
-                        format!(
+                        ReadError::Broken(format!(
                             "kafka: the progress record of {key:?} at offset {} of {topic:?} is \
                              not pg_outbox's ({e})",
                             record.offset()
-                        )
+                        ))
                     })?),
                     // A tombstone: someone deleted the stream's progress.
                     None => None,

@@ -21,7 +21,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
-use super::{classify, progress, record_to, RecordShape};
+use super::progress::{self, ReadError};
+use super::{classify, record_to, RecordShape};
 use crate::fatal::Fatal;
 use crate::lsn::Position;
 use crate::message::Message;
@@ -290,8 +291,23 @@ impl Writer {
                     ),
                 )
             })?;
-        let committed = progress::read(&self.reader, &self.progress_topic, &self.key, CALL_TIMEOUT)
-            .map_err(|e| Fatal::new(format!("sinks.{}: {e}", self.sink), "check the topic"))?;
+        let committed = loop {
+            match progress::read(&self.reader, &self.progress_topic, &self.key, CALL_TIMEOUT) {
+                Ok(committed) => break committed,
+                Err(ReadError::NotYet(e)) => {
+                    tracing::warn!(sink = self.sink, error = e, "kafka: retrying");
+                }
+                Err(ReadError::Broken(e)) => {
+                    return Err(Fatal::new(
+                        format!("sinks.{}: {e}", self.sink),
+                        format!(
+                            "progress_topic {:?} must be pg_outbox's alone; name another one",
+                            self.progress_topic
+                        ),
+                    ))
+                }
+            }
+        };
         let (topic, key) = (&self.progress_topic, &self.key);
         let resume_after = match committed {
             Some(committed) if committed.routes == self.routes => {
@@ -440,31 +456,37 @@ impl Writer {
         let position = self.open.iter().map(|p| p.position).max();
         let previous = *self.shared.committed.lock().unwrap();
         let through = position.max(previous);
-        let mut outcome = match through {
+        let progress = match through {
             Some(through) => {
                 let value = progress::encode(through, &self.routes);
                 let record = FutureRecord::to(&self.progress_topic)
                     .partition(progress::PARTITION)
                     .key(&self.key)
                     .payload(&value);
-                producer.send_result(record).map(drop).map_err(|(e, _)| e)
+                producer.send_result(record).map(Some).map_err(|(e, _)| e)
             }
-            None => Ok(()),
+            None => Ok(None),
         };
-        if outcome.is_ok() {
-            outcome = loop {
-                match producer.commit_transaction(CALL_TIMEOUT) {
-                    Err(KafkaError::Transaction(e))
-                        if e.is_retriable() && !e.txn_requires_abort() =>
-                    {
-                        tracing::warn!(sink = self.sink, error = %e, "kafka: commit not confirmed yet; retrying");
-                    }
-                    other => break other,
+        let mut open = std::mem::take(&mut self.open);
+        let (open_for, committing) = (self.opened_at.map(|at| at.elapsed()), Instant::now());
+        let (outcome, own) = delivered(&mut open, progress);
+        let reports = committing.elapsed();
+        let outcome = outcome.and_then(|()| loop {
+            match commit_transaction(&producer, CALL_TIMEOUT) {
+                Err(Retry(e)) => {
+                    tracing::warn!(
+                        sink = self.sink,
+                        error = e,
+                        "kafka: commit not confirmed yet; retrying"
+                    );
                 }
-            };
-        }
+                Err(Failed(e)) => break Err(e),
+                Ok(()) => break Ok(()),
+            }
+        });
         self.opened_at = None;
-        let open = std::mem::take(&mut self.open);
+        tracing::debug!(messages = open.len(), ?open_for, ?reports, commit = ?committing.elapsed(),
+            ok = outcome.is_ok(), "kafka: transaction ended");
         match outcome {
             Ok(()) => {
                 *self.shared.committed.lock().unwrap() = through;
@@ -483,8 +505,7 @@ impl Writer {
                     self.abort_transaction(&producer, &e.to_string());
                 }
                 let epoch = self.shared.epoch.load(Ordering::Acquire);
-                for pending in open {
-                    let own = own_failure(pending.delivery);
+                for (pending, own) in open.into_iter().zip(own) {
                     let error = match (&error, own) {
                         (SinkError::Closed(_), _) => error.clone(),
                         (_, Some(own)) => own,
@@ -579,16 +600,82 @@ impl Writer {
     }
 }
 
-/// The message's own delivery error, if the broker refused it (the others of an aborted
-/// transaction fail as transient).
-fn own_failure(delivery: DeliveryFuture) -> Option<SinkError> {
-    use futures::FutureExt;
-    match delivery.now_or_never() {
-        Some(Ok(Err((error, _)))) => match classify(error) {
-            permanent @ SinkError::Permanent(_) => Some(permanent),
-            _ => None,
-        },
-        _ => None,
+/// Waits for the delivery report of every message of the transaction and of its progress record
+/// (rdkafka's `commit_transaction` flushes by polling a queue that the producer's own thread
+/// serves, 100 ms at a time: that cost every transaction 100 ms). Returns the first failure, and
+/// each message's own refusal for good (the others of an aborted transaction fail as transient).
+fn delivered(
+    open: &mut [Pending],
+    progress: Result<Option<DeliveryFuture>, KafkaError>,
+) -> (Result<(), KafkaError>, Vec<Option<SinkError>>) {
+    let mut first: Option<KafkaError> = None;
+    let mut report = |delivery: &mut DeliveryFuture| -> Option<KafkaError> {
+        let error = match futures::executor::block_on(delivery) {
+            Ok(Ok(_)) => return None,
+            Ok(Err((error, _))) => error,
+            Err(_) => KafkaError::Canceled,
+        };
+        first.get_or_insert_with(|| error.clone());
+        Some(error)
+    };
+    let own = open
+        .iter_mut()
+        .map(|pending| {
+            report(&mut pending.delivery).and_then(|error| match classify(error) {
+                permanent @ SinkError::Permanent(_) => Some(permanent),
+                _ => None,
+            })
+        })
+        .collect();
+    match progress {
+        Ok(Some(mut delivery)) => {
+            report(&mut delivery);
+        }
+        Ok(None) => {}
+        Err(error) => {
+            first.get_or_insert(error);
+        }
+    }
+    (first.map_or(Ok(()), Err), own)
+}
+
+/// Why a commit did not succeed.
+enum CommitError {
+    /// Not confirmed yet; calling again is allowed.
+    Retry(String),
+    /// The transaction must be aborted, or the producer failed for good.
+    Failed(KafkaError),
+}
+use CommitError::{Failed, Retry};
+
+/// librdkafka's own commit. rdkafka's wrapper first flushes by polling a queue that the
+/// producer's own thread serves, 100 ms at a time, which held a commit 100 ms whenever a report
+/// was still on that queue; librdkafka's flush waits for it instead.
+fn commit_transaction(producer: &FutureProducer, timeout: Duration) -> Result<(), CommitError> {
+    use rdkafka::bindings as rd;
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the client pointer is valid while `producer` is borrowed. A non-null result is an
+    // error object that is ours: it is read, then destroyed once, and its string is copied
+    // before that.
+    unsafe {
+        let error = rd::rd_kafka_commit_transaction(producer.client().native_ptr(), timeout_ms);
+        if error.is_null() {
+            return Ok(());
+        }
+        let code = RDKafkaErrorCode::from(rd::rd_kafka_error_code(error));
+        let text = std::ffi::CStr::from_ptr(rd::rd_kafka_error_string(error))
+            .to_string_lossy()
+            .into_owned();
+        let retry = rd::rd_kafka_error_is_retriable(error) != 0
+            && rd::rd_kafka_error_txn_requires_abort(error) == 0
+            && rd::rd_kafka_error_is_fatal(error) == 0;
+        rd::rd_kafka_error_destroy(error);
+        if retry {
+            Err(Retry(text))
+        } else {
+            // A fatal error is also the client's `fatal_error()`, which `fatal` reads.
+            Err(Failed(KafkaError::Global(code)))
+        }
     }
 }
 
