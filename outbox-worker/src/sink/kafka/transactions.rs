@@ -29,7 +29,10 @@ use crate::message::Message;
 use crate::sink::{SinkError, StreamId};
 use crate::telemetry;
 
-/// A transaction commits once its first message is this old, or holds this many messages.
+/// A transaction commits once nothing more came for `QUIET` (a slow stream waits no longer for
+/// company), once its first message is `LINGER` old (a steady one is not held longer), or at
+/// `MAX_MESSAGES` (half the default in-flight window: the other half fills meanwhile).
+const QUIET: Duration = Duration::from_millis(2);
 const LINGER: Duration = Duration::from_millis(20);
 const MAX_MESSAGES: usize = 5_000;
 /// How long a commit, an abort or the fencing at start may take before it is tried again.
@@ -208,10 +211,11 @@ impl Writer {
         loop {
             let next = match self.opened_at {
                 None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(at) => {
-                    commands.recv_timeout((at + LINGER).saturating_duration_since(Instant::now()))
-                }
+                Some(at) => commands.recv_timeout(
+                    QUIET.min((at + LINGER).saturating_duration_since(Instant::now())),
+                ),
             };
+            let quiet = matches!(next, Err(RecvTimeoutError::Timeout));
             match next {
                 Ok(Command::Start { stream, reply }) => {
                     let _ = reply.send(self.start(&stream));
@@ -233,9 +237,9 @@ impl Writer {
                     return;
                 }
             }
-            let due = self
-                .opened_at
-                .is_some_and(|at| at.elapsed() >= LINGER || self.open.len() >= MAX_MESSAGES);
+            let due = self.opened_at.is_some_and(|at| {
+                quiet || at.elapsed() >= LINGER || self.open.len() >= MAX_MESSAGES
+            });
             if due {
                 self.commit();
             }
@@ -263,6 +267,7 @@ impl Writer {
             )
         })?;
         let mut attempt = 0u32;
+        let started = Instant::now();
         while let Err(e) = producer.init_transactions(CALL_TIMEOUT) {
             let unsupported = matches!(
                 e.rdkafka_error_code(),
@@ -280,6 +285,7 @@ impl Writer {
             std::thread::sleep(Duration::from_millis(500));
         }
         self.producer = Some(producer);
+        let fenced = started.elapsed();
         let created = progress::ensure_topic(&self.reader, &self.progress_topic, CALL_TIMEOUT)
             .map_err(|e| {
                 Fatal::new(
@@ -308,6 +314,7 @@ impl Writer {
                 }
             }
         };
+        tracing::debug!(?fenced, took = ?started.elapsed(), "kafka: fenced and read the progress");
         let (topic, key) = (&self.progress_topic, &self.key);
         let resume_after = match committed {
             Some(committed) if committed.routes == self.routes => {
