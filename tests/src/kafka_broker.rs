@@ -309,6 +309,13 @@ impl KafkaBroker {
         );
     }
 
+    pub fn delete_topic(&self, topic: &str) {
+        let admin = self.admin();
+        let results =
+            block_on(admin.delete_topics(&[topic], &AdminOptions::new())).expect("delete topics");
+        assert!(results[0].is_ok(), "delete {topic}: {results:?}");
+    }
+
     fn admin(&self) -> AdminClient<DefaultClientContext> {
         ClientConfig::new()
             .set("bootstrap.servers", self.brokers())

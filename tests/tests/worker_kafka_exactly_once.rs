@@ -332,3 +332,41 @@ async fn a_queue_routed_to_kafka_while_stopped_is_sent_not_skipped() {
         worker.log()
     );
 }
+
+/// The progress topic deleted while the worker was stopped: the next run says so and goes on at
+/// least once for that start (here nothing was unconfirmed, so nothing comes twice); its metrics
+/// count the transactions.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_progress_topic_is_reported_and_delivery_goes_on() {
+    let kafka = KafkaBroker::start(&[("orders", 3)]);
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file("");
+    let listen = format!("127.0.0.1:{}", outbox_tests::postgres::free_port());
+    let mut args = kafka_args(&pg.url(), &kafka.brokers(), config.path());
+    args.extend(["--http-listen".to_owned(), listen.clone()]);
+    let mut worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    publish(&db, 0, 100, "d", 5, false).await;
+    kafka::read(&kafka.brokers(), "orders", 100, Duration::from_secs(60)).await;
+    let (_, metrics) = outbox_tests::worker::http_get(&listen, "/metrics").unwrap();
+    let committed = outbox_tests::worker::metric(
+        &metrics,
+        "outbox_kafka_transactions_total{sink=\"kafka\",outcome=\"committed\"}",
+    );
+    assert!(committed.is_some_and(|n| n >= 1.0), "{metrics}");
+    worker.terminate(Duration::from_secs(10));
+
+    kafka.delete_topic("pg_outbox-progress");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let worker = Worker::start(&args, None);
+    publish(&db, 100, 100, "d", 5, true).await;
+    let seen = read_committed(&kafka, 200).await;
+    let tally = check_delivery(&seen, 200);
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
+    let log = worker.log();
+    assert!(
+        log.contains("created the progress topic") || log.contains("has no position"),
+        "{log}"
+    );
+}

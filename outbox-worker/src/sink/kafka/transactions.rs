@@ -336,7 +336,9 @@ impl Writer {
                     sink = self.sink,
                     transactional_id = key,
                     topic,
-                    "kafka: exactly once; created the progress topic, nothing committed yet"
+                    "kafka: exactly once; created the progress topic, nothing committed yet (if \
+                     it existed before and was deleted, messages Kafka already has may be sent \
+                     again this once)"
                 );
                 None
             }
