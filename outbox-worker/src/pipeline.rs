@@ -193,15 +193,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     result
 }
 
-/// Resumes every sink for a stream that starts: `true` when shutdown came first.
+/// Resumes every sink for a stream that starts, all at once (one exactly-once sink's reading of
+/// the progress topic may wait for another's fencing to end what it left open): `true` when
+/// shutdown came first.
 async fn resume(sinks: &Sinks, stream: &StreamId, shutdown: &CancellationToken) -> Result<bool> {
-    for (_, named) in sinks.iter() {
-        tokio::select! {
-            resumed = named.sink.resume(stream) => resumed?,
-            () = shutdown.cancelled() => return Ok(true),
-        }
+    let all =
+        futures::future::try_join_all(sinks.iter().map(|(_, named)| named.sink.resume(stream)));
+    tokio::select! {
+        resumed = all => resumed.map(|_| false).map_err(Into::into),
+        () = shutdown.cancelled() => Ok(true),
     }
-    Ok(false)
 }
 
 /// The stream's identity: PostgreSQL's system identifier (kept by a physical standby that takes

@@ -370,3 +370,104 @@ async fn a_deleted_progress_topic_is_reported_and_delivery_goes_on() {
         "{log}"
     );
 }
+
+/// Another stream's transaction left open on the shared progress topic (a worker of another
+/// database crashed between its progress record and its commit): `read_committed` readers stop
+/// before it, so the progress read must wait for it instead of taking that stop for the end.
+/// (Found by a hostile review: the restarted worker resumed from a stale position, 100
+/// duplicates.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_transaction_open_on_the_progress_topic_is_waited_for() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let kafka = KafkaBroker::start(&[("orders", 3)]);
+    let pg = PgCluster::start().await;
+    // The slot is not confirmed before the kill: the restart must rely on Kafka's progress.
+    let config = Worker::config_file("[postgres]\nstatus_interval = \"60s\"\n");
+    let args = kafka_args(&pg.url(), &kafka.brokers(), config.path());
+    let mut worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    publish(&db, 0, 100, "f", 7, false).await;
+    read_committed(&kafka, 100).await;
+
+    let foreign: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("transactional.id", "pg_outbox-other-db-slot-kafka")
+        .create()
+        .unwrap();
+    foreign.init_transactions(Duration::from_secs(30)).unwrap();
+    foreign.begin_transaction().unwrap();
+    foreign
+        .send(
+            BaseRecord::to("pg_outbox-progress")
+                .partition(0)
+                .key("pg_outbox-other-db-slot-kafka")
+                .payload(r#"{"commit_lsn":"0/1","index":0,"routes":"x","written_at":"now"}"#),
+        )
+        .unwrap();
+    foreign.flush(Duration::from_secs(10)).unwrap();
+
+    publish(&db, 100, 100, "f", 7, true).await;
+    read_committed(&kafka, 200).await;
+    worker.kill();
+    let worker = Worker::start(&args, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !worker.log().contains("resuming after"),
+        "resumed past an open transaction: {}",
+        worker.log()
+    );
+    // The other stream's next run ends it.
+    foreign.abort_transaction(Duration::from_secs(30)).unwrap();
+    publish(&db, 200, 100, "f", 7, false).await;
+    let seen = read_committed(&kafka, 300).await;
+    let tally = check_delivery(&seen, 300);
+    assert_eq!(tally.duplicates, 0, "{tally:?}\n{}", worker.log());
+}
+
+/// The broker refuses a whole batch when one message of it is over the topic's
+/// `max.message.bytes`: only that message is dead-lettered, its batch-mates are sent again alone
+/// and delivered. (Found by a hostile review: all 50 of the batch were dead-lettered.)
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_oversize_message_of_a_refused_batch_is_dead_lettered() {
+    let kafka = KafkaBroker::start(&[("orders", 1)]);
+    kafka.alter_topic("orders", "max.message.bytes", "100000");
+    let pg = PgCluster::start().await;
+    let config = Worker::config_file("[delivery]\nmax_attempts = 2\n");
+    let args = kafka_args(&pg.url(), &kafka.brokers(), config.path());
+    let worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    db.batch_execute(
+        "BEGIN;
+         SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'key', 'k-' || i % 3,
+                'pad', repeat('y', 300)), '{}', 'k-' || i % 3)) FROM generate_series(0, 49) i;
+         SELECT outbox.publish('orders', jsonb_build_object('i', 50, 'blob', repeat('x', 120000)),
+                '{}', 'k-2');
+         SELECT count(outbox.publish('orders', jsonb_build_object('i', i, 'key', 'k-' || i % 3,
+                'pad', repeat('y', 300)), '{}', 'k-' || i % 3)) FROM generate_series(51, 99) i;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the oversize message dead-lettered",
+        || async {
+            outbox_tests::postgres::count(&db, "SELECT count(*) FROM outbox.dead_letters").await
+                >= 1
+        },
+    )
+    .await;
+    let seen: Vec<Seen> = read_committed(&kafka, 99).await;
+    let ids: std::collections::BTreeSet<u64> = seen
+        .iter()
+        .map(|s| s.payload["i"].as_u64().unwrap())
+        .collect();
+    let missing: Vec<u64> = (0..100).filter(|i| *i != 50 && !ids.contains(i)).collect();
+    assert!(missing.is_empty(), "missing {missing:?}\n{}", worker.log());
+    assert_eq!(seen.len(), 99, "no duplicates");
+    let dead: Vec<String> =
+        outbox_tests::postgres::column(&db, "SELECT payload->>'i' FROM outbox.dead_letters").await;
+    assert_eq!(dead, ["50"]);
+}

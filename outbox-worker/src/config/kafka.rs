@@ -165,11 +165,15 @@ fn conflicts_with_exactly_once(key: &str, value: &str) -> Result<(), String> {
              that a new run or a standby fences the old one; remove it"
                 .into(),
         ),
-        "enable.idempotence" if value.trim().eq_ignore_ascii_case("false") => Err(
+        "enable.idempotence"
+            if matches!(value.trim().to_ascii_lowercase().as_str(), "false" | "f" | "0") =>
+        {
+            Err(
             "Kafka transactions need the idempotent producer; set exactly_once = false to turn \
              it off"
                 .into(),
-        ),
+            )
+        }
         _ => Ok(()),
     }
 }

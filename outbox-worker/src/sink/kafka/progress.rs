@@ -142,13 +142,37 @@ pub fn read(
         .add_partition_offset(topic, PARTITION, Offset::Beginning)
         .map_err(broken)?;
     consumer.assign(&partitions).map_err(broken)?;
+    // `read_committed` ends a partition at its last stable offset: a transaction of another
+    // stream left open on it (a crashed worker's, until its next run or its
+    // `transaction.timeout.ms`) would end the read before this stream's own later records, the
+    // end looking like any other. So the read waits until nothing is open below the end.
+    let (_, stable) = consumer
+        .fetch_watermarks(topic, PARTITION, timeout)
+        .map_err(broken)?;
+    let everything: BaseConsumer<EndIsNoError> = client
+        .clone()
+        .set("isolation.level", "read_uncommitted")
+        .create_with_context(EndIsNoError)
+        .map_err(broken)?;
+    let (_, end) = everything
+        .fetch_watermarks(topic, PARTITION, timeout)
+        .map_err(broken)?;
+    if stable < end {
+        return Err(ReadError::NotYet(format!(
+            "kafka: a transaction of another stream is open on the progress topic {topic:?} \
+             (offsets {stable} to {end}): waiting for it to end (a crashed worker's ends with its \
+             next run, or after its transaction.timeout.ms)"
+        )));
+    }
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(ReadError::NotYet(format!(
-                "kafka: reading the progress topic {topic:?} did not reach its end within {}s",
+                "kafka: reading the progress topic {topic:?} did not reach its end within {}s \
+                 (another stream's transaction may be open on it: a crashed worker's, until its \
+                 next run or its transaction.timeout.ms)",
                 timeout.as_secs()
             )));
         }

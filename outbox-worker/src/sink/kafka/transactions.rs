@@ -40,6 +40,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the sink's `send` and `close` share with the transaction thread.
 pub struct Transactions {
+    progress_topic: String,
     commands: Mutex<mpsc::Sender<Command>>,
     shared: Arc<Shared>,
 }
@@ -96,7 +97,7 @@ impl Transactions {
             client,
             reader,
             records,
-            progress_topic,
+            progress_topic: progress_topic.clone(),
             routes,
             shared: shared.clone(),
             producer: None,
@@ -104,6 +105,7 @@ impl Transactions {
             open: Vec::new(),
             opened_at: None,
             known_topics: HashSet::new(),
+            size_suspects: HashSet::new(),
             closed: None,
         };
         std::thread::Builder::new()
@@ -111,6 +113,7 @@ impl Transactions {
             .spawn(move || writer.run(&receiver))
             .map_err(|e| format!("cannot start the transaction thread: {e}"))?;
         Ok(Transactions {
+            progress_topic,
             commands: Mutex::new(commands),
             shared,
         })
@@ -137,6 +140,13 @@ impl Transactions {
     }
 
     pub fn send(&self, topic: &str, message: &Arc<Message>) -> super::Ack {
+        if topic == self.progress_topic {
+            let error = SinkError::Permanent(format!(
+                "kafka: {topic:?} is this sink's progress topic, not a destination; route the \
+                 queue elsewhere or name another progress_topic"
+            ));
+            return Box::pin(async move { Err(error) });
+        }
         let (reply, answer) = oneshot::channel();
         self.command(Command::Produce {
             topic: topic.to_owned(),
@@ -179,6 +189,7 @@ impl Transactions {
 
 /// A message in the open transaction.
 struct Pending {
+    id: uuid::Uuid,
     position: Position,
     reply: Reply,
     delivery: DeliveryFuture,
@@ -202,6 +213,8 @@ struct Writer {
     opened_at: Option<Instant>,
     /// Topics the cluster has and lets the worker see ([`Writer::check_topic`]).
     known_topics: HashSet<String>,
+    /// Messages refused for size together with others: each is sent again alone.
+    size_suspects: HashSet<uuid::Uuid>,
     /// Why nothing can be sent any more (fenced, or a fatal producer error).
     closed: Option<String>,
 }
@@ -297,11 +310,20 @@ impl Writer {
                     ),
                 )
             })?;
+        let mut waits = 0u32;
         let committed = loop {
             match progress::read(&self.reader, &self.progress_topic, &self.key, CALL_TIMEOUT) {
                 Ok(committed) => break committed,
                 Err(ReadError::NotYet(e)) => {
-                    tracing::warn!(sink = self.sink, error = e, "kafka: retrying");
+                    if waits.is_multiple_of(20) {
+                        tracing::warn!(
+                            sink = self.sink,
+                            error = e,
+                            "kafka: reading the progress again"
+                        );
+                    }
+                    waits += 1;
+                    std::thread::sleep(Duration::from_millis(500));
                 }
                 Err(ReadError::Broken(e)) => {
                     return Err(Fatal::new(
@@ -364,6 +386,13 @@ impl Writer {
             let _ = reply.send(Err((SinkError::Closed(why.clone()), epoch)));
             return;
         }
+        // A message refused for size with others goes in a transaction of its own: only then is
+        // a size refusal its own fault. (The open one commits first; if that fails, this message
+        // was sent behind it and is refused below, as the others queued behind an abort.)
+        let alone = self.size_suspects.contains(&message.id);
+        if alone && self.opened_at.is_some() {
+            self.commit();
+        }
         let current = self.shared.epoch.load(Ordering::Acquire);
         if epoch < current {
             let _ = reply.send(Err((
@@ -397,11 +426,17 @@ impl Writer {
                 .map_err(|(e, _)| self.failure_of_send(&e, &producer))
         });
         match enqueued {
-            Ok(delivery) => self.open.push(Pending {
-                position: message.position(),
-                reply,
-                delivery,
-            }),
+            Ok(delivery) => {
+                self.open.push(Pending {
+                    id: message.id,
+                    position: message.position(),
+                    reply,
+                    delivery,
+                });
+                if alone {
+                    self.commit();
+                }
+            }
             // Refused before it entered the transaction. Nothing may commit a position past it
             // while it waits for its retry or its dead letter: the transaction is aborted, and
             // the sends queued behind it are refused, as for a refusal inside the transaction.
@@ -479,6 +514,7 @@ impl Writer {
         let mut open = std::mem::take(&mut self.open);
         let (open_for, committing) = (self.opened_at.map(|at| at.elapsed()), Instant::now());
         let (outcome, own) = delivered(&mut open, progress);
+        let own = self.own_refusals(&open, own);
         let reports = committing.elapsed();
         let outcome = outcome.and_then(|()| loop {
             match commit_transaction(&producer, CALL_TIMEOUT) {
@@ -503,6 +539,7 @@ impl Writer {
                 metrics::counter!(telemetry::KAFKA_TRANSACTIONS, "sink" => self.sink.clone(), "outcome" => "committed")
                     .increment(1);
                 for pending in open {
+                    self.size_suspects.remove(&pending.id);
                     let _ = pending.reply.send(Ok(()));
                 }
             }
@@ -524,6 +561,42 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Each message's own refusal for good, from its delivery error (the others of an aborted
+    /// transaction fail as transient). The broker refuses a whole batch for size when one message
+    /// of it is too large, so a size refusal counts against a message only when it was alone in
+    /// its transaction; otherwise it is transient and the message is sent again alone.
+    fn own_refusals(
+        &mut self,
+        open: &[Pending],
+        own: Vec<Option<KafkaError>>,
+    ) -> Vec<Option<SinkError>> {
+        use RDKafkaErrorCode::{MessageBatchTooLarge, MessageSizeTooLarge};
+        let alone = open.len() == 1;
+        open.iter()
+            .zip(own)
+            .map(|(pending, own)| {
+                let error = own?;
+                let size = matches!(
+                    error.rdkafka_error_code(),
+                    Some(MessageSizeTooLarge | MessageBatchTooLarge)
+                );
+                if size && !alone {
+                    if self.size_suspects.len() > 100_000 {
+                        self.size_suspects.clear();
+                    }
+                    self.size_suspects.insert(pending.id);
+                    return Some(SinkError::Transient(format!(
+                        "kafka: {error} (refused with others in one batch; sent again alone)"
+                    )));
+                }
+                match classify(error) {
+                    permanent @ SinkError::Permanent(_) => Some(permanent),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
     /// Aborts the open transaction, if any, failing its messages, and refuses every send queued
@@ -612,11 +685,11 @@ impl Writer {
 /// Waits for the delivery report of every message of the transaction and of its progress record
 /// (rdkafka's `commit_transaction` flushes by polling a queue that the producer's own thread
 /// serves, 100 ms at a time: that cost every transaction 100 ms). Returns the first failure, and
-/// each message's own refusal for good (the others of an aborted transaction fail as transient).
+/// each message's own delivery error.
 fn delivered(
     open: &mut [Pending],
     progress: Result<Option<DeliveryFuture>, KafkaError>,
-) -> (Result<(), KafkaError>, Vec<Option<SinkError>>) {
+) -> (Result<(), KafkaError>, Vec<Option<KafkaError>>) {
     let mut first: Option<KafkaError> = None;
     let mut report = |delivery: &mut DeliveryFuture| -> Option<KafkaError> {
         let error = match futures::executor::block_on(delivery) {
@@ -629,12 +702,7 @@ fn delivered(
     };
     let own = open
         .iter_mut()
-        .map(|pending| {
-            report(&mut pending.delivery).and_then(|error| match classify(error) {
-                permanent @ SinkError::Permanent(_) => Some(permanent),
-                _ => None,
-            })
-        })
+        .map(|pending| report(&mut pending.delivery))
         .collect();
     match progress {
         Ok(Some(mut delivery)) => {
