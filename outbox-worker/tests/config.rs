@@ -511,3 +511,35 @@ fn the_readme_configuration_example_is_valid() {
     let config = load(Some(example), Overrides::default(), &[]);
     assert!(config.is_ok(), "{config:?}");
 }
+
+#[test]
+fn exactly_once_settings_that_would_break_it_are_refused() {
+    let kafka = "[sinks.k]\ntype = \"kafka\"\nbrokers = \"b:9092\"\n";
+    let route = "[[routes]]\nqueues = \"*\"\nsink = \"k\"\n";
+    for (extra, expected) in [
+        (
+            "[sinks.k.properties]\n\"transactional.id\" = \"mine\"\n",
+            "properties.transactional.id",
+        ),
+        (
+            "[sinks.k.properties]\n\"enable.idempotence\" = \"0\"\n",
+            "properties.enable.idempotence",
+        ),
+        ("progress_topic = \"bad topic\"\n", "progress_topic"),
+    ] {
+        let toml = format!("{kafka}{extra}{route}");
+        rejects(Some(&toml), url(), &[], &[expected]);
+    }
+    let toml = format!("{kafka}{route}topic = \"pg_outbox-progress\"\n");
+    rejects(
+        Some(&toml),
+        url(),
+        &[],
+        &["routes[0].topic", "progress_topic"],
+    );
+    // At least once, none of these matter.
+    let toml = format!(
+        "{kafka}exactly_once = false\n[sinks.k.properties]\n\"enable.idempotence\" = \"false\"\n{route}"
+    );
+    load(Some(&toml), url(), &[]).expect("at least once without idempotence");
+}

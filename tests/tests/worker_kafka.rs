@@ -229,7 +229,9 @@ async fn an_oversize_message_is_dead_lettered_and_redriven_after_the_limit_is_ra
     assert_eq!(id, poison);
     assert_eq!(destination, "kafka:orders");
     assert!(error.contains("MessageSizeTooLarge"), "{error}");
-    assert_eq!(attempts, 2);
+    // max_attempts refusals of its own; a first refusal together with other messages of its
+    // transaction does not count (it is then sent again alone).
+    assert!((2..=3).contains(&attempts), "{attempts}");
 
     // Raise the limits (the topic's and the outbox's: redrive applies publish's size rule),
     // redrive: the same id arrives.

@@ -109,6 +109,16 @@ impl Config {
                 rules::check_template(value, kind)
                     .map_err(|e| invalid(format!("{key}.{field} = {value:?}: {e}")))?;
             }
+            if let (SinkConfig::Kafka(kafka), Some(topic)) = (sink, &route.topic) {
+                if kafka.exactly_once && *topic == kafka.progress_topic {
+                    return Err(invalid(format!(
+                        "{key}.topic = {topic:?}: it is sink {:?}'s progress_topic, which holds \
+                         the worker's progress records, not messages; route elsewhere or name \
+                         another progress_topic",
+                        route.sink
+                    )));
+                }
+            }
             for pattern in route.queues.iter() {
                 globset::Glob::new(pattern).map_err(|e| {
                     invalid(format!("{key}.queues: {pattern:?} is not a glob: {e}"))
