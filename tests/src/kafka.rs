@@ -129,26 +129,17 @@ pub fn kafka_python(
         Isolation::ReadUncommitted => "read_uncommitted",
         Isolation::ReadCommitted => "read_committed",
     };
-    let out = std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/python/kafka_consume.py"
-        ))
-        .args([brokers, topic, &expected.to_string()])
-        .arg(timeout.as_secs().to_string())
-        .arg(isolation)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "kafka-python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    crate::json_lines(
+        "kafka-python",
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/python/kafka_consume.py"
+            ))
+            .args([brokers, topic, &expected.to_string()])
+            .arg(timeout.as_secs().to_string())
+            .arg(isolation),
+    )
 }
 
 /// A kafka-python record as the delivery checks take it.

@@ -14,6 +14,22 @@ pub use postgres::PgCluster;
 pub use rabbitmq::RabbitMq;
 pub use worker::Worker;
 
+/// Runs an independent client that prints one JSON object per line; panics with its stderr if it
+/// fails.
+pub fn json_lines(what: &str, command: &mut std::process::Command) -> Vec<serde_json::Value> {
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Polls `check` every 100 ms until it returns true; panics with `what` after `timeout`.
 pub async fn eventually<F, Fut>(timeout: std::time::Duration, what: &str, mut check: F)
 where

@@ -184,27 +184,17 @@ impl RabbitMq {
         pause: Duration,
     ) -> Vec<serde_json::Value> {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/amqp_consume.py");
-        let out = Command::new("python3")
-            .args([
+        crate::json_lines(
+            "pika consumer",
+            Command::new("python3").args([
                 script,
                 &self.url(),
                 queue,
                 &expected.to_string(),
                 &timeout.as_secs().to_string(),
                 &pause.as_secs_f64().to_string(),
-            ])
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "pika consumer: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+            ]),
+        )
     }
 }
 

@@ -440,7 +440,8 @@ mod tests {
     use super::*;
     use crate::config::{Properties, PropertyValue, Scalar};
 
-    fn keeps_order_with(properties: &[(&str, &str)]) -> bool {
+    /// An at-least-once sink with these properties.
+    fn sink_with(properties: &[(&str, &str)]) -> KafkaSinkConfig {
         let properties = properties
             .iter()
             .map(|(k, v)| {
@@ -450,14 +451,17 @@ mod tests {
                 )
             })
             .collect::<BTreeMap<_, _>>();
-        let config = KafkaSinkConfig {
+        KafkaSinkConfig {
             brokers: "127.0.0.1:9".into(),
             records: "outbox".into(),
             properties: Properties(properties),
             exactly_once: false,
             progress_topic: "p".into(),
-        };
-        keeps_order(&client_config(&config, 1000))
+        }
+    }
+
+    fn keeps_order_with(properties: &[(&str, &str)]) -> bool {
+        keeps_order(&client_config(&sink_with(properties), 1000))
     }
 
     #[test]
@@ -469,23 +473,7 @@ mod tests {
 
     #[test]
     fn idempotence_off_alone_is_a_producer_librdkafka_accepts() {
-        let properties = [("enable.idempotence", "false")]
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    PropertyValue::Scalar(Scalar::Text(v.to_string())),
-                )
-            })
-            .collect::<BTreeMap<_, _>>();
-        let config = KafkaSinkConfig {
-            brokers: "127.0.0.1:9".into(),
-            records: "outbox".into(),
-            properties: Properties(properties),
-            exactly_once: false,
-            progress_topic: "p".into(),
-        };
-        let client = client_config(&config, 1000);
+        let client = client_config(&sink_with(&[("enable.idempotence", "false")]), 1000);
         assert_eq!(client.get("enable.gapless.guarantee"), Some("false"));
         assert!(!keeps_order(&client));
         let producer: FutureProducer = client.create().expect("librdkafka accepts idempotence off");
