@@ -423,7 +423,11 @@ impl Writer {
             self.check_topic(&producer, topic)?;
             producer
                 .send_result(record)
-                .map_err(|(e, _)| self.failure_of_send(&e, &producer))
+                // Refused at once: too large for `message.max.bytes`, or a fatal state.
+                .map_err(|(e, _)| {
+                    self.close_if_fatal(&e, &producer)
+                        .unwrap_or_else(|| classify(e.clone()))
+                })
         });
         match enqueued {
             Ok(delivery) => {
@@ -480,17 +484,6 @@ impl Writer {
             Some(code) => Err(SinkError::Transient(format!(
                 "kafka: topic {topic:?}: {code}"
             ))),
-        }
-    }
-
-    /// A send librdkafka refused at once (too large for `message.max.bytes`, a fatal state).
-    fn failure_of_send(&mut self, error: &KafkaError, producer: &FutureProducer) -> SinkError {
-        match self.fatal(error, producer) {
-            Some(why) => {
-                self.closed = Some(why.clone());
-                SinkError::Closed(why)
-            }
-            None => classify(error.clone()),
         }
     }
 
@@ -628,8 +621,7 @@ impl Writer {
             match producer.abort_transaction(CALL_TIMEOUT) {
                 Ok(()) => return,
                 Err(e) => {
-                    if let Some(fatal) = self.fatal(&e, producer) {
-                        self.closed = Some(fatal);
+                    if self.close_if_fatal(&e, producer).is_some() {
                         return;
                     }
                     tracing::warn!(sink = self.sink, error = %e, "kafka: abort not confirmed yet; retrying");
@@ -640,13 +632,19 @@ impl Writer {
 
     /// What a failed transaction call means for the messages in it; a fatal error closes the sink.
     fn failure(&mut self, error: &KafkaError, producer: &FutureProducer) -> SinkError {
-        match self.fatal(error, producer) {
-            Some(why) => {
-                self.closed = Some(why.clone());
-                SinkError::Closed(why)
-            }
-            None => SinkError::Transient(format!("kafka: transaction aborted: {error}")),
-        }
+        self.close_if_fatal(error, producer)
+            .unwrap_or_else(|| SinkError::Transient(format!("kafka: transaction aborted: {error}")))
+    }
+
+    /// A fatal `error` closes the sink for good: the error every message gets from then on.
+    fn close_if_fatal(
+        &mut self,
+        error: &KafkaError,
+        producer: &FutureProducer,
+    ) -> Option<SinkError> {
+        let why = self.fatal(error, producer)?;
+        self.closed = Some(why.clone());
+        Some(SinkError::Closed(why))
     }
 
     /// The message that stops this sink for good, if `error` is fatal: fenced by a newer writer
