@@ -1,4 +1,4 @@
-use crate::Error;
+use crate::{Error, InboxMessage};
 use tokio_postgres::{Client, Transaction};
 
 /// Exactly-once effects for one consumer: a message id is processed at most once, in the same
@@ -35,10 +35,45 @@ impl Inbox {
         }
     }
 
-    /// Opens a transaction, marks `message_id` processed, runs `handler` in that transaction and
+    /// Opens a transaction, marks the message processed, runs `handler` in that transaction and
     /// commits. A duplicate skips the handler; a handler error rolls back its writes and the mark.
     /// Concurrent deliveries of the same id run the handler once: the second waits for the first.
-    pub async fn process_once<T, E, F>(
+    ///
+    /// `message` is its `outbox-id` (`&str`) or, to continue its trace with the `otel` feature, the
+    /// [`crate::received::Received`] read from the broker message: the handler then runs in a
+    /// `process` span linked to the message's creation context.
+    pub async fn process_once<M, T, E, F>(
+        &self,
+        client: &mut Client,
+        message: &M,
+        handler: F,
+    ) -> Result<Processed<T>, ProcessError<E>>
+    where
+        M: InboxMessage + ?Sized,
+        F: AsyncFnOnce(&Transaction<'_>) -> Result<T, E>,
+    {
+        #[cfg(feature = "otel")]
+        {
+            use tracing::Instrument;
+            let span = crate::trace::process_span(&self.consumer, message);
+            let outcome = self
+                .process(client, &message.message_id(), handler)
+                .instrument(span.clone())
+                .await;
+            let error = match &outcome {
+                Err(ProcessError::Handler(_)) => Some("the handler failed".to_owned()),
+                Err(ProcessError::Outbox(e)) => Some(e.to_string()),
+                Ok(_) => None,
+            };
+            let duplicate = matches!(outcome, Ok(Processed::Duplicate));
+            crate::trace::processed(&span, duplicate, error);
+            outcome
+        }
+        #[cfg(not(feature = "otel"))]
+        self.process(client, &message.message_id(), handler).await
+    }
+
+    async fn process<T, E, F>(
         &self,
         client: &mut Client,
         message_id: &str,

@@ -50,6 +50,7 @@ mod event;
 mod headers;
 mod inbox;
 mod publish;
+mod trace;
 
 #[cfg(any(feature = "kafka", feature = "amqp"))]
 pub mod received;
@@ -59,4 +60,5 @@ pub use event::Event;
 pub use headers::Headers;
 pub use inbox::{Inbox, ProcessError, Processed};
 pub use publish::Outbox;
+pub use trace::InboxMessage;
 pub use uuid::Uuid;

@@ -1,3 +1,4 @@
+use crate::trace::Creation;
 use crate::{Error, Event, Headers};
 use serde::Serialize;
 use tokio_postgres::GenericClient;
@@ -25,10 +26,15 @@ impl Outbox {
         key: Option<&str>,
     ) -> Result<Uuid, Error> {
         let payload = serde_json::to_value(payload)?;
-        let row = client
-            .query_one(
-                "SELECT outbox.publish($1, $2, $3, $4)",
-                &[&queue, &payload, &headers.to_json(), &key],
+        let creation = Creation::new(headers, queue, 1);
+        let headers = creation.headers().to_json();
+        let row = creation
+            .publish(
+                client.query_one(
+                    "SELECT outbox.publish($1, $2, $3, $4)",
+                    &[&queue, &payload, &headers, &key],
+                ),
+                |row| vec![row.get(0)],
             )
             .await?;
         Ok(row.get(0))
@@ -47,10 +53,15 @@ impl Outbox {
             .iter()
             .map(serde_json::to_value)
             .collect::<Result<Vec<_>, _>>()?;
-        let rows = client
-            .query(
-                "SELECT outbox.publish_batch($1, $2, $3, $4)",
-                &[&queue, &payloads, &headers.to_json(), &keys],
+        let creation = Creation::new(headers, queue, payloads.len());
+        let headers = creation.headers().to_json();
+        let rows = creation
+            .publish(
+                client.query(
+                    "SELECT outbox.publish_batch($1, $2, $3, $4)",
+                    &[&queue, &payloads, &headers, &keys],
+                ),
+                |rows| rows.iter().map(|row| row.get(0)).collect(),
             )
             .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
@@ -66,10 +77,15 @@ impl Outbox {
         headers: &Headers,
         key: Option<&str>,
     ) -> Result<Uuid, Error> {
-        let row = client
-            .query_one(
-                "SELECT outbox.publish_bytes($1, $2, $3, $4)",
-                &[&queue, &payload, &headers.to_json(), &key],
+        let creation = Creation::new(headers, queue, 1);
+        let headers = creation.headers().to_json();
+        let row = creation
+            .publish(
+                client.query_one(
+                    "SELECT outbox.publish_bytes($1, $2, $3, $4)",
+                    &[&queue, &payload, &headers, &key],
+                ),
+                |row| vec![row.get(0)],
             )
             .await?;
         Ok(row.get(0))

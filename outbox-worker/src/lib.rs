@@ -42,4 +42,5 @@ pub mod setup;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod traces;
 pub mod triage;

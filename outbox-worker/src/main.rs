@@ -279,6 +279,8 @@ fn main() -> ExitCode {
         .build()
         .expect("the tokio runtime");
     let code = runtime.block_on(run_command());
+    // The spans still batched go out before the exit (the export has a timeout of its own).
+    outbox_worker::traces::shutdown();
     // Not the default wait for blocking tasks: one may be stuck in a write to stdout that its
     // reader never reads, and the process must exit all the same.
     runtime.shutdown_timeout(Duration::from_millis(100));
@@ -295,6 +297,16 @@ async fn run_command() -> ExitCode {
         }
     };
     init_logging(&config);
+    if matches!(action, Action::Run | Action::Replay(_)) {
+        match outbox_worker::traces::init(&config.telemetry) {
+            Ok(true) => tracing::info!("telemetry: exporting trace spans over OTLP/HTTP"),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("outbox-worker: configuration error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let result = match action {
         Action::CheckConfig => {
             print!("{}", admin::show_config(&config));

@@ -6,8 +6,8 @@ use crate::dead_letters::{DeadLetters, NotWritten};
 use crate::delivery::{self, Delivery, TxId, Undeliverable};
 use crate::fatal::Fatal;
 use crate::message::Message;
-use crate::router::Router;
-use crate::telemetry;
+use crate::router::{Destination, Router};
+use crate::{telemetry, traces};
 
 /// What a stream (or a replay) works with, borrowed for its lifetime.
 pub struct Parts<'a> {
@@ -47,9 +47,19 @@ impl Parts<'_> {
         let error = format!("no route matches queue {:?}", message.queue);
         tracing::error!(id = %message.id, queue = %message.queue, "{error}; dead-lettering it");
         delivery::count_dead_letter("", &message);
+        let started = std::time::SystemTime::now();
         self.dead_letters
             .write(&message, "(no route)", &error, 1)
             .await?;
+        traces::send(traces::Send {
+            system: "pg_outbox",
+            sink: "",
+            destination: &Destination::None,
+            message: &message,
+            started,
+            attempts: 0,
+            outcome: traces::Outcome::DeadLettered(&error),
+        });
         Ok(Routed::DeadLettered)
     }
 

@@ -4,6 +4,7 @@ pub mod debezium;
 pub mod failover;
 pub mod kafka;
 pub mod kafka_broker;
+pub mod otlp;
 pub mod postgres;
 pub mod publish;
 pub mod rabbitmq;

@@ -55,6 +55,15 @@ impl Config {
                 humantime::format_duration(self.delivery.retry_max).to_string(),
             )));
         }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            if !endpoint.starts_with("http://") {
+                return Err(invalid(format!(
+                    "telemetry.otlp_endpoint = {endpoint:?}: an http:// base URL is expected \
+                     (OTLP/HTTP, e.g. http://localhost:4318); for TLS, send to a local \
+                     OpenTelemetry Collector that forwards over TLS"
+                )));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid(format!("log.level = {:?}: {e}", self.log.level)))?;
         for (name, sink) in &self.sinks {

@@ -51,6 +51,8 @@ pub struct Config {
     pub sinks: BTreeMap<String, SinkConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -149,6 +151,15 @@ pub struct HttpConfig {
     /// `/metrics` (Prometheus) and `/health/live`, `/health/ready` on this address, e.g.
     /// `0.0.0.0:9090`. Off when unset.
     pub listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OpenTelemetry traces over OTLP/HTTP to this base URL (`http://collector:4318`; the
+    /// `/v1/traces` path is appended). Off when unset, unless `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

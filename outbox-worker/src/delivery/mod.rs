@@ -15,7 +15,7 @@ mod tracker;
 mod window;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 
@@ -30,7 +30,7 @@ use crate::lsn::Lsn;
 use crate::message::Message;
 use crate::router::{Destination, Route};
 use crate::sink::{BySink, Sink, SinkError, SinkId, Sinks};
-use crate::telemetry;
+use crate::{telemetry, traces};
 
 /// A message the broker refused permanently `max_attempts` times. It stays unacknowledged until
 /// the caller has dead-lettered it ([`Delivery::dead_lettered`]).
@@ -43,6 +43,8 @@ pub struct Undeliverable {
     pub destination: Destination,
     pub attempts: u32,
     pub error: SinkError,
+    /// When the worker took it in: its trace span's start.
+    pub started: SystemTime,
 }
 
 /// A failed send as the retry round's warning names it.
@@ -180,6 +182,7 @@ impl Delivery {
             message: Arc::new(message),
             attempts: 0,
             permanent_failures: 0,
+            started: SystemTime::now(),
         };
         self.next_seq += 1;
         let admitted = match self.targets[entry.route.sink].keys.as_mut() {
@@ -239,10 +242,18 @@ impl Delivery {
             },
         };
         match event {
-            Event::Settled(entry, Ok(())) => {
-                self.targets[entry.route.sink]
-                    .metrics
-                    .published(&entry.message);
+            Event::Settled(entry, Ok(receipt)) => {
+                let target = &mut self.targets[entry.route.sink];
+                target.metrics.published(&entry.message);
+                traces::send(traces::Send {
+                    system: target.sink.system(),
+                    sink: &target.name,
+                    destination: &entry.route.destination,
+                    message: &entry.message,
+                    started: entry.started,
+                    attempts: entry.attempts,
+                    outcome: traces::Outcome::Delivered(receipt),
+                });
                 self.tracker.acked(entry.tx);
                 self.acknowledged += 1;
                 self.bytes_in_flight -= entry.message.size();
@@ -318,6 +329,7 @@ impl Delivery {
                 destination: entry.route.destination,
                 attempts: entry.attempts,
                 error,
+                started: entry.started,
             }));
         }
         if entry.pipelined {
@@ -369,6 +381,16 @@ impl Delivery {
     /// The caller stored an [`Undeliverable`] in the dead-letter table: it counts as handled.
     pub fn dead_lettered(&mut self, u: &Undeliverable) {
         metrics::dead_lettered(&u.sink, &u.message);
+        let error = u.error.to_string();
+        traces::send(traces::Send {
+            system: self.targets[u.sink_id].sink.system(),
+            sink: &u.sink,
+            destination: &u.destination,
+            message: &u.message,
+            started: u.started,
+            attempts: u.attempts,
+            outcome: traces::Outcome::DeadLettered(&error),
+        });
         self.tracker.acked(u.tx);
         self.dead_lettered += 1;
         self.bytes_in_flight -= u.message.size();

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -13,7 +14,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use super::tracker::TxId;
 use crate::message::Message;
 use crate::router::Route;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Receipt, Sink, SinkError};
 
 /// One message on its way, with what is needed to send it again.
 pub struct Entry {
@@ -24,12 +25,14 @@ pub struct Entry {
     pub message: Arc<Message>,
     pub attempts: u32,
     pub permanent_failures: u32,
+    /// When the worker took it in: its trace span's start.
+    pub started: SystemTime,
     /// Sent behind other messages of its key before it was acknowledged (a pipelined sink): a
     /// failure pauses intake and its retry goes in stream order.
     pub pipelined: bool,
 }
 
-type Sending = BoxFuture<'static, (Entry, Result<(), SinkError>)>;
+type Sending = BoxFuture<'static, (Entry, Result<Receipt, SinkError>)>;
 
 pub struct Window {
     max_in_flight: usize,
@@ -45,7 +48,7 @@ pub struct Window {
 /// What the window has to report.
 pub enum Event {
     /// A send settled.
-    Settled(Entry, Result<(), SinkError>),
+    Settled(Entry, Result<Receipt, SinkError>),
     /// A per-key send's backoff has passed: send it again.
     RetryDue(Entry),
 }

@@ -19,7 +19,24 @@ use crate::message::Message;
 use crate::router::Destination;
 
 /// The outcome of one send attempt, resolved once the broker has answered.
-pub type Ack = BoxFuture<'static, Result<(), SinkError>>;
+pub type Ack = BoxFuture<'static, Result<Receipt, SinkError>>;
+
+/// Where the broker put an acknowledged message, as far as it says (Kafka: partition and offset),
+/// for the message's trace span.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Receipt {
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+}
+
+impl Receipt {
+    pub fn kafka(partition: i32, offset: i64) -> Receipt {
+        Receipt {
+            partition: Some(partition),
+            offset: Some(offset),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Error, PartialEq)]
 pub enum SinkError {
@@ -60,6 +77,11 @@ pub trait Sink: Send + Sync {
     /// sends one message per key at a time (`delivery.ordering = "per_key"`).
     fn keeps_key_order(&self) -> bool {
         false
+    }
+
+    /// `messaging.system` in the trace spans of its sends.
+    fn system(&self) -> &'static str {
+        "pg_outbox"
     }
 
     /// Connected, as far as the sink knows (for `/health/ready`).
@@ -186,7 +208,7 @@ struct Discard;
 
 impl Sink for Discard {
     fn send(&self, _: &Destination, _: &Arc<Message>) -> Ack {
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Ok(Receipt::default()) })
     }
 
     fn keeps_key_order(&self) -> bool {

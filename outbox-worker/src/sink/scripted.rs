@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{Ack, Sink, SinkError};
+use super::{Ack, Receipt, Sink, SinkError};
 use crate::message::Message;
 use crate::router::Destination;
 
@@ -143,16 +143,17 @@ impl Sink for ScriptedSink {
         let step = self.step(&destination.to_string(), message);
         let mut released = self.released.subscribe();
         Box::pin(async move {
+            let receipt = Receipt::default();
             match step {
-                Step::Accept => Ok(()),
+                Step::Accept => Ok(receipt),
                 Step::Reject(error) | Step::StoreThenFail(error) => Err(error),
                 Step::Slow(delay) => {
                     tokio::time::sleep(delay).await;
-                    Ok(())
+                    Ok(receipt)
                 }
                 Step::Hold => {
                     let _ = released.wait_for(|&r| r).await;
-                    Ok(())
+                    Ok(receipt)
                 }
             }
         })

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Ack, Sink, SinkError};
+use super::{Ack, Receipt, Sink, SinkError};
 use crate::message::Message;
 use crate::router::Destination;
 
@@ -61,9 +61,12 @@ impl Sink for StdoutSink {
         let sent = self.lines.send((message.clone(), ack));
         Box::pin(async move {
             sent.map_err(|_| SinkError::Transient("the stdout writer has stopped".into()))?;
-            acked.await.unwrap_or_else(|_| {
-                Err(SinkError::Transient("the stdout writer has stopped".into()))
-            })
+            acked
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SinkError::Transient("the stdout writer has stopped".into()))
+                })
+                .map(|()| Receipt::default())
         })
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::confirms::{Confirmed, Settled};
 use self::orphans::{Abandoned, Orphans};
-use super::{Ack, Sink, SinkError};
+use super::{Ack, Receipt, Sink, SinkError};
 use crate::config::AmqpSinkConfig;
 use crate::message::{is_content_type, Message};
 use crate::router::Destination;
@@ -696,16 +696,23 @@ impl Sink for AmqpSink {
         Box::pin(async move {
             queued
                 .map_err(|_| SinkError::Transient("amqp: the publisher task has stopped".into()))?;
-            acked.await.unwrap_or_else(|_| {
-                Err(SinkError::Transient(
-                    "amqp: the publisher task has stopped".into(),
-                ))
-            })
+            acked
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SinkError::Transient(
+                        "amqp: the publisher task has stopped".into(),
+                    ))
+                })
+                .map(|()| Receipt::default())
         })
     }
 
     fn is_ready(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+
+    fn system(&self) -> &'static str {
+        "rabbitmq"
     }
 }
 

@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 
 use self::transactions::Transactions;
-use super::{Ack, Sink, SinkError, StreamId};
+use super::{Ack, Receipt, Sink, SinkError, StreamId};
 use crate::config::{KafkaSinkConfig, RecordShape};
 use crate::fatal::Fatal;
 use crate::lsn::Position;
@@ -374,9 +374,9 @@ impl Sink for KafkaSink {
         match producer.send_result(record) {
             Ok(delivery) => Box::pin(async move {
                 match delivery.await {
-                    Ok(Ok(_)) => {
+                    Ok(Ok(delivered)) => {
                         healthy.store(true, Ordering::Release);
-                        Ok(())
+                        Ok(Receipt::kafka(delivered.partition, delivered.offset))
                     }
                     Ok(Err((error, _))) => Err(fail(error, &producer)),
                     Err(_) => Err(SinkError::Transient(
@@ -414,6 +414,10 @@ impl Sink for KafkaSink {
 
     fn keeps_key_order(&self) -> bool {
         self.keeps_order
+    }
+
+    fn system(&self) -> &'static str {
+        "kafka"
     }
 
     /// Whatever is still unacknowledged here stays unconfirmed and is sent again by the next run,

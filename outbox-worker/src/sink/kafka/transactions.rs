@@ -26,7 +26,7 @@ use super::{classify, record_to, RecordShape};
 use crate::fatal::Fatal;
 use crate::lsn::Position;
 use crate::message::Message;
-use crate::sink::{SinkError, StreamId};
+use crate::sink::{Receipt, SinkError, StreamId};
 use crate::telemetry;
 
 /// A transaction commits once nothing more came for `QUIET` (a slow stream waits no longer for
@@ -58,7 +58,7 @@ struct Shared {
     healthy: AtomicBool,
 }
 
-type Reply = oneshot::Sender<Result<(), (SinkError, u64)>>;
+type Reply = oneshot::Sender<Result<Receipt, (SinkError, u64)>>;
 
 enum Command {
     Start {
@@ -157,7 +157,7 @@ impl Transactions {
         let shared = self.shared.clone();
         Box::pin(async move {
             match answer.await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(receipt)) => Ok(receipt),
                 Ok(Err((error, epoch))) => {
                     // The delivery layer now knows of the abort: new sends are accepted again.
                     shared.accepting.fetch_max(epoch, Ordering::AcqRel);
@@ -193,6 +193,8 @@ struct Pending {
     position: Position,
     reply: Reply,
     delivery: DeliveryFuture,
+    /// Its partition and offset, once its delivery report came.
+    receipt: Receipt,
 }
 
 /// The transaction thread's state.
@@ -436,6 +438,7 @@ impl Writer {
                     position: message.position(),
                     reply,
                     delivery,
+                    receipt: Receipt::default(),
                 });
                 if alone {
                     self.commit();
@@ -533,7 +536,7 @@ impl Writer {
                     .increment(1);
                 for pending in open {
                     self.size_suspects.remove(&pending.id);
-                    let _ = pending.reply.send(Ok(()));
+                    let _ = pending.reply.send(Ok(pending.receipt));
                 }
             }
             Err(e) => {
@@ -689,22 +692,26 @@ fn delivered(
     progress: Result<Option<DeliveryFuture>, KafkaError>,
 ) -> (Result<(), KafkaError>, Vec<Option<KafkaError>>) {
     let mut first: Option<KafkaError> = None;
-    let mut report = |delivery: &mut DeliveryFuture| -> Option<KafkaError> {
+    let mut report = |delivery: &mut DeliveryFuture| -> Result<Receipt, KafkaError> {
         let error = match futures::executor::block_on(delivery) {
-            Ok(Ok(_)) => return None,
+            Ok(Ok(delivered)) => return Ok(Receipt::kafka(delivered.partition, delivered.offset)),
             Ok(Err((error, _))) => error,
             Err(_) => KafkaError::Canceled,
         };
         first.get_or_insert_with(|| error.clone());
-        Some(error)
+        Err(error)
     };
     let own = open
         .iter_mut()
-        .map(|pending| report(&mut pending.delivery))
+        .map(|pending| {
+            report(&mut pending.delivery)
+                .map(|receipt| pending.receipt = receipt)
+                .err()
+        })
         .collect();
     match progress {
         Ok(Some(mut delivery)) => {
-            report(&mut delivery);
+            let _ = report(&mut delivery);
         }
         Ok(None) => {}
         Err(error) => {

@@ -1,0 +1,257 @@
+//! OpenTelemetry traces: one `send {destination}` PRODUCER span per message that reached its
+//! end (acknowledged by the broker, or dead-lettered), child of and linked to the message's
+//! creation context (its `traceparent` / `tracestate` headers, which go to the broker unchanged).
+//!
+//! Off unless an OTLP endpoint is configured (`telemetry.otlp_endpoint`, or the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`): then the SDK's batch
+//! processor exports over OTLP/HTTP from a thread of its own, off the delivery path. Sampling
+//! follows the creation context's flag (`OTEL_TRACES_SAMPLER` replaces that rule): a message
+//! without a sampled context costs a header lookup and nothing more.
+//!
+//! Attributes follow the OpenTelemetry messaging semantic conventions 1.45 ([`SEMCONV`]).
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{
+    Link, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+
+use crate::config::TelemetryConfig;
+use crate::message::Message;
+use crate::router::Destination;
+use crate::sink::Receipt;
+
+/// The semantic conventions version the attributes follow (messaging: Development status).
+pub const SEMCONV: &str = "https://opentelemetry.io/schemas/1.45.0";
+
+struct Traces {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    /// The default sampler (follow the parent's flag, no span without a parent): an unsampled
+    /// message is skipped before any span is built.
+    parent_based: bool,
+}
+
+static TRACES: OnceLock<Traces> = OnceLock::new();
+
+/// Starts the exporter when an endpoint is configured; returns whether it did.
+pub fn init(config: &TelemetryConfig) -> anyhow::Result<bool> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Ok(false);
+    }
+    let from_env = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .is_some();
+    if config.otlp_endpoint.is_none() && !from_env {
+        return Ok(false);
+    }
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(base) = &config.otlp_endpoint {
+        // A base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is: the traces path is appended.
+        exporter = exporter.with_endpoint(format!("{}/v1/traces", base.trim_end_matches('/')));
+    }
+    let exporter = exporter.build().map_err(|e| {
+        anyhow::anyhow!("telemetry.otlp_endpoint: the OTLP exporter cannot start: {e}")
+    })?;
+    let mut resource = Resource::builder();
+    if env("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("outbox-worker");
+    }
+    let mut provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build());
+    let parent_based = env("OTEL_TRACES_SAMPLER").is_none();
+    if parent_based {
+        provider = provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)));
+    }
+    let provider = provider.build();
+    let scope = opentelemetry::InstrumentationScope::builder("outbox-worker")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .with_schema_url(SEMCONV)
+        .build();
+    let tracer = provider.tracer_with_scope(scope);
+    let _ = TRACES.set(Traces {
+        provider,
+        tracer,
+        parent_based,
+    });
+    Ok(true)
+}
+
+/// Exports what is still batched (at the end of a run).
+pub fn shutdown() {
+    if let Some(traces) = TRACES.get() {
+        if let Err(e) = traces.provider.shutdown() {
+            tracing::warn!(error = %e, "telemetry: the last spans were not exported");
+        }
+    }
+}
+
+/// How a message's delivery ended.
+pub enum Outcome<'a> {
+    Delivered(Receipt),
+    /// Written to `outbox.dead_letters`, with the broker's last refusal (or "no route").
+    DeadLettered(&'a str),
+}
+
+/// One message's delivery, as its span tells it.
+pub struct Send<'a> {
+    /// `messaging.system`: `kafka`, `rabbitmq`, ...
+    pub system: &'static str,
+    pub sink: &'a str,
+    pub destination: &'a Destination,
+    pub message: &'a Message,
+    /// When the worker took it in (the span's start).
+    pub started: SystemTime,
+    pub attempts: u32,
+    pub outcome: Outcome<'a>,
+}
+
+/// Whether spans are exported at all (so callers can skip gathering what a span needs).
+pub fn enabled() -> bool {
+    TRACES.get().is_some()
+}
+
+/// Records the span of one message's delivery, ending now.
+pub fn send(send: Send<'_>) {
+    let Some(traces) = TRACES.get() else { return };
+    let creation = creation_context(&send.message.headers);
+    let parent = creation.span().span_context().clone();
+    if traces.parent_based && !parent.is_sampled() {
+        return;
+    }
+    let message = send.message;
+    let mut attributes = vec![
+        KeyValue::new("messaging.system", send.system),
+        KeyValue::new("messaging.operation.type", "send"),
+        KeyValue::new("messaging.operation.name", "send"),
+        KeyValue::new("messaging.message.id", message.id.to_string()),
+        KeyValue::new("messaging.client.id", send.sink.to_owned()),
+        KeyValue::new("pg_outbox.queue", message.queue.clone()),
+        KeyValue::new("pg_outbox.sink", send.sink.to_owned()),
+        KeyValue::new("pg_outbox.commit_lsn", message.commit_lsn.to_string()),
+        KeyValue::new(
+            "pg_outbox.committed_at",
+            message.committed_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
+        KeyValue::new("pg_outbox.attempts", i64::from(send.attempts)),
+    ];
+    let name = match send.destination {
+        Destination::None => "send".to_owned(),
+        Destination::Topic(topic) => {
+            attributes.push(KeyValue::new("messaging.destination.name", topic.to_string()));
+            if let Some(key) = &message.key {
+                attributes.push(KeyValue::new("messaging.kafka.message.key", key.clone()));
+            }
+            format!("send {topic}")
+        }
+        Destination::Exchange {
+            exchange,
+            routing_key,
+        } => {
+            attributes.push(KeyValue::new("messaging.destination.name", exchange.to_string()));
+            attributes.push(KeyValue::new(
+                "messaging.rabbitmq.destination.routing_key",
+                routing_key.to_string(),
+            ));
+            // The default exchange has no name: the span is named after the routing key.
+            let shown = if exchange.is_empty() { routing_key } else { exchange };
+            format!("send {shown}")
+        }
+    };
+    let status = match &send.outcome {
+        Outcome::Delivered(receipt) => {
+            attributes.push(KeyValue::new("pg_outbox.outcome", "delivered"));
+            if let Some(partition) = receipt.partition {
+                attributes.push(KeyValue::new(
+                    "messaging.destination.partition.id",
+                    partition.to_string(),
+                ));
+            }
+            if let Some(offset) = receipt.offset {
+                attributes.push(KeyValue::new("messaging.kafka.offset", offset));
+            }
+            Status::Ok
+        }
+        Outcome::DeadLettered(error) => {
+            attributes.push(KeyValue::new("pg_outbox.outcome", "dead_lettered"));
+            attributes.push(KeyValue::new("error.type", "dead_lettered"));
+            Status::error(format!("dead-lettered: {error}"))
+        }
+    };
+    let links = if parent.is_valid() {
+        vec![Link::with_context(parent)]
+    } else {
+        Vec::new()
+    };
+    let mut span = traces
+        .tracer
+        .span_builder(name)
+        .with_kind(SpanKind::Producer)
+        .with_start_time(send.started)
+        .with_attributes(attributes)
+        .with_links(links)
+        .start_with_context(&traces.tracer, &creation);
+    use opentelemetry::trace::Span as _;
+    span.set_status(status);
+    span.end();
+}
+
+/// The message's creation context, from its W3C `traceparent` and `tracestate` headers.
+fn creation_context(headers: &BTreeMap<String, String>) -> Context {
+    struct Headers<'a>(&'a BTreeMap<String, String>);
+    impl Extractor for Headers<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            // Header names compare without case, as in HTTP.
+            self.0.get(key).map(String::as_str).or_else(|| {
+                self.0
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case(key))
+                    .map(|(_, value)| value.as_str())
+            })
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(String::as_str).collect()
+        }
+    }
+    TraceContextPropagator::new().extract(&Headers(headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_creation_context_is_read_from_the_headers_whatever_their_case() {
+        let headers = BTreeMap::from([(
+            "TraceParent".to_owned(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+        )]);
+        let cx = creation_context(&headers);
+        let span = cx.span();
+        let parent = span.span_context();
+        assert!(parent.is_valid() && parent.is_sampled());
+        assert_eq!(
+            parent.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        let unsampled = BTreeMap::from([(
+            "traceparent".to_owned(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00".to_owned(),
+        )]);
+        assert!(!creation_context(&unsampled).span().span_context().is_sampled());
+        assert!(!creation_context(&BTreeMap::new())
+            .span()
+            .span_context()
+            .is_valid());
+    }
+}
