@@ -141,14 +141,19 @@ pub fn send(send: Send<'_>) {
         KeyValue::new("pg_outbox.commit_lsn", message.commit_lsn.to_string()),
         KeyValue::new(
             "pg_outbox.committed_at",
-            message.committed_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            message
+                .committed_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         ),
         KeyValue::new("pg_outbox.attempts", i64::from(send.attempts)),
     ];
     let name = match send.destination {
         Destination::None => "send".to_owned(),
         Destination::Topic(topic) => {
-            attributes.push(KeyValue::new("messaging.destination.name", topic.to_string()));
+            attributes.push(KeyValue::new(
+                "messaging.destination.name",
+                topic.to_string(),
+            ));
             if let Some(key) = &message.key {
                 attributes.push(KeyValue::new("messaging.kafka.message.key", key.clone()));
             }
@@ -158,13 +163,20 @@ pub fn send(send: Send<'_>) {
             exchange,
             routing_key,
         } => {
-            attributes.push(KeyValue::new("messaging.destination.name", exchange.to_string()));
+            attributes.push(KeyValue::new(
+                "messaging.destination.name",
+                exchange.to_string(),
+            ));
             attributes.push(KeyValue::new(
                 "messaging.rabbitmq.destination.routing_key",
                 routing_key.to_string(),
             ));
             // The default exchange has no name: the span is named after the routing key.
-            let shown = if exchange.is_empty() { routing_key } else { exchange };
+            let shown = if exchange.is_empty() {
+                routing_key
+            } else {
+                exchange
+            };
             format!("send {shown}")
         }
     };
@@ -248,7 +260,10 @@ mod tests {
             "traceparent".to_owned(),
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00".to_owned(),
         )]);
-        assert!(!creation_context(&unsampled).span().span_context().is_sampled());
+        assert!(!creation_context(&unsampled)
+            .span()
+            .span_context()
+            .is_sampled());
         assert!(!creation_context(&BTreeMap::new())
             .span()
             .span_context()
