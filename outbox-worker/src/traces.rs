@@ -42,6 +42,8 @@ struct Traces {
 
 static TRACES: OnceLock<Traces> = OnceLock::new();
 
+const SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Starts the exporter when an endpoint is configured; returns whether it did.
 pub fn init(config: &TelemetryConfig) -> anyhow::Result<bool> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
@@ -87,10 +89,11 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// Exports what is still batched (at the end of a run).
+/// Exports what is still batched (at the end of a run), for [`SHUTDOWN`] at most: a collector
+/// that does not answer must not hold the stop.
 pub fn shutdown() {
     if let Some(traces) = TRACES.get() {
-        if let Err(e) = traces.provider.shutdown() {
+        if let Err(e) = traces.provider.shutdown_with_timeout(SHUTDOWN) {
             tracing::warn!(error = %e, "telemetry: the last spans were not exported");
         }
     }

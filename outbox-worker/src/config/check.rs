@@ -56,7 +56,11 @@ impl Config {
             )));
         }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint {
-            if !endpoint.starts_with("http://") {
+            let uri = endpoint.parse::<axum::http::Uri>().ok();
+            let plain = uri.as_ref().is_some_and(|u| {
+                u.scheme_str() == Some("http") && u.host().is_some_and(|h| !h.is_empty())
+            });
+            if !plain {
                 return Err(invalid(format!(
                     "telemetry.otlp_endpoint = {endpoint:?}: an http:// base URL is expected \
                      (OTLP/HTTP, e.g. http://localhost:4318); for TLS, send to a local \

@@ -1,0 +1,118 @@
+//! The worker's trace export never costs a message: a collector that accepts connections and
+//! never answers, or one that is not there, leaves delivery and the stop as they are. (The span
+//! tree itself is tested end to end in outbox-client's `tracing` test.)
+
+use std::time::{Duration, Instant};
+
+use outbox_tests::otlp::Receiver;
+use outbox_tests::publish::{read_json_lines, stdout_file, wait_for_lines};
+use outbox_tests::worker::config_args;
+use outbox_tests::{eventually, PgCluster, Worker};
+
+/// `count` messages whose creation context is sampled (so each gets a span), in transactions of
+/// 1,000.
+async fn publish_traced(db: &tokio_postgres::Client, count: usize) {
+    for start in (0..count).step_by(1_000) {
+        db.execute(
+            "SELECT outbox.publish('orders', pg_catalog.jsonb_build_object('i', i),
+                 pg_catalog.jsonb_build_object('traceparent',
+                     '00-' || pg_catalog.md5(i::text) || '-' || pg_catalog.left(pg_catalog.md5('s' || i), 16) || '-01'),
+                 'k-' || (i % 7))
+             FROM pg_catalog.generate_series($1::int, $2::int) AS i",
+            &[&(start as i32), &((start + 999).min(count - 1) as i32)],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Accepts connections and reads nothing, answers nothing: an exporter waits for its timeout.
+fn collector_that_never_answers() -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let mut connections = Vec::new();
+        for stream in listener.incoming().take(64) {
+            connections.push(stream);
+        }
+    });
+    (endpoint, held)
+}
+
+async fn delivers_everything_and_stops_promptly(endpoint: &str) {
+    let pg = PgCluster::start().await;
+    let (_dir, out) = stdout_file();
+    let config = Worker::config_file(&format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n"));
+    let mut worker = Worker::start(&config_args(&pg.url(), config.path()), Some(&out));
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    const TOTAL: usize = 20_000;
+    publish_traced(&db, TOTAL).await;
+    wait_for_lines(&out, TOTAL).await;
+    let lines = read_json_lines(&out);
+    assert_eq!(lines.len(), TOTAL);
+    assert!(
+        worker.log().contains("exporting trace spans"),
+        "{}",
+        worker.log()
+    );
+    let stopping = Instant::now();
+    let status = worker.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "the stop took {:?}: the export held it",
+        stopping.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_never_answers_costs_no_message_and_does_not_hold_the_stop() {
+    let (endpoint, _held) = collector_that_never_answers();
+    delivers_everything_and_stops_promptly(&endpoint).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_is_not_there_costs_no_message() {
+    let port = outbox_tests::postgres::free_port();
+    delivers_everything_and_stops_promptly(&format!("http://127.0.0.1:{port}")).await;
+}
+
+/// The standard environment variables turn the export on without a configuration key, and a
+/// message without a creation context gets no span.
+#[tokio::test(flavor = "multi_thread")]
+async fn otel_exporter_otlp_endpoint_turns_it_on_and_untraced_messages_get_no_span() {
+    let receiver = Receiver::start().await;
+    let pg = PgCluster::start().await;
+    let (_dir, out) = stdout_file();
+    let _worker = Worker::start_with(
+        &["run", "--postgres-url", &pg.url()],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint),
+            ("OTEL_SERVICE_NAME", "relay-7"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        Some(outbox_tests::worker::stdout_to(&out)),
+    );
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+    db.execute("SELECT outbox.publish('plain', '{}')", &[])
+        .await
+        .unwrap();
+    publish_traced(&db, 10).await;
+    wait_for_lines(&out, 11).await;
+    let r = &receiver;
+    eventually(Duration::from_secs(20), "10 spans", || async move {
+        r.count() >= 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spans = receiver.spans();
+    assert_eq!(spans.len(), 10, "one per traced message: {spans:#?}");
+    assert!(spans.iter().all(|s| s.service == "relay-7"));
+    assert!(spans
+        .iter()
+        .all(|s| s.attribute("pg_outbox.queue") == Some("orders")
+            && s.attribute("messaging.system") == Some("pg_outbox")));
+}
