@@ -119,14 +119,13 @@ pub struct Send<'a> {
     pub outcome: Outcome<'a>,
 }
 
-/// Whether spans are exported at all (so callers can skip gathering what a span needs).
-pub fn enabled() -> bool {
-    TRACES.get().is_some()
-}
-
 /// Records the span of one message's delivery, ending now.
 pub fn send(send: Send<'_>) {
     let Some(traces) = TRACES.get() else { return };
+    // The common case, read without parsing the context: no sampled parent, no span.
+    if traces.parent_based && !sampled_flag(&send.message.headers) {
+        return;
+    }
     let creation = creation_context(&send.message.headers);
     let parent = creation.span().span_context().clone();
     if traces.parent_based && !parent.is_sampled() {
@@ -195,7 +194,8 @@ pub fn send(send: Send<'_>) {
             if let Some(offset) = receipt.offset {
                 attributes.push(KeyValue::new("messaging.kafka.offset", offset));
             }
-            Status::Ok
+            // Left unset on success, as the conventions ask of instrumentation.
+            Status::Unset
         }
         Outcome::DeadLettered(error) => {
             attributes.push(KeyValue::new("pg_outbox.outcome", "dead_lettered"));
@@ -219,6 +219,21 @@ pub fn send(send: Send<'_>) {
     use opentelemetry::trace::Span as _;
     span.set_status(status);
     span.end();
+}
+
+/// Whether the `traceparent` header's flags say sampled (`00-{trace}-{span}-{flags}`), read from
+/// its last two hex digits; a malformed header is caught by the full parse that follows.
+fn sampled_flag(headers: &BTreeMap<String, String>) -> bool {
+    let traceparent = headers.get("traceparent").or_else(|| {
+        headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("traceparent"))
+            .map(|(_, value)| value)
+    });
+    traceparent
+        .and_then(|value| value.get(value.len().checked_sub(2)?..))
+        .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+        .is_some_and(|flags| flags & 1 == 1)
 }
 
 /// The message's creation context, from its W3C `traceparent` and `tracestate` headers.

@@ -23,6 +23,30 @@ pub async fn publish_range(
     keys: u64,
     storage: Storage,
 ) -> usize {
+    let headers = r#"'{"test": "yes"}'"#;
+    publish_range_with(db, queue, first, count, keys, storage, headers).await
+}
+
+/// Headers for [`publish_range_with`]: a W3C `traceparent` of its own per message, sampled.
+pub const SAMPLED: &str = "jsonb_build_object('traceparent', '00-' || md5(i::text) || '-' \
+     || left(md5('s' || i), 16) || '-01')";
+/// The same, one message in ten sampled.
+pub const SAMPLED_ONE_IN_TEN: &str = "jsonb_build_object('traceparent', '00-' || md5(i::text) || '-' \
+     || left(md5('s' || i), 16) || CASE WHEN i % 10 = 0 THEN '-01' ELSE '-00' END)";
+/// The same, not sampled.
+pub const UNSAMPLED: &str = "jsonb_build_object('traceparent', '00-' || md5(i::text) || '-' \
+     || left(md5('s' || i), 16) || '-00')";
+
+/// [`publish_range`] with the headers of message `i` given as an SQL expression of `i` (jsonb).
+pub async fn publish_range_with(
+    db: &Client,
+    queue: &str,
+    first: u64,
+    count: u64,
+    keys: u64,
+    storage: Storage,
+    headers: &str,
+) -> usize {
     let mut i = first;
     let end = first + count;
     let mut txs = 0;
@@ -37,7 +61,7 @@ pub async fn publish_range(
         db.batch_execute(&format!(
             "BEGIN; SET LOCAL pg_outbox.storage = '{form}';
              SELECT count(outbox.publish('{queue}', jsonb_build_object('i', i, 'key', 'k-' || i % {keys}),
-                                          '{{\"test\": \"yes\"}}', 'k-' || i % {keys}))
+                                          {headers}, 'k-' || i % {keys}))
                FROM generate_series({i}::bigint, {last}::bigint) AS i;
              COMMIT;",
             last = i + size - 1

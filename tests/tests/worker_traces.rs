@@ -5,25 +5,16 @@
 use std::time::{Duration, Instant};
 
 use outbox_tests::otlp::Receiver;
-use outbox_tests::publish::{read_json_lines, stdout_file, wait_for_lines};
+use outbox_tests::publish::{
+    publish_range_with, read_json_lines, stdout_file, wait_for_lines, Storage, SAMPLED,
+};
 use outbox_tests::worker::config_args;
 use outbox_tests::{eventually, PgCluster, Worker};
 
-/// `count` messages whose creation context is sampled (so each gets a span), in transactions of
-/// 1,000.
-async fn publish_traced(db: &tokio_postgres::Client, count: usize) {
-    for start in (0..count).step_by(1_000) {
-        db.execute(
-            "SELECT outbox.publish('orders', pg_catalog.jsonb_build_object('i', i),
-                 pg_catalog.jsonb_build_object('traceparent',
-                     '00-' || pg_catalog.md5(i::text) || '-' || pg_catalog.left(pg_catalog.md5('s' || i), 16) || '-01'),
-                 'k-' || (i % 7))
-             FROM pg_catalog.generate_series($1::int, $2::int) AS i",
-            &[&(start as i32), &((start + 999).min(count - 1) as i32)],
-        )
-        .await
-        .unwrap();
-    }
+/// `count` messages in both storage forms whose creation context is sampled (so each gets a
+/// span).
+async fn publish_traced(db: &tokio_postgres::Client, count: u64) {
+    publish_range_with(db, "orders", 0, count, 7, Storage::Mixed, SAMPLED).await;
 }
 
 /// Accepts connections and reads nothing, answers nothing: an exporter waits for its timeout.
@@ -47,11 +38,11 @@ async fn delivers_everything_and_stops_promptly(endpoint: &str) {
     let db = pg.superuser().await;
     pg.wait_for_slot(&db).await;
 
-    const TOTAL: usize = 20_000;
+    const TOTAL: u64 = 20_000;
     publish_traced(&db, TOTAL).await;
-    wait_for_lines(&out, TOTAL).await;
+    wait_for_lines(&out, TOTAL as usize).await;
     let lines = read_json_lines(&out);
-    assert_eq!(lines.len(), TOTAL);
+    assert_eq!(lines.len(), TOTAL as usize);
     assert!(
         worker.log().contains("exporting trace spans"),
         "{}",

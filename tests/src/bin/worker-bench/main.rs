@@ -17,9 +17,12 @@
 //! `worker-bench 0 --latency`: only the latency tables.
 //! `worker-bench N --debezium`: only Debezium beside the worker (`debezium.rs`), a backlog of N
 //! (100k in the full run), written between the `versus-debezium` markers.
+//! `worker-bench N --tracing`: only the cost of trace export (`traces.rs`), written between the
+//! `worker-tracing` markers.
 
 mod debezium;
 mod latency;
+mod traces;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -54,6 +57,8 @@ struct Drain {
     streaming_rate: Option<f64>,
     /// Peak RSS of the worker process, kB (none for `pg_recvlogical`).
     peak_kb: Option<u64>,
+    /// CPU time the worker process used, user + system, seconds (none for `pg_recvlogical`).
+    cpu_seconds: Option<f64>,
 }
 
 #[tokio::main]
@@ -92,6 +97,11 @@ async fn main() {
             println!("{table}");
             write_section("worker", &table);
         }
+        Some("--tracing") => {
+            let table = traces::tracing_table(&brokers.kafka, backlog).await;
+            println!("{table}");
+            write_section("worker-tracing", &table);
+        }
         Some("--latency") => {
             let table = latency().await;
             println!("{table}");
@@ -107,6 +117,9 @@ async fn main() {
             let table = debezium::versus_table(&brokers.kafka, 100_000).await;
             println!("{table}");
             write_section("versus-debezium", &table);
+            let table = traces::tracing_table(&brokers.kafka, backlog).await;
+            println!("{table}");
+            write_section("worker-tracing", &table);
         }
     }
 }
@@ -278,6 +291,7 @@ fn recvlogical(pg: &PgCluster, end: &str, backlog: u64) -> Drain {
         rate,
         streaming_rate: None,
         peak_kb: None,
+        cpu_seconds: None,
     }
 }
 
@@ -315,12 +329,14 @@ async fn drain(
     let rate = backlog as f64 / started.elapsed().as_secs_f64();
     let streaming_rate = streaming.map(|at| backlog as f64 / at.elapsed().as_secs_f64());
     let peak_kb = peak_rss_kb(worker.pid());
+    let cpu_seconds = debezium::cpu_seconds(worker.pid());
     eprintln!("    {slot}: {rate:.0} msg/s, peak RSS {peak_kb} kB");
     worker.terminate(Duration::from_secs(60));
     Drain {
         rate,
         streaming_rate,
         peak_kb: Some(peak_kb),
+        cpu_seconds: Some(cpu_seconds),
     }
 }
 
