@@ -101,6 +101,22 @@ async fn amqp_received(url: &str, queue: &str) -> Received {
     from_amqp(&delivery.properties).unwrap()
 }
 
+/// Processes `received` once with a handler that writes nothing.
+async fn process(
+    inbox: &Inbox,
+    db: &mut tokio_postgres::Client,
+    received: &Received,
+) -> Processed<()> {
+    inbox
+        .process_once(
+            db,
+            received,
+            async |_tx: &tokio_postgres::Transaction<'_>| Ok::<_, tokio_postgres::Error>(()),
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_trace_runs_from_the_business_transaction_through_the_worker_to_the_consumer() {
     let receiver = Receiver::start().await;
@@ -199,34 +215,18 @@ async fn one_trace_runs_from_the_business_transaction_through_the_worker_to_the_
         "the creation context reaches Kafka unchanged"
     );
     let billing = Inbox::new("billing");
-    let outcome = billing
-        .process_once(
-            &mut db,
-            &order,
-            async |_tx: &tokio_postgres::Transaction<'_>| Ok::<_, tokio_postgres::Error>(()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(outcome, Processed::Done(()));
-    let again = billing
-        .process_once(
-            &mut db,
-            &order,
-            async |_tx: &tokio_postgres::Transaction<'_>| Ok::<_, tokio_postgres::Error>(()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(again, Processed::Duplicate, "a redelivery");
+    assert_eq!(
+        process(&billing, &mut db, &order).await,
+        Processed::Done(())
+    );
+    assert_eq!(
+        process(&billing, &mut db, &order).await,
+        Processed::Duplicate,
+        "a redelivery"
+    );
     let invoice = amqp_received(&rabbit.url(), "billing").await;
     assert_eq!(invoice.id, invoice_id);
-    Inbox::new("ledger")
-        .process_once(
-            &mut db,
-            &invoice,
-            async |_tx: &tokio_postgres::Transaction<'_>| Ok::<_, tokio_postgres::Error>(()),
-        )
-        .await
-        .unwrap();
+    process(&Inbox::new("ledger"), &mut db, &invoice).await;
     let flushed = provider.clone();
     tokio::task::spawn_blocking(move || flushed.force_flush())
         .await

@@ -264,12 +264,19 @@ fn zero_in_flight() {
 
 #[test]
 fn an_otlp_endpoint_that_is_not_a_plain_http_url() {
-    for endpoint in ["https://collector:4318", "collector:4318", "http://", "not a url"] {
+    for endpoint in [
+        "https://collector:4318",
+        "collector:4318",
+        "http://",
+        "not a url",
+    ] {
         rejects(
             Some(&format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n")),
             url(),
             &[],
-            &[&format!("telemetry.otlp_endpoint = \"{endpoint}\": an http:// base URL")],
+            &[&format!(
+                "telemetry.otlp_endpoint = \"{endpoint}\": an http:// base URL"
+            )],
         );
     }
     load(

@@ -31,7 +31,8 @@ pub async fn publish_range(
 pub const SAMPLED: &str = "jsonb_build_object('traceparent', '00-' || md5(i::text) || '-' \
      || left(md5('s' || i), 16) || '-01')";
 /// The same, one message in ten sampled.
-pub const SAMPLED_ONE_IN_TEN: &str = "jsonb_build_object('traceparent', '00-' || md5(i::text) || '-' \
+pub const SAMPLED_ONE_IN_TEN: &str =
+    "jsonb_build_object('traceparent', '00-' || md5(i::text) || '-' \
      || left(md5('s' || i), 16) || CASE WHEN i % 10 = 0 THEN '-01' ELSE '-00' END)";
 /// The same, not sampled.
 pub const UNSAMPLED: &str = "jsonb_build_object('traceparent', '00-' || md5(i::text) || '-' \

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use outbox_tests::publish::{publish_range, Storage};
+use outbox_tests::publish::{publish_range_with, Storage};
 use outbox_tests::{KafkaBroker, PgCluster, RabbitMq, Worker};
 use outbox_worker::config::KafkaSinkConfig;
 use outbox_worker::sink::kafka::client_config;
@@ -245,7 +245,17 @@ async fn backlog_cluster(
     backlog: u64,
     storage: Storage,
 ) -> (PgCluster, Client, String) {
-    let pg = PgCluster::start().await;
+    backlog_cluster_with(slots, backlog, storage, r#"'{"test": "yes"}'"#).await
+}
+
+/// [`backlog_cluster`] with each message's headers an SQL expression of its index `i`.
+async fn backlog_cluster_with(
+    slots: &[&str],
+    backlog: u64,
+    storage: Storage,
+    headers: &str,
+) -> (PgCluster, Client, String) {
+    let pg = PgCluster::start_with_conf("max_replication_slots = 20\nmax_wal_senders = 20\n").await;
     let db = pg.superuser().await;
     for slot in slots {
         db.query_one(
@@ -256,7 +266,7 @@ async fn backlog_cluster(
         .unwrap();
     }
     eprintln!("==> {storage:?}: publishing {backlog} messages");
-    publish_range(&db, "orders", 0, backlog, KEYS, storage).await;
+    publish_range_with(&db, "orders", 0, backlog, KEYS, storage, headers).await;
     let end: String = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
