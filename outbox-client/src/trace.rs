@@ -169,14 +169,17 @@ mod otel {
         into.0
     }
 
-    fn extract(headers: &Headers) -> Context {
+    pub(super) fn extract(headers: &Headers) -> Context {
         struct From<'a>(&'a Headers);
         impl Extractor for From<'_> {
+            /// The exact name first, then without case (as in HTTP): the worker's rule too.
             fn get(&self, key: &str) -> Option<&str> {
-                self.0
-                    .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(key))
-                    .map(|(_, value)| value)
+                self.0.get(key).or_else(|| {
+                    self.0
+                        .iter()
+                        .find(|(name, _)| name.eq_ignore_ascii_case(key))
+                        .map(|(_, value)| value)
+                })
             }
             fn keys(&self) -> Vec<&str> {
                 self.0.iter().map(|(name, _)| name).collect()
@@ -228,6 +231,31 @@ mod otel {
         span.record("pg_outbox.duplicate", duplicate);
         if let Some(error) = error {
             span.set_status(Status::error(error));
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use opentelemetry::trace::TraceContextExt;
+
+        use crate::Headers;
+
+        #[test]
+        fn the_exact_header_name_wins_over_another_case_as_in_the_worker() {
+            let a = "00-0af7651916cd43dd8448eb211c80319c-aaaaaaaaaaaaaaaa-01";
+            let b = "00-0af7651916cd43dd8448eb211c80319c-bbbbbbbbbbbbbbbb-01";
+            let headers = Headers::new().with("TraceParent", a).with("traceparent", b);
+            let cx = super::extract(&headers);
+            assert_eq!(
+                cx.span().span_context().span_id().to_string(),
+                "bbbbbbbbbbbbbbbb"
+            );
+            let headers = Headers::new().with("TRACEPARENT", a);
+            let cx = super::extract(&headers);
+            assert_eq!(
+                cx.span().span_context().span_id().to_string(),
+                "aaaaaaaaaaaaaaaa"
+            );
         }
     }
 }

@@ -309,6 +309,10 @@ async fn run_command() -> ExitCode {
     }
     let result = match action {
         Action::CheckConfig => {
+            if let Err(e) = outbox_worker::traces::check_environment() {
+                eprintln!("outbox-worker: configuration error: {e}");
+                return ExitCode::from(2);
+            }
             print!("{}", admin::show_config(&config));
             Ok(())
         }

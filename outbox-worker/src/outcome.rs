@@ -44,20 +44,20 @@ impl Parts<'_> {
             self.delivery.send(tx, route, message);
             return Ok(Routed::Sent);
         }
+        let started = std::time::SystemTime::now();
         let error = format!("no route matches queue {:?}", message.queue);
         tracing::error!(id = %message.id, queue = %message.queue, "{error}; dead-lettering it");
         delivery::count_dead_letter("", &message);
-        let started = std::time::SystemTime::now();
         self.dead_letters
             .write(&message, "(no route)", &error, 1)
             .await?;
         traces::send(traces::Send {
             system: "pg_outbox",
-            sink: "",
+            sink: None,
             destination: &Destination::None,
             message: &message,
             started,
-            attempts: 0,
+            attempts: 1,
             outcome: traces::Outcome::DeadLettered(&error),
         });
         Ok(Routed::DeadLettered)

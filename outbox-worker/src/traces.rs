@@ -44,10 +44,78 @@ static TRACES: OnceLock<Traces> = OnceLock::new();
 
 const SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A standard variable's value, if set and not blank.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The samplers `OTEL_TRACES_SAMPLER` may name (the SDK's; it would fall back to tracing every
+/// message, roots included, on any other value).
+const SAMPLERS: [&str; 6] = [
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
+
+/// Checks the standard `OTEL_*` variables the exporter reads where a bad value would not fail
+/// but do something else (export nowhere, or trace everything): the error names the variable.
+pub fn check_environment() -> Result<(), String> {
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        if let Some(value) = env(name) {
+            if !value.trim().to_ascii_lowercase().starts_with("http://") {
+                return Err(format!(
+                    "{name} = {value:?}: an http:// URL is expected (OTLP/HTTP, e.g. \
+                     http://localhost:4318); for TLS, send to a local OpenTelemetry Collector \
+                     that forwards over TLS"
+                ));
+            }
+        }
+    }
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Some(value) = env(name) {
+            if value != "http/protobuf" {
+                return Err(format!(
+                    "{name} = {value:?}: the worker exports OTLP over HTTP with protobuf \
+                     (\"http/protobuf\", port 4318 by convention) only"
+                ));
+            }
+        }
+    }
+    if let Some(sampler) = env("OTEL_TRACES_SAMPLER") {
+        if !SAMPLERS.contains(&sampler.as_str()) {
+            return Err(format!(
+                "OTEL_TRACES_SAMPLER = {sampler:?}: not a sampler the worker knows; one of {}",
+                SAMPLERS.join(", ")
+            ));
+        }
+        if sampler.ends_with("traceidratio") {
+            let ratio = env("OTEL_TRACES_SAMPLER_ARG");
+            let valid = ratio
+                .as_deref()
+                .and_then(|r| r.parse::<f64>().ok())
+                .is_some_and(|r| (0.0..=1.0).contains(&r));
+            if !valid {
+                return Err(format!(
+                    "OTEL_TRACES_SAMPLER_ARG = {ratio:?}: {sampler} needs a ratio from 0 to 1"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Starts the exporter when an endpoint is configured; returns whether it did.
 pub fn init(config: &TelemetryConfig) -> anyhow::Result<bool> {
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         return Ok(false);
     }
     let from_env = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -56,6 +124,7 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<bool> {
     if config.otlp_endpoint.is_none() && !from_env {
         return Ok(false);
     }
+    check_environment().map_err(anyhow::Error::msg)?;
     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
     if let Some(base) = &config.otlp_endpoint {
         // A base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is: the traces path is appended.
@@ -110,7 +179,8 @@ pub enum Outcome<'a> {
 pub struct Send<'a> {
     /// `messaging.system`: `kafka`, `rabbitmq`, ...
     pub system: &'static str,
-    pub sink: &'a str,
+    /// The sink's name (none for a queue without a route).
+    pub sink: Option<&'a str>,
     pub destination: &'a Destination,
     pub message: &'a Message,
     /// When the worker took it in (the span's start).
@@ -137,9 +207,7 @@ pub fn send(send: Send<'_>) {
         KeyValue::new("messaging.operation.type", "send"),
         KeyValue::new("messaging.operation.name", "send"),
         KeyValue::new("messaging.message.id", message.id.to_string()),
-        KeyValue::new("messaging.client.id", send.sink.to_owned()),
         KeyValue::new("pg_outbox.queue", message.queue.clone()),
-        KeyValue::new("pg_outbox.sink", send.sink.to_owned()),
         KeyValue::new("pg_outbox.commit_lsn", message.commit_lsn.to_string()),
         KeyValue::new(
             "pg_outbox.committed_at",
@@ -149,6 +217,10 @@ pub fn send(send: Send<'_>) {
         ),
         KeyValue::new("pg_outbox.attempts", i64::from(send.attempts)),
     ];
+    if let Some(sink) = send.sink {
+        attributes.push(KeyValue::new("messaging.client.id", sink.to_owned()));
+        attributes.push(KeyValue::new("pg_outbox.sink", sink.to_owned()));
+    }
     let name = match send.destination {
         Destination::None => "send".to_owned(),
         Destination::Topic(topic) => {
@@ -157,7 +229,10 @@ pub fn send(send: Send<'_>) {
                 topic.to_string(),
             ));
             if let Some(key) = &message.key {
-                attributes.push(KeyValue::new("messaging.kafka.message.key", key.clone()));
+                attributes.push(KeyValue::new(
+                    "messaging.kafka.message.key",
+                    truncated(key, MAX_KEY_ATTRIBUTE).to_owned(),
+                ));
             }
             format!("send {topic}")
         }
@@ -221,19 +296,41 @@ pub fn send(send: Send<'_>) {
     span.end();
 }
 
-/// Whether the `traceparent` header's flags say sampled (`00-{trace}-{span}-{flags}`), read from
-/// its last two hex digits; a malformed header is caught by the full parse that follows.
+/// Whether the `traceparent` header's flags say sampled, read as the SDK reads them (trimmed,
+/// the fourth `-`-separated field, hex) without parsing the rest: the full parse that follows
+/// refuses what is malformed elsewhere. The header is found as [`creation_context`] finds it.
 fn sampled_flag(headers: &BTreeMap<String, String>) -> bool {
-    let traceparent = headers.get("traceparent").or_else(|| {
-        headers
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case("traceparent"))
-            .map(|(_, value)| value)
-    });
-    traceparent
-        .and_then(|value| value.get(value.len().checked_sub(2)?..))
+    header(headers, "traceparent")
+        .and_then(|value| value.trim().split_terminator('-').nth(3))
         .and_then(|flags| u8::from_str_radix(flags, 16).ok())
         .is_some_and(|flags| flags & 1 == 1)
+}
+
+/// A header by name: the exact name first, then without case (as in HTTP), the rule
+/// outbox-client follows too.
+fn header<'a>(headers: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .or_else(|| {
+            headers
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value)
+        })
+        .map(String::as_str)
+}
+
+/// At most this many bytes of a message key go into its span: a span is kept in the SDK's queue
+/// outside `delivery.max_in_flight_bytes`, and keys may be large.
+const MAX_KEY_ATTRIBUTE: usize = 256;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The message's creation context, from its W3C `traceparent` and `tracestate` headers.
@@ -241,13 +338,7 @@ fn creation_context(headers: &BTreeMap<String, String>) -> Context {
     struct Headers<'a>(&'a BTreeMap<String, String>);
     impl Extractor for Headers<'_> {
         fn get(&self, key: &str) -> Option<&str> {
-            // Header names compare without case, as in HTTP.
-            self.0.get(key).map(String::as_str).or_else(|| {
-                self.0
-                    .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(key))
-                    .map(|(_, value)| value.as_str())
-            })
+            header(self.0, key)
         }
         fn keys(&self) -> Vec<&str> {
             self.0.keys().map(String::as_str).collect()
@@ -259,6 +350,26 @@ fn creation_context(headers: &BTreeMap<String, String>) -> Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_key_is_cut_on_a_character_boundary() {
+        assert_eq!(truncated("abc", 256), "abc");
+        let long = "é".repeat(200);
+        let cut = truncated(&long, MAX_KEY_ATTRIBUTE);
+        assert_eq!(cut.len(), 256);
+        assert_eq!(truncated("aé", 2), "a");
+    }
+
+    #[test]
+    fn the_exact_header_name_wins_over_another_case() {
+        let headers = BTreeMap::from([
+            ("TraceParent".to_owned(), "A".to_owned()),
+            ("traceparent".to_owned(), "B".to_owned()),
+        ]);
+        assert_eq!(header(&headers, "traceparent"), Some("B"));
+        let headers = BTreeMap::from([("TRACEPARENT".to_owned(), "A".to_owned())]);
+        assert_eq!(header(&headers, "traceparent"), Some("A"));
+    }
 
     #[test]
     fn the_creation_context_is_read_from_the_headers_whatever_their_case() {

@@ -107,3 +107,52 @@ async fn otel_exporter_otlp_endpoint_turns_it_on_and_untraced_messages_get_no_sp
         .all(|s| s.attribute("pg_outbox.queue") == Some("orders")
             && s.attribute("messaging.system") == Some("pg_outbox")));
 }
+
+/// Standard variables whose bad values would export nowhere or trace every message stop the
+/// worker at start instead (exit 2, naming the variable), in `check-config` and in `run`.
+#[test]
+fn otel_variables_that_would_misbehave_are_refused_naming_them() {
+    let url = "postgres://nobody@127.0.0.1:1/none";
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    for (variable, value, wanted) in [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "https://collector:4318",
+            "an http:// URL",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "https://c:4318/v1/traces",
+            "an http:// URL",
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "http/protobuf"),
+        ("OTEL_TRACES_SAMPLER", "bogus", "not a sampler"),
+        ("OTEL_TRACES_SAMPLER", "traceidratio", "needs a ratio"),
+    ] {
+        for command in ["check-config", "run"] {
+            let out = outbox_tests::worker::run_once(
+                &[command, "--postgres-url", url],
+                &[endpoint, (variable, value)],
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{command} {variable}={value}: {stderr}"
+            );
+            assert!(
+                stderr.contains(variable) && stderr.contains(wanted),
+                "{command} {variable}={value}: {stderr}"
+            );
+        }
+    }
+    let fine = outbox_tests::worker::run_once(
+        &["check-config", "--postgres-url", url],
+        &[
+            endpoint,
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+        ],
+    );
+    assert!(fine.status.success(), "{fine:?}");
+}

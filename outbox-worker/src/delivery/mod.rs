@@ -247,7 +247,7 @@ impl Delivery {
                 target.metrics.published(&entry.message);
                 traces::send(traces::Send {
                     system: target.sink.system(),
-                    sink: &target.name,
+                    sink: Some(&target.name),
                     destination: &entry.route.destination,
                     message: &entry.message,
                     started: entry.started,
@@ -384,7 +384,7 @@ impl Delivery {
         let error = u.error.to_string();
         traces::send(traces::Send {
             system: self.targets[u.sink_id].sink.system(),
-            sink: &u.sink,
+            sink: Some(&u.sink),
             destination: &u.destination,
             message: &u.message,
             started: u.started,

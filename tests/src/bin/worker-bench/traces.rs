@@ -125,7 +125,7 @@ fn per_message_cost(endpoint: &str) -> (f64, f64) {
         for _ in 0..CALLS {
             traces::send(traces::Send {
                 system: "kafka",
-                sink: "k",
+                sink: Some("k"),
                 destination: &destination,
                 message,
                 started: std::time::SystemTime::now(),
