@@ -597,13 +597,31 @@ fn append_conf(data: &Path, lines: &str) {
         .expect("append to postgresql.conf");
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a server started later.
+///
+/// Taken below the kernel's ephemeral range (32768-60999 on Linux), never from it: a port the
+/// kernel hands out for `bind :0` is also the one it may give the next outgoing connection (a
+/// client of another test), and a server slow to start (Kafka Connect's JVM) then finds it taken.
+/// Each process walks its own stretch of 20000-32767 (chosen by its pid) and never hands out a
+/// port twice, so parallel tests of one binary cannot be given the same one either.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind :0")
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 32_768 - FIRST;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(97) % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}-{}", FIRST + COUNT - 1)
 }
 
 fn path(p: &Path) -> &str {
