@@ -30,7 +30,59 @@ fn collector_that_never_answers() -> (String, std::thread::JoinHandle<()>) {
     (endpoint, held)
 }
 
-async fn delivers_everything_and_stops_promptly(endpoint: &str) {
+/// Answers every export, in turn, 500, 429 (with `Retry-After`) and 200 with a body that is not
+/// protobuf: a collector overloaded or broken.
+fn collector_that_refuses() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let answered = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = answered.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer = match counter.fetch_add(1, Ordering::SeqCst) % 3 {
+                        0 => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
+                        1 => "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 4\r\n\r\nslow",
+                        _ => "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 10\r\n\r\n\u{ff}garbage\u{1}",
+                    };
+                    if writer.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (endpoint, answered)
+}
+
+/// The worker's log.
+async fn delivers_everything_and_stops_promptly(endpoint: &str) -> String {
     let pg = PgCluster::start().await;
     let (_dir, out) = stdout_file();
     let config = Worker::config_file(&format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n"));
@@ -56,12 +108,28 @@ async fn delivers_everything_and_stops_promptly(endpoint: &str) {
         "the stop took {:?}: the export held it",
         stopping.elapsed()
     );
+    worker.log()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_collector_that_never_answers_costs_no_message_and_does_not_hold_the_stop() {
     let (endpoint, _held) = collector_that_never_answers();
     delivers_everything_and_stops_promptly(&endpoint).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_answering_errors_and_garbage_costs_no_message() {
+    let (endpoint, answered) = collector_that_refuses();
+    let log = delivers_everything_and_stops_promptly(&endpoint).await;
+    // Each refusal is in the log: the 500, the 429 whose Retry-After the exporter waits for, the
+    // spans dropped while it waits.
+    for wanted in ["status code: 500", "throttled", "dropped"] {
+        assert!(log.contains(wanted), "no {wanted:?} in the log:\n{log}");
+    }
+    assert!(
+        answered.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "the exporter did not reach the collector"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
