@@ -3,12 +3,12 @@
 //! a message without a topic, consumers process with `Inbox::process_once`; the test process and
 //! the worker both export over OTLP/HTTP to an in-test receiver, which checks the span tree.
 
+mod otel;
+
 use std::time::Duration;
 
 use futures::StreamExt;
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use otel::{ids, telemetry};
 use outbox_client::received::{from_amqp, from_kafka, Received};
 use outbox_client::{Headers, Inbox, Outbox, Processed};
 use outbox_tests::otlp::{Receiver, Span};
@@ -17,41 +17,10 @@ use outbox_tests::{eventually, KafkaBroker, PgCluster, RabbitMq, Worker};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message as _;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
 
 const PRODUCER: i32 = 4;
 const CONSUMER: i32 = 5;
 const ERROR: i32 = 2;
-
-/// The test process's own telemetry: tracing spans exported by OTLP to `endpoint` as `shop`.
-fn telemetry(endpoint: &str) -> SdkTracerProvider {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_endpoint(format!("{endpoint}/v1/traces"))
-        .build()
-        .unwrap();
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(
-            opentelemetry_sdk::Resource::builder()
-                .with_service_name("shop")
-                .build(),
-        )
-        .build();
-    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("shop"));
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
-        .expect("one subscriber per test binary");
-    provider
-}
-
-/// The ids of `span`'s OpenTelemetry context: (trace id, span id), hex.
-fn ids(span: &tracing::Span) -> (String, String) {
-    let cx = span.context();
-    let otel = cx.span();
-    let sc = otel.span_context();
-    (sc.trace_id().to_string(), sc.span_id().to_string())
-}
 
 fn one<'a>(spans: &'a [Span], what: &str, pick: impl Fn(&Span) -> bool) -> &'a Span {
     let found: Vec<&Span> = spans.iter().filter(|s| pick(s)).collect();

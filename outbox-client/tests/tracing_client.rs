@@ -2,42 +2,18 @@
 //! own `traceparent` in another case, a garbage creation context, an ambient consumer span, a
 //! failing handler. Spans are exported by OTLP to an in-test receiver.
 
+mod otel;
+
 use std::time::Duration;
 
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use otel::{ids, telemetry};
 use outbox_client::received::Received;
 use outbox_client::{Headers, Inbox, Outbox, ProcessError, Processed};
 use outbox_tests::otlp::{Receiver, Span};
 use outbox_tests::{eventually, PgCluster};
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
 
 const ERROR: i32 = 2;
-
-fn telemetry(endpoint: &str) -> SdkTracerProvider {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_endpoint(format!("{endpoint}/v1/traces"))
-        .build()
-        .unwrap();
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .build();
-    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("shop"));
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
-        .expect("one subscriber per test binary");
-    provider
-}
-
-fn ids(span: &tracing::Span) -> (String, String) {
-    let cx = span.context();
-    let otel = cx.span();
-    let sc = otel.span_context();
-    (sc.trace_id().to_string(), sc.span_id().to_string())
-}
 
 /// The `traceparent` (any case) stored with each message, in id order given.
 async fn stored_traceparents(
