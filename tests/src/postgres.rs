@@ -381,8 +381,9 @@ hostnossl replication all 127.0.0.1/32 reject
     }
 
     /// A physical standby of this cluster (`pg_basebackup -R` with its own physical slot
-    /// `standby`), ready to keep synced copies of failover slots (PostgreSQL 17+):
-    /// `sync_replication_slots`, `hot_standby_feedback`, a dbname in `primary_conninfo`.
+    /// `standby`) with `hot_standby_feedback` (logical decoding on it needs that, PostgreSQL 16+)
+    /// and, from 17, ready to keep synced copies of failover slots: `sync_replication_slots`, a
+    /// dbname in `primary_conninfo`.
     pub fn start_standby(&self) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("pg_outbox_standby")
@@ -413,9 +414,13 @@ hostnossl replication all 127.0.0.1/32 reject
         append_conf(
             &data,
             &format!(
-                "port = {port}\nunix_socket_directories = '{}'\nsync_replication_slots = on\n\
-                 hot_standby_feedback = on\n",
-                path(dir.path())
+                "port = {port}\nunix_socket_directories = '{}'\nhot_standby_feedback = on\n{}",
+                path(dir.path()),
+                if self.installation.major >= 17 {
+                    "sync_replication_slots = on\n"
+                } else {
+                    ""
+                }
             ),
         );
         // Later lines win: the connection string with the dbname slot sync needs.
@@ -434,9 +439,17 @@ hostnossl replication all 127.0.0.1/32 reject
 
     /// SIGKILL to the postmaster: a crash, not a shutdown.
     pub fn kill(&self) {
+        run("kill", &["-9", &self.postmaster_pid().to_string()]);
+    }
+
+    pub fn postmaster_pid(&self) -> u32 {
         let pid_file = self.dir.path().join("data").join("postmaster.pid");
         let pid = std::fs::read_to_string(pid_file).expect("postmaster.pid");
-        run("kill", &["-9", pid.lines().next().unwrap().trim()]);
+        pid.lines().next().unwrap().trim().parse().expect("a pid")
+    }
+
+    pub fn installation(&self) -> &Installation {
+        &self.installation
     }
 
     /// A standby becomes a primary.

@@ -19,9 +19,12 @@
 //! (100k in the full run), written between the `versus-debezium` markers.
 //! `worker-bench N --tracing`: only the cost of trace export (`traces.rs`), written between the
 //! `worker-tracing` markers.
+//! `worker-bench N --slots`: only what one more slot costs (`slots.rs`), on the primary and on a
+//! standby, written between the `worker-slots` markers.
 
 mod debezium;
 mod latency;
+mod slots;
 mod traces;
 
 use std::process::Command;
@@ -102,6 +105,11 @@ async fn main() {
             println!("{table}");
             write_section("worker-tracing", &table);
         }
+        Some("--slots") => {
+            let table = slots::slots_table(backlog).await;
+            println!("{table}");
+            write_section("worker-slots", &table);
+        }
         Some("--latency") => {
             let table = latency().await;
             println!("{table}");
@@ -120,6 +128,9 @@ async fn main() {
             let table = traces::tracing_table(&brokers.kafka, backlog).await;
             println!("{table}");
             write_section("worker-tracing", &table);
+            let table = slots::slots_table(backlog).await;
+            println!("{table}");
+            write_section("worker-slots", &table);
         }
     }
 }
