@@ -36,6 +36,8 @@ pub enum NotWritten {
 /// Writes dead letters over an ordinary connection, reconnecting as needed.
 pub struct DeadLetters {
     url: String,
+    /// `postgres.primary_url`: where they are written while `url` is a standby.
+    primary_url: Option<String>,
     client: Option<Client>,
     health: Arc<Health>,
     shutdown: CancellationToken,
@@ -44,9 +46,15 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub fn new(url: &str, health: Arc<Health>, shutdown: CancellationToken) -> DeadLetters {
+    pub fn new(
+        url: &str,
+        primary_url: Option<&str>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> DeadLetters {
         DeadLetters {
             url: url.to_owned(),
+            primary_url: primary_url.map(str::to_owned),
             client: None,
             health,
             shutdown,
@@ -86,7 +94,7 @@ impl DeadLetters {
     /// The connection, opened again if it was closed.
     async fn connection(&mut self) -> Result<&Client> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(pg::connect(&self.url).await?);
+            self.client = Some(pg::connect_writer(&self.url, self.primary_url.as_deref()).await?);
         }
         Ok(self.client.as_ref().expect("connected above"))
     }

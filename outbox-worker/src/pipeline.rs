@@ -65,14 +65,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     if config.postgres.setup {
         tokio::select! {
             made = setup::ensure_slot(&client, &settings, SlotSetup::Keep) => made?,
-            () = setup::report_blockers(config.url()) => unreachable!("reports until dropped"),
+            () = setup::report_blockers(config.primary_url().unwrap_or(config.url())) => unreachable!("reports until dropped"),
             () = shutdown.cancelled() => return Ok(()),
         }
     }
     drop(client);
     let mut router = Router::new(&config);
     tokio::spawn(watch_slot(
-        config.url().to_owned(),
+        settings.clone(),
         config.postgres.slot.clone(),
         shutdown.clone(),
     ));
@@ -84,7 +84,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         shutdown.clone(),
     ));
     let mut delivery = Delivery::new(&sinks, config.delivery.clone());
-    let mut dead_letters = DeadLetters::new(config.url(), health.clone(), shutdown.clone());
+    let mut dead_letters = DeadLetters::new(
+        config.url(),
+        config.primary_url(),
+        health.clone(),
+        shutdown.clone(),
+    );
     tracing::info!(
         slot = settings.slot, publication = settings.publication,
         sinks = ?sinks.names(), max_in_flight = config.delivery.max_in_flight,
@@ -417,20 +422,27 @@ async fn watch_publication(
     }
 }
 
-/// Every 5 s over an ordinary connection: the slot's lag for `/metrics`, and in `outbox.slots` up
-/// to when everything was delivered (what a lost slot's error reports).
-async fn watch_slot(url: String, slot: String, shutdown: CancellationToken) {
-    let mut client = None;
+/// Every 5 s over ordinary connections: the slot's lag for `/metrics`, and in `outbox.slots` up
+/// to when everything was delivered (what a lost slot's error reports). The slot is read where it
+/// is (a standby's, maybe), the record written on the primary.
+async fn watch_slot(settings: SlotSettings, slot: String, shutdown: CancellationToken) {
+    let mut clients = None;
     while !shutdown.is_cancelled() {
-        if client.is_none() {
-            client = pg::connect(&url).await.ok();
+        if clients.is_none() {
+            let url = &settings.url;
+            if let (Ok(reader), Ok(writer)) = (
+                pg::connect(url).await,
+                pg::connect_writer(url, settings.primary_url.as_deref()).await,
+            ) {
+                clients = Some((reader, writer));
+            }
         }
-        if let Some(c) = &client {
-            match record_slot(c, &slot).await {
+        if let Some((reader, writer)) = &clients {
+            match record_slot(reader, writer, &slot).await {
                 Ok(lag) => metrics::gauge!(telemetry::SLOT_LAG).set(lag.unwrap_or(0.0)),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the slot's position");
-                    client = None;
+                    clients = None;
                 }
             }
         }
@@ -438,27 +450,38 @@ async fn watch_slot(url: String, slot: String, shutdown: CancellationToken) {
     }
 }
 
-/// Once the slot confirmed past the last mark (the server's WAL position at a known time), that
-/// time becomes `delivered_before` and a new mark is taken. Returns the lag in bytes.
-async fn record_slot(client: &tokio_postgres::Client, slot: &str) -> Result<Option<f64>> {
-    client
+/// Once the slot confirmed past the last mark (the primary's WAL position at a known time), that
+/// time becomes `delivered_before` and a new mark is taken. Returns the lag in bytes (on a
+/// standby, behind what it replayed).
+async fn record_slot(
+    reader: &tokio_postgres::Client,
+    writer: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<f64>> {
+    let Some(row) = reader
+        .query_opt(
+            "SELECT s.confirmed_flush_lsn::text,
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                          ELSE pg_current_wal_lsn() END - s.confirmed_flush_lsn)::float8
+               FROM pg_replication_slots s
+              WHERE s.slot_name = $1 AND s.database = current_database()",
+            &[&slot],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let confirmed: Option<String> = row.get(0);
+    writer
         .execute(
             "UPDATE outbox.slots t
                 SET delivered_before = t.mark_at, mark_lsn = pg_current_wal_lsn(), mark_at = now()
-               FROM pg_replication_slots s
-              WHERE t.slot_name = $1 AND s.slot_name = t.slot_name
-                AND s.database = current_database() AND s.confirmed_flush_lsn >= t.mark_lsn
+              WHERE t.slot_name = $1 AND $2::text::pg_lsn >= t.mark_lsn
                 AND t.mark_at < now() - interval '30 seconds'",
-            &[&slot],
+            &[&slot, &confirmed],
         )
         .await?;
-    let lag = client
-        .query_opt(
-            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    Ok(lag.and_then(|row| row.get(0)))
+    Ok(row.get(1))
 }
 
 /// After the drain, a stop's last steps (confirming, closing connections) get this long: a

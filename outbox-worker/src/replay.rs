@@ -93,7 +93,8 @@ pub async fn replay(
     let sinks = Sinks::build(config, Purpose::Replay)?;
     let health = Health::new(Vec::new());
     let mut delivery = Delivery::new(&sinks, config.delivery.clone());
-    let mut dead_letters = DeadLetters::new(config.url(), health, shutdown.clone());
+    let mut dead_letters =
+        DeadLetters::new(config.url(), config.primary_url(), health, shutdown.clone());
     let mut parts = Parts {
         router: &mut router,
         delivery: &mut delivery,

@@ -23,7 +23,18 @@ pub enum SlotSetup {
 /// failover slot where `settings.failover` asks for one and the server has them).
 pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSetup) -> Result<()> {
     let (slot, publication) = (settings.slot.as_str(), settings.publication.as_str());
-    let failover = wants_failover(client, settings.failover).await?;
+    // A standby's slot: decoded there, written about on the primary.
+    let primary = match check_standby(client, settings).await? {
+        Some(primary_url) => {
+            Some(crate::pg::connect_writer(&settings.url, Some(primary_url)).await?)
+        }
+        None => None,
+    };
+    let writer = primary.as_ref().unwrap_or(client);
+    let failover = match primary {
+        Some(_) => false,
+        None => wants_failover(client, settings.failover).await?,
+    };
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         return Err(Fatal::new(
@@ -42,7 +53,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
              EXTENSION pg_outbox (or, where no C extension can be loaded, psql -f sql/pg_outbox.sql)"
         );
     }
-    if client
+    if writer
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
             &[&publication],
@@ -54,11 +65,11 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
             "CREATE PUBLICATION {} FOR TABLE outbox.messages WITH (publish = 'insert')",
             quote_ident(publication)
         );
-        ignore_duplicate(client.batch_execute(&create).await)
+        ignore_duplicate(writer.batch_execute(&create).await)
             .with_context(|| format!("cannot create publication {publication:?}"))?;
         tracing::info!(publication, "created publication");
     }
-    check_publication(client, publication).await?;
+    check_publication(writer, publication).await?;
     let slot_state = client
         .query_opt(
             "SELECT plugin, database,
@@ -68,7 +79,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
             &[&slot],
         )
         .await?;
-    let known = client
+    let known = writer
         .query_opt(
             "SELECT delivered_before FROM outbox.slots WHERE slot_name = $1",
             &[&slot],
@@ -91,7 +102,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
             }
             match mode {
                 SlotSetup::Keep if invalidated => {
-                    return Err(slot_gone(client, slot, "was invalidated (wal_status lost)")
+                    return Err(slot_gone(writer, slot, "was invalidated (wal_status lost)")
                         .await
                         .into())
                 }
@@ -109,22 +120,22 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
                             format!("cannot drop slot {slot:?} (stop every worker using it first)")
                         })?;
                     tracing::warn!(slot, "dropped the replication slot");
-                    create_slot(client, slot, failover).await?;
+                    create_slot(client, primary.as_ref(), slot, failover).await?;
                     true
                 }
             }
         }
         None if known && mode == SlotSetup::Keep => {
-            return Err(slot_gone(client, slot, "does not exist").await.into())
+            return Err(slot_gone(writer, slot, "does not exist").await.into())
         }
         None => {
-            create_slot(client, slot, failover).await?;
+            create_slot(client, primary.as_ref(), slot, failover).await?;
             true
         }
     };
     // A new slot starts a new record; an existing slot without one (set up by an older worker)
     // is adopted.
-    client
+    writer
         .execute(
             "INSERT INTO outbox.slots AS t (slot_name) VALUES ($1)
              ON CONFLICT (slot_name) DO UPDATE SET
@@ -295,9 +306,16 @@ async fn convert_to_failover(settings: &SlotSettings, active: bool) -> Result<()
     Ok(())
 }
 
-async fn create_slot(client: &Client, slot: &str, failover: bool) -> Result<()> {
+async fn create_slot(
+    client: &Client,
+    primary: Option<&Client>,
+    slot: &str,
+    failover: bool,
+) -> Result<()> {
     // The five-argument form (temporary, two-phase, failover) exists from PostgreSQL 17 on.
-    let created = if failover {
+    let created = if let Some(primary) = primary {
+        on_standby(client, primary, slot).await
+    } else if failover {
         client
             .query_one(
                 "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
@@ -323,6 +341,78 @@ async fn create_slot(client: &Client, slot: &str, failover: bool) -> Result<()> 
             .with_context(|| format!("cannot create replication slot {slot:?}"))?,
     }
     Ok(())
+}
+
+/// A slot made on a standby waits for the primary's next record of its running transactions
+/// (written at checkpoints): `pg_log_standby_snapshot()` writes one every second meanwhile.
+async fn on_standby(
+    standby: &Client,
+    primary: &Client,
+    slot: &str,
+) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+    let creating = standby.query_one(
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+        &params,
+    );
+    tokio::pin!(creating);
+    loop {
+        tokio::select! {
+            created = &mut creating => return created,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                if let Err(e) = primary.execute("SELECT pg_catalog.pg_log_standby_snapshot()", &[]).await {
+                    tracing::debug!(error = %e, "cannot log a standby snapshot on the primary");
+                }
+            }
+        }
+    }
+}
+
+/// `None` for a primary. For a standby (`postgres.url` in recovery), what decoding there needs:
+/// PostgreSQL 16+, `postgres.primary_url` to write to, and `hot_standby_feedback` (else the
+/// primary's vacuum removes catalog rows the slot still needs and the standby invalidates it);
+/// returns the primary's URL.
+async fn check_standby<'a>(client: &Client, settings: &'a SlotSettings) -> Result<Option<&'a str>> {
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int,
+                    current_setting('hot_standby_feedback')::bool,
+                    current_setting('primary_slot_name')",
+            &[],
+        )
+        .await?;
+    let (in_recovery, version, feedback, physical_slot): (bool, i32, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if !in_recovery {
+        return Ok(None);
+    }
+    if version < 160_000 {
+        return Err(Fatal::new(
+            format!("postgres.url is a standby of PostgreSQL {}: logical decoding on a standby needs 16 or later", version / 10_000),
+            "point postgres.url at the primary, or upgrade",
+        )
+        .into());
+    }
+    let Some(primary_url) = settings.primary_url.as_deref() else {
+        return Err(Fatal::new(
+            "postgres.url is a standby (in recovery): the slot can be decoded there, but the worker writes outbox.slots and dead letters, which a standby cannot",
+            "set postgres.primary_url (OUTBOX_POSTGRES__PRIMARY_URL) to the primary",
+        )
+        .into());
+    };
+    if !feedback {
+        return Err(Fatal::new(
+            "hot_standby_feedback is off on the standby postgres.url names: the primary's vacuum may remove catalog rows the slot needs, and the standby then invalidates the slot",
+            "set hot_standby_feedback = on on the standby (and primary_slot_name, a physical slot on the primary, so that the feedback holds while it is disconnected)",
+        )
+        .into());
+    }
+    if physical_slot.is_empty() {
+        tracing::warn!(
+            "the standby streams from the primary without a physical slot (primary_slot_name): while it is disconnected, the primary's vacuum may remove catalog rows the standby's logical slot needs, and the standby then invalidates it"
+        );
+    }
+    Ok(Some(primary_url))
 }
 
 /// What `outbox.slots` says about a slot that is gone, as an error that stops the worker.

@@ -409,6 +409,9 @@ hostnossl replication all 127.0.0.1/32 reject
                 "-C",
                 "-S",
                 "standby",
+                // An immediate checkpoint: a spread one makes the copy wait seconds.
+                "-c",
+                "fast",
             ],
         );
         append_conf(

@@ -24,6 +24,7 @@ async fn dropping_next_mid_await_never_loses_an_event() {
         status_interval: Duration::from_millis(250),
         failover: FailoverSlot::Auto,
         wal_form: true,
+        primary_url: None,
     };
     setup::ensure_slot(&client, &settings, setup::SlotSetup::Keep)
         .await

@@ -18,6 +18,17 @@ impl Config {
                     "postgres.url = \"{url}\" is not a PostgreSQL connection string: {e}"
                 ))
             })?;
+        if let Some(primary) = &self.postgres.primary_url {
+            primary
+                .expose()
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| {
+                    invalid(format!(
+                        "postgres.primary_url = \"{primary}\" is not a PostgreSQL connection \
+                         string: {e}"
+                    ))
+                })?;
+        }
         for (key, value) in [
             ("postgres.slot", &self.postgres.slot),
             ("postgres.publication", &self.postgres.publication),

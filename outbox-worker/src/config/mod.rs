@@ -69,6 +69,10 @@ pub struct PostgresConfig {
     pub setup: bool,
     /// Create the slot so that it survives a failover to a standby (PostgreSQL 17+).
     pub failover_slot: FailoverSlot,
+    /// The primary, when `url` is a physical standby whose slot the worker decodes (PostgreSQL
+    /// 16+): the publication, `outbox.slots` and dead letters are written there. Once `url`'s
+    /// server is promoted, the worker writes to it instead.
+    pub primary_url: Option<SecretUrl>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -91,6 +95,7 @@ impl Default for PostgresConfig {
             status_interval: Duration::from_millis(250),
             setup: true,
             failover_slot: FailoverSlot::Auto,
+            primary_url: None,
         }
     }
 }
@@ -316,6 +321,10 @@ impl Config {
             .as_ref()
             .map(SecretUrl::expose)
             .unwrap_or_default()
+    }
+
+    pub fn primary_url(&self) -> Option<&str> {
+        self.postgres.primary_url.as_ref().map(SecretUrl::expose)
     }
 }
 

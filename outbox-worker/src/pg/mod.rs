@@ -45,6 +45,36 @@ async fn connect_with(config: &tokio_postgres::Config) -> Result<Client, tokio_p
     Ok(client)
 }
 
+/// A connection that accepts writes (the publication, `outbox.slots`, dead letters): `url`'s
+/// server, or `primary_url`'s while `url`'s is a standby whose slot the worker decodes
+/// (PostgreSQL 16+). After the standby's promotion that is `url`'s server again.
+pub async fn connect_writer(url: &str, primary_url: Option<&str>) -> Result<Client> {
+    let client = connect(url).await?;
+    let Some(primary_url) = primary_url else {
+        return Ok(client);
+    };
+    if !in_recovery(&client).await? {
+        return Ok(client);
+    }
+    let primary = connect(primary_url)
+        .await
+        .context("postgres.url is a standby: the worker writes to postgres.primary_url")?;
+    if in_recovery(&primary).await? {
+        anyhow::bail!(
+            "postgres.primary_url {} is a standby too (in recovery): it must name the primary",
+            redact_url(primary_url)
+        );
+    }
+    Ok(primary)
+}
+
+pub async fn in_recovery(client: &Client) -> Result<bool> {
+    Ok(client
+        .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+        .await?
+        .get(0))
+}
+
 /// The host and port of `url`'s server that accepts writes. With several hosts
 /// (`postgres://u@a:5432,b:5432/db`, as libpq's multi-host URLs) each is asked in turn whether it
 /// is in recovery, so after a failover the replication connection goes to the new primary; one

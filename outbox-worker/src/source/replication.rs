@@ -55,6 +55,7 @@ pub enum SourceEvent {
 /// which for 1 MB messages is 8 GB); delivery.max_in_flight_bytes bounds what is behind them.
 pub const READ_AHEAD_EVENTS: usize = 32;
 
+#[derive(Clone)]
 pub struct SlotSettings {
     pub url: String,
     pub slot: String,
@@ -63,6 +64,8 @@ pub struct SlotSettings {
     pub failover: FailoverSlot,
     /// Wal-form messages are trusted only where the extension keeps them to `outbox.publish*`.
     pub wal_form: bool,
+    /// Where to write while `url` is a standby (`postgres.primary_url`).
+    pub primary_url: Option<String>,
 }
 
 impl SlotSettings {
@@ -74,6 +77,7 @@ impl SlotSettings {
             status_interval: config.postgres.status_interval,
             failover: config.postgres.failover_slot,
             wal_form: true,
+            primary_url: config.primary_url().map(str::to_owned),
         }
     }
 }

@@ -59,7 +59,7 @@ pub async fn slots_table(backlog: u64) -> String {
         append(
             data,
             "max_replication_slots = 30\nmax_wal_senders = 30\nautovacuum = off\n",
-        )
+        );
     });
     let db = primary.superuser().await;
     db.batch_execute(

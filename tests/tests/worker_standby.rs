@@ -1,0 +1,296 @@
+//! Decoding on a standby (issue #32, PostgreSQL 16+): the worker streams its slot from a
+//! physical standby while publishers commit on the primary, and writes what it writes
+//! (`outbox.slots`, dead letters, the publication) on the primary (`postgres.primary_url`).
+//! Then the primary dies under the publishers and the standby is promoted: the slot lives on,
+//! the worker carries on against the promoted server, and every acknowledged commit arrives,
+//! each key's first arrivals in order. On 16 and 18; setup's refusals on 15, without `primary_url` and without
+//! `hot_standby_feedback`.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use outbox_tests::postgres::{count, Installation};
+use outbox_tests::publish::{read_json_lines, stdout_file};
+use outbox_tests::worker::config_args;
+use outbox_tests::{eventually, PgCluster, Worker};
+use tokio_postgres::Client;
+
+const KEYS: u64 = 13;
+
+/// Publishes messages `first..first+10` (key `k-{i % KEYS}`) in one transaction, the storage form
+/// alternating per transaction; true once the commit is acknowledged.
+async fn publish_ten(db: &Client, first: u64) -> bool {
+    let form = if (first / 10).is_multiple_of(2) {
+        "table"
+    } else {
+        "wal"
+    };
+    db.batch_execute(&format!(
+        "BEGIN; SET LOCAL pg_outbox.storage = '{form}';
+         SELECT count(outbox.publish('orders', jsonb_build_object('i', i), '{{}}', 'k-' || i % {KEYS}))
+           FROM generate_series({first}, {last}) AS i;
+         COMMIT;",
+        last = first + 9
+    ))
+    .await
+    .is_ok()
+}
+
+/// A primary on `major` with the extension, its commits acknowledged once on the standby (so a
+/// promoted standby has every acknowledged commit), and that standby.
+async fn primary_and_standby(major: u32) -> (PgCluster, PgCluster, Client) {
+    let primary = PgCluster::start_on(Installation::major(major), |_| {});
+    let db = primary.superuser().await;
+    db.batch_execute("CREATE EXTENSION pg_outbox")
+        .await
+        .unwrap();
+    let standby = primary.start_standby();
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    (primary, standby, db)
+}
+
+/// Waits until every index of `expected` was delivered; then checks that nothing outside
+/// `expected` and `in_doubt` arrived and that each key's first arrivals are in index order.
+/// Returns (lines, duplicates).
+async fn every_one_in_key_order(
+    out: &std::path::Path,
+    expected: &HashSet<u64>,
+    in_doubt: &HashSet<u64>,
+) -> (usize, usize) {
+    eventually(
+        Duration::from_secs(120),
+        "every acknowledged commit delivered",
+        || async move {
+            let seen: HashSet<u64> = read_json_lines(out)
+                .iter()
+                .filter_map(|s| s.payload["i"].as_u64())
+                .collect();
+            expected.is_subset(&seen)
+        },
+    )
+    .await;
+    let lines = read_json_lines(out);
+    let mut first_arrivals = HashSet::new();
+    let mut last_per_key: HashMap<String, u64> = HashMap::new();
+    for line in &lines {
+        if !first_arrivals.insert(line.id.clone()) {
+            continue;
+        }
+        let i = line.payload["i"].as_u64().unwrap();
+        assert!(
+            expected.contains(&i) || in_doubt.contains(&i),
+            "message {i} was never committed"
+        );
+        let key = line.key.clone().unwrap();
+        if let Some(last) = last_per_key.insert(key.clone(), i) {
+            assert!(last < i, "key {key}: {i} arrived after {last}");
+        }
+    }
+    (lines.len(), lines.len() - first_arrivals.len())
+}
+
+async fn decodes_on_the_standby_and_carries_on_after_its_promotion(major: u32) {
+    let (primary, standby, db) = primary_and_standby(major).await;
+    let (_dir, out) = stdout_file();
+    // `orders` to stdout; any other queue has no route, and its messages become dead letters.
+    let config = Worker::config_file(&format!(
+        "[postgres]\nprimary_url = \"{}\"\n[sinks.out]\ntype = \"stdout\"\n\
+         [[routes]]\nqueues = \"orders\"\nsink = \"out\"\n",
+        primary.url()
+    ));
+    let mut worker = Worker::start(&config_args(&standby.url(), config.path()), Some(&out));
+    // The worker records its slot on the primary once the slot is made (on the standby).
+    let db_ref = &db;
+    eventually(
+        Duration::from_secs(60),
+        "the slot recorded in outbox.slots",
+        || async move {
+            count(
+                db_ref,
+                "SELECT count(*) FROM outbox.slots WHERE slot_name = 'pg_outbox'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let on_standby = standby.superuser().await;
+    assert_eq!(
+        count(
+            &on_standby,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_outbox'"
+        )
+        .await,
+        1
+    );
+    // The primary decodes nothing.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'"
+        )
+        .await,
+        0
+    );
+
+    // A dead letter, written on the primary.
+    db.execute("SELECT outbox.publish('audit', '{}')", &[])
+        .await
+        .unwrap();
+    let db_ref = &db;
+    eventually(
+        Duration::from_secs(60),
+        "the dead letter on the primary",
+        || async move {
+            count(
+                db_ref,
+                "SELECT count(*) FROM outbox.dead_letters WHERE queue = 'audit'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+
+    // Publishers on the primary while the standby decodes; then the primary dies under them.
+    let publisher = {
+        let db = primary.superuser().await;
+        tokio::spawn(async move {
+            let mut i = 0;
+            while publish_ten(&db, i).await {
+                i += 10;
+            }
+            i // the first index whose commit was not acknowledged
+        })
+    };
+    let out_ref = &out;
+    eventually(
+        Duration::from_secs(60),
+        "deliveries from the standby's slot",
+        || async move { read_json_lines(out_ref).len() >= 500 },
+    )
+    .await;
+    primary.kill();
+    let committed_before = publisher.await.unwrap();
+    standby.promote();
+
+    // The promoted standby takes the rest; the in-doubt transaction's indexes are skipped.
+    let new_primary = standby.superuser().await;
+    let resume = committed_before + 10;
+    for first in (resume..resume + 200).step_by(10) {
+        assert!(publish_ten(&new_primary, first).await);
+    }
+    let expected: HashSet<u64> = (0..committed_before).chain(resume..resume + 200).collect();
+    let in_doubt: HashSet<u64> = (committed_before..resume).collect();
+    let (lines, duplicates) = every_one_in_key_order(&out, &expected, &in_doubt).await;
+    eprintln!(
+        "PostgreSQL {major}: {committed_before} messages committed before the primary died, 200 \
+         after the promotion; {lines} lines, {duplicates} repeats"
+    );
+    assert!(worker.exited().is_none(), "{}", worker.log());
+    // The worker now writes to the promoted server: its record of the slot moves there.
+    let recorded_ref = &new_primary;
+    eventually(
+        Duration::from_secs(60),
+        "outbox.slots written on the promoted server",
+        || async move {
+            count(
+                recorded_ref,
+                "SELECT count(*) FROM outbox.slots
+                  WHERE slot_name = 'pg_outbox' AND mark_at > now() - interval '20 seconds'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_16_a_standby_decodes_and_its_promotion_loses_nothing() {
+    decodes_on_the_standby_and_carries_on_after_its_promotion(16).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_18_a_standby_decodes_and_its_promotion_loses_nothing() {
+    decodes_on_the_standby_and_carries_on_after_its_promotion(18).await;
+}
+
+/// Sets `hot_standby_feedback` on `standby` and waits until a new session sees it.
+async fn feedback(standby: &PgCluster, value: &str) {
+    let db = standby.superuser().await;
+    db.batch_execute(&format!("ALTER SYSTEM SET hot_standby_feedback = {value}"))
+        .await
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    eventually(Duration::from_secs(10), "the setting reloaded", || async {
+        let db = standby.superuser().await;
+        let shown: String = db
+            .query_one("SHOW hot_standby_feedback", &[])
+            .await
+            .unwrap()
+            .get(0);
+        shown == value
+    })
+    .await;
+}
+
+/// `setup` against a standby explains what decoding there needs, naming the setting.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_on_a_standby_names_what_is_missing() {
+    let setup = |standby: &PgCluster, extra: &str| {
+        let config = Worker::config_file(&format!("[postgres]\n{extra}"));
+        outbox_tests::worker::run_once(
+            &[
+                "setup",
+                "--postgres-url",
+                &standby.url(),
+                "--config",
+                config.path().to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let expect = |out: std::process::Output, wanted: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(wanted), "no {wanted:?} in:\n{stderr}");
+    };
+
+    let (primary, standby, db) = primary_and_standby(16).await;
+    let primary_url = format!("primary_url = \"{}\"\n", primary.url());
+    expect(setup(&standby, ""), "set postgres.primary_url");
+    expect(
+        setup(&standby, &format!("primary_url = \"{}\"\n", standby.url())),
+        "a standby too",
+    );
+    feedback(&standby, "off").await;
+    expect(setup(&standby, &primary_url), "hot_standby_feedback is off");
+    feedback(&standby, "on").await;
+    let out = setup(&standby, &primary_url);
+    assert!(out.status.success(), "{out:?}");
+    let on_standby = standby.superuser().await;
+    assert_eq!(
+        count(
+            &on_standby,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_outbox'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.slots").await,
+        1,
+        "recorded on the primary"
+    );
+
+    let old = PgCluster::start().await;
+    let old_standby = old.start_standby();
+    let old_primary_url = format!("primary_url = \"{}\"\n", old.url());
+    expect(setup(&old_standby, &old_primary_url), "needs 16 or later");
+}
