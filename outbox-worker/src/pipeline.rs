@@ -62,6 +62,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         setup::check_publication(&client, &settings.publication).await?;
     }
     settings.wal_form = setup::installed(&client).await? != Some(setup::Install::Sql);
+    // A standby's slot: what decoding there needs, and a primary to write to, checked now rather
+    // than at the first dead letter.
+    if let Some(primary_url) = setup::check_standby(&client, &settings).await? {
+        pg::connect_writer(config.url(), Some(primary_url)).await?;
+    }
     if config.postgres.setup {
         tokio::select! {
             made = setup::ensure_slot(&client, &settings, SlotSetup::Keep) => made?,

@@ -372,7 +372,10 @@ async fn on_standby(
 /// PostgreSQL 16+, `postgres.primary_url` to write to, and `hot_standby_feedback` (else the
 /// primary's vacuum removes catalog rows the slot still needs and the standby invalidates it);
 /// returns the primary's URL.
-async fn check_standby<'a>(client: &Client, settings: &'a SlotSettings) -> Result<Option<&'a str>> {
+pub async fn check_standby<'a>(
+    client: &Client,
+    settings: &'a SlotSettings,
+) -> Result<Option<&'a str>> {
     let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int,

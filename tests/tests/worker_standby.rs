@@ -3,8 +3,8 @@
 //! (`outbox.slots`, dead letters, the publication) on the primary (`postgres.primary_url`).
 //! Then the primary dies under the publishers and the standby is promoted: the slot lives on,
 //! the worker carries on against the promoted server, and every acknowledged commit arrives,
-//! each key's first arrivals in order. On 16 and 18; setup's refusals on 15, without `primary_url` and without
-//! `hot_standby_feedback`.
+//! each key's first arrivals in order. On 16 and 18. Setup's refusals: a standby of 15, no
+//! `primary_url`, one naming another standby or another cluster, `hot_standby_feedback` off.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -272,6 +272,14 @@ async fn setup_on_a_standby_names_what_is_missing() {
     feedback(&standby, "off").await;
     expect(setup(&standby, &primary_url), "hot_standby_feedback is off");
     feedback(&standby, "on").await;
+    let elsewhere = PgCluster::start().await;
+    expect(
+        setup(
+            &standby,
+            &format!("primary_url = \"{}\"\n", elsewhere.url()),
+        ),
+        "is not where the standby postgres.url names replicates from",
+    );
     let out = setup(&standby, &primary_url);
     assert!(out.status.success(), "{out:?}");
     let on_standby = standby.superuser().await;
@@ -289,8 +297,7 @@ async fn setup_on_a_standby_names_what_is_missing() {
         "recorded on the primary"
     );
 
-    let old = PgCluster::start().await;
-    let old_standby = old.start_standby();
-    let old_primary_url = format!("primary_url = \"{}\"\n", old.url());
+    let old_standby = elsewhere.start_standby();
+    let old_primary_url = format!("primary_url = \"{}\"\n", elsewhere.url());
     expect(setup(&old_standby, &old_primary_url), "needs 16 or later");
 }

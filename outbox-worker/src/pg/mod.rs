@@ -60,10 +60,39 @@ pub async fn connect_writer(url: &str, primary_url: Option<&str>) -> Result<Clie
         .await
         .context("postgres.url is a standby: the worker writes to postgres.primary_url")?;
     if in_recovery(&primary).await? {
-        anyhow::bail!(
-            "postgres.primary_url {} is a standby too (in recovery): it must name the primary",
-            redact_url(primary_url)
-        );
+        return Err(crate::fatal::Fatal::new(
+            format!(
+                "postgres.primary_url {} is a standby too (in recovery)",
+                redact_url(primary_url)
+            ),
+            "postgres.primary_url must name the primary of the standby postgres.url names",
+        )
+        .into());
+    }
+    // Its dead letters and slot records must land in the database the slot decodes.
+    let identity = "SELECT system_identifier::text, current_database()::text FROM pg_catalog.pg_control_system()";
+    let (standby_row, primary_row) = (
+        client.query_one(identity, &[]).await?,
+        primary.query_one(identity, &[]).await?,
+    );
+    let (standby_id, primary_id): ((String, String), (String, String)) = (
+        (standby_row.get(0), standby_row.get(1)),
+        (primary_row.get(0), primary_row.get(1)),
+    );
+    if standby_id != primary_id {
+        return Err(crate::fatal::Fatal::new(
+            format!(
+                "postgres.primary_url {} is not where the standby postgres.url names replicates \
+                 from: system {} database {:?} there, system {} database {:?} on the standby",
+                redact_url(primary_url),
+                primary_id.0,
+                primary_id.1,
+                standby_id.0,
+                standby_id.1
+            ),
+            "postgres.primary_url must name the standby's primary and the same database",
+        )
+        .into());
     }
     Ok(primary)
 }
