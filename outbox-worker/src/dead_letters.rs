@@ -39,6 +39,9 @@ pub struct DeadLetters {
     /// `postgres.primary_url`: where they are written while `url` is a standby.
     primary_url: Option<String>,
     client: Option<Client>,
+    /// With `primary_url`: a connection to `url`'s server, where the slot is. A dead letter
+    /// written on the primary counts once it is there too (see [`DeadLetters::reached_the_slot`]).
+    slot_server: Option<Client>,
     health: Arc<Health>,
     shutdown: CancellationToken,
     /// The dead letters there were when the stream last started ([`DeadLetters::load_earlier`]).
@@ -56,6 +59,7 @@ impl DeadLetters {
             url: url.to_owned(),
             primary_url: primary_url.map(str::to_owned),
             client: None,
+            slot_server: None,
             health,
             shutdown,
             earlier: HashSet::new(),
@@ -203,7 +207,7 @@ impl DeadLetters {
         attempts: u32,
     ) -> Result<()> {
         self.connection().await?;
-        match self.insert(message, destination, error, attempts).await {
+        let written = match self.insert(message, destination, error, attempts).await {
             // A data exception (a `\u0000` jsonb refuses, a character the database's encoding
             // lacks) would fail every retry and stall delivery for good: keep the payload as
             // bytes instead, without key and headers, and say so.
@@ -221,6 +225,53 @@ impl DeadLetters {
                 self.insert(&kept, destination, &error, attempts).await
             }
             other => other,
+        };
+        written?;
+        if self.primary_url.is_some() {
+            self.reached_the_slot(message.id).await?;
+        }
+        Ok(())
+    }
+
+    /// A dead letter written on the primary while the slot is a standby's: the slot may move past
+    /// the message only once the standby has the dead letter too. Else, with asynchronous
+    /// replication, a failover to that standby (the slot's future) would lose the message: the
+    /// slot past it, its dead letter only on the old primary (found by a hostile review). Should
+    /// the standby be promoted meanwhile (a failover, or a split brain with the old primary still
+    /// up), the write goes again to the promoted server.
+    async fn reached_the_slot(&mut self, id: uuid::Uuid) -> Result<()> {
+        let mut waited = Duration::ZERO;
+        let mut warned = false;
+        loop {
+            if self.slot_server.as_ref().is_none_or(Client::is_closed) {
+                self.slot_server = Some(pg::connect(&self.url).await?);
+            }
+            let slot_server = self.slot_server.as_ref().expect("connected above");
+            let row = slot_server
+                .query_one(
+                    "SELECT EXISTS (SELECT FROM outbox.dead_letters d WHERE d.id OPERATOR(pg_catalog.=) $1),
+                            pg_catalog.pg_is_in_recovery()",
+                    &[&id],
+                )
+                .await?;
+            let (there, in_recovery): (bool, bool) = (row.get(0), row.get(1));
+            if there {
+                return Ok(());
+            }
+            if !in_recovery {
+                // Promoted: the next attempt connects to it and writes there.
+                self.client = None;
+                anyhow::bail!("postgres.url's server was promoted before the dead letter reached it; writing it there");
+            }
+            if waited >= Duration::from_secs(30) && !warned {
+                warned = true;
+                tracing::warn!(%id, "a dead letter written on postgres.primary_url has not reached the standby postgres.url names after 30 s: delivery waits for it (is primary_url the standby's primary, and does the standby replay?)");
+            }
+            let pause = Duration::from_millis(20)
+                .max(waited / 10)
+                .min(Duration::from_secs(1));
+            tokio::time::sleep(pause).await;
+            waited += pause;
         }
     }
 

@@ -39,12 +39,7 @@ async fn publish_ten(db: &Client, first: u64) -> bool {
 /// A primary on `major` with the extension, its commits acknowledged once on the standby (so a
 /// promoted standby has every acknowledged commit), and that standby.
 async fn primary_and_standby(major: u32) -> (PgCluster, PgCluster, Client) {
-    let primary = PgCluster::start_on(Installation::major(major), |_| {});
-    let db = primary.superuser().await;
-    db.batch_execute("CREATE EXTENSION pg_outbox")
-        .await
-        .unwrap();
-    let standby = primary.start_standby();
+    let (primary, standby, db) = asynchronous_primary_and_standby(major).await;
     for sql in [
         "ALTER SYSTEM SET synchronous_standby_names = '*'",
         "SELECT pg_reload_conf()",
@@ -52,6 +47,102 @@ async fn primary_and_standby(major: u32) -> (PgCluster, PgCluster, Client) {
         db.batch_execute(sql).await.unwrap();
     }
     (primary, standby, db)
+}
+
+async fn asynchronous_primary_and_standby(major: u32) -> (PgCluster, PgCluster, Client) {
+    let primary = PgCluster::start_on(Installation::major(major), |_| {});
+    let db = primary.superuser().await;
+    db.batch_execute("CREATE EXTENSION pg_outbox")
+        .await
+        .unwrap();
+    let standby = primary.start_standby();
+    (primary, standby, db)
+}
+
+/// `orders` to stdout; any other queue has no route, and its messages become dead letters.
+fn routes_with_primary(primary: &PgCluster) -> tempfile::NamedTempFile {
+    Worker::config_file(&format!(
+        "[postgres]\nprimary_url = \"{}\"\n[sinks.out]\ntype = \"stdout\"\n\
+         [[routes]]\nqueues = \"orders\"\nsink = \"out\"\n",
+        primary.url()
+    ))
+}
+
+async fn wait_for_count(db: &Client, sql: &str, wanted: i64, what: &str) {
+    eventually(Duration::from_secs(60), what, || async move {
+        count(db, sql).await == wanted
+    })
+    .await;
+}
+
+/// With asynchronous replication, a dead letter written on the primary may not have reached the
+/// standby when the primary dies. The slot must not have moved past its message: after the
+/// promotion the worker writes it again, on the promoted server. (The standby's replay is paused
+/// while the message arrives and the primary's walsender stopped before the dead letter is
+/// written, so that the standby decodes the message and never receives its dead letter.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_the_standby_never_received_is_written_again_after_its_promotion() {
+    let (primary, standby, db) = asynchronous_primary_and_standby(16).await;
+    let (_dir, out) = stdout_file();
+    let config = routes_with_primary(&primary);
+    let mut worker = Worker::start(&config_args(&standby.url(), config.path()), Some(&out));
+    let recorded = "SELECT count(*) FROM outbox.slots WHERE slot_name = 'pg_outbox'";
+    wait_for_count(&db, recorded, 1, "the slot recorded").await;
+
+    let on_standby = standby.superuser().await;
+    on_standby
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    db.execute("SELECT outbox.publish('audit', '{\"n\": 1}')", &[])
+        .await
+        .unwrap();
+    let published: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let received = format!(
+        "SELECT count(*) FROM (SELECT pg_last_wal_receive_lsn() >= '{published}'::pg_lsn AS done) r \
+         WHERE done"
+    );
+    wait_for_count(&on_standby, &received, 1, "the message received").await;
+    let walsender: i32 = db
+        .query_one(
+            "SELECT pid FROM pg_stat_replication WHERE application_name = 'standby'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    outbox_tests::kafka_broker::signal(walsender as u32, "STOP");
+    on_standby
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    let dead = "SELECT count(*) FROM outbox.dead_letters WHERE queue = 'audit'";
+    wait_for_count(&db, dead, 1, "the dead letter on the primary").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&on_standby, dead).await,
+        0,
+        "it never reached the standby"
+    );
+
+    primary.kill();
+    outbox_tests::kafka_broker::signal(walsender as u32, "KILL");
+    standby.promote();
+    let promoted = standby.superuser().await;
+    wait_for_count(&promoted, dead, 1, "the dead letter on the promoted server").await;
+    promoted
+        .execute(
+            "SELECT outbox.publish('orders', '{\"i\": 1}', '{}', 'k')",
+            &[],
+        )
+        .await
+        .unwrap();
+    outbox_tests::publish::wait_for_lines(&out, 1).await;
+    assert!(worker.exited().is_none(), "{}", worker.log());
 }
 
 /// Waits until every index of `expected` was delivered; then checks that nothing outside
@@ -97,12 +188,7 @@ async fn every_one_in_key_order(
 async fn decodes_on_the_standby_and_carries_on_after_its_promotion(major: u32) {
     let (primary, standby, db) = primary_and_standby(major).await;
     let (_dir, out) = stdout_file();
-    // `orders` to stdout; any other queue has no route, and its messages become dead letters.
-    let config = Worker::config_file(&format!(
-        "[postgres]\nprimary_url = \"{}\"\n[sinks.out]\ntype = \"stdout\"\n\
-         [[routes]]\nqueues = \"orders\"\nsink = \"out\"\n",
-        primary.url()
-    ));
+    let config = routes_with_primary(&primary);
     let mut worker = Worker::start(&config_args(&standby.url(), config.path()), Some(&out));
     // The worker records its slot on the primary once the slot is made (on the standby).
     let db_ref = &db;
