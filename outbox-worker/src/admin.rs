@@ -36,8 +36,9 @@ pub enum DlqCommand {
     },
 }
 
-pub async fn dlq(url: &str, command: DlqCommand) -> Result<()> {
-    let client = pg::connect(url).await?;
+/// On the primary: `postgres.primary_url` while `url` is a standby (redrive writes).
+pub async fn dlq(url: &str, primary_url: Option<&str>, command: DlqCommand) -> Result<()> {
+    let client = pg::connect_writer(url, primary_url).await?;
     match command {
         DlqCommand::List { queue, limit } => {
             // written_by: the login role that wrote the row (the worker's, or an operator's who

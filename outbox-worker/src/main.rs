@@ -323,7 +323,7 @@ async fn run_command() -> ExitCode {
             on_signal(shutdown.clone(), config.delivery.shutdown_timeout);
             replay::replay(&config, range, shutdown).await.map(|_| ())
         }
-        Action::Dlq(command) => admin::dlq(config.url(), command).await,
+        Action::Dlq(command) => admin::dlq(config.url(), config.primary_url(), command).await,
         Action::Run => {
             let shutdown = CancellationToken::new();
             on_signal(shutdown.clone(), config.delivery.shutdown_timeout);

@@ -65,7 +65,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // A standby's slot: what decoding there needs, and a primary to write to, checked now rather
     // than at the first dead letter.
     if let Some(primary_url) = setup::check_standby(&client, &settings).await? {
-        pg::connect_writer(config.url(), Some(primary_url)).await?;
+        match pg::connect_writer(config.url(), Some(primary_url)).await {
+            Ok(writer) => setup::check_rights(&writer).await?,
+            Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
+            // The primary down (a failover under way): the slot streams from the standby, and
+            // dead letters wait for a primary.
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot reach postgres.primary_url; streaming from the standby meanwhile");
+            }
+        }
     }
     if config.postgres.setup {
         tokio::select! {
@@ -467,7 +475,8 @@ async fn record_slot(
         .query_opt(
             "SELECT s.confirmed_flush_lsn::text,
                     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-                          ELSE pg_current_wal_lsn() END - s.confirmed_flush_lsn)::float8
+                          ELSE pg_current_wal_lsn() END - s.confirmed_flush_lsn)::float8,
+                    pg_is_in_recovery()
                FROM pg_replication_slots s
               WHERE s.slot_name = $1 AND s.database = current_database()",
             &[&slot],
@@ -476,7 +485,9 @@ async fn record_slot(
     else {
         return Ok(None);
     };
-    let confirmed: Option<String> = row.get(0);
+    let (confirmed, in_recovery): (Option<String>, bool) = (row.get(0), row.get(2));
+    // Promoted: the slot's server is the primary now, whatever still answers at primary_url.
+    let writer = if in_recovery { writer } else { reader };
     writer
         .execute(
             "UPDATE outbox.slots t

@@ -120,7 +120,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
                             format!("cannot drop slot {slot:?} (stop every worker using it first)")
                         })?;
                     tracing::warn!(slot, "dropped the replication slot");
-                    create_slot(client, primary.as_ref(), slot, failover).await?;
+                    create_slot(client, primary.as_ref(), &settings.url, slot, failover).await?;
                     true
                 }
             }
@@ -129,7 +129,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
             return Err(slot_gone(writer, slot, "does not exist").await.into())
         }
         None => {
-            create_slot(client, primary.as_ref(), slot, failover).await?;
+            create_slot(client, primary.as_ref(), &settings.url, slot, failover).await?;
             true
         }
     };
@@ -146,7 +146,48 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         )
         .await
         .context("cannot record the slot in outbox.slots")?;
+    if let Some(primary) = &primary {
+        reaches_the_standby(client, primary, slot).await?;
+    }
     Ok(())
+}
+
+/// What the worker writes on `postgres.primary_url` must reach the standby `postgres.url` names:
+/// a new mark taken there is waited for on the standby, 30 s at most. A server with the primary's
+/// system identifier that is not its primary (a restored backup, another promoted standby, an old
+/// primary) never sends it, and dead letters written there would be lost to the slot.
+async fn reaches_the_standby(standby: &Client, primary: &Client, slot: &str) -> Result<()> {
+    use chrono::{DateTime, Utc};
+    let row = primary
+        .query_one(
+            "UPDATE outbox.slots SET mark_lsn = pg_current_wal_lsn(), mark_at = clock_timestamp()
+              WHERE slot_name = $1 RETURNING mark_lsn::text, mark_at",
+            &[&slot],
+        )
+        .await
+        .context("cannot mark the slot in outbox.slots")?;
+    let mark: (String, DateTime<Utc>) = (row.get(0), row.get(1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let seen = standby
+            .query_opt(
+                "SELECT mark_lsn::text, mark_at FROM outbox.slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .map(|row| (row.get::<_, String>(0), row.get::<_, DateTime<Utc>>(1)));
+        if seen.as_ref() == Some(&mark) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Fatal::new(
+                "what the worker writes on postgres.primary_url did not reach the standby postgres.url names within 30 s",
+                "postgres.primary_url must name the server the standby replicates from (not a copy of it: a restored backup, another promoted standby, an old primary), and the standby must be replaying",
+            )
+            .into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// How pg_outbox is installed in a database.
@@ -309,12 +350,13 @@ async fn convert_to_failover(settings: &SlotSettings, active: bool) -> Result<()
 async fn create_slot(
     client: &Client,
     primary: Option<&Client>,
+    url: &str,
     slot: &str,
     failover: bool,
 ) -> Result<()> {
     // The five-argument form (temporary, two-phase, failover) exists from PostgreSQL 17 on.
     let created = if let Some(primary) = primary {
-        on_standby(client, primary, slot).await
+        on_standby(client, primary, slot, url).await?
     } else if failover {
         client
             .query_one(
@@ -344,21 +386,33 @@ async fn create_slot(
 }
 
 /// A slot made on a standby waits for the primary's next record of its running transactions
-/// (written at checkpoints): `pg_log_standby_snapshot()` writes one every second meanwhile.
+/// (written at checkpoints): `pg_log_standby_snapshot()` writes one every second meanwhile. 30 s
+/// without it reaching the standby: `primary_url` is not the standby's primary (a copy of
+/// it), or the standby does not replay.
 async fn on_standby(
     standby: &Client,
     primary: &Client,
     slot: &str,
-) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    url: &str,
+) -> Result<Result<tokio_postgres::Row, tokio_postgres::Error>> {
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
     let creating = standby.query_one(
         "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
         &params,
     );
     tokio::pin!(creating);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
+        if std::time::Instant::now() > deadline {
+            crate::pg::cancel(standby, url).await;
+            return Err(Fatal::new(
+                "making the slot on the standby waited 30 s for a snapshot of running transactions from postgres.primary_url, which never reached it",
+                "postgres.primary_url must name the server the standby replicates from (not a copy of it: a restored backup, another promoted standby, an old primary), and the standby must be replaying",
+            )
+            .into());
+        }
         tokio::select! {
-            created = &mut creating => return created,
+            created = &mut creating => return Ok(created),
             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
                 if let Err(e) = primary.execute("SELECT pg_catalog.pg_log_standby_snapshot()", &[]).await {
                     tracing::debug!(error = %e, "cannot log a standby snapshot on the primary");

@@ -568,3 +568,34 @@ fn exactly_once_settings_that_would_break_it_are_refused() {
     );
     load(Some(&toml), url(), &[]).expect("at least once without idempotence");
 }
+
+#[test]
+fn a_primary_url_that_is_not_a_url_or_beside_several_hosts() {
+    rejects(
+        Some("[postgres]\nprimary_url = \"postgres://u@p/db?sslmode=bogus\"\n"),
+        url(),
+        &[],
+        &[
+            "postgres.primary_url = ",
+            "is not a PostgreSQL connection string",
+        ],
+    );
+    // The replication connection would go to the host that is not in recovery; a standby's slot
+    // is on the standby.
+    rejects(
+        Some(
+            "[postgres]\nurl = \"postgres://u@standby,primary/db\"\n\
+             primary_url = \"postgres://u@primary/db\"\n",
+        ),
+        Overrides::default(),
+        &[],
+        &["names 2 hosts, and postgres.primary_url is set"],
+    );
+    let config = load(
+        Some("[postgres]\nprimary_url = \"postgres://u@primary/db\"\n"),
+        url(),
+        &[("OUTBOX_POSTGRES__PRIMARY_URL", "postgres://u@other/db")],
+    )
+    .expect("a standby's primary");
+    assert_eq!(config.primary_url(), Some("postgres://u@other/db"));
+}

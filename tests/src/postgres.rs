@@ -385,6 +385,11 @@ hostnossl replication all 127.0.0.1/32 reject
     /// and, from 17, ready to keep synced copies of failover slots: `sync_replication_slots`, a
     /// dbname in `primary_conninfo`.
     pub fn start_standby(&self) -> PgCluster {
+        self.start_standby_on_slot("standby")
+    }
+
+    /// [`PgCluster::start_standby`] with the physical slot `slot` (and `application_name`).
+    pub fn start_standby_on_slot(&self, slot: &str) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("pg_outbox_standby")
             .tempdir()
@@ -393,7 +398,7 @@ hostnossl replication all 127.0.0.1/32 reject
         let port = free_port();
         let data = dir.path().join("data");
         let primary = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres application_name=standby",
+            "host=127.0.0.1 port={} user=postgres dbname=postgres application_name={slot}",
             self.port
         );
         as_postgres(
@@ -408,7 +413,7 @@ hostnossl replication all 127.0.0.1/32 reject
                 "stream",
                 "-C",
                 "-S",
-                "standby",
+                slot,
                 // An immediate checkpoint: a spread one makes the copy wait seconds.
                 "-c",
                 "fast",

@@ -4,7 +4,8 @@
 //! Then the primary dies under the publishers and the standby is promoted: the slot lives on,
 //! the worker carries on against the promoted server, and every acknowledged commit arrives,
 //! each key's first arrivals in order. On 16 and 18. Setup's refusals: a standby of 15, no
-//! `primary_url`, one naming another standby or another cluster, `hot_standby_feedback` off.
+//! `primary_url`, one naming another standby, another cluster or a promoted copy of the primary,
+//! `hot_standby_feedback` off.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -243,6 +244,35 @@ async fn decodes_on_the_standby_and_carries_on_after_its_promotion(major: u32) {
     )
     .await;
 
+    // The operator's redrive with the worker's configuration writes on the primary too (the
+    // message comes back, and has no route again).
+    let url = standby.url();
+    let redriven = outbox_tests::worker::run_once(
+        &[
+            "dlq",
+            "redrive",
+            "--queue",
+            "audit",
+            "--postgres-url",
+            &url,
+            "--config",
+            config.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&redriven.stdout);
+    assert!(
+        redriven.status.success() && stdout.contains("redriven: 1 message(s)"),
+        "{redriven:?}"
+    );
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM outbox.dead_letters WHERE queue = 'audit'",
+        1,
+        "the redriven message dead-lettered again",
+    )
+    .await;
+
     // Publishers on the primary while the standby decodes; then the primary dies under them.
     let publisher = {
         let db = primary.superuser().await;
@@ -348,7 +378,8 @@ async fn setup_on_a_standby_names_what_is_missing() {
         assert!(stderr.contains(wanted), "no {wanted:?} in:\n{stderr}");
     };
 
-    let (primary, standby, db) = primary_and_standby(16).await;
+    // Asynchronous: a promoted copy of a synchronous primary would wait for a standby forever.
+    let (primary, standby, db) = asynchronous_primary_and_standby(16).await;
     let primary_url = format!("primary_url = \"{}\"\n", primary.url());
     expect(setup(&standby, ""), "set postgres.primary_url");
     expect(
@@ -366,8 +397,17 @@ async fn setup_on_a_standby_names_what_is_missing() {
         ),
         "is not where the standby postgres.url names replicates from",
     );
+    // A promoted copy of the primary: the same system identifier and database, but what is
+    // written there never reaches the standby: refused when the slot is to be made (its
+    // snapshot never comes) and when it exists (the slot's record never comes).
+    let copy = primary.start_standby_on_slot("copy");
+    copy.promote();
+    let copy_url = format!("primary_url = \"{}\"\n", copy.url());
+    let wanted = "must name the server the standby replicates from";
+    expect(setup(&standby, &copy_url), wanted);
     let out = setup(&standby, &primary_url);
     assert!(out.status.success(), "{out:?}");
+    expect(setup(&standby, &copy_url), wanted);
     let on_standby = standby.superuser().await;
     assert_eq!(
         count(

@@ -19,6 +19,18 @@ impl Config {
                 ))
             })?;
         if let Some(primary) = &self.postgres.primary_url {
+            // The replication connection goes to the host of several that is not in recovery,
+            // while the slot of a standby is on the standby.
+            let hosts = url
+                .expose()
+                .parse::<tokio_postgres::Config>()
+                .map_or(1, |c| c.get_hosts().len());
+            if hosts > 1 {
+                return Err(invalid(format!(
+                    "postgres.url = \"{url}\" names {hosts} hosts, and postgres.primary_url is set: \
+                     a slot decoded on a standby needs postgres.url to name that standby alone"
+                )));
+            }
             primary
                 .expose()
                 .parse::<tokio_postgres::Config>()

@@ -97,6 +97,18 @@ pub async fn connect_writer(url: &str, primary_url: Option<&str>) -> Result<Clie
     Ok(primary)
 }
 
+/// Cancels what `client` (connected to `url`) is running, as libpq's PQcancel does.
+pub async fn cancel(client: &Client, url: &str) {
+    let token = client.cancel_token();
+    let cancelled = match parse(url).map(|c| c.get_ssl_mode()) {
+        Ok(SslMode::Disable) => token.cancel_query(NoTls).await,
+        _ => token.cancel_query(tls::connector()).await,
+    };
+    if let Err(e) = cancelled {
+        tracing::debug!(error = %e, "cannot cancel a query");
+    }
+}
+
 pub async fn in_recovery(client: &Client) -> Result<bool> {
     Ok(client
         .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
