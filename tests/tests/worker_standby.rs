@@ -83,6 +83,17 @@ async fn wait_for_count(db: &Client, sql: &str, wanted: i64, what: &str) {
 /// written, so that the standby decodes the message and never receives its dead letter.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_the_standby_never_received_is_written_again_after_its_promotion() {
+    dead_letter_in_flight_at_the_promotion(true).await;
+}
+
+/// The same with the old primary still up after the promotion (a split brain): the worker
+/// writes to the promoted server, not to the old primary that still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_split_brain_gets_no_dead_letter_on_the_old_primary_only() {
+    dead_letter_in_flight_at_the_promotion(false).await;
+}
+
+async fn dead_letter_in_flight_at_the_promotion(kill_the_primary: bool) {
     let (primary, standby, db) = asynchronous_primary_and_standby(16).await;
     let (_dir, out) = stdout_file();
     let config = routes_with_primary(&primary);
@@ -130,9 +141,13 @@ async fn a_dead_letter_the_standby_never_received_is_written_again_after_its_pro
         "it never reached the standby"
     );
 
-    primary.kill();
-    outbox_tests::kafka_broker::signal(walsender as u32, "KILL");
+    if kill_the_primary {
+        primary.kill();
+    }
     standby.promote();
+    // Only now: a walsender gone before the promotion would let the standby reconnect and
+    // receive the dead letter.
+    outbox_tests::kafka_broker::signal(walsender as u32, "KILL");
     let promoted = standby.superuser().await;
     wait_for_count(&promoted, dead, 1, "the dead letter on the promoted server").await;
     promoted
