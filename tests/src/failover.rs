@@ -30,7 +30,7 @@ pub struct Failover {
 /// Publishes messages `first..first+10` (key `k-{i % KEYS}`) in one transaction, alternating the
 /// storage form when `mixed` (else in the install's default form); true once the commit is
 /// acknowledged.
-async fn publish_ten(db: &Client, first: u64, mixed: bool) -> bool {
+pub async fn publish_ten(db: &Client, first: u64, mixed: bool) -> bool {
     let form = match (mixed, (first / 10).is_multiple_of(2)) {
         (false, _) => "",
         (true, true) => "SET LOCAL pg_outbox.storage = 'table';",
@@ -133,21 +133,43 @@ pub async fn kill_the_primary_under_publishers(
     let expected: HashSet<u64> = (0..committed_before)
         .chain(resume..resume + after)
         .collect();
-    let (out_ref, expected_ref) = (&out, &expected);
+    let in_doubt: HashSet<u64> = (committed_before..resume).collect();
+    let (lines, duplicates) = every_acknowledged_commit(&out, &expected, &in_doubt).await;
+    drop(worker);
+    Failover {
+        committed_before,
+        lines,
+        duplicates,
+        in_doubt_delivered: read_json_lines(&out).iter().any(|l| {
+            l.payload["i"]
+                .as_u64()
+                .is_some_and(|i| in_doubt.contains(&i))
+        }),
+    }
+}
+
+/// Waits (2 minutes at most) until every index of `expected` was delivered to the stdout file
+/// `out`; then checks that nothing outside `expected` and `in_doubt` (a transaction whose commit
+/// was not acknowledged) arrived and that each key's first arrivals are in index order. Returns
+/// (lines, repeats).
+pub async fn every_acknowledged_commit(
+    out: &std::path::Path,
+    expected: &HashSet<u64>,
+    in_doubt: &HashSet<u64>,
+) -> (usize, usize) {
     eventually(
         Duration::from_secs(120),
-        "every acknowledged commit after the failover",
+        "every acknowledged commit delivered",
         || async move {
-            let seen: HashSet<u64> = read_json_lines(out_ref)
+            let seen: HashSet<u64> = read_json_lines(out)
                 .iter()
                 .filter_map(|s| s.payload["i"].as_u64())
                 .collect();
-            expected_ref.is_subset(&seen)
+            expected.is_subset(&seen)
         },
     )
     .await;
-
-    let lines = read_json_lines(&out);
+    let lines = read_json_lines(out);
     let mut first_arrivals = HashSet::new();
     let mut last_per_key: HashMap<String, u64> = HashMap::new();
     for line in &lines {
@@ -155,17 +177,14 @@ pub async fn kill_the_primary_under_publishers(
             continue;
         }
         let i = line.payload["i"].as_u64().unwrap();
+        assert!(
+            expected.contains(&i) || in_doubt.contains(&i),
+            "message {i} was never committed"
+        );
         let key = line.key.clone().unwrap();
         if let Some(last) = last_per_key.insert(key.clone(), i) {
             assert!(last < i, "key {key}: {i} arrived after {last}");
         }
     }
-    drop(worker);
-    Failover {
-        committed_before,
-        lines: lines.len(),
-        duplicates: lines.len() - first_arrivals.len(),
-        in_doubt_delivered: (committed_before..resume)
-            .any(|i| lines.iter().any(|l| l.payload["i"] == i)),
-    }
+    (lines.len(), lines.len() - first_arrivals.len())
 }

@@ -7,35 +7,15 @@
 //! `primary_url`, one naming another standby, another cluster or a promoted copy of the primary,
 //! `hot_standby_feedback` off.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
+use outbox_tests::failover::{every_acknowledged_commit, publish_ten};
 use outbox_tests::postgres::{count, Installation};
 use outbox_tests::publish::{read_json_lines, stdout_file};
 use outbox_tests::worker::config_args;
 use outbox_tests::{eventually, PgCluster, Worker};
 use tokio_postgres::Client;
-
-const KEYS: u64 = 13;
-
-/// Publishes messages `first..first+10` (key `k-{i % KEYS}`) in one transaction, the storage form
-/// alternating per transaction; true once the commit is acknowledged.
-async fn publish_ten(db: &Client, first: u64) -> bool {
-    let form = if (first / 10).is_multiple_of(2) {
-        "table"
-    } else {
-        "wal"
-    };
-    db.batch_execute(&format!(
-        "BEGIN; SET LOCAL pg_outbox.storage = '{form}';
-         SELECT count(outbox.publish('orders', jsonb_build_object('i', i), '{{}}', 'k-' || i % {KEYS}))
-           FROM generate_series({first}, {last}) AS i;
-         COMMIT;",
-        last = first + 9
-    ))
-    .await
-    .is_ok()
-}
 
 /// A primary on `major` with the extension, its commits acknowledged once on the standby (so a
 /// promoted standby has every acknowledged commit), and that standby.
@@ -161,46 +141,6 @@ async fn dead_letter_in_flight_at_the_promotion(kill_the_primary: bool) {
     assert!(worker.exited().is_none(), "{}", worker.log());
 }
 
-/// Waits until every index of `expected` was delivered; then checks that nothing outside
-/// `expected` and `in_doubt` arrived and that each key's first arrivals are in index order.
-/// Returns (lines, duplicates).
-async fn every_one_in_key_order(
-    out: &std::path::Path,
-    expected: &HashSet<u64>,
-    in_doubt: &HashSet<u64>,
-) -> (usize, usize) {
-    eventually(
-        Duration::from_secs(120),
-        "every acknowledged commit delivered",
-        || async move {
-            let seen: HashSet<u64> = read_json_lines(out)
-                .iter()
-                .filter_map(|s| s.payload["i"].as_u64())
-                .collect();
-            expected.is_subset(&seen)
-        },
-    )
-    .await;
-    let lines = read_json_lines(out);
-    let mut first_arrivals = HashSet::new();
-    let mut last_per_key: HashMap<String, u64> = HashMap::new();
-    for line in &lines {
-        if !first_arrivals.insert(line.id.clone()) {
-            continue;
-        }
-        let i = line.payload["i"].as_u64().unwrap();
-        assert!(
-            expected.contains(&i) || in_doubt.contains(&i),
-            "message {i} was never committed"
-        );
-        let key = line.key.clone().unwrap();
-        if let Some(last) = last_per_key.insert(key.clone(), i) {
-            assert!(last < i, "key {key}: {i} arrived after {last}");
-        }
-    }
-    (lines.len(), lines.len() - first_arrivals.len())
-}
-
 async fn decodes_on_the_standby_and_carries_on_after_its_promotion(major: u32) {
     let (primary, standby, db) = primary_and_standby(major).await;
     let (_dir, out) = stdout_file();
@@ -293,7 +233,7 @@ async fn decodes_on_the_standby_and_carries_on_after_its_promotion(major: u32) {
         let db = primary.superuser().await;
         tokio::spawn(async move {
             let mut i = 0;
-            while publish_ten(&db, i).await {
+            while publish_ten(&db, i, true).await {
                 i += 10;
             }
             i // the first index whose commit was not acknowledged
@@ -314,11 +254,11 @@ async fn decodes_on_the_standby_and_carries_on_after_its_promotion(major: u32) {
     let new_primary = standby.superuser().await;
     let resume = committed_before + 10;
     for first in (resume..resume + 200).step_by(10) {
-        assert!(publish_ten(&new_primary, first).await);
+        assert!(publish_ten(&new_primary, first, true).await);
     }
     let expected: HashSet<u64> = (0..committed_before).chain(resume..resume + 200).collect();
     let in_doubt: HashSet<u64> = (committed_before..resume).collect();
-    let (lines, duplicates) = every_one_in_key_order(&out, &expected, &in_doubt).await;
+    let (lines, duplicates) = every_acknowledged_commit(&out, &expected, &in_doubt).await;
     eprintln!(
         "PostgreSQL {major}: {committed_before} messages committed before the primary died, 200 \
          after the promotion; {lines} lines, {duplicates} repeats"
