@@ -442,16 +442,10 @@ async fn watch_slot(settings: SlotSettings, slot: String, shutdown: Cancellation
     let mut clients = None;
     while !shutdown.is_cancelled() {
         if clients.is_none() {
-            let url = &settings.url;
-            if let (Ok(reader), Ok(writer)) = (
-                pg::connect(url).await,
-                pg::connect_writer(url, settings.primary_url.as_deref()).await,
-            ) {
-                clients = Some((reader, writer));
-            }
+            clients = slot_and_primary(&settings).await.ok();
         }
-        if let Some((reader, writer)) = &clients {
-            match record_slot(reader, writer, &slot).await {
+        if let Some((reader, primary)) = &clients {
+            match record_slot(reader, primary.as_ref().unwrap_or(reader), &slot).await {
                 Ok(lag) => metrics::gauge!(telemetry::SLOT_LAG).set(lag.unwrap_or(0.0)),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the slot's position");
@@ -461,6 +455,18 @@ async fn watch_slot(settings: SlotSettings, slot: String, shutdown: Cancellation
         }
         wait_or_shutdown(Duration::from_secs(5), &shutdown).await;
     }
+}
+
+/// A connection to the slot's server and, only with `postgres.primary_url`, one for writing.
+async fn slot_and_primary(
+    settings: &SlotSettings,
+) -> Result<(tokio_postgres::Client, Option<tokio_postgres::Client>)> {
+    let reader = pg::connect(&settings.url).await?;
+    let primary = match settings.primary_url.as_deref() {
+        Some(primary_url) => Some(pg::connect_writer(&settings.url, Some(primary_url)).await?),
+        None => None,
+    };
+    Ok((reader, primary))
 }
 
 /// Once the slot confirmed past the last mark (the primary's WAL position at a known time), that

@@ -189,15 +189,22 @@ fn watermark_reader(kafka: &KafkaBroker) -> BaseConsumer {
 
 /// CPU seconds (user + system) a process has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    // utime and stime: the 12th and 13th fields after the command's closing parenthesis.
+    stat_seconds(pid, 11)
+}
+
+/// Fields `first` and `first + 1` (0-based, after the command's closing parenthesis) of
+/// `/proc/{pid}/stat`, clock ticks summed, in seconds.
+pub fn stat_seconds(pid: u32, first: usize) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
-    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .unwrap()
         .1
         .split_whitespace()
         .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let ticks: u64 =
+        fields[first].parse::<u64>().unwrap() + fields[first + 1].parse::<u64>().unwrap();
     ticks as f64 / 100.0
 }
 

@@ -232,18 +232,10 @@ fn drain(
     drain
 }
 
-/// CPU of a process's children that ended and were waited for, user + system, seconds.
+/// CPU of a process's children that ended and were waited for, user + system, seconds: cutime
+/// and cstime, the 14th and 15th fields.
 fn reaped_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
-    // Fields after the command's closing parenthesis; cutime and cstime are the 14th and 15th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[13].parse::<u64>().unwrap() + fields[14].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
+    crate::debezium::stat_seconds(pid, 13)
 }
 
 fn append(data: &std::path::Path, lines: &str) {
