@@ -50,6 +50,8 @@ pub struct KafkaOptions {
     /// certificate of a test CA ([`KafkaBroker::ca_pem`]), and ACLs enforced for them (anyone may
     /// do anything no ACL denies; the plain listener's anonymous user is a super user).
     pub secured: bool,
+    /// More `server.properties` lines, `key=value`.
+    pub properties: Vec<String>,
 }
 
 /// The SCRAM-SHA-256 user of a secured broker, and its password.
@@ -146,6 +148,9 @@ impl KafkaBroker {
         );
         if let Some(max) = self.options.message_max_bytes {
             config.push_str(&format!("message.max.bytes={max}\n"));
+        }
+        for line in &self.options.properties {
+            config.push_str(&format!("{line}\n"));
         }
         if let Some(Secured {
             sasl_port,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use outbox_tests::kafka::{self, Isolation};
 use outbox_tests::kafka_broker::signal;
+use outbox_tests::kafka_broker::KafkaOptions;
 use outbox_tests::publish::{check_delivery, publish_rolled_back, Seen, Storage, Tally};
 use outbox_tests::worker::kafka_args;
 use outbox_tests::{eventually, KafkaBroker, PgCluster, Worker};
@@ -470,4 +471,83 @@ async fn only_the_oversize_message_of_a_refused_batch_is_dead_lettered() {
     let dead: Vec<String> =
         outbox_tests::postgres::column(&db, "SELECT payload->>'i' FROM outbox.dead_letters").await;
     assert_eq!(dead, ["50"]);
+}
+
+/// A worker paused (SIGSTOP: a VM stall, a starved CPU) past `transaction.timeout.ms` with a
+/// transaction open, and no other worker: the coordinator aborts the transaction and bumps the
+/// producer's epoch meanwhile, so on waking its producer is fenced (librdkafka cannot tell this
+/// from a takeover, and a worker that fenced a new holder back would break exactly once). It
+/// exits 1 naming both causes (0.2.2 blamed another worker only), and the next run delivers every
+/// committed message once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_paused_past_its_transaction_timeout_stops_and_its_next_run_loses_nothing() {
+    let kafka = KafkaBroker::start_with(
+        KafkaOptions {
+            properties: vec![
+                "transaction.abort.timed.out.transaction.cleanup.interval.ms=500".into(),
+            ],
+            ..Default::default()
+        },
+        &[("orders", 3)],
+    );
+    let pg = PgCluster::start().await;
+    let config =
+        Worker::config_file("[sinks.kafka.properties]\n\"transaction.timeout.ms\" = 3000\n");
+    let args = kafka_args(&pg.url(), &kafka.brokers(), config.path());
+    let mut worker = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    let next: Counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = (0..2)
+        .map(|n| spawn_publisher(&pg, n, next.clone(), stop.clone()))
+        .collect();
+    // A pause between two Kafka transactions harms nothing: pause while the worker streams a
+    // large one (its Kafka transactions follow each other without a gap), until one is caught.
+    let mut status = None;
+    for _ in 0..5 {
+        let first = next.fetch_add(20_000, Ordering::AcqRel);
+        publish(&db, first, 20_000, "big", 10, false).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        signal(worker.pid(), "STOP");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        signal(worker.pid(), "CONT");
+        status = eventually_exited(&mut worker, Duration::from_secs(15)).await;
+        if status.is_some() {
+            break;
+        }
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", worker.log());
+    assert!(
+        worker.log().contains("outlived transaction.timeout.ms"),
+        "{}",
+        worker.log()
+    );
+    let _next_run = Worker::start(&args, None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Release);
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let total = next.load(Ordering::Acquire);
+    let seen = read_committed(&kafka, total).await;
+    let tally = check_delivery(&seen, total);
+    eprintln!("paused past the transaction timeout: {total} messages: {tally:?}");
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
+}
+
+/// The worker's exit status once it exited, if within `timeout`.
+async fn eventually_exited(
+    worker: &mut Worker,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(status) = worker.exited() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }

@@ -82,6 +82,11 @@ pub struct Delivery {
     /// When the parked sends go again: fixed once per round, so a `progress` dropped during the
     /// backoff resumes the same wait instead of starting a new one.
     retry_at: Option<tokio::time::Instant>,
+    /// The oldest parked send of the last round, and how many rounds in a row began with it:
+    /// the round's backoff grows only while that message stays stuck. (A message refused for
+    /// another's sake, as every message of an aborted Kafka transaction is, must not inherit a
+    /// long backoff once the one at fault was dead-lettered.)
+    stuck: Option<(u64, u32)>,
 }
 
 impl Delivery {
@@ -104,6 +109,7 @@ impl Delivery {
             confirmed: None,
             last_error: None,
             retry_at: None,
+            stuck: None,
         }
     }
 
@@ -217,10 +223,8 @@ impl Delivery {
     pub async fn progress(&mut self) -> Result<Option<Undeliverable>, Fatal> {
         // Parked pipelined sends go again once nothing else is in flight, after a backoff fixed
         // once per round.
-        let round_at = match self.window.parked_attempts() {
-            Some(attempts) if self.window.nothing_in_flight() => {
-                Some(self.retry_round_at(attempts))
-            }
+        let round_at = match self.window.first_parked() {
+            Some(first) if self.window.nothing_in_flight() => Some(self.retry_round_at(first)),
             _ => None,
         };
         let event = match round_at {
@@ -271,11 +275,17 @@ impl Delivery {
     }
 
     /// When the parked pipelined sends go again: fixed at the first call of a round (logging the
-    /// round once), so a `progress` dropped during the backoff resumes the same wait.
-    fn retry_round_at(&mut self, attempts: u32) -> tokio::time::Instant {
+    /// round once), so a `progress` dropped during the backoff resumes the same wait. The backoff
+    /// counts the rounds that began with the same oldest message `first` (its sequence number).
+    fn retry_round_at(&mut self, first: u64) -> tokio::time::Instant {
         if let Some(at) = self.retry_at {
             return at;
         }
+        let attempts = match self.stuck {
+            Some((seq, rounds)) if seq == first => rounds + 1,
+            _ => 1,
+        };
+        self.stuck = Some((first, attempts));
         let backoff = self.backoff(attempts);
         if let Some(LastError {
             sink,
@@ -662,6 +672,64 @@ mod tests {
         assert!(dead.is_empty());
         assert_eq!(ids(&sink), [1, 2, 4, 5, 7, 8, 9, 10, 3, 6]);
         assert_eq!(delivery.confirmed(), Some(END));
+    }
+
+    /// An aborted Kafka transaction fails every message in it, so the messages behind a refused
+    /// one fail with it, round after round, while the refused ones ahead are dead-lettered one by
+    /// one. 0.2.2 backed off by the attempts of the oldest-sent: eight refused messages in a
+    /// stream stalled it 2^8 first backoffs (the Kafka test with 150 of them: 30 s a round).
+    #[tokio::test(start_paused = true)]
+    async fn pipelined_rounds_back_off_longer_only_while_their_first_message_stays_stuck() {
+        let sink = ScriptedSink::new();
+        let refused = |n: u128| n.is_multiple_of(10);
+        sink.on(
+            move |m, _| refused(m.id.as_u128()),
+            Step::Reject(SinkError::Permanent("no such topic".into())),
+            None,
+        );
+        // Message n fails once for each refused message ahead of it (one abort each).
+        sink.on(
+            |m, attempt| u128::from(attempt) <= m.id.as_u128() / 10,
+            Step::Reject(transient()),
+            None,
+        );
+        let (mut delivery, route) = delivery_with(&sink, 100, 1, KeyOrdering::Pipelined);
+        let started = tokio::time::Instant::now();
+        let dead = deliver(&mut delivery, &route, 89).await;
+        let rounds = 8;
+        assert_eq!(dead.len(), rounds);
+        let initial = DeliveryConfig::default().retry_initial;
+        assert!(
+            started.elapsed() <= initial * rounds as u32,
+            "{:?} for {rounds} rounds that each made progress",
+            started.elapsed()
+        );
+        let mut stored = ids(&sink);
+        stored.sort_unstable();
+        assert_eq!(
+            stored,
+            (1..=89).filter(|&n| !refused(n)).collect::<Vec<_>>()
+        );
+        assert_eq!(delivery.confirmed(), Some(END));
+    }
+
+    /// A broker that refuses the same first message round after round gets exponentially longer
+    /// pauses.
+    #[tokio::test(start_paused = true)]
+    async fn pipelined_rounds_stuck_on_the_same_first_message_back_off_exponentially() {
+        let sink = ScriptedSink::new();
+        sink.on_id(Uuid::from_u128(1), Step::Reject(transient()), Some(5));
+        let (mut delivery, route) = delivery_with(&sink, 100, 5, KeyOrdering::Pipelined);
+        let started = tokio::time::Instant::now();
+        deliver(&mut delivery, &route, 3).await;
+        let initial = DeliveryConfig::default().retry_initial;
+        // Jitter: half to all of 1, 2, 4, 8 and 16 first backoffs.
+        assert!(
+            started.elapsed() >= initial * 31 / 2,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(sink.attempts(Uuid::from_u128(1)), 6);
     }
 
     #[tokio::test(start_paused = true)]

@@ -131,9 +131,9 @@ impl Window {
         self.failed.insert(entry.seq, entry);
     }
 
-    /// The most attempts any parked send has had, if any is parked.
-    pub fn parked_attempts(&self) -> Option<u32> {
-        self.failed.values().map(|e| e.attempts).max()
+    /// The sequence number of the oldest parked send, if any is parked.
+    pub fn first_parked(&self) -> Option<u64> {
+        self.failed.keys().next().copied()
     }
 
     /// The parked sends, in stream order.

@@ -444,10 +444,16 @@ impl Writer {
                     self.commit();
                 }
             }
-            // Refused before it entered the transaction. Nothing may commit a position past it
-            // while it waits for its retry or its dead letter: the transaction is aborted, and
-            // the sends queued behind it are refused, as for a refusal inside the transaction.
+            // Refused before it entered the transaction. What came before it commits: it is not
+            // at fault, and aborting it would fail it again with each refused message ahead.
+            // (An abort this soon after a commit could also fail for good: librdkafka 2.12's
+            // issue #4849.) Nothing may commit a position past this message while it waits for
+            // its retry or its dead letter: the sends queued behind it are refused, as behind
+            // an abort.
             Err(error) => {
+                if self.opened_at.is_some() {
+                    self.commit();
+                }
                 self.abort(&error.to_string());
                 let epoch = self.shared.epoch.load(Ordering::Acquire);
                 let _ = reply.send(Err((error, epoch)));
@@ -669,8 +675,10 @@ impl Writer {
             Some(ProducerFenced | Fenced | InvalidProducerEpoch | TransactionCoordinatorFenced) => {
                 format!(
                     "kafka: fenced: another worker took over this stream's transactional.id {:?} \
-                     (a standby, or a newer run of this one); this one stops, and what it had \
-                     not committed is the new writer's to send",
+                     (a standby, or a newer run of this one), or this worker's transaction \
+                     outlived transaction.timeout.ms (the process paused, or cut off from Kafka) \
+                     and the coordinator aborted it; this one stops, and what it had not \
+                     committed is sent by the next run (or the new writer)",
                     self.key
                 )
             }
