@@ -73,7 +73,7 @@ SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed 
 \if :pg_outbox_sql_installed
 -- The same build only if no other role can have written the record: a role that 0.2.0's default
 -- privileges let write it could otherwise make this script skip the upgrade, and keep its rights.
-SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'c4c77d748ce8'
+SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '67c45143e287'
        AND NOT EXISTS (SELECT FROM pg_catalog.pg_class c,
                               pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
                         WHERE c.oid = 'outbox.sql_install'::regclass AND g.grantee <> c.relowner
@@ -81,7 +81,7 @@ SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'c4c77
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.2 (SQL install, build c4c77d748ce8) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.2 (SQL install, build 67c45143e287) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -109,7 +109,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build c4c77d748ce8)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build 67c45143e287)
 \else
 BEGIN;
 DO $install$
@@ -352,6 +352,24 @@ CREATE TABLE IF NOT EXISTS outbox.slots (
 );
 COMMENT ON TABLE outbox.slots IS
     'Replication slots outbox-worker has used, and up to when everything was delivered.';
+
+-- Which slot delivers which queues, as a history in WAL order (0.2.2). A claim takes the queues
+-- its globs match (`*`: any run of characters) for messages committed at or after from_lsn; a
+-- slot's latest claim replaces its earlier ones. A queue no claim takes goes to the catch-all
+-- slot: the one whose latest claim is empty, or that has none (the single slot of 0.2.1).
+-- Written by outbox-worker setup under the lock of outbox.slots, with the workers of the slots
+-- that lose queues stopped; each worker reads it when it starts streaming. Never updated.
+-- @upgrade:begin
+CREATE TABLE IF NOT EXISTS outbox.queue_claims (
+    seq        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    slot_name  name        NOT NULL,
+    queues     text[]      NOT NULL,
+    from_lsn   pg_lsn      NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE outbox.queue_claims IS
+    'Which replication slot delivers which queues, from which WAL position (outbox-worker setup --queues).';
+-- @upgrade:end
 
 -- ==== pg_outbox/sql/sql-install/publish.sql ====
 -- The SQL install's publish functions (no C extension): the signatures, checks, errors and hints
@@ -1334,6 +1352,7 @@ GRANT SELECT, DELETE ON outbox.dead_letters TO outbox_operator;
 -- Only the worker writes dead letters, so redrive publishes only what a worker set aside.
 GRANT INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE ON outbox.slots TO outbox_operator;
+GRANT SELECT, INSERT ON outbox.queue_claims TO outbox_operator;
 
 -- Last, after every object is in place: schema outbox, everything in it and the publication
 -- belong to the installer. Anything else was planted by a role that had CREATE on the schema
@@ -1385,7 +1404,7 @@ BEGIN
 END
 $build$;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', 'c4c77d748ce8');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', '67c45143e287');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

@@ -94,19 +94,36 @@ pub async fn dlq(url: &str, primary_url: Option<&str>, command: DlqCommand) -> R
 /// (`outbox.slots.delivered_before`: what a lost slot's error would name).
 pub async fn status(url: &str) -> Result<()> {
     let client = pg::connect(url).await?;
+    let claims: bool = client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('outbox.queue_claims') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    // Each slot's latest claim (Operations, "Several slots"); none or empty: the catch-all.
+    let queues = if claims {
+        "coalesce((SELECT nullif(array_to_string(c.queues, ','), '') FROM outbox.queue_claims c
+                    WHERE c.slot_name = s.slot_name ORDER BY c.seq DESC LIMIT 1), '(catch-all)')"
+    } else {
+        "'(catch-all)'"
+    };
     let rows = client
         .query(
-            "SELECT slot_name::text, active, coalesce(active_pid::text, '-'), coalesce(confirmed_flush_lsn::text, '-'),
+            &format!(
+                "SELECT slot_name::text, active, coalesce(active_pid::text, '-'), coalesce(confirmed_flush_lsn::text, '-'),
                     coalesce(lag_bytes::text, '-'), coalesce(retained_wal_bytes::text, '-'),
                     coalesce(wal_status, '-'), dead_letters, failover,
                     coalesce((SELECT to_char(t.delivered_before AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
-                                FROM outbox.slots t WHERE t.slot_name = s.slot_name), '-')
-               FROM outbox.status() s",
+                                FROM outbox.slots t WHERE t.slot_name = s.slot_name), '-'),
+                    {queues}
+               FROM outbox.status() s"
+            ),
             &[],
         )
         .await?;
     println!(
-        "slot\tactive\tpid\tconfirmed_lsn\tlag_bytes\tretained_wal_bytes\twal_status\tdead_letters\tfailover\tdelivered_before"
+        "slot\tactive\tpid\tconfirmed_lsn\tlag_bytes\tretained_wal_bytes\twal_status\tdead_letters\tfailover\tdelivered_before\tqueues"
     );
     for row in &rows {
         let active: bool = row.get(1);
@@ -114,14 +131,15 @@ pub async fn status(url: &str) -> Result<()> {
         let failover: bool = row.get(8);
         let text = |i: usize| row.get::<_, String>(i);
         println!(
-            "{}\t{active}\t{}\t{}\t{}\t{}\t{}\t{dead}\t{failover}\t{}",
+            "{}\t{active}\t{}\t{}\t{}\t{}\t{}\t{dead}\t{failover}\t{}\t{}",
             text(0),
             text(2),
             text(3),
             text(4),
             text(5),
             text(6),
-            text(9)
+            text(9),
+            text(10)
         );
     }
     if rows.is_empty() {

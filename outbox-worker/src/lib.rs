@@ -23,6 +23,7 @@
 //! `main.rs` is the command line over [`pipeline::run`], [`replay::replay`] and [`admin`].
 
 pub mod admin;
+pub mod claims;
 pub mod config;
 pub mod dead_letters;
 pub mod delivery;

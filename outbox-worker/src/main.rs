@@ -105,6 +105,10 @@ struct Options {
     /// Replication slot name (default pg_outbox).
     #[arg(long)]
     slot: Option<String>,
+    /// The queues this slot delivers, globs with `*` (orders.*,billing); unset: every queue no
+    /// other slot claims.
+    #[arg(long, value_delimiter = ',', value_name = "GLOB[,GLOB...]")]
+    queues: Option<Vec<String>>,
     /// Quick path: route every queue to the Kafka topic of the same name on these brokers.
     #[arg(long, value_name = "HOST:PORT[,HOST:PORT]")]
     kafka_brokers: Option<String>,
@@ -135,6 +139,7 @@ impl Options {
             Overrides {
                 postgres_url: self.postgres_url,
                 slot: self.slot,
+                queues: self.queues,
                 kafka_brokers: self.kafka_brokers,
                 amqp_url: self.amqp_url,
                 amqp_exchange: self.amqp_exchange,

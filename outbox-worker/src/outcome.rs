@@ -2,6 +2,7 @@
 //! or dead-lettered (no route matches, or the broker refused it `max_attempts` times). A dead
 //! letter is committed before the stream moves on, so the slot never passes it first.
 
+use crate::claims::{Decision, Ownership};
 use crate::dead_letters::{DeadLetters, NotWritten};
 use crate::delivery::{self, Delivery, TxId, Undeliverable};
 use crate::fatal::Fatal;
@@ -14,6 +15,8 @@ pub struct Parts<'a> {
     pub router: &'a mut Router,
     pub delivery: &'a mut Delivery,
     pub dead_letters: &'a mut DeadLetters,
+    /// Which queues this slot delivers ([`crate::claims`]).
+    pub ownership: &'a mut Ownership,
 }
 
 /// Where a message went.
@@ -23,11 +26,35 @@ pub enum Routed {
     DeadLettered,
     /// An exactly-once sink already has it, committed by an earlier run.
     AlreadyDelivered,
+    /// Another slot delivers its queue.
+    OtherSlot,
 }
 
 impl Parts<'_> {
     /// Sends `message` on its route, or dead-letters it when no route matches its queue.
     pub async fn route(&mut self, tx: TxId, message: Message) -> Result<Routed, NotWritten> {
+        match self
+            .ownership
+            .decide(&message.queue, message.commit_lsn)
+            .await?
+        {
+            Decision::Deliver => {}
+            Decision::Skip => {
+                metrics::counter!(telemetry::SKIPPED, "reason" => "other_slot").increment(1);
+                return Ok(Routed::OtherSlot);
+            }
+            Decision::Unclaimed => {
+                let error = format!(
+                    "no slot delivers queue {:?}: no claim of outbox.queue_claims takes it and \
+                     there is no catch-all slot",
+                    message.queue
+                );
+                tracing::error!(id = %message.id, queue = %message.queue, "{error}; dead-lettering it");
+                return self
+                    .dead_letter_unrouted(&message, "(unclaimed)", &error)
+                    .await;
+            }
+        }
         if self.dead_letters.written_earlier(&message) {
             tracing::info!(id = %message.id, queue = %message.queue,
                 "dead-lettered by an earlier run before the slot moved past it; not sent again");
@@ -44,21 +71,32 @@ impl Parts<'_> {
             self.delivery.send(tx, route, message);
             return Ok(Routed::Sent);
         }
-        let started = std::time::SystemTime::now();
         let error = format!("no route matches queue {:?}", message.queue);
         tracing::error!(id = %message.id, queue = %message.queue, "{error}; dead-lettering it");
-        delivery::count_dead_letter("", &message);
+        self.dead_letter_unrouted(&message, "(no route)", &error)
+            .await
+    }
+
+    /// A message no sink is asked to deliver, set aside at once.
+    async fn dead_letter_unrouted(
+        &mut self,
+        message: &Message,
+        destination: &str,
+        error: &str,
+    ) -> Result<Routed, NotWritten> {
+        let started = std::time::SystemTime::now();
+        delivery::count_dead_letter("", message);
         self.dead_letters
-            .write(&message, "(no route)", &error, 1)
+            .write(message, destination, error, 1)
             .await?;
         traces::send(traces::Send {
             system: "pg_outbox",
             sink: None,
             destination: &Destination::None,
-            message: &message,
+            message,
             started,
             attempts: 1,
-            outcome: traces::Outcome::DeadLettered(&error),
+            outcome: traces::Outcome::DeadLettered(error),
         });
         Ok(Routed::DeadLettered)
     }

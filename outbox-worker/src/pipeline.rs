@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use tokio_util::sync::CancellationToken;
 
+use crate::claims;
 use crate::config::Config;
 use crate::dead_letters::DeadLetters;
 use crate::delivery::Delivery;
@@ -152,6 +153,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             break Ok(());
         }
         dead_letters.load_earlier().await;
+        // Read once the slot is ours: a setup that moves queues waits for this read, or sees the
+        // slot active and refuses.
+        let claims = match claims::load_for(config.url(), config.primary_url()).await {
+            Ok(claims) => claims,
+            Err(e) => break Err(e),
+        };
+        let claimed = claims.current(&settings.slot);
+        if claimed.map_or(&[][..], |c| &c.queues[..]) != settings.queues {
+            break Err(Fatal::new(
+                format!(
+                    "postgres.queues = {:?}, but slot {:?} claims {:?} in outbox.queue_claims",
+                    settings.queues,
+                    settings.slot,
+                    claimed.map(|c| &c.queues)
+                ),
+                "run outbox-worker setup with these postgres.queues (postgres.setup = true does \
+                 it at start): it records the change at the current position",
+            )
+            .into());
+        }
+        if let Some(mine) = claimed.filter(|c| !c.queues.is_empty()) {
+            tracing::info!(slot = settings.slot, queues = ?mine.queues, from = %mine.from,
+                "delivering the queues this slot claims (outbox.queue_claims)");
+        }
         let connected_at = tokio::time::Instant::now();
         health.set_streaming(true);
         match start {
@@ -161,10 +186,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 "streaming from the slot's confirmed position"
             ),
         }
+        let mut ownership =
+            claims::Ownership::new(claims, &settings.slot, config.url(), shutdown.clone());
         let mut parts = Parts {
             router: &mut router,
             delivery: &mut delivery,
             dead_letters: &mut dead_letters,
+            ownership: &mut ownership,
         };
         let stopped = stream(
             &mut source,

@@ -95,10 +95,14 @@ pub async fn replay(
     let mut delivery = Delivery::new(&sinks, config.delivery.clone());
     let mut dead_letters =
         DeadLetters::new(config.url(), config.primary_url(), health, shutdown.clone());
+    // A replay sends what it is asked for, whichever slot delivers it (the table keeps no
+    // commit position to decide by).
+    let mut ownership = crate::claims::Ownership::everything(&config.postgres.slot);
     let mut parts = Parts {
         router: &mut router,
         delivery: &mut delivery,
         dead_letters: &mut dead_letters,
+        ownership: &mut ownership,
     };
     let mut summary = ReplaySummary::default();
     let mut report = Instant::now();
@@ -144,7 +148,7 @@ pub async fn replay(
                 settle(&mut parts, &shutdown).await?;
             }
             match parts.route(page, message).await {
-                Ok(Routed::Sent | Routed::AlreadyDelivered) => {}
+                Ok(Routed::Sent | Routed::AlreadyDelivered | Routed::OtherSlot) => {}
                 Ok(Routed::DeadLettered) => summary.dead_lettered += 1,
                 Err(not_written) => interrupted(shutdown_requested::<()>(Err(not_written))?)?,
             }

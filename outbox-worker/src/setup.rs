@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use crate::claims::Claiming;
 use crate::config::FailoverSlot;
 use crate::fatal::Fatal;
 use crate::source::{make_failover_slot, SlotSettings};
@@ -35,6 +36,10 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         Some(_) => false,
         None => wants_failover(client, settings.failover).await?,
     };
+    // Checked before anything is made, recorded once the slot exists (its stream then holds the
+    // claim's position).
+    let mut claims_writer =
+        crate::pg::connect_writer(&settings.url, settings.primary_url.as_deref()).await?;
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         return Err(Fatal::new(
@@ -70,6 +75,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         tracing::info!(publication, "created publication");
     }
     check_publication(writer, publication).await?;
+    crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Check).await?;
     let slot_state = client
         .query_opt(
             "SELECT plugin, database,
@@ -149,6 +155,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     if let Some(primary) = &primary {
         reaches_the_standby(client, primary, slot).await?;
     }
+    crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Record).await?;
     Ok(())
 }
 

@@ -425,6 +425,7 @@ GRANT SELECT, DELETE ON outbox.dead_letters TO outbox_operator;
 -- Only the worker writes dead letters, so redrive publishes only what a worker set aside.
 GRANT INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE ON outbox.slots TO outbox_operator;
+GRANT SELECT, INSERT ON outbox.queue_claims TO outbox_operator;
 
 -- Last, after every object is in place: schema outbox, everything in it and the publication
 -- belong to the installer. Anything else was planted by a role that had CREATE on the schema

@@ -113,6 +113,16 @@ BEGIN
     END IF;
 END
 $trigger$;
+CREATE TABLE outbox.queue_claims (
+    seq        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    slot_name  name        NOT NULL,
+    queues     text[]      NOT NULL,
+    from_lsn   pg_lsn      NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('outbox.queue_claims', '');
+COMMENT ON TABLE outbox.queue_claims IS
+    'Which replication slot delivers which queues, from which WAL position (outbox-worker setup --queues).';
 
 -- ==== pg_outbox/sql/api.sql, replayed ====
 -- pg_outbox: the SQL-language functions (dedup, dead letters, retention, status) and the grants.
@@ -550,6 +560,7 @@ GRANT SELECT, DELETE ON outbox.dead_letters TO outbox_operator;
 -- Only the worker writes dead letters, so redrive publishes only what a worker set aside.
 GRANT INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE ON outbox.slots TO outbox_operator;
+GRANT SELECT, INSERT ON outbox.queue_claims TO outbox_operator;
 
 -- Last, after every object is in place: schema outbox, everything in it and the publication
 -- belong to the installer. Anything else was planted by a role that had CREATE on the schema

@@ -289,3 +289,22 @@ CREATE TABLE outbox.slots (
 SELECT pg_catalog.pg_extension_config_dump('outbox.slots', '');
 COMMENT ON TABLE outbox.slots IS
     'Replication slots outbox-worker has used, and up to when everything was delivered.';
+
+-- Which slot delivers which queues, as a history in WAL order (0.2.2). A claim takes the queues
+-- its globs match (`*`: any run of characters) for messages committed at or after from_lsn; a
+-- slot's latest claim replaces its earlier ones. A queue no claim takes goes to the catch-all
+-- slot: the one whose latest claim is empty, or that has none (the single slot of 0.2.1).
+-- Written by outbox-worker setup under the lock of outbox.slots, with the workers of the slots
+-- that lose queues stopped; each worker reads it when it starts streaming. Never updated.
+-- @upgrade:begin
+CREATE TABLE outbox.queue_claims (
+    seq        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    slot_name  name        NOT NULL,
+    queues     text[]      NOT NULL,
+    from_lsn   pg_lsn      NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('outbox.queue_claims', '');
+COMMENT ON TABLE outbox.queue_claims IS
+    'Which replication slot delivers which queues, from which WAL position (outbox-worker setup --queues).';
+-- @upgrade:end

@@ -222,3 +222,15 @@ impl Drop for RabbitMq {
         let _ = Path::new(&pid_file);
     }
 }
+
+/// What [`RabbitMq::drain_queue`] read, as the delivery checks take it.
+pub fn seen(messages: &[serde_json::Value]) -> Vec<crate::publish::Seen> {
+    messages
+        .iter()
+        .map(|m| crate::publish::Seen {
+            id: m["message_id"].as_str().unwrap().to_owned(),
+            key: m["body"]["key"].as_str().map(str::to_owned),
+            payload: m["body"].clone(),
+        })
+        .collect()
+}

@@ -11,16 +11,7 @@ use outbox_tests::worker::config_args;
 use outbox_tests::worker::{http_get, metric, run_once};
 use outbox_tests::{eventually, KafkaBroker, PgCluster, RabbitMq, Worker};
 
-fn seen(messages: &[serde_json::Value]) -> Vec<Seen> {
-    messages
-        .iter()
-        .map(|m| Seen {
-            id: m["message_id"].as_str().unwrap().to_owned(),
-            key: m["body"]["key"].as_str().map(str::to_owned),
-            payload: m["body"].clone(),
-        })
-        .collect()
-}
+use outbox_tests::rabbitmq::seen;
 
 fn http_addr() -> String {
     format!("127.0.0.1:{}", outbox_tests::postgres::free_port())

@@ -11,16 +11,7 @@ use outbox_tests::publish::{check_delivery, only_dead_letter, publish_range, See
 use outbox_tests::worker::{config_args, http_get};
 use outbox_tests::{eventually, PgCluster, RabbitMq, Worker};
 
-fn seen(messages: &[serde_json::Value]) -> Vec<Seen> {
-    messages
-        .iter()
-        .map(|m| Seen {
-            id: m["message_id"].as_str().unwrap().to_owned(),
-            key: m["body"]["key"].as_str().map(str::to_owned),
-            payload: m["body"].clone(),
-        })
-        .collect()
-}
+use outbox_tests::rabbitmq::seen;
 
 /// A worker delivering every queue to exchange `exchange` (routing key = queue) of `rabbit`, with
 /// `toml` added to its configuration and `extra` flags, holding the slot.

@@ -48,6 +48,10 @@ impl Config {
             rules::check_identifier(value)
                 .map_err(|e| invalid(format!("{key} = {value:?}: {e}")))?;
         }
+        for glob in &self.postgres.queues {
+            crate::claims::check_glob(glob)
+                .map_err(|e| invalid(format!("postgres.queues: {glob:?}: {e}")))?;
+        }
         if self.postgres.status_interval.is_zero() {
             return Err(invalid(
                 "postgres.status_interval = \"0s\": it must be positive",

@@ -15,6 +15,7 @@ use super::{
 pub struct Overrides {
     pub postgres_url: Option<String>,
     pub slot: Option<String>,
+    pub queues: Option<Vec<String>>,
     /// The quick path: route every queue to the Kafka topic of the same name.
     pub kafka_brokers: Option<String>,
     /// The quick path: route every queue to this AMQP exchange, routing key = queue.
@@ -41,6 +42,9 @@ impl Config {
         }
         if let Some(slot) = overrides.slot {
             figment = figment.merge(("postgres.slot", slot));
+        }
+        if let Some(queues) = overrides.queues {
+            figment = figment.merge(("postgres.queues", queues));
         }
         if let Some(format) = overrides.log_format {
             figment = figment.merge(("log.format", format));

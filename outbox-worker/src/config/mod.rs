@@ -73,6 +73,9 @@ pub struct PostgresConfig {
     /// 16+): the publication, `outbox.slots` and dead letters are written there. Once `url`'s
     /// server is promoted, the worker writes to it instead.
     pub primary_url: Option<SecretUrl>,
+    /// The queues this slot delivers (globs: literal characters and `*`); empty: every queue no
+    /// other slot claims. Recorded by setup in `outbox.queue_claims`.
+    pub queues: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -96,6 +99,7 @@ impl Default for PostgresConfig {
             setup: true,
             failover_slot: FailoverSlot::Auto,
             primary_url: None,
+            queues: Vec::new(),
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct SlotSettings {
     pub wal_form: bool,
     /// Where to write while `url` is a standby (`postgres.primary_url`).
     pub primary_url: Option<String>,
+    /// `postgres.queues`.
+    pub queues: Vec<String>,
 }
 
 impl SlotSettings {
@@ -78,6 +80,7 @@ impl SlotSettings {
             failover: config.postgres.failover_slot,
             wal_form: true,
             primary_url: config.primary_url().map(str::to_owned),
+            queues: config.postgres.queues.clone(),
         }
     }
 }

@@ -1,0 +1,585 @@
+//! Which slot delivers which queues (`postgres.queues`, table `outbox.queue_claims`). A claim
+//! takes the queues its globs match for messages committed at or after its `from_lsn`; a slot's
+//! latest claim replaces its earlier ones; a queue no claim takes goes to the catch-all slot (the
+//! one whose latest claim is empty, or that never claimed). Every worker decides from the same
+//! history and the commit position in the WAL, so each message has exactly one owner, also
+//! across a move of queues from one slot to another (`outbox-worker setup`).
+
+use anyhow::{Context, Result};
+use tokio_postgres::Client;
+
+use crate::fatal::Fatal;
+use crate::lsn::Lsn;
+
+/// Claim globs: literal characters and `*` (any run of characters, `/` and `.` included).
+pub fn check_glob(glob: &str) -> Result<(), String> {
+    if glob.is_empty() {
+        return Err("an empty glob matches no queue".into());
+    }
+    match glob.chars().find(|c| "?[]{}\\".contains(*c)) {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed: a queue set's globs have literal characters and * only \
+             (so that setup can tell whether two sets overlap)"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether some string matches both globs (`*`-only globs; a name without `*` is a literal).
+pub fn overlap(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // seen[i][j]: the suffixes a[i..] and b[j..] were already found to share no string.
+    let mut seen = vec![vec![false; b.len() + 1]; a.len() + 1];
+    fn go(a: &[char], b: &[char], i: usize, j: usize, seen: &mut [Vec<bool>]) -> bool {
+        if seen[i][j] {
+            return false;
+        }
+        let found = match (a.get(i), b.get(j)) {
+            (None, None) => true,
+            (Some('*'), _) if go(a, b, i + 1, j, seen) => true,
+            (Some('*'), Some(_)) if go(a, b, i, j + 1, seen) => true,
+            (_, Some('*')) if go(a, b, i, j + 1, seen) => true,
+            (Some(_), Some('*')) if go(a, b, i + 1, j, seen) => true,
+            (Some(x), Some(y)) if *x != '*' && *y != '*' && x == y => go(a, b, i + 1, j + 1, seen),
+            _ => false,
+        };
+        if !found {
+            seen[i][j] = true;
+        }
+        found
+    }
+    go(&a, &b, 0, 0, &mut seen)
+}
+
+/// Whether `queue` matches `glob`.
+pub fn matches(glob: &str, queue: &str) -> bool {
+    // A queue name with a `*` of its own would match any glob's `*` here: compare it literally.
+    if queue.contains('*') {
+        return glob == queue;
+    }
+    overlap(glob, queue)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub slot: String,
+    /// Empty: the catch-all.
+    pub queues: Vec<String>,
+    pub from: Lsn,
+}
+
+/// The whole history, in claim order, and the slots that never claimed.
+#[derive(Debug, Clone, Default)]
+pub struct Claims {
+    claims: Vec<Claim>,
+    /// Slots of `outbox.slots` without any claim: catch-alls from the start.
+    unclaimed_slots: Vec<String>,
+}
+
+/// Who delivers a queue's message committed at a position.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Owner<'a> {
+    Slot(&'a str),
+    /// No claim takes it and there is no catch-all slot.
+    Nobody,
+    /// Several catch-all slots (set up by hand around setup's checks).
+    Ambiguous,
+}
+
+impl Claims {
+    pub fn new(claims: Vec<Claim>, unclaimed_slots: Vec<String>) -> Claims {
+        Claims {
+            claims,
+            unclaimed_slots,
+        }
+    }
+
+    /// No claim at all: every slot delivers every queue (0.2.1, one slot).
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+    }
+
+    /// Each slot's latest claim made at or before `at`.
+    fn active(&self, at: Lsn) -> Vec<&Claim> {
+        let mut latest: Vec<&Claim> = Vec::new();
+        for claim in self.claims.iter().filter(|c| c.from <= at) {
+            latest.retain(|c| c.slot != claim.slot);
+            latest.push(claim);
+        }
+        latest
+    }
+
+    /// The owner of `queue`'s messages committed at `commit`.
+    pub fn owner(&self, queue: &str, commit: Lsn) -> Owner<'_> {
+        let active = self.active(commit);
+        if let Some(claim) = active
+            .iter()
+            .rev()
+            .find(|c| c.queues.iter().any(|g| matches(g, queue)))
+        {
+            return Owner::Slot(&claim.slot);
+        }
+        let mut catch_all = active
+            .iter()
+            .filter(|c| c.queues.is_empty())
+            .map(|c| c.slot.as_str())
+            .chain(
+                self.unclaimed_slots
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|s| !self.claims.iter().any(|c| c.slot == *s)),
+            );
+        match (catch_all.next(), catch_all.next()) {
+            (Some(slot), None) => Owner::Slot(slot),
+            (None, _) => Owner::Nobody,
+            (Some(_), Some(_)) => Owner::Ambiguous,
+        }
+    }
+
+    /// The latest claim position at or before `commit` where `queue` changed owner, and the
+    /// owner just before it.
+    pub fn last_change(&self, queue: &str, commit: Lsn) -> Option<(Lsn, Owner<'_>)> {
+        let mut positions: Vec<Lsn> = self
+            .claims
+            .iter()
+            .map(|c| c.from)
+            .filter(|from| *from <= commit && from.0 > 0)
+            .collect();
+        positions.sort_unstable();
+        positions.dedup();
+        positions.into_iter().rev().find_map(|at| {
+            let before = self.owner(queue, Lsn(at.0 - 1));
+            (before != self.owner(queue, at)).then_some((at, before))
+        })
+    }
+
+    /// The queues `slot` claims now (its latest claim): empty for the catch-all or a slot that
+    /// never claimed.
+    pub fn current(&self, slot: &str) -> Option<&Claim> {
+        self.claims.iter().rev().find(|c| c.slot == slot)
+    }
+
+    /// The catch-all slots now, `slot` left out.
+    pub fn catch_alls_besides(&self, slot: &str) -> Vec<String> {
+        let mut slots: Vec<String> = self
+            .unclaimed_slots
+            .iter()
+            .filter(|s| *s != slot && self.current(s).is_none())
+            .cloned()
+            .collect();
+        for claim in self.claims.iter().rev() {
+            let latest = self.current(&claim.slot) == Some(claim);
+            if latest && claim.slot != slot && claim.queues.is_empty() {
+                slots.push(claim.slot.clone());
+            }
+        }
+        slots.sort();
+        slots.dedup();
+        slots
+    }
+
+    /// The slots whose deliveries change if `slot` claimed `queues` now: those whose current
+    /// globs overlap the new or the old queues of `slot`, and the catch-all, which gains or
+    /// loses whatever no explicit claim takes.
+    pub fn affected(&self, slot: &str, queues: &[String]) -> Vec<String> {
+        let old = self
+            .current(slot)
+            .map(|c| c.queues.as_slice())
+            .unwrap_or_default();
+        let touched: Vec<&String> = queues.iter().chain(old).collect();
+        let mut slots: Vec<String> = self
+            .claims
+            .iter()
+            .map(|c| c.slot.clone())
+            .filter(|s| s != slot)
+            .collect();
+        slots.sort();
+        slots.dedup();
+        slots.retain(|other| {
+            let current = self.current(other).expect("a slot of the history");
+            current
+                .queues
+                .iter()
+                .any(|g| touched.iter().any(|q| overlap(g, q)))
+        });
+        slots.extend(self.catch_alls_besides(slot));
+        slots.sort();
+        slots.dedup();
+        slots
+    }
+}
+
+/// What a worker does with a message, by its queue's owner at its commit position.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Deliver,
+    /// Another slot delivers it.
+    Skip,
+    /// No slot does: it is dead-lettered (every slot writes the same dead letter, kept once).
+    Unclaimed,
+}
+
+/// This worker's slot and the claims it read at its start; and, when a queue moved to this
+/// slot, the wait for the slot that had it to confirm past the move, so that the queue's
+/// messages arrive in commit order across it.
+pub struct Ownership {
+    claims: Claims,
+    slot: String,
+    url: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    /// Moves whose previous slot confirmed past them.
+    done: std::collections::HashSet<(String, Lsn)>,
+}
+
+impl Ownership {
+    pub fn new(
+        claims: Claims,
+        slot: &str,
+        url: &str,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Ownership {
+        Ownership {
+            claims,
+            slot: slot.to_owned(),
+            url: url.to_owned(),
+            shutdown,
+            done: Default::default(),
+        }
+    }
+
+    /// Every queue, no claims (a replay, or a single slot).
+    pub fn everything(slot: &str) -> Ownership {
+        Ownership::new(Claims::default(), slot, "", Default::default())
+    }
+
+    pub fn claims(&self) -> &Claims {
+        &self.claims
+    }
+
+    /// Whether this slot delivers `queue`'s message committed at `commit`; waits first, when
+    /// the queue moved here, for the slot that had it to confirm past the move.
+    pub async fn decide(
+        &mut self,
+        queue: &str,
+        commit: Lsn,
+    ) -> Result<Decision, crate::dead_letters::NotWritten> {
+        if self.claims.is_empty() {
+            return Ok(Decision::Deliver);
+        }
+        match self.claims.owner(queue, commit) {
+            Owner::Slot(owner) if owner == self.slot => {}
+            Owner::Slot(_) => return Ok(Decision::Skip),
+            Owner::Nobody => return Ok(Decision::Unclaimed),
+            // Two catch-alls (made around setup's checks) both deliver: a duplicate, not a loss.
+            Owner::Ambiguous => {
+                tracing::warn!(queue, "several slots take the queues nobody claims (outbox.queue_claims); delivering it here too");
+                return Ok(Decision::Deliver);
+            }
+        }
+        if let Some((at, Owner::Slot(before))) = self.claims.last_change(queue, commit) {
+            let key = (before.to_owned(), at);
+            if before != self.slot && !self.done.contains(&key) {
+                self.wait_for(&key.0, at).await?;
+                self.done.insert(key);
+            }
+        }
+        Ok(Decision::Deliver)
+    }
+
+    /// Until slot `before` confirmed `at` (or is gone), polling.
+    async fn wait_for(&self, before: &str, at: Lsn) -> Result<(), crate::dead_letters::NotWritten> {
+        let started = tokio::time::Instant::now();
+        let mut told = None::<tokio::time::Instant>;
+        loop {
+            match self.confirmed(before).await {
+                Ok(Some(confirmed)) if confirmed >= at => break,
+                Ok(None) => {
+                    tracing::warn!(slot = before, "the slot that delivered a queue moved to this one is gone; what it had not delivered is not waited for");
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the confirmed position of slot {before:?}; retrying");
+                }
+            }
+            if told.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(30)) {
+                tracing::info!(slot = self.slot, previous = before, position = %at,
+                    "a queue moved to this slot: waiting for the slot that delivered it to confirm past the move (its worker must run), so that its messages keep their order");
+                told = Some(tokio::time::Instant::now());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                () = self.shutdown.cancelled() => return Err(crate::dead_letters::NotWritten::Shutdown),
+            }
+        }
+        tracing::info!(slot = self.slot, previous = before, took = ?started.elapsed(), "the slot that delivered a queue moved here confirmed past the move");
+        Ok(())
+    }
+
+    async fn confirmed(&self, slot: &str) -> Result<Option<Lsn>> {
+        let client = crate::pg::connect(&self.url).await?;
+        let row = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots
+                  WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        match row.and_then(|r| r.get::<_, Option<String>>(0)) {
+            Some(lsn) => Ok(Some(lsn.parse().map_err(|e| anyhow::anyhow!("{e}"))?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// [`load`] where the worker writes (`primary_url` while `url` is a standby); from the standby,
+/// without the lock, while the primary is unreachable (no setup can run then).
+pub async fn load_for(url: &str, primary_url: Option<&str>) -> Result<Claims> {
+    match crate::pg::connect_writer(url, primary_url).await {
+        Ok(mut writer) => load(&mut writer).await,
+        Err(e) if primary_url.is_some() && e.downcast_ref::<Fatal>().is_none() => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot reach postgres.primary_url; reading the queue claims on the standby");
+            let reader = crate::pg::connect(url).await?;
+            if !exists(&reader).await? {
+                return Ok(Claims::default());
+            }
+            read(&reader).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn exists(client: &impl tokio_postgres::GenericClient) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('outbox.queue_claims') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Reads the history, waiting for a setup that is writing it (both take the lock of
+/// `outbox.slots`). Without the table (an extension older than 0.2.2): no claims.
+pub async fn load(client: &mut Client) -> Result<Claims> {
+    let tx = client.transaction().await?;
+    if !exists(&tx).await? {
+        return Ok(Claims::default());
+    }
+    tx.batch_execute("LOCK TABLE outbox.slots IN SHARE MODE")
+        .await
+        .context("cannot lock outbox.slots to read the queue claims")?;
+    let claims = read(&tx).await?;
+    tx.commit().await?;
+    Ok(claims)
+}
+
+async fn read(client: &impl tokio_postgres::GenericClient) -> Result<Claims> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text, queues, from_lsn::text FROM outbox.queue_claims ORDER BY seq",
+            &[],
+        )
+        .await
+        .context("cannot read outbox.queue_claims")?;
+    let claims = rows
+        .iter()
+        .map(|row| {
+            let from: String = row.get(2);
+            Ok(Claim {
+                slot: row.get(0),
+                queues: row.get(1),
+                from: from.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let slots = client
+        .query("SELECT slot_name::text FROM outbox.slots", &[])
+        .await
+        .context("cannot read outbox.slots")?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    Ok(Claims::new(claims, slots))
+}
+
+/// What [`claim`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claiming {
+    /// Its checks only: before the slot is made, so that a refusal leaves nothing behind.
+    Check,
+    /// Checks again and records: after the slot exists, so that the claim's position is in
+    /// its stream.
+    Record,
+}
+
+/// Records that `slot` delivers `queues` (empty: the catch-all) from now on, unless that is
+/// already its claim. Refuses while a slot whose deliveries change is streaming (its worker has
+/// the old history), a second catch-all, and a set with no catch-all for the other queues.
+pub async fn claim(
+    writer: &mut Client,
+    slot: &str,
+    queues: &[String],
+    claiming: Claiming,
+) -> Result<()> {
+    let tx = writer.transaction().await?;
+    if !exists(&tx).await? {
+        if queues.is_empty() {
+            return Ok(());
+        }
+        return Err(Fatal::new(
+            format!("postgres.queues = {queues:?} needs table outbox.queue_claims (pg_outbox 0.2.2)"),
+            "ALTER EXTENSION pg_outbox UPDATE (or run the newer sql/pg_outbox.sql), as its installer",
+        )
+        .into());
+    }
+    tx.batch_execute("LOCK TABLE outbox.slots IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .context("cannot lock outbox.slots to claim queues")?;
+    let claims = read(&tx).await?;
+    if claims.current(slot).is_some_and(|c| c.queues == queues) {
+        return Ok(());
+    }
+    let first_of_all = claims.is_empty() && claims.catch_alls_besides(slot).is_empty();
+    if queues.is_empty() && claims.current(slot).is_none() && first_of_all {
+        // The first slot, or the only one of 0.2.1: a catch-all without a claim to record.
+        return Ok(());
+    }
+    if queues.is_empty() {
+        if let Some(other) = claims.catch_alls_besides(slot).first() {
+            return Err(Fatal::new(
+                format!(
+                    "slot {other:?} already takes every queue no other slot claims; slot {slot:?} \
+                     cannot take them too"
+                ),
+                format!(
+                    "give postgres.queues to slot {slot:?}, or if slot {other:?} is gone, DELETE \
+                     FROM outbox.slots WHERE slot_name = '{other}'"
+                ),
+            )
+            .into());
+        }
+    } else if claims.catch_alls_besides(slot).is_empty() {
+        return Err(Fatal::new(
+            format!(
+                "no slot takes the queues outside postgres.queues = {queues:?}: their messages \
+                 would reach nobody"
+            ),
+            "set up a catch-all slot first (a worker without postgres.queues), then this one",
+        )
+        .into());
+    }
+    let affected = claims.affected(slot, queues);
+    let running: Vec<String> = tx
+        .query(
+            "SELECT slot_name::text FROM pg_catalog.pg_replication_slots
+              WHERE active AND slot_name = ANY($1) AND database = pg_catalog.current_database()",
+            &[&affected],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if !running.is_empty() {
+        return Err(Fatal::new(
+            format!(
+                "slot {slot:?} claiming queues {queues:?} changes what slots {running:?} deliver, \
+                 and their workers are running"
+            ),
+            "stop those workers (SIGTERM), run this setup, then start them again: a worker reads \
+             which queues are its own when it starts, and would deliver the moved ones too",
+        )
+        .into());
+    }
+    if claiming == Claiming::Check || (queues.is_empty() && claims.current(slot).is_none()) {
+        // A catch-all that never claimed needs no record.
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO outbox.queue_claims (slot_name, queues, from_lsn)
+         VALUES ($1, $2, pg_catalog.pg_current_wal_insert_lsn())",
+        &[&slot, &queues],
+    )
+    .await
+    .context("cannot record the claim in outbox.queue_claims")?;
+    tx.commit().await?;
+    tracing::info!(slot, ?queues, changes_for = ?affected, "claimed queues");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_overlap_when_some_name_matches_both() {
+        for (a, b) in [
+            ("orders", "orders"),
+            ("orders.*", "*.eu"),
+            ("*", "billing"),
+            ("a*b", "*ab*"),
+            ("a*", "*a"),
+        ] {
+            assert!(overlap(a, b), "{a} {b}");
+            assert!(overlap(b, a), "{b} {a}");
+        }
+        for (a, b) in [
+            ("orders", "billing"),
+            ("orders.*", "billing.*"),
+            ("a*b", "*c"),
+            ("ab", "a*bc"),
+        ] {
+            assert!(!overlap(a, b), "{a} {b}");
+            assert!(!overlap(b, a), "{b} {a}");
+        }
+        assert!(matches("orders.*", "orders.eu"));
+        assert!(!matches("orders.*", "order"));
+        assert!(!matches("a", "*"), "a queue named * is literal");
+    }
+
+    fn claim(slot: &str, queues: &[&str], from: u64) -> Claim {
+        Claim {
+            slot: slot.into(),
+            queues: queues.iter().map(|q| q.to_string()).collect(),
+            from: Lsn(from),
+        }
+    }
+
+    #[test]
+    fn each_message_has_one_owner_across_a_move() {
+        // pg_outbox: the catch-all from the start; billing moves to b at 100, then b also
+        // takes audit at 200 and gives billing back at 300.
+        let claims = Claims::new(
+            vec![claim("b", &["billing*"], 100), claim("b", &["audit"], 300)],
+            vec!["pg_outbox".into(), "b".into()],
+        );
+        assert_eq!(
+            claims.owner("billing.eu", Lsn(99)),
+            Owner::Slot("pg_outbox")
+        );
+        assert_eq!(claims.owner("billing.eu", Lsn(100)), Owner::Slot("b"));
+        assert_eq!(claims.owner("orders", Lsn(150)), Owner::Slot("pg_outbox"));
+        assert_eq!(claims.owner("billing", Lsn(300)), Owner::Slot("pg_outbox"));
+        assert_eq!(claims.owner("audit", Lsn(299)), Owner::Slot("pg_outbox"));
+        assert_eq!(claims.owner("audit", Lsn(300)), Owner::Slot("b"));
+        assert_eq!(claims.affected("c", &["aud*".into()]), ["b", "pg_outbox"]);
+        assert_eq!(claims.affected("c", &["orders".into()]), ["pg_outbox"]);
+        assert_eq!(claims.affected("b", &[]), ["pg_outbox"]);
+    }
+
+    #[test]
+    fn a_later_claim_of_an_overlapping_set_wins_from_its_position() {
+        let claims = Claims::new(
+            vec![claim("a", &["orders*"], 10), claim("b", &["orders.eu"], 20)],
+            vec!["all".into(), "a".into(), "b".into()],
+        );
+        assert_eq!(claims.owner("orders.eu", Lsn(19)), Owner::Slot("a"));
+        assert_eq!(claims.owner("orders.eu", Lsn(20)), Owner::Slot("b"));
+        assert_eq!(claims.owner("orders.us", Lsn(20)), Owner::Slot("a"));
+        assert_eq!(claims.owner("x", Lsn(20)), Owner::Slot("all"));
+        // b gives orders.eu back: a takes it again, so a's worker must be stopped too.
+        assert_eq!(claims.affected("b", &["orders.us.*".into()]), ["a", "all"]);
+        let no_catch_all = Claims::new(vec![claim("a", &["orders"], 10)], vec!["a".into()]);
+        assert_eq!(no_catch_all.owner("x", Lsn(20)), Owner::Nobody);
+    }
+}

@@ -1,0 +1,320 @@
+//! Several slots, each delivering a set of queues (`postgres.queues`, `outbox.queue_claims`): a
+//! stopped RabbitMQ behind one set holds back none of the other's messages; queues moved from one
+//! slot to two under publishers arrive once each; setup refuses what would deliver a message
+//! twice or never.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_tests::kafka::{self, Record};
+use outbox_tests::publish::{check_delivery, publish_range, Seen, Storage};
+use outbox_tests::rabbitmq::seen;
+use outbox_tests::worker::{kafka_args, run_once};
+use outbox_tests::{eventually, KafkaBroker, PgCluster, RabbitMq, Worker};
+
+fn kafka_seen(records: &[Record]) -> Vec<Seen> {
+    records.iter().map(Record::seen).collect()
+}
+
+/// `outbox-worker setup` for `slot` with `extra` flags; panics with its stderr if it fails.
+fn setup(url: &str, slot: &str, extra: &[&str]) {
+    let mut args = vec!["setup", "--postgres-url", url, "--slot", slot];
+    args.extend_from_slice(extra);
+    let out = run_once(&args, &[]);
+    assert!(
+        out.status.success(),
+        "setup {slot}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `run` for `slot` (claiming `queues`, if any) delivering every queue to exchange `events`.
+fn amqp_worker(url: &str, slot: &str, queues: Option<&str>, rabbit: &RabbitMq) -> Worker {
+    let amqp = rabbit.url();
+    let mut args = vec![
+        "run",
+        "--postgres-url",
+        url,
+        "--slot",
+        slot,
+        "--amqp-url",
+        &amqp,
+        "--amqp-exchange",
+        "events",
+    ];
+    if let Some(queues) = queues {
+        args.extend(["--queues", queues]);
+    }
+    Worker::start(&args, None)
+}
+
+async fn wait_active(db: &tokio_postgres::Client, slot: &'static str) {
+    eventually(
+        Duration::from_secs(30),
+        "the worker to hold its slot",
+        || async move {
+            db.query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .map(|row| row.is_some())
+            .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
+/// Two slots: the catch-all delivers `orders` to one RabbitMQ node, slot `billing` delivers
+/// `billing*` to another. The first node stops for a while: billing's messages published
+/// meanwhile arrive as fast as before; when it is back, every order arrives, in per-key order,
+/// and neither node got the other's queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_destination_of_one_slot_holds_back_nothing_of_another() {
+    let (orders_node, billing_node) = (RabbitMq::start(), RabbitMq::start());
+    orders_node.declare("events", "direct", "orders", "orders");
+    billing_node.declare("events", "direct", "billing.eu", "billing.eu");
+    let pg = PgCluster::start().await;
+    let url = pg.url();
+    setup(&url, "pg_outbox", &[]);
+    setup(&url, "billing", &["--queues", "billing*"]);
+    let orders_worker = amqp_worker(&url, "pg_outbox", None, &orders_node);
+    let billing_worker = amqp_worker(&url, "billing", Some("billing*"), &billing_node);
+    let db = pg.superuser().await;
+    wait_active(&db, "pg_outbox").await;
+    wait_active(&db, "billing").await;
+
+    const HALF: u64 = 2_000;
+    let started = Instant::now();
+    publish_range(&db, "orders", 0, HALF, 20, Storage::Mixed).await;
+    publish_range(&db, "billing.eu", 0, HALF, 20, Storage::Mixed).await;
+    let mut billing =
+        billing_node.drain_queue("billing.eu", HALF as usize, Duration::from_secs(60));
+    let before = started.elapsed();
+
+    orders_node.stop_node();
+    let stopped = Instant::now();
+    publish_range(&db, "orders", HALF, HALF, 20, Storage::Mixed).await;
+    publish_range(&db, "billing.eu", HALF, HALF, 20, Storage::Mixed).await;
+    // (A drain takes what it reads off the queue: this one reads the second half.)
+    billing.extend(billing_node.drain_queue("billing.eu", HALF as usize, Duration::from_secs(60)));
+    let during = stopped.elapsed();
+    eprintln!("billing's {HALF} messages: {before:?} with both nodes up, {during:?} with the orders node stopped");
+    assert!(
+        during < before * 3 + Duration::from_secs(5),
+        "billing waited for the stopped orders node: {during:?} against {before:?}"
+    );
+    let tally = check_delivery(&seen(&billing), 2 * HALF);
+    eprintln!("billing: {tally:?}");
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    orders_node.start_node();
+    let orders = orders_node.drain_queue("orders", 2 * HALF as usize, Duration::from_secs(180));
+    let tally = check_delivery(&seen(&orders), 2 * HALF);
+    eprintln!("orders: {tally:?}");
+    assert!(orders
+        .iter()
+        .all(|m| m["headers"]["outbox-queue"] == "orders"));
+    assert!(billing
+        .iter()
+        .all(|m| m["headers"]["outbox-queue"] == "billing.eu"));
+    assert!(
+        orders_worker.log().contains("streaming") && billing_worker.log().contains("billing*"),
+        "{}",
+        billing_worker.log()
+    );
+}
+
+/// Publishes `queue` messages (indexes from `next`, 10 keys, both forms in turn) until `stop`.
+fn spawn_publisher(
+    url: String,
+    queue: &'static str,
+    next: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        let mut round = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            let size = 1 + round % 13;
+            let first = next.fetch_add(size, Ordering::AcqRel);
+            let storage = if round.is_multiple_of(2) {
+                Storage::Table
+            } else {
+                Storage::Wal
+            };
+            publish_range(&db, queue, first, size, 10, storage).await;
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// The move from one slot to two, under publishers of both queues: stop the catch-all's worker,
+/// set up slot `billing` for the `billing` queue, start both. Exactly-once Kafka sinks count a
+/// duplicate as such: every committed message arrives once, in per-key order.
+#[tokio::test(flavor = "multi_thread")]
+async fn moving_a_queue_to_a_slot_of_its_own_under_traffic_delivers_each_message_once() {
+    let kafka = KafkaBroker::start(&[("orders", 3), ("billing", 3)]);
+    let pg = PgCluster::start().await;
+    let url = pg.url();
+    let config = Worker::config_file("");
+    let args = kafka_args(&url, &kafka.brokers(), config.path());
+    let mut catch_all = Worker::start(&args, None);
+    let db = pg.superuser().await;
+    pg.wait_for_slot(&db).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (orders, billing) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let publishers = [
+        spawn_publisher(url.clone(), "orders", orders.clone(), stop.clone()),
+        spawn_publisher(url.clone(), "billing", billing.clone(), stop.clone()),
+    ];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // While the catch-all's worker runs, the move is refused: it would deliver billing too.
+    let refused = run_once(
+        &[
+            "setup",
+            "--postgres-url",
+            &url,
+            "--slot",
+            "billing",
+            "--queues",
+            "billing",
+        ],
+        &[],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("pg_outbox") && stderr.contains("running"),
+        "{stderr}"
+    );
+
+    let status = catch_all.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{}", catch_all.log());
+    setup(&url, "billing", &["--queues", "billing"]);
+    let catch_all = Worker::start(&args, None);
+    let mut billing_args = args.clone();
+    billing_args.extend([
+        "--slot".into(),
+        "billing".into(),
+        "--queues".into(),
+        "billing".into(),
+    ]);
+    let billing_worker = Worker::start(&billing_args, None);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Release);
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+
+    let (orders, billing) = (
+        orders.load(Ordering::Acquire),
+        billing.load(Ordering::Acquire),
+    );
+    let timeout = Duration::from_secs(120);
+    let read = kafka::read(&kafka.brokers(), "orders", orders as usize, timeout).await;
+    let tally = check_delivery(&kafka_seen(&read), orders);
+    eprintln!("orders: {orders} published, {tally:?}");
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
+    let read = kafka::read(&kafka.brokers(), "billing", billing as usize, timeout).await;
+    let tally = check_delivery(&kafka_seen(&read), billing);
+    eprintln!("billing: {billing} published, {tally:?}");
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
+    let log = billing_worker.log();
+    assert!(
+        log.contains("delivering the queues this slot claims")
+            && log.contains("confirmed past the move"),
+        "the billing slot waited for the catch-all to deliver what it had of billing:\n{log}"
+    );
+    drop(catch_all);
+}
+
+/// What setup refuses, each naming the fix: a second catch-all, a set with no catch-all to take
+/// the other queues, a glob it cannot compare; and a worker whose postgres.queues differ from
+/// its slot's claim with setup off.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_refuses_sets_that_would_deliver_a_message_twice_or_never() {
+    let pg = PgCluster::start().await;
+    let url = pg.url();
+    let fails = |args: &[&str], expected: &[&str]| {
+        let mut all = vec!["setup", "--postgres-url", &url];
+        all.extend_from_slice(args);
+        let out = run_once(&all, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        for part in expected {
+            assert!(stderr.contains(part), "{args:?}: {stderr}");
+        }
+    };
+    fails(
+        &["--slot", "billing", "--queues", "billing"],
+        &["no slot takes the queues outside", "catch-all"],
+    );
+    fails(
+        &["--slot", "billing", "--queues", "billing.[a-z]"],
+        &["postgres.queues", "literal characters and * only"],
+    );
+    setup(&url, "pg_outbox", &[]);
+    setup(&url, "billing", &["--queues", "billing"]);
+    // The same again changes nothing.
+    setup(&url, "billing", &["--queues", "billing"]);
+    fails(
+        &["--slot", "other"],
+        &[
+            "already takes every queue no other slot claims",
+            "pg_outbox",
+        ],
+    );
+    let db = pg.superuser().await;
+    let claims: i64 = db
+        .query_one("SELECT count(*) FROM outbox.queue_claims", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(claims, 1, "one claim, not one per setup");
+    let status = run_once(&["status", "--postgres-url", &url], &[]);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let header: Vec<&str> = status.lines().next().unwrap().split('\t').collect();
+    let queues_of = |slot: &str| {
+        let row: Vec<&str> = status
+            .lines()
+            .map(|l| l.split('\t').collect::<Vec<_>>())
+            .find(|r| r[0] == slot)
+            .unwrap_or_else(|| panic!("no row for {slot}: {status}"));
+        row[header.iter().position(|h| *h == "queues").unwrap()].to_owned()
+    };
+    assert_eq!(queues_of("billing"), "billing", "{status}");
+    assert_eq!(queues_of("pg_outbox"), "(catch-all)", "{status}");
+
+    let config = Worker::config_file(
+        "[postgres]\nsetup = false\n[sinks.out]\ntype = \"stdout\"\n[[routes]]\nqueues = \"*\"\nsink = \"out\"\n",
+    );
+    let config = config.path().display().to_string();
+    let out = run_once(
+        &[
+            "run",
+            "--postgres-url",
+            &url,
+            "--slot",
+            "billing",
+            "--queues",
+            "billing,audit",
+            "--config",
+            &config,
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("claims") && stderr.contains("run outbox-worker setup"),
+        "{stderr}"
+    );
+}
