@@ -11,6 +11,7 @@
 #   bench/worker.sh 200000 --throughput only the drain table (between the worker markers); --latency only latency
 #   bench/worker.sh 200000 --tracing   only the cost of trace export (between the worker-tracing markers)
 #   bench/worker.sh 200000 --slots     only what one more slot costs, on the primary and on a standby (worker-slots)
+#   bench/worker.sh 100000 --split     only one worker against two on disjoint queue sets, to RabbitMQ (worker-split)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "==> building outbox-worker and worker-bench (release)" >&2

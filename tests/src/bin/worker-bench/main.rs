@@ -21,10 +21,13 @@
 //! `worker-tracing` markers.
 //! `worker-bench N --slots`: only what one more slot costs (`slots.rs`), on the primary and on a
 //! standby, written between the `worker-slots` markers.
+//! `worker-bench N --split`: only one worker against two on disjoint queue sets (`split.rs`),
+//! written between the `worker-split` markers.
 
 mod debezium;
 mod latency;
 mod slots;
+mod split;
 mod traces;
 
 use std::process::Command;
@@ -110,6 +113,11 @@ async fn main() {
             println!("{table}");
             write_section("worker-slots", &table);
         }
+        Some("--split") => {
+            let table = split::split_table(&brokers.rabbit, backlog).await;
+            println!("{table}");
+            write_section("worker-split", &table);
+        }
         Some("--latency") => {
             let table = latency().await;
             println!("{table}");
@@ -131,6 +139,9 @@ async fn main() {
             let table = slots::slots_table(backlog).await;
             println!("{table}");
             write_section("worker-slots", &table);
+            let table = split::split_table(&brokers.rabbit, backlog).await;
+            println!("{table}");
+            write_section("worker-split", &table);
         }
     }
 }

@@ -1,0 +1,142 @@
+//! One worker against two on disjoint queue sets (issue #32): the same committed backlog, half
+//! `orders` and half `billing` in alternating transactions, drained to RabbitMQ (per-key order:
+//! one message per key in flight, the sink a single worker is bounded by) by one slot delivering
+//! both, then by the catch-all and a slot claiming `billing`, both workers at once. The rate is
+//! the backlog over the time until every slot confirmed its end (start-up included: the workers
+//! start together). Median of [`ROUNDS`], each on a cluster of its own.
+
+use std::time::{Duration, Instant};
+
+use outbox_tests::publish::{publish_range, Storage};
+use outbox_tests::worker::run_once;
+use outbox_tests::{PgCluster, RabbitMq, Worker};
+
+use super::{is_confirmed, KEYS};
+
+const ROUNDS: usize = 3;
+
+pub async fn split_table(rabbit: &RabbitMq, backlog: u64) -> String {
+    rabbit.declare("bench", "direct", "billing", "billing");
+    let sink = format!(
+        "[sinks.a]\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"bench\"\n",
+        rabbit.url()
+    );
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        one.push(rate(rabbit, &sink, backlog, &[("pg_outbox", None)]).await);
+        two.push(
+            rate(
+                rabbit,
+                &sink,
+                backlog,
+                &[("pg_outbox", None), ("billing", Some("billing"))],
+            )
+            .await,
+        );
+    }
+    let median = |rates: &mut Vec<f64>| {
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    };
+    let (one, two) = (median(&mut one), median(&mut two));
+    format!(
+        "Drain a committed backlog of {backlog} messages (table storage, transactions of 1–50 \
+         alternating between queues `orders` and `billing`, {KEYS} keys each) to RabbitMQ with \
+         per-key order, until every slot confirmed the backlog's end (start-up included), median \
+         of {ROUNDS} runs. Two workers: the catch-all slot delivers `orders`, slot `billing` \
+         claims `billing`; each still decodes the whole backlog.\n\n\
+         | workers | aggregate msg/s | vs one |\n|---|---|---|\n\
+         | one slot, both queues | {one:.0} | |\n\
+         | two slots, a queue each | {two:.0} | {:+.0}% |\n",
+        100.0 * (two - one) / one
+    )
+}
+
+/// Aggregate msg/s of `workers` (slot, claimed queues) draining a fresh backlog together.
+async fn rate(
+    rabbit: &RabbitMq,
+    sink: &str,
+    backlog: u64,
+    workers: &[(&str, Option<&str>)],
+) -> f64 {
+    purge(rabbit).await;
+    let pg = PgCluster::start_with_conf("max_replication_slots = 20\nmax_wal_senders = 20\n").await;
+    let db = pg.superuser().await;
+    let url = pg.url();
+    for (slot, queues) in workers {
+        let mut args = vec!["setup", "--postgres-url", &url, "--slot", slot];
+        if let Some(queues) = queues {
+            args.extend(["--queues", queues]);
+        }
+        let out = run_once(&args, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "==> {} worker(s): publishing {backlog} messages",
+        workers.len()
+    );
+    let mut i = 0;
+    while i < backlog {
+        let size = 50.min(backlog - i);
+        let queue = if (i / 50).is_multiple_of(2) {
+            "orders"
+        } else {
+            "billing"
+        };
+        publish_range(&db, queue, i, size, KEYS, Storage::Table).await;
+        i += size;
+    }
+    let end: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let config = Worker::config_file(&format!(
+        "[postgres]\nstatus_interval = \"10ms\"\nsetup = false\n{sink}"
+    ));
+    let path = config.path().to_str().unwrap().to_owned();
+    let started = Instant::now();
+    let mut running: Vec<Worker> = workers
+        .iter()
+        .map(|(slot, queues)| {
+            let mut args = vec![
+                "run",
+                "--postgres-url",
+                &url,
+                "--slot",
+                slot,
+                "--config",
+                &path,
+            ];
+            if let Some(queues) = queues {
+                args.extend(["--queues", queues]);
+            }
+            Worker::start(&args, None)
+        })
+        .collect();
+    for (slot, _) in workers {
+        while !is_confirmed(&db, slot, &end).await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let rate = backlog as f64 / started.elapsed().as_secs_f64();
+    eprintln!("    {} worker(s): {rate:.0} msg/s", workers.len());
+    for worker in &mut running {
+        worker.terminate(Duration::from_secs(60));
+    }
+    rate
+}
+
+async fn purge(rabbit: &RabbitMq) {
+    let (_connection, channel) = super::amqp_channel(&rabbit.url()).await;
+    for queue in ["orders", "billing"] {
+        channel
+            .queue_purge(queue, Default::default())
+            .await
+            .unwrap();
+    }
+}
