@@ -229,6 +229,9 @@ pub struct Ownership {
     shutdown: tokio_util::sync::CancellationToken,
     /// Moves whose previous slot confirmed past them.
     done: std::collections::HashSet<(String, Lsn)>,
+    /// Decide every message by the claims now, not at its commit (a replay: the table keeps no
+    /// commit position).
+    now: bool,
 }
 
 impl Ownership {
@@ -244,12 +247,16 @@ impl Ownership {
             url: url.to_owned(),
             shutdown,
             done: Default::default(),
+            now: false,
         }
     }
 
-    /// Every queue, no claims (a replay, or a single slot).
-    pub fn everything(slot: &str) -> Ownership {
-        Ownership::new(Claims::default(), slot, "", Default::default())
+    /// For a replay: the queues `slot` delivers now.
+    pub fn now(claims: Claims, slot: &str) -> Ownership {
+        Ownership {
+            now: true,
+            ..Ownership::new(claims, slot, "", Default::default())
+        }
     }
 
     pub fn claims(&self) -> &Claims {
@@ -266,6 +273,7 @@ impl Ownership {
         if self.claims.is_empty() {
             return Ok(Decision::Deliver);
         }
+        let commit = if self.now { Lsn(u64::MAX) } else { commit };
         match self.claims.owner(queue, commit) {
             Owner::Slot(owner) if owner == self.slot => {}
             Owner::Slot(_) => return Ok(Decision::Skip),
@@ -275,6 +283,9 @@ impl Ownership {
                 tracing::warn!(queue, "several slots take the queues nobody claims (outbox.queue_claims); delivering it here too");
                 return Ok(Decision::Deliver);
             }
+        }
+        if self.now {
+            return Ok(Decision::Deliver);
         }
         if let Some((at, Owner::Slot(before))) = self.claims.last_change(queue, commit) {
             let key = (before.to_owned(), at);

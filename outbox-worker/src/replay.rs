@@ -44,7 +44,7 @@ pub struct ReplaySummary {
     pub dead_lettered: u64,
     /// Rows that break the rules `outbox.publish` keeps (not written by it): not sent.
     pub skipped: u64,
-    /// Filtered out by `--queue`.
+    /// Filtered out by `--queue`, or delivered by another slot (`postgres.queues`).
     pub other_queues: u64,
 }
 
@@ -95,9 +95,9 @@ pub async fn replay(
     let mut delivery = Delivery::new(&sinks, config.delivery.clone());
     let mut dead_letters =
         DeadLetters::new(config.url(), config.primary_url(), health, shutdown.clone());
-    // A replay sends what it is asked for, whichever slot delivers it (the table keeps no
-    // commit position to decide by).
-    let mut ownership = crate::claims::Ownership::everything(&config.postgres.slot);
+    // The queues the slot delivers now (the table keeps no commit position to decide by).
+    let claims = crate::claims::load_for(config.url(), config.primary_url()).await?;
+    let mut ownership = crate::claims::Ownership::now(claims, &config.postgres.slot);
     let mut parts = Parts {
         router: &mut router,
         delivery: &mut delivery,
@@ -148,7 +148,8 @@ pub async fn replay(
                 settle(&mut parts, &shutdown).await?;
             }
             match parts.route(page, message).await {
-                Ok(Routed::Sent | Routed::AlreadyDelivered | Routed::OtherSlot) => {}
+                Ok(Routed::Sent | Routed::AlreadyDelivered) => {}
+                Ok(Routed::OtherSlot) => summary.other_queues += 1,
                 Ok(Routed::DeadLettered) => summary.dead_lettered += 1,
                 Err(not_written) => interrupted(shutdown_requested::<()>(Err(not_written))?)?,
             }

@@ -67,7 +67,7 @@ async fn wait_active(db: &tokio_postgres::Client, slot: &'static str) {
 }
 
 /// Two slots: the catch-all delivers `orders` to one RabbitMQ node, slot `billing` delivers
-/// `billing*` to another. The first node stops for a while: billing's messages published
+/// `billing*` to another, under two publishers. The first node stops for a while: billing's messages published
 /// meanwhile arrive as fast as before; when it is back, every order arrives, in per-key order,
 /// and neither node got the other's queue.
 #[tokio::test(flavor = "multi_thread")]
@@ -85,18 +85,27 @@ async fn a_stopped_destination_of_one_slot_holds_back_nothing_of_another() {
     wait_active(&db, "pg_outbox").await;
     wait_active(&db, "billing").await;
 
+    // Two publishers at once, one per queue, both storage forms.
+    let other = pg.superuser().await;
+    let publish = |first: u64, count: u64| {
+        let (db, other) = (&db, &other);
+        async move {
+            tokio::join!(
+                publish_range(db, "orders", first, count, 20, Storage::Mixed),
+                publish_range(other, "billing.eu", first, count, 20, Storage::Mixed),
+            )
+        }
+    };
     const HALF: u64 = 2_000;
     let started = Instant::now();
-    publish_range(&db, "orders", 0, HALF, 20, Storage::Mixed).await;
-    publish_range(&db, "billing.eu", 0, HALF, 20, Storage::Mixed).await;
+    publish(0, HALF).await;
     let mut billing =
         billing_node.drain_queue("billing.eu", HALF as usize, Duration::from_secs(60));
     let before = started.elapsed();
 
     orders_node.stop_node();
     let stopped = Instant::now();
-    publish_range(&db, "orders", HALF, HALF, 20, Storage::Mixed).await;
-    publish_range(&db, "billing.eu", HALF, HALF, 20, Storage::Mixed).await;
+    publish(HALF, HALF).await;
     // (A drain takes what it reads off the queue: this one reads the second half.)
     billing.extend(billing_node.drain_queue("billing.eu", HALF as usize, Duration::from_secs(60)));
     let during = stopped.elapsed();
@@ -317,4 +326,39 @@ async fn setup_refuses_sets_that_would_deliver_a_message_twice_or_never() {
         stderr.contains("claims") && stderr.contains("run outbox-worker setup"),
         "{stderr}"
     );
+}
+
+/// `replay` for a slot sends the queues it delivers now: billing's slot its `billing`, the
+/// catch-all the rest; together, every message once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_of_one_slot_sends_its_own_queues() {
+    let pg = PgCluster::start().await;
+    let url = pg.url();
+    setup(&url, "pg_outbox", &[]);
+    setup(&url, "billing", &["--queues", "billing"]);
+    let db = pg.superuser().await;
+    publish_range(&db, "orders", 0, 40, 5, Storage::Table).await;
+    publish_range(&db, "billing", 0, 30, 5, Storage::Table).await;
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["replay", "--postgres-url", &url, "--since", "1h"];
+        args.extend_from_slice(extra);
+        let out = run_once(&args, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let queues: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["queue"].to_string())
+            .collect();
+        (queues, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (billing, report) = replay(&["--slot", "billing", "--queues", "billing"]);
+    assert_eq!(billing.len(), 30, "{report}");
+    assert!(billing.iter().all(|q| q == "\"billing\""), "{billing:?}");
+    assert!(report.contains("40 of other queues"), "{report}");
+    let (rest, report) = replay(&[]);
+    assert_eq!(rest.len(), 40, "{report}");
+    assert!(rest.iter().all(|q| q == "\"orders\""), "{rest:?}");
 }
