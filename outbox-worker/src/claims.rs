@@ -16,10 +16,14 @@ pub fn check_glob(glob: &str) -> Result<(), String> {
     if glob.is_empty() {
         return Err("an empty glob matches no queue".into());
     }
-    match glob.chars().find(|c| "?[]{}\\".contains(*c)) {
+    // Queue names are [A-Za-z0-9._-] (outbox.publish): anything else could match no queue.
+    match glob
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-*".contains(*c)))
+    {
         Some(c) => Err(format!(
-            "{c:?} is not allowed: a queue set's globs have literal characters and * only \
-             (so that setup can tell whether two sets overlap)"
+            "{c:?} is not allowed: a queue set's globs have the characters of queue names \
+             (A-Z a-z 0-9 . _ -) and * only"
         )),
         None => Ok(()),
     }
@@ -136,23 +140,6 @@ impl Claims {
         }
     }
 
-    /// The latest claim position at or before `commit` where `queue` changed owner, and the
-    /// owner just before it.
-    pub fn last_change(&self, queue: &str, commit: Lsn) -> Option<(Lsn, Owner<'_>)> {
-        let mut positions: Vec<Lsn> = self
-            .claims
-            .iter()
-            .map(|c| c.from)
-            .filter(|from| *from <= commit && from.0 > 0)
-            .collect();
-        positions.sort_unstable();
-        positions.dedup();
-        positions.into_iter().rev().find_map(|at| {
-            let before = self.owner(queue, Lsn(at.0 - 1));
-            (before != self.owner(queue, at)).then_some((at, before))
-        })
-    }
-
     /// The queues `slot` claims now (its latest claim): empty for the catch-all or a slot that
     /// never claimed.
     pub fn current(&self, slot: &str) -> Option<&Claim> {
@@ -217,6 +204,14 @@ pub enum Decision {
     Skip,
     /// No slot does: it is dead-lettered (every slot writes the same dead letter, kept once).
     Unclaimed,
+    /// This slot's, since queues moved here at `at` from slot `before`, which may still be
+    /// delivering what it had: first confirm `at` (so that `before` never waits for this slot
+    /// in turn), then wait for `before` to confirm past `at` ([`Ownership::moved`]), then decide
+    /// again.
+    AfterMove {
+        before: String,
+        at: Lsn,
+    },
 }
 
 /// This worker's slot and the claims it read at its start; and, when a queue moved to this
@@ -225,8 +220,8 @@ pub enum Decision {
 pub struct Ownership {
     claims: Claims,
     slot: String,
-    url: String,
-    shutdown: tokio_util::sync::CancellationToken,
+    /// Each queue's owners over the stream, computed once per queue name.
+    timelines: std::collections::HashMap<String, Timeline>,
     /// Moves whose previous slot confirmed past them.
     done: std::collections::HashSet<(String, Lsn)>,
     /// Decide every message by the claims now, not at its commit (a replay: the table keeps no
@@ -234,18 +229,32 @@ pub struct Ownership {
     now: bool,
 }
 
+/// A queue's owner from each claim position on, ascending (the first from position 0).
+type Timeline = Vec<(Lsn, TimelineOwner)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TimelineOwner {
+    Slot(String),
+    Nobody,
+    Ambiguous,
+}
+
+impl From<Owner<'_>> for TimelineOwner {
+    fn from(owner: Owner<'_>) -> TimelineOwner {
+        match owner {
+            Owner::Slot(slot) => TimelineOwner::Slot(slot.to_owned()),
+            Owner::Nobody => TimelineOwner::Nobody,
+            Owner::Ambiguous => TimelineOwner::Ambiguous,
+        }
+    }
+}
+
 impl Ownership {
-    pub fn new(
-        claims: Claims,
-        slot: &str,
-        url: &str,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) -> Ownership {
+    pub fn new(claims: Claims, slot: &str) -> Ownership {
         Ownership {
             claims,
             slot: slot.to_owned(),
-            url: url.to_owned(),
-            shutdown,
+            timelines: Default::default(),
             done: Default::default(),
             now: false,
         }
@@ -255,7 +264,7 @@ impl Ownership {
     pub fn now(claims: Claims, slot: &str) -> Ownership {
         Ownership {
             now: true,
-            ..Ownership::new(claims, slot, "", Default::default())
+            ..Ownership::new(claims, slot)
         }
     }
 
@@ -263,83 +272,76 @@ impl Ownership {
         &self.claims
     }
 
-    /// Whether this slot delivers `queue`'s message committed at `commit`; waits first, when
-    /// the queue moved here, for the slot that had it to confirm past the move.
-    pub async fn decide(
-        &mut self,
-        queue: &str,
-        commit: Lsn,
-    ) -> Result<Decision, crate::dead_letters::NotWritten> {
+    /// `queue`'s owners over the stream: the claims are fixed for a run, so once per queue.
+    fn timeline(&mut self, queue: &str) -> &Timeline {
+        let claims = &self.claims;
+        self.timelines.entry(queue.to_owned()).or_insert_with(|| {
+            let mut positions: Vec<Lsn> = claims.claims.iter().map(|c| c.from).collect();
+            positions.push(Lsn(0));
+            positions.sort_unstable();
+            positions.dedup();
+            let mut timeline: Timeline = Vec::new();
+            for at in positions {
+                let owner = TimelineOwner::from(claims.owner(queue, at));
+                if timeline.last().is_none_or(|(_, last)| *last != owner) {
+                    timeline.push((at, owner));
+                }
+            }
+            timeline
+        })
+    }
+
+    /// Whether this slot delivers `queue`'s message committed at `commit`.
+    pub fn decide(&mut self, queue: &str, commit: Lsn) -> Decision {
         if self.claims.is_empty() {
-            return Ok(Decision::Deliver);
+            return Decision::Deliver;
         }
         let commit = if self.now { Lsn(u64::MAX) } else { commit };
-        match self.claims.owner(queue, commit) {
-            Owner::Slot(owner) if owner == self.slot => {}
-            Owner::Slot(_) => return Ok(Decision::Skip),
-            Owner::Nobody => return Ok(Decision::Unclaimed),
-            // Two catch-alls (made around setup's checks) both deliver: a duplicate, not a loss.
-            Owner::Ambiguous => {
+        let (slot, now) = (self.slot.clone(), self.now);
+        let timeline = self.timeline(queue);
+        let index = timeline.partition_point(|(at, _)| *at <= commit) - 1;
+        let (at, owner) = &timeline[index];
+        match owner {
+            TimelineOwner::Slot(owner) if *owner == slot => {}
+            TimelineOwner::Slot(_) => return Decision::Skip,
+            TimelineOwner::Nobody => return Decision::Unclaimed,
+            // Two catch-alls (made by hand around setup's checks; `run` refuses to be one of
+            // them): both deliver, a duplicate rather than a loss.
+            TimelineOwner::Ambiguous => {
                 tracing::warn!(queue, "several slots take the queues nobody claims (outbox.queue_claims); delivering it here too");
-                return Ok(Decision::Deliver);
+                return Decision::Deliver;
             }
         }
-        if self.now {
-            return Ok(Decision::Deliver);
+        let at = *at;
+        let before = match index.checked_sub(1).map(|i| &timeline[i].1) {
+            Some(TimelineOwner::Slot(before)) if !now => before.clone(),
+            _ => return Decision::Deliver,
+        };
+        if self.done.contains(&(before.clone(), at)) {
+            return Decision::Deliver;
         }
-        if let Some((at, Owner::Slot(before))) = self.claims.last_change(queue, commit) {
-            let key = (before.to_owned(), at);
-            if before != self.slot && !self.done.contains(&key) {
-                self.wait_for(&key.0, at).await?;
-                self.done.insert(key);
-            }
-        }
-        Ok(Decision::Deliver)
+        Decision::AfterMove { before, at }
     }
 
-    /// Until slot `before` confirmed `at` (or is gone), polling.
-    async fn wait_for(&self, before: &str, at: Lsn) -> Result<(), crate::dead_letters::NotWritten> {
-        let started = tokio::time::Instant::now();
-        let mut told = None::<tokio::time::Instant>;
-        loop {
-            match self.confirmed(before).await {
-                Ok(Some(confirmed)) if confirmed >= at => break,
-                Ok(None) => {
-                    tracing::warn!(slot = before, "the slot that delivered a queue moved to this one is gone; what it had not delivered is not waited for");
-                    break;
-                }
-                Ok(Some(_)) => {}
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot read the confirmed position of slot {before:?}; retrying");
-                }
-            }
-            if told.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(30)) {
-                tracing::info!(slot = self.slot, previous = before, position = %at,
-                    "a queue moved to this slot: waiting for the slot that delivered it to confirm past the move (its worker must run), so that its messages keep their order");
-                told = Some(tokio::time::Instant::now());
-            }
-            tokio::select! {
-                () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-                () = self.shutdown.cancelled() => return Err(crate::dead_letters::NotWritten::Shutdown),
-            }
-        }
-        tracing::info!(slot = self.slot, previous = before, took = ?started.elapsed(), "the slot that delivered a queue moved here confirmed past the move");
-        Ok(())
+    /// Slot `before` confirmed past `at`: the queues that moved from it are delivered here.
+    pub fn moved(&mut self, before: String, at: Lsn) {
+        self.done.insert((before, at));
     }
+}
 
-    async fn confirmed(&self, slot: &str) -> Result<Option<Lsn>> {
-        let client = crate::pg::connect(&self.url).await?;
-        let row = client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots
-                  WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?;
-        match row.and_then(|r| r.get::<_, Option<String>>(0)) {
-            Some(lsn) => Ok(Some(lsn.parse().map_err(|e| anyhow::anyhow!("{e}"))?)),
-            None => Ok(None),
-        }
+/// The confirmed position of `slot` on `url`'s server; `None` when it has no such slot.
+pub async fn confirmed_position(url: &str, slot: &str) -> Result<Option<Lsn>> {
+    let client = crate::pg::connect(url).await?;
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots
+              WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    match row.and_then(|r| r.get::<_, Option<String>>(0)) {
+        Some(lsn) => Ok(Some(lsn.parse().map_err(|e| anyhow::anyhow!("{e}"))?)),
+        None => Ok(None),
     }
 }
 
@@ -404,13 +406,22 @@ async fn read(client: &impl tokio_postgres::GenericClient) -> Result<Claims> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let slots = client
+    let slots: Vec<String> = client
         .query("SELECT slot_name::text FROM outbox.slots", &[])
         .await
         .context("cannot read outbox.slots")?
         .iter()
         .map(|row| row.get(0))
         .collect();
+    // A slot dropped with its row of outbox.slots (how a slot is retired) claims nothing more:
+    // its queues go back to the catch-all, or are dead-lettered as unclaimed.
+    let (claims, retired): (Vec<Claim>, Vec<Claim>) =
+        claims.into_iter().partition(|c| slots.contains(&c.slot));
+    if !retired.is_empty() {
+        let mut names: Vec<&str> = retired.iter().map(|c| c.slot.as_str()).collect();
+        names.dedup();
+        tracing::warn!(slots = ?names, "claims of slots without a row in outbox.slots are ignored");
+    }
     Ok(Claims::new(claims, slots))
 }
 
@@ -448,39 +459,65 @@ pub async fn claim(
         .await
         .context("cannot lock outbox.slots to claim queues")?;
     let claims = read(&tx).await?;
-    if claims.current(slot).is_some_and(|c| c.queues == queues) {
+    let mine = claims.current(slot);
+    if mine.is_some_and(|c| c.queues == queues) {
         return Ok(());
     }
-    let first_of_all = claims.is_empty() && claims.catch_alls_besides(slot).is_empty();
-    if queues.is_empty() && claims.current(slot).is_none() && first_of_all {
-        // The first slot, or the only one of 0.2.1: a catch-all without a claim to record.
-        return Ok(());
-    }
+    let catch_alls = claims.catch_alls_besides(slot);
     if queues.is_empty() {
-        if let Some(other) = claims.catch_alls_besides(slot).first() {
+        // Without any set, every slot delivers every queue (several: a fan-out, as before 0.2.2).
+        if claims.is_empty() {
+            return Ok(());
+        }
+        if let Some(other) = catch_alls.first() {
             return Err(Fatal::new(
                 format!(
                     "slot {other:?} already takes every queue no other slot claims; slot {slot:?} \
                      cannot take them too"
                 ),
                 format!(
-                    "give postgres.queues to slot {slot:?}, or if slot {other:?} is gone, DELETE \
-                     FROM outbox.slots WHERE slot_name = '{other}'"
+                    "give postgres.queues to slot {slot:?}, or if slot {other:?} is gone, \
+                     SELECT pg_drop_replication_slot('{other}') and DELETE FROM outbox.slots \
+                     WHERE slot_name = '{other}'"
                 ),
             )
             .into());
         }
-    } else if claims.catch_alls_besides(slot).is_empty() {
-        return Err(Fatal::new(
-            format!(
-                "no slot takes the queues outside postgres.queues = {queues:?}: their messages \
-                 would reach nobody"
-            ),
-            "set up a catch-all slot first (a worker without postgres.queues), then this one",
-        )
-        .into());
+        if mine.is_none() {
+            // A slot that never claimed is the catch-all already.
+            return Ok(());
+        }
+    } else {
+        match catch_alls.as_slice() {
+            [] => {
+                return Err(Fatal::new(
+                    format!(
+                        "no slot takes the queues outside postgres.queues = {queues:?}: their \
+                         messages would reach nobody"
+                    ),
+                    "set up a catch-all slot first (a worker without postgres.queues), then this \
+                     one",
+                )
+                .into())
+            }
+            [_] => {}
+            several => {
+                return Err(Fatal::new(
+                    format!(
+                        "slots {several:?} each take every queue: which would give up \
+                         {queues:?} to slot {slot:?}?"
+                    ),
+                    "queue sets need exactly one catch-all slot: give the others \
+                     postgres.queues, or drop those no longer used (pg_drop_replication_slot and \
+                     their row of outbox.slots)",
+                )
+                .into())
+            }
+        }
     }
-    let affected = claims.affected(slot, queues);
+    // The slot's own worker too: it read its claim when it started.
+    let mut affected = claims.affected(slot, queues);
+    affected.push(slot.to_owned());
     let running: Vec<String> = tx
         .query(
             "SELECT slot_name::text FROM pg_catalog.pg_replication_slots
@@ -502,8 +539,7 @@ pub async fn claim(
         )
         .into());
     }
-    if claiming == Claiming::Check || (queues.is_empty() && claims.current(slot).is_none()) {
-        // A catch-all that never claimed needs no record.
+    if claiming == Claiming::Check {
         return Ok(());
     }
     tx.execute(
@@ -576,6 +612,36 @@ mod tests {
         assert_eq!(claims.affected("c", &["aud*".into()]), ["b", "pg_outbox"]);
         assert_eq!(claims.affected("c", &["orders".into()]), ["pg_outbox"]);
         assert_eq!(claims.affected("b", &[]), ["pg_outbox"]);
+    }
+
+    #[test]
+    fn a_swap_waits_each_way_once_then_delivers() {
+        // b had x*, then takes y* and gives x* back to the catch-all at 100.
+        let claims = Claims::new(
+            vec![claim("b", &["x*"], 10), claim("b", &["y*"], 100)],
+            vec!["all".into(), "b".into()],
+        );
+        let mut all = Ownership::new(claims.clone(), "all");
+        let mut b = Ownership::new(claims, "b");
+        let moved_at = |before: &str, at: u64| Decision::AfterMove {
+            before: before.into(),
+            at: Lsn(at),
+        };
+        assert_eq!(all.decide("x1", Lsn(50)), Decision::Skip);
+        assert_eq!(b.decide("x1", Lsn(50)), moved_at("all", 10));
+        b.moved("all".into(), Lsn(10));
+        assert_eq!(b.decide("x1", Lsn(50)), Decision::Deliver);
+        let moved = |before: &str| moved_at(before, 100);
+        assert_eq!(all.decide("x1", Lsn(150)), moved("b"));
+        assert_eq!(b.decide("y1", Lsn(150)), moved("all"));
+        all.moved("b".into(), Lsn(100));
+        assert_eq!(all.decide("x1", Lsn(150)), Decision::Deliver);
+        assert_eq!(all.decide("y1", Lsn(150)), Decision::Skip);
+        let mut replay = Ownership::now(b.claims().clone(), "b");
+        assert_eq!(replay.decide("y1", Lsn(0)), Decision::Deliver);
+        assert_eq!(replay.decide("x1", Lsn(0)), Decision::Skip);
+        assert!(check_glob("b1, b2").is_err() && check_glob("é*").is_err());
+        assert!(check_glob("orders.eu-1_*").is_ok());
     }
 
     #[test]

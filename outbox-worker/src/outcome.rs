@@ -20,7 +20,7 @@ pub struct Parts<'a> {
 }
 
 /// Where a message went.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Routed {
     Sent,
     DeadLettered,
@@ -28,17 +28,27 @@ pub enum Routed {
     AlreadyDelivered,
     /// Another slot delivers its queue.
     OtherSlot,
+    /// Nowhere yet: its queue moved to this slot at `at` from slot `before`
+    /// ([`crate::claims::Decision::AfterMove`]); route it again once that is settled.
+    AfterMove {
+        message: Box<Message>,
+        before: String,
+        at: crate::lsn::Lsn,
+    },
 }
 
 impl Parts<'_> {
     /// Sends `message` on its route, or dead-letters it when no route matches its queue.
     pub async fn route(&mut self, tx: TxId, message: Message) -> Result<Routed, NotWritten> {
-        match self
-            .ownership
-            .decide(&message.queue, message.commit_lsn)
-            .await?
-        {
+        match self.ownership.decide(&message.queue, message.commit_lsn) {
             Decision::Deliver => {}
+            Decision::AfterMove { before, at } => {
+                return Ok(Routed::AfterMove {
+                    message: Box::new(message),
+                    before,
+                    at,
+                })
+            }
             Decision::Skip => {
                 metrics::counter!(telemetry::SKIPPED, "reason" => "other_slot").increment(1);
                 return Ok(Routed::OtherSlot);

@@ -13,7 +13,8 @@ use crate::delivery::Delivery;
 use crate::fatal::Fatal;
 use crate::health::Health;
 use crate::http;
-use crate::outcome::{shutdown_requested, Parts};
+use crate::lsn::Lsn;
+use crate::outcome::{shutdown_requested, Parts, Routed};
 use crate::pg;
 use crate::router::Router;
 use crate::setup::{self, SlotSetup};
@@ -157,7 +158,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         // slot active and refuses.
         let claims = match claims::load_for(config.url(), config.primary_url()).await {
             Ok(claims) => claims,
-            Err(e) => break Err(e),
+            Err(e) => {
+                break Err(
+                    triage::of_sql(&e, "outbox_relay (to read outbox.queue_claims)")
+                        .map_or(e, Into::into),
+                )
+            }
         };
         let claimed = claims.current(&settings.slot);
         if claimed.map_or(&[][..], |c| &c.queues[..]) != settings.queues {
@@ -170,6 +176,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 ),
                 "run outbox-worker setup with these postgres.queues (postgres.setup = true does \
                  it at start): it records the change at the current position",
+            )
+            .into());
+        }
+        let others = claims.catch_alls_besides(&settings.slot);
+        if !claims.is_empty() && settings.queues.is_empty() && !others.is_empty() {
+            break Err(Fatal::new(
+                format!(
+                    "slot {:?} and {others:?} each take every queue no set claims: both would \
+                     deliver those",
+                    settings.slot
+                ),
+                "queue sets need exactly one catch-all slot: give this worker postgres.queues \
+                 (and run setup), or retire the other (pg_drop_replication_slot and its row of \
+                 outbox.slots)",
             )
             .into());
         }
@@ -186,8 +206,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 "streaming from the slot's confirmed position"
             ),
         }
-        let mut ownership =
-            claims::Ownership::new(claims, &settings.slot, config.url(), shutdown.clone());
+        let mut ownership = claims::Ownership::new(claims, &settings.slot);
         let mut parts = Parts {
             router: &mut router,
             delivery: &mut delivery,
@@ -338,7 +357,15 @@ async fn stream(
                 Ok(SourceEvent::Begin) => tx = Some(parts.delivery.begin()),
                 Ok(SourceEvent::Message(message)) => {
                     let tx = tx.context("a message outside a transaction")?;
-                    if shutdown_requested(parts.route(tx, message).await)? {
+                    let mut routed = parts.route(tx, message).await;
+                    while let Ok(Routed::AfterMove { message, before, at }) = routed {
+                        if after_move(source, parts, config, &before, at, shutdown).await? {
+                            return Ok(Stop::Requested);
+                        }
+                        parts.ownership.moved(before, at);
+                        routed = parts.route(tx, *message).await;
+                    }
+                    if shutdown_requested(routed)? {
                         return Ok(Stop::Requested);
                     }
                 }
@@ -374,6 +401,67 @@ async fn stream(
             },
         }
     }
+}
+
+/// Before delivering queues that moved to this slot at `at` from slot `before`: settles every
+/// earlier transaction and confirms `at` (so that `before`, should it wait for this slot in
+/// turn, is never held: a move both ways at once), then waits until `before` confirmed past
+/// `at`, so that each key's messages keep their commit order across the move. `true` when
+/// shutdown came first.
+async fn after_move(
+    source: &ReplicationSource,
+    parts: &mut Parts<'_>,
+    config: &Config,
+    before: &str,
+    at: Lsn,
+    shutdown: &CancellationToken,
+) -> Result<bool> {
+    while !parts.delivery.earlier_transactions_settled() {
+        tokio::select! {
+            settled = parts.delivery.progress() => {
+                if shutdown_requested(parts.settle_one(settled).await)? {
+                    return Ok(true);
+                }
+                if let Some(lsn) = parts.delivery.confirmed() {
+                    source.confirm(lsn);
+                }
+            }
+            () = shutdown.cancelled() => return Ok(true),
+        }
+    }
+    source.confirm(at);
+    let started = tokio::time::Instant::now();
+    let mut told: Option<tokio::time::Instant> = None;
+    loop {
+        match claims::confirmed_position(config.url(), before).await {
+            Ok(Some(confirmed)) if confirmed >= at => break,
+            Ok(None) => {
+                tracing::warn!(slot = before, "the slot that delivered queues moved to this one is gone; what it had not delivered is not waited for");
+                break;
+            }
+            Ok(Some(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), slot = before, "cannot read the slot's confirmed position; retrying");
+            }
+        }
+        if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            tracing::info!(previous = before, position = %at,
+                "queues moved to this slot: waiting for the slot that delivered them to confirm past the move (its worker must run), so that their messages keep their order");
+            told = Some(tokio::time::Instant::now());
+        }
+        tokio::select! {
+            settled = parts.delivery.progress() => {
+                if shutdown_requested(parts.settle_one(settled).await)? {
+                    return Ok(true);
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            () = shutdown.cancelled() => return Ok(true),
+        }
+    }
+    tracing::info!(previous = before, took = ?started.elapsed(),
+        "the slot that delivered queues moved here confirmed past the move");
+    Ok(false)
 }
 
 /// Waits for every in-flight message, retrying failures, unless shutdown comes first.

@@ -155,8 +155,19 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     if let Some(primary) = &primary {
         reaches_the_standby(client, primary, slot).await?;
     }
-    crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Record).await?;
-    Ok(())
+    let claimed =
+        crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Record).await;
+    if let (Err(_), true) = (&claimed, created) {
+        // Refused since the check (a worker started meanwhile): the slot made for this claim
+        // would otherwise stay, taking every queue no set claims.
+        let _ = client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await;
+        let _ = writer
+            .execute("DELETE FROM outbox.slots WHERE slot_name = $1", &[&slot])
+            .await;
+    }
+    claimed
 }
 
 /// What the worker writes on `postgres.primary_url` must reach the standby `postgres.url` names:

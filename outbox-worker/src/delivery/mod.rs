@@ -163,6 +163,12 @@ impl Delivery {
         self.dead_lettered
     }
 
+    /// Every transaction before the open one is acknowledged (or dead-lettered).
+    pub fn earlier_transactions_settled(&mut self) -> bool {
+        self.advance();
+        self.tracker.only_open_left()
+    }
+
     /// The commit end up to which everything is acknowledged; `None` before the first one.
     pub fn confirmed(&self) -> Option<Lsn> {
         self.confirmed

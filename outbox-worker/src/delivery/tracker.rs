@@ -71,6 +71,12 @@ impl AckTracker {
         lsn
     }
 
+    /// Every committed transaction is acknowledged ([`AckTracker::confirmable`] popped them):
+    /// at most the open one is left.
+    pub fn only_open_left(&self) -> bool {
+        self.txs.iter().all(|tx| tx.end_lsn.is_none())
+    }
+
     /// No transaction open or waiting for acknowledgements.
     pub fn is_empty(&self) -> bool {
         self.txs.is_empty()
