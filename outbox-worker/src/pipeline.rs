@@ -336,12 +336,28 @@ async fn stream(
     shutdown: &CancellationToken,
 ) -> Result<Stop> {
     let mut tx = None;
+    // A stop that came inside a transaction: read on to its commit first, so that what was sent
+    // of it can be confirmed (else the next run sends all of it again), until this deadline.
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let stop_by = |stopping: Option<tokio::time::Instant>| {
+        stopping.map_or(config.delivery.shutdown_timeout, |deadline| {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        })
+    };
     loop {
         let accepting = parts.delivery.can_accept();
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
-                drain(parts, config.delivery.shutdown_timeout).await?;
+            _ = shutdown.cancelled(), if stopping.is_none() => {
+                if tx.is_none() {
+                    drain(parts, config.delivery.shutdown_timeout).await?;
+                    return Ok(Stop::Requested);
+                }
+                tracing::info!("stopping: reading to the end of the transaction under way first");
+                stopping = Some(tokio::time::Instant::now() + config.delivery.shutdown_timeout);
+            }
+            () = tokio::time::sleep_until(stopping.unwrap_or_else(tokio::time::Instant::now)), if stopping.is_some() => {
+                tracing::warn!("the end of the transaction under way did not come within shutdown_timeout; what was sent of it is delivered again by the next run");
                 return Ok(Stop::Requested);
             }
             Some(fatal) = publication_changed.recv() => return Err(fatal.into()),
@@ -384,6 +400,10 @@ async fn stream(
                     parts.delivery.commit(open, end_lsn);
                     if let Some(lsn) = parts.delivery.confirmed() {
                         source.confirm(lsn);
+                    }
+                    if stopping.is_some() {
+                        drain(parts, stop_by(stopping)).await?;
+                        return Ok(Stop::Requested);
                     }
                 }
                 Ok(SourceEvent::KeepAlive { wal_end }) => {
