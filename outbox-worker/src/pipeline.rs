@@ -56,7 +56,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let Some(client) = connect_at_start(config.url(), &shutdown).await? else {
         return Ok(());
     };
-    setup::check_rights(&client).await?;
+    setup::check_rights(&client, true).await?;
     let stream_id = stream_id(&client, &config.postgres.slot).await?;
     let mut settings = SlotSettings::of(&config);
     if !config.postgres.setup {
@@ -68,7 +68,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // than at the first dead letter.
     if let Some(primary_url) = setup::check_standby(&client, &settings).await? {
         match pg::connect_writer(config.url(), Some(primary_url)).await {
-            Ok(writer) => setup::check_rights(&writer).await?,
+            // It only writes (the slot streams from the standby): no REPLICATION needed.
+            Ok(writer) => setup::check_rights(&writer, false).await?,
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             // The primary down (a failover under way): the slot streams from the standby, and
             // dead letters wait for a primary.

@@ -280,8 +280,9 @@ pub async fn check_publication(client: &Client, publication: &str) -> Result<(),
 /// dead letter that cannot be written would stop delivery later, mid-stream. Managed services may
 /// grant replication through a role rather than the REPLICATION attribute (`rds_replication` on
 /// Amazon RDS and Aurora, `neon_superuser` on Neon): membership is accepted here, and a server
-/// that refuses it anyway stops the worker with the walsender's error and a hint.
-pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
+/// that refuses it anyway stops the worker with the walsender's error and a hint. `streams`:
+/// the role also streams the slot (not `primary_url`'s, which only writes).
+pub async fn check_rights(client: &Client, streams: bool) -> Result<(), Fatal> {
     let row = client
         .query_one(
             "SELECT current_user::text, pg_catalog.quote_ident(current_user::text),
@@ -293,7 +294,9 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
                     pg_catalog.has_schema_privilege('outbox', 'USAGE')
                       AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.slots')::oid, 'SELECT')
                       AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.slots')::oid, 'INSERT')
-                      AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.slots')::oid, 'UPDATE')",
+                      AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.slots')::oid, 'UPDATE')
+                      AND coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.queue_claims')::oid, 'SELECT')
+                                   AND pg_catalog.has_table_privilege(pg_catalog.to_regclass('outbox.queue_claims')::oid, 'INSERT'), true)",
             &[],
         )
         .await
@@ -307,7 +310,7 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
         })?;
     let (role, quoted, replication, dead_letters, slots): (String, String, bool, bool, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-    if !replication {
+    if streams && !replication {
         return Err(Fatal::new(
             format!("role {role:?} may not stream a replication slot"),
             format!(
@@ -318,8 +321,8 @@ pub async fn check_rights(client: &Client) -> Result<(), Fatal> {
     if !dead_letters || !slots {
         return Err(Fatal::new(
             format!(
-                "role {role:?} cannot write outbox.dead_letters and outbox.slots, so a message a \
-                 broker refuses could never be set aside"
+                "role {role:?} cannot write outbox.dead_letters, outbox.slots and \
+                 outbox.queue_claims, so a message a broker refuses could never be set aside"
             ),
             format!("GRANT outbox_relay TO {quoted}"),
         ));

@@ -363,6 +363,25 @@ async fn setup_on_a_standby_names_what_is_missing() {
     let out = setup(&standby, &primary_url);
     assert!(out.status.success(), "{out:?}");
     expect(setup(&standby, &copy_url), wanted);
+    // primary_url's role only writes: it needs outbox_relay, not REPLICATION (0.2.2 asked for
+    // both).
+    primary
+        .superuser()
+        .await
+        .batch_execute("CREATE ROLE writer LOGIN; GRANT outbox_relay TO writer")
+        .await
+        .unwrap();
+    let config = Worker::config_file(&format!(
+        "[postgres]\nsetup = false\nprimary_url = \"{}\"\n[sinks.out]\ntype = \"stdout\"\n",
+        primary.url_of("writer", "postgres")
+    ));
+    let worker = Worker::start(&config_args(&standby.url(), config.path()), None);
+    eventually(Duration::from_secs(30), "the worker streaming", || {
+        let log = worker.log();
+        async move { log.contains("streaming from the slot") }
+    })
+    .await;
+    drop(worker);
     let on_standby = standby.superuser().await;
     assert_eq!(
         count(
