@@ -300,8 +300,7 @@ impl Ownership {
         let (slot, now) = (self.slot.clone(), self.now);
         let timeline = self.timeline(queue);
         let index = timeline.partition_point(|(at, _)| *at <= commit) - 1;
-        let (at, owner) = &timeline[index];
-        match owner {
+        match &timeline[index].1 {
             TimelineOwner::Slot(owner) if *owner == slot => {}
             TimelineOwner::Slot(_) => return Decision::Skip,
             TimelineOwner::Nobody => return Decision::Unclaimed,
@@ -312,15 +311,22 @@ impl Ownership {
                 return Decision::Deliver;
             }
         }
-        let at = *at;
-        let before = match index.checked_sub(1).map(|i| &timeline[i].1) {
-            Some(TimelineOwner::Slot(before)) if !now => before.clone(),
-            _ => return Decision::Deliver,
-        };
-        if self.done.contains(&(before.clone(), at)) {
+        if now {
             return Decision::Deliver;
         }
-        Decision::AfterMove { before, at }
+        // Every earlier owner must have confirmed past where it lost the queue, not only the
+        // last one: after two moves in a row the one before may still owe older messages.
+        let earlier: Vec<(String, Lsn)> = timeline[..=index]
+            .windows(2)
+            .filter_map(|pair| match &pair[0].1 {
+                TimelineOwner::Slot(before) if *before != slot => Some((before.clone(), pair[1].0)),
+                _ => None,
+            })
+            .collect();
+        match earlier.into_iter().find(|owed| !self.done.contains(owed)) {
+            Some((before, at)) => Decision::AfterMove { before, at },
+            None => Decision::Deliver,
+        }
     }
 
     /// Slot `before` confirmed past `at`: the queues that moved from it are delivered here.
@@ -642,6 +648,25 @@ mod tests {
         assert_eq!(replay.decide("x1", Lsn(0)), Decision::Skip);
         assert!(check_glob("b1, b2").is_err() && check_glob("é*").is_err());
         assert!(check_glob("orders.eu-1_*").is_ok());
+    }
+
+    #[test]
+    fn after_two_moves_in_a_row_every_earlier_owner_is_waited_for() {
+        // q: the catch-all's, then b's from 10, then c's from 20.
+        let claims = Claims::new(
+            vec![claim("b", &["q"], 10), claim("c", &["q"], 20)],
+            vec!["all".into(), "b".into(), "c".into()],
+        );
+        let mut c = Ownership::new(claims, "c");
+        let owed = |before: &str, at: u64| Decision::AfterMove {
+            before: before.into(),
+            at: Lsn(at),
+        };
+        assert_eq!(c.decide("q", Lsn(30)), owed("all", 10));
+        c.moved("all".into(), Lsn(10));
+        assert_eq!(c.decide("q", Lsn(30)), owed("b", 20));
+        c.moved("b".into(), Lsn(20));
+        assert_eq!(c.decide("q", Lsn(30)), Decision::Deliver);
     }
 
     #[test]

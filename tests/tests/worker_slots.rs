@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_tests::kafka::{self, Record};
+use outbox_tests::postgres::count;
 use outbox_tests::publish::{
-    check_delivery, check_no_loss, publish_range, wait_for_lines, Seen, Storage,
+    check_delivery, check_no_loss, publish_range, read_json_lines, wait_for_lines, Seen, Storage,
 };
 use outbox_tests::rabbitmq::seen;
 use outbox_tests::worker::{kafka_args, run_once};
@@ -508,4 +509,60 @@ async fn a_swap_of_queues_between_two_slots_and_a_retired_slot_lose_nothing() {
             .all(|s| (20..50).contains(&s.payload["i"].as_u64().unwrap())),
         "b delivered y1 only while it claimed it"
     );
+}
+
+/// Two moves in a row before the first handover happened (a hostile review): the catch-all,
+/// not running, still owes `q`'s first messages; `q` moves to b, then on to c. b has none of
+/// `q` to deliver and confirms past both moves; c must wait for the catch-all too, not only for
+/// b, or its newer messages of the key overtake the older ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_two_moves_in_a_row_the_last_slot_waits_for_every_earlier_one() {
+    let pg = PgCluster::start().await;
+    let url = pg.url();
+    let db = pg.superuser().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| dir.path().join(format!("{name}.jsonl"));
+    setup(&url, "pg_outbox", &[]);
+    let publish_q = |first: u64| {
+        let db = &db;
+        async move { publish_range(db, "q", first, 50, 1, Storage::Table).await }
+    };
+    publish_q(0).await;
+    setup(&url, "b", &["--queues", "q"]);
+    setup(&url, "c", &["--queues", "q"]);
+    let mut b = stdout_worker(&url, "b", Some("q"), &out("b"));
+    wait_active(&db, "b").await;
+    db.batch_execute("SELECT outbox.publish('other', '{}')")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "b past both moves", || async {
+        count(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots s WHERE slot_name = 'b'
+                AND confirmed_flush_lsn >= (SELECT max(from_lsn) FROM outbox.queue_claims)",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert!(b.terminate(Duration::from_secs(30)).success());
+    publish_q(50).await;
+    let c = stdout_worker(&url, "c", Some("q"), &out("c"));
+    eventually(Duration::from_secs(30), "c waiting", || {
+        let log = c.log();
+        async move { log.contains("waiting for the slot that delivered them") }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        read_json_lines(&out("c")).is_empty(),
+        "c delivered q before the catch-all delivered its older messages"
+    );
+    let _all = stdout_worker(&url, "pg_outbox", None, &out("all"));
+    wait_for_lines(&out("c"), 50).await;
+    let first = delivered(&[out("all").as_path()], "q");
+    let last = delivered(&[out("c").as_path()], "q");
+    assert_eq!(first.len(), 50, "the catch-all's 50 older messages of q");
+    let tally = check_delivery(&[first, last].concat(), 100);
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
 }
