@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use crate::fatal::Fatal;
 use crate::lsn::Lsn;
 
-/// Claim globs: literal characters and `*` (any run of characters, `/` and `.` included).
+/// Claim globs: the characters of queue names and `*` (any run of them, `.` included).
 pub fn check_glob(glob: &str) -> Result<(), String> {
     if glob.is_empty() {
         return Err("an empty glob matches no queue".into());
@@ -72,11 +72,11 @@ pub struct Claim {
     pub from: Lsn,
 }
 
-/// The whole history, in claim order, and the slots that never claimed.
+/// The whole history, in claim order, and every slot of `outbox.slots`.
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
     claims: Vec<Claim>,
-    /// Slots of `outbox.slots` without any claim: catch-alls from the start.
+    /// Every slot of `outbox.slots`: those that never claimed are catch-alls from the start.
     unclaimed_slots: Vec<String>,
 }
 
