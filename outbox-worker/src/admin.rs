@@ -94,13 +94,7 @@ pub async fn dlq(url: &str, primary_url: Option<&str>, command: DlqCommand) -> R
 /// (`outbox.slots.delivered_before`: what a lost slot's error would name).
 pub async fn status(url: &str) -> Result<()> {
     let client = pg::connect(url).await?;
-    let claims: bool = client
-        .query_one(
-            "SELECT pg_catalog.to_regclass('outbox.queue_claims') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
+    let claims = crate::claims::exists(&client).await?;
     // Each slot's latest claim (Operations, "Several slots"); none or empty: the catch-all.
     let queues = if claims {
         "coalesce((SELECT nullif(array_to_string(c.queues, ','), '') FROM outbox.queue_claims c

@@ -335,9 +335,8 @@ impl Ownership {
     }
 }
 
-/// The confirmed position of `slot` on `url`'s server; `None` when it has no such slot.
-pub async fn confirmed_position(url: &str, slot: &str) -> Result<Option<Lsn>> {
-    let client = crate::pg::connect(url).await?;
+/// The confirmed position of `slot` on `client`'s server; `None` when it has no such slot.
+pub async fn confirmed_position(client: &Client, slot: &str) -> Result<Option<Lsn>> {
     let row = client
         .query_opt(
             "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots
@@ -368,7 +367,8 @@ pub async fn load_for(url: &str, primary_url: Option<&str>) -> Result<Claims> {
     }
 }
 
-async fn exists(client: &impl tokio_postgres::GenericClient) -> Result<bool> {
+/// Whether the extension has `outbox.queue_claims` (0.2.2 and later).
+pub async fn exists(client: &impl tokio_postgres::GenericClient) -> Result<bool> {
     Ok(client
         .query_one(
             "SELECT pg_catalog.to_regclass('outbox.queue_claims') IS NOT NULL",

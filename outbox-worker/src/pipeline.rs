@@ -453,8 +453,17 @@ async fn after_move(
     source.confirm(at);
     let started = tokio::time::Instant::now();
     let mut told: Option<tokio::time::Instant> = None;
+    // One connection for the polls, opened again after an error.
+    let mut client: Option<tokio_postgres::Client> = None;
     loop {
-        match claims::confirmed_position(config.url(), before).await {
+        let confirmed = match &client {
+            Some(c) if !c.is_closed() => claims::confirmed_position(c, before).await,
+            _ => match pg::connect(config.url()).await {
+                Ok(c) => claims::confirmed_position(client.insert(c), before).await,
+                Err(e) => Err(e),
+            },
+        };
+        match confirmed {
             Ok(Some(confirmed)) if confirmed >= at => break,
             Ok(None) => {
                 tracing::warn!(slot = before, "the slot that delivered queues moved to this one is gone; what it had not delivered is not waited for");
@@ -462,6 +471,7 @@ async fn after_move(
             }
             Ok(Some(_)) => {}
             Err(e) => {
+                client = None;
                 tracing::warn!(error = %format!("{e:#}"), slot = before, "cannot read the slot's confirmed position; retrying");
             }
         }
