@@ -73,7 +73,7 @@ SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed 
 \if :pg_outbox_sql_installed
 -- The same build only if no other role can have written the record: a role that 0.2.0's default
 -- privileges let write it could otherwise make this script skip the upgrade, and keep its rights.
-SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '67c45143e287'
+SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'cc9552ea1c01'
        AND NOT EXISTS (SELECT FROM pg_catalog.pg_class c,
                               pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
                         WHERE c.oid = 'outbox.sql_install'::regclass AND g.grantee <> c.relowner
@@ -81,7 +81,7 @@ SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '67c45
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.2 (SQL install, build 67c45143e287) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.2 (SQL install, build cc9552ea1c01) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -109,7 +109,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build 67c45143e287)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build cc9552ea1c01)
 \else
 BEGIN;
 DO $install$
@@ -365,7 +365,11 @@ CREATE TABLE IF NOT EXISTS outbox.queue_claims (
     slot_name  name        NOT NULL,
     queues     text[]      NOT NULL,
     from_lsn   pg_lsn      NOT NULL,
-    claimed_at timestamptz NOT NULL DEFAULT now()
+    claimed_at timestamptz NOT NULL DEFAULT now(),
+    -- The slot's publication (pg_outbox_<slot>, row-filtered on its queues) has been in place
+    -- for every message committed after this position; NULL: the slot streams publication
+    -- pg_outbox.
+    filtered_from pg_lsn
 );
 COMMENT ON TABLE outbox.queue_claims IS
     'Which replication slot delivers which queues, from which WAL position (outbox-worker setup --queues).';
@@ -1259,6 +1263,131 @@ COMMENT ON FUNCTION outbox.status() IS
     'One row per pgoutput slot of this database: activity, worker pid, bytes not yet confirmed, WAL retained, whether it survives a failover.';
 
 ------------------------------------------------------------------------------------------------
+-- A publication per slot with a set of queues (outbox-worker setup --queues), row-filtered on
+-- the queue, so that the slot's walsender sends it only what it may deliver.
+------------------------------------------------------------------------------------------------
+
+-- The row filter for these globs (`*`: any run of characters), as pg_get_expr prints it back:
+-- `(queue ~ '^(a|b[.].*)$'::text)`, globs sorted. Only the characters of queue names and `*`:
+-- nothing in a glob is SQL or a regular expression of its own.
+CREATE OR REPLACE FUNCTION outbox._queue_filter(globs text[])
+RETURNS text LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    bad text := (SELECT g FROM unnest(globs) g WHERE g IS NULL OR g !~ '^[-A-Za-z0-9._*]+$' LIMIT 1);
+BEGIN
+    IF globs IS NULL OR cardinality(globs) = 0 OR bad IS NOT NULL OR EXISTS (SELECT FROM unnest(globs) g WHERE g IS NULL) THEN
+        RAISE EXCEPTION 'outbox: % is not a queue set', coalesce(quote_literal(globs::text), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A queue set is one or more globs of the characters of queue names (A-Z a-z 0-9 . _ -) and *.';
+    END IF;
+    RETURN format('(queue ~ %L::text)',
+                  '^(' || (SELECT string_agg(replace(replace(g, '.', '[.]'), '*', '.*'), '|' ORDER BY g COLLATE "C")
+                             FROM (SELECT DISTINCT g FROM unnest(globs) g) d) || ')$');
+END
+$$;
+
+-- The globs publication pg_outbox_<slot> streams, read back from its row filter; NULL when it
+-- is missing or is not exactly what outbox.filter_slot_publication makes (the inserts into
+-- outbox.messages, every column, the filter of outbox._queue_filter and nothing else).
+CREATE OR REPLACE FUNCTION outbox.slot_publication_queues(slot name)
+RETURNS text[] LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    prefix constant text := '(queue ~ ''^(';
+    suffix constant text := ')$''::text)';
+    expr text;
+    globs text[];
+BEGIN
+    SELECT pg_get_expr(r.prqual, r.prrelid) INTO expr
+      FROM pg_publication p JOIN pg_publication_rel r ON r.prpubid = p.oid
+     WHERE p.pubname = 'pg_outbox_' || slot
+       AND p.pubinsert AND NOT (p.pubupdate OR p.pubdelete OR p.pubtruncate OR p.puballtables)
+       AND r.prrelid = to_regclass('outbox.messages') AND r.prattrs IS NULL
+       AND NOT EXISTS (SELECT FROM pg_publication_rel o WHERE o.prpubid = p.oid AND o.prrelid <> r.prrelid)
+       AND NOT EXISTS (SELECT FROM pg_publication_namespace n WHERE n.pnpubid = p.oid);
+    IF expr IS NULL OR left(expr, length(prefix)) <> prefix OR right(expr, length(suffix)) <> suffix THEN
+        RETURN NULL;
+    END IF;
+    globs := ARRAY(SELECT replace(replace(g, '.*', '*'), '[.]', '.') COLLATE "C"
+                     FROM unnest(string_to_array(substr(expr, length(prefix) + 1,
+                                                        length(expr) - length(prefix) - length(suffix)), '|')) g
+                    ORDER BY 1);
+    IF cardinality(globs) = 0 OR EXISTS (SELECT FROM unnest(globs) g WHERE g !~ '^[-A-Za-z0-9._*]+$') THEN
+        RETURN NULL;
+    END IF;
+    IF outbox._queue_filter(globs) <> expr THEN
+        RETURN NULL;
+    END IF;
+    RETURN globs;
+END
+$$;
+COMMENT ON FUNCTION outbox.slot_publication_queues(name) IS
+    'The queue globs publication pg_outbox_<slot> streams; NULL when it is missing or not as outbox.filter_slot_publication made it.';
+
+-- Makes publication pg_outbox_<slot> stream the inserts into outbox.messages whose queue
+-- matches a glob of the slot's claims that may still apply (the one in force at the slot's
+-- confirmed position and every later one; all of them when the slot is not on this server, as
+-- one decoded on a standby) or of `adding`, the set it is about to claim. So its filter keeps
+-- every message the slot may deliver, from its confirmed position on. Returns 'created',
+-- 'widened' (it now streams queues it did not), 'narrowed' or 'unchanged'. After 'created' or
+-- 'widened', outbox-worker setup waits for the transactions then in progress before it records
+-- the claim: what they inserted before this change is decoded with the filter before it.
+CREATE OR REPLACE FUNCTION outbox.filter_slot_publication(slot name, adding text[])
+RETURNS text LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    publication name;
+    confirmed pg_lsn;
+    globs text[];
+    before text[];
+    filter text;
+BEGIN
+    IF slot IS NULL OR slot::text !~ '^[a-z0-9_]{1,53}$' THEN
+        RAISE EXCEPTION 'outbox.filter_slot_publication: % is not a slot name of 1 to 53 characters a-z, 0-9 and _', coalesce(quote_literal(slot), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Its publication is pg_outbox_<slot>, and a name holds 63 characters: choose a shorter postgres.slot.';
+    END IF;
+    PERFORM outbox._queue_filter(adding);
+    publication := 'pg_outbox_' || slot;
+    -- Read with the claims as setup writes them (it takes the same lock).
+    LOCK TABLE outbox.slots IN SHARE ROW EXCLUSIVE MODE;
+    SELECT s.confirmed_flush_lsn INTO confirmed
+      FROM pg_replication_slots s WHERE s.slot_name = slot AND s.database = current_database();
+    globs := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
+                       SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
+                        WHERE c.slot_name = slot
+                          AND (confirmed IS NULL OR c.from_lsn > confirmed
+                               OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
+                                            WHERE l.slot_name = slot AND l.from_lsn <= confirmed))
+                       UNION ALL SELECT unnest(adding)) a
+                    ORDER BY 1);
+    filter := outbox._queue_filter(globs);
+    IF NOT EXISTS (SELECT FROM pg_publication p WHERE p.pubname = publication) THEN
+        EXECUTE format('CREATE PUBLICATION %I FOR TABLE outbox.messages WHERE %s WITH (publish = %L)',
+                       publication, filter, 'insert');
+        RETURN 'created';
+    END IF;
+    IF (SELECT p.pubowner FROM pg_publication p WHERE p.pubname = publication)
+       <> (SELECT c.relowner FROM pg_class c WHERE c.oid = to_regclass('outbox.messages')) THEN
+        RAISE EXCEPTION 'outbox.filter_slot_publication: publication % exists and belongs to role %, not to pg_outbox''s installer',
+            publication, (SELECT p.pubowner::regrole FROM pg_publication p WHERE p.pubname = publication)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Drop it (DROP PUBLICATION %I) or choose another postgres.slot.', publication);
+    END IF;
+    before := outbox.slot_publication_queues(slot);
+    IF before IS NOT DISTINCT FROM globs THEN
+        RETURN 'unchanged';
+    END IF;
+    EXECUTE format('ALTER PUBLICATION %I SET TABLE outbox.messages WHERE %s', publication, filter);
+    EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = false)', publication, 'insert');
+    IF before IS NOT NULL AND globs <@ before THEN
+        RETURN 'narrowed';
+    END IF;
+    RETURN 'widened';
+END
+$$;
+COMMENT ON FUNCTION outbox.filter_slot_publication(name, text[]) IS
+    'Creates or updates publication pg_outbox_<slot>, row-filtered on the queues the slot may deliver (outbox-worker setup --queues).';
+
+------------------------------------------------------------------------------------------------
 -- Rights: nothing for PUBLIC; four roles the README names.
 ------------------------------------------------------------------------------------------------
 
@@ -1345,7 +1474,8 @@ END IF; END $policy$;
 
 GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
                           outbox.prune(interval, integer), outbox.status(),
-                          outbox.register_consumer(text, regrole), outbox.unregister_consumer(text)
+                          outbox.register_consumer(text, regrole), outbox.unregister_consumer(text),
+                          outbox.filter_slot_publication(name, text[]), outbox.slot_publication_queues(name)
     TO outbox_operator;
 GRANT SELECT ON outbox.messages TO outbox_operator;
 GRANT SELECT, DELETE ON outbox.dead_letters TO outbox_operator;
@@ -1404,7 +1534,7 @@ BEGIN
 END
 $build$;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', '67c45143e287');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', 'cc9552ea1c01');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

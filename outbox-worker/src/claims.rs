@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 
 use crate::fatal::Fatal;
 use crate::lsn::Lsn;
+use crate::slot_publication::Prepared;
 
 /// Claim globs: the characters of queue names and `*` (any run of them, `.` included).
 pub fn check_glob(glob: &str) -> Result<(), String> {
@@ -70,6 +71,9 @@ pub struct Claim {
     /// Empty: the catch-all.
     pub queues: Vec<String>,
     pub from: Lsn,
+    /// The slot's own publication keeps its queues for every message committed after this
+    /// position (`slot_publication`); `None`: the slot streams the shared publication.
+    pub filtered_from: Option<Lsn>,
 }
 
 /// The whole history, in claim order, and every slot of `outbox.slots`.
@@ -144,6 +148,20 @@ impl Claims {
     /// never claimed.
     pub fn current(&self, slot: &str) -> Option<&Claim> {
         self.claims.iter().rev().find(|c| c.slot == slot)
+    }
+
+    /// The globs of every claim of `slot` that may apply to a message committed after `at`: the
+    /// one in force at `at` and every later one.
+    pub fn globs_from(&self, slot: &str, at: Lsn) -> Vec<String> {
+        let mine: Vec<&Claim> = self.claims.iter().filter(|c| c.slot == slot).collect();
+        let first = mine.iter().rposition(|c| c.from <= at).unwrap_or(0);
+        let mut globs: Vec<String> = mine[first..]
+            .iter()
+            .flat_map(|c| c.queues.iter().cloned())
+            .collect();
+        globs.sort();
+        globs.dedup();
+        globs
     }
 
     /// The catch-all slots now, `slot` left out.
@@ -396,7 +414,8 @@ pub async fn load(client: &mut Client) -> Result<Claims> {
 async fn read(client: &impl tokio_postgres::GenericClient) -> Result<Claims> {
     let rows = client
         .query(
-            "SELECT slot_name::text, queues, from_lsn::text FROM outbox.queue_claims ORDER BY seq",
+            "SELECT slot_name::text, queues, from_lsn::text, filtered_from::text
+               FROM outbox.queue_claims ORDER BY seq",
             &[],
         )
         .await
@@ -405,10 +424,14 @@ async fn read(client: &impl tokio_postgres::GenericClient) -> Result<Claims> {
         .iter()
         .map(|row| {
             let from: String = row.get(2);
+            let filtered_from: Option<String> = row.get(3);
             Ok(Claim {
                 slot: row.get(0),
                 queues: row.get(1),
                 from: from.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
+                filtered_from: filtered_from
+                    .map(|lsn| lsn.parse().map_err(|e| anyhow::anyhow!("{e}")))
+                    .transpose()?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -437,8 +460,8 @@ pub enum Claiming {
     /// Its checks only: before the slot is made, so that a refusal leaves nothing behind.
     Check,
     /// Checks again and records: after the slot exists, so that the claim's position is in
-    /// its stream.
-    Record,
+    /// its stream; with what setup did to the slot's publication.
+    Record(Prepared),
 }
 
 /// Records that `slot` delivers `queues` (empty: the catch-all) from now on, unless that is
@@ -466,7 +489,9 @@ pub async fn claim(
         .context("cannot lock outbox.slots to claim queues")?;
     let claims = read(&tx).await?;
     let mine = claims.current(slot);
-    if mine.is_some_and(|c| c.queues == queues) {
+    // A publication made again is in place only from now: the claim says so.
+    let remade = matches!(claiming, Claiming::Record(Prepared::Created(_)));
+    if mine.is_some_and(|c| c.queues == queues) && !remade {
         return Ok(());
     }
     let catch_alls = claims.catch_alls_besides(slot);
@@ -545,13 +570,25 @@ pub async fn claim(
         )
         .into());
     }
-    if claiming == Claiming::Check {
+    let Claiming::Record(prepared) = claiming else {
         return Ok(());
-    }
+    };
+    // Where the slot's own publication holds from: where it was made, else where the slot's
+    // last claim said (it has kept every set since), else here.
+    let made = match prepared {
+        Prepared::Created(at) => Some(at.to_string()),
+        Prepared::Widened(_) | Prepared::Kept => None,
+    };
     tx.execute(
-        "INSERT INTO outbox.queue_claims (slot_name, queues, from_lsn)
-         VALUES ($1, $2, pg_catalog.pg_current_wal_insert_lsn())",
-        &[&slot, &queues],
+        "INSERT INTO outbox.queue_claims (slot_name, queues, from_lsn, filtered_from)
+         VALUES ($1, $2, pg_catalog.pg_current_wal_insert_lsn(),
+                 CASE WHEN pg_catalog.cardinality($2::text[]) > 0 THEN
+                     coalesce($3::text::pg_catalog.pg_lsn,
+                              (SELECT c.filtered_from FROM outbox.queue_claims c
+                                WHERE c.slot_name = $1 ORDER BY c.seq DESC LIMIT 1),
+                              pg_catalog.pg_current_wal_insert_lsn())
+                 END)",
+        &[&slot, &queues, &made],
     )
     .await
     .context("cannot record the claim in outbox.queue_claims")?;
@@ -595,6 +632,7 @@ mod tests {
             slot: slot.into(),
             queues: queues.iter().map(|q| q.to_string()).collect(),
             from: Lsn(from),
+            filtered_from: None,
         }
     }
 

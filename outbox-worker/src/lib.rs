@@ -41,6 +41,7 @@ pub mod rules;
 pub mod secret;
 pub mod setup;
 pub mod sink;
+pub mod slot_publication;
 pub mod source;
 pub mod telemetry;
 pub mod traces;

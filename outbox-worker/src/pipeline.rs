@@ -19,6 +19,7 @@ use crate::pg;
 use crate::router::Router;
 use crate::setup::{self, SlotSetup};
 use crate::sink::{Purpose, Sinks, StreamId};
+use crate::slot_publication::Streamed;
 use crate::source::{ReplicationSource, SlotSettings, SourceError, SourceEvent};
 use crate::telemetry;
 use crate::triage::{self, Remedy};
@@ -85,6 +86,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             () = shutdown.cancelled() => return Ok(()),
         }
     }
+    // The slot's own row-filtered publication, once it holds for the slot.
+    let streamed = match claims::load_for(config.url(), config.primary_url()).await {
+        Ok(claims) => {
+            Streamed::choose(&client, &settings.slot, &settings.publication, &claims).await
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the queue claims yet: streaming the shared publication");
+            Streamed::shared(&settings.publication)
+        }
+    };
+    settings.publication = streamed.publication.clone();
     drop(client);
     let mut router = Router::new(&config);
     tokio::spawn(watch_slot(
@@ -95,7 +107,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let (publication_problems, mut publication_changed) = tokio::sync::mpsc::channel(1);
     tokio::spawn(watch_publication(
         config.url().to_owned(),
-        settings.publication.clone(),
+        streamed,
         publication_problems,
         shutdown.clone(),
     ));
@@ -545,7 +557,7 @@ async fn drain(parts: &mut Parts<'_>, timeout: Duration) -> Result<()> {
 /// can go unseen.
 async fn watch_publication(
     url: String,
-    publication: String,
+    publication: Streamed,
     problems: tokio::sync::mpsc::Sender<Fatal>,
     shutdown: CancellationToken,
 ) {
@@ -558,7 +570,7 @@ async fn watch_publication(
             client = pg::connect(&url).await.ok();
         }
         if let Some(c) = &client {
-            if let Err(fatal) = setup::check_publication(c, &publication).await {
+            if let Err(fatal) = publication.check(c).await {
                 if !c.is_closed() {
                     let _ = problems
                         .send(Fatal::new(

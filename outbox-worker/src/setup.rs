@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 use crate::claims::Claiming;
 use crate::config::FailoverSlot;
 use crate::fatal::Fatal;
+use crate::slot_publication::Prepared;
 use crate::source::{make_failover_slot, SlotSettings};
 
 /// What to do with a slot that was used before and is gone.
@@ -76,6 +77,11 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     }
     check_publication(writer, publication).await?;
     crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Check).await?;
+    // Before the slot is made: its first position then lies after the publication's.
+    let prepared = match settings.queues.is_empty() {
+        true => Prepared::Kept,
+        false => crate::slot_publication::prepare(&claims_writer, slot, &settings.queues).await?,
+    };
     let slot_state = client
         .query_opt(
             "SELECT plugin, database,
@@ -155,8 +161,13 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     if let Some(primary) = &primary {
         reaches_the_standby(client, primary, slot).await?;
     }
-    let claimed =
-        crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Record).await;
+    let claimed = crate::claims::claim(
+        &mut claims_writer,
+        slot,
+        &settings.queues,
+        Claiming::Record(prepared),
+    )
+    .await;
     if let (Err(_), true) = (&claimed, created) {
         // Refused since the check (a worker started meanwhile): the slot made for this claim
         // would otherwise stay, taking every queue no set claims.

@@ -302,7 +302,11 @@ CREATE TABLE outbox.queue_claims (
     slot_name  name        NOT NULL,
     queues     text[]      NOT NULL,
     from_lsn   pg_lsn      NOT NULL,
-    claimed_at timestamptz NOT NULL DEFAULT now()
+    claimed_at timestamptz NOT NULL DEFAULT now(),
+    -- The slot's publication (pg_outbox_<slot>, row-filtered on its queues) has been in place
+    -- for every message committed after this position; NULL: the slot streams publication
+    -- pg_outbox.
+    filtered_from pg_lsn
 );
 SELECT pg_catalog.pg_extension_config_dump('outbox.queue_claims', '');
 COMMENT ON TABLE outbox.queue_claims IS

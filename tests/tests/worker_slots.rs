@@ -566,3 +566,127 @@ async fn after_two_moves_in_a_row_the_last_slot_waits_for_every_earlier_one() {
     let tally = check_delivery(&[first, last].concat(), 100);
     assert_eq!(tally.duplicates, 0, "{tally:?}");
 }
+
+/// A slot with a set streams a publication of its own, row-filtered on its queues
+/// (`pg_outbox_<slot>`): its walsender sends it none of the catch-all's table-form messages
+/// (before, it decoded each and the worker skipped it). A move to the slot while a transaction
+/// holds uncommitted messages of the moved queue: setup waits for that transaction, which was
+/// decoded with the filter before the move (without the wait, it committed after the claim, so
+/// it was the slot's, and the slot's filter had left it out: lost).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_with_a_set_is_sent_only_its_queues_and_a_move_waits_for_open_transactions() {
+    let pg = PgCluster::start().await;
+    let url = pg.url();
+    let db = pg.superuser().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
+    setup(&url, "pg_outbox", &[]);
+    setup(&url, "b", &["--queues", "x*"]);
+    let kept: Option<Vec<String>> = db
+        .query_one("SELECT outbox.slot_publication_queues('b')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, Some(vec!["x*".to_owned()]));
+    let listen = format!("127.0.0.1:{}", outbox_tests::postgres::free_port());
+    let b_args = |queues: &'static str| {
+        let args: Vec<String> = [
+            "run",
+            "--postgres-url",
+            &url,
+            "--slot",
+            "b",
+            "--queues",
+            queues,
+            "--http-listen",
+            &listen,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args
+    };
+    let mut all = stdout_worker(&url, "pg_outbox", None, &all_out);
+    let mut b = Worker::start(&b_args("x*"), Some(&b_out));
+    wait_active(&db, "pg_outbox").await;
+    wait_active(&db, "b").await;
+    publish_range(&db, "y1", 0, 2000, 5, Storage::Table).await;
+    publish_range(&db, "x1", 0, 500, 5, Storage::Table).await;
+    let files = [all_out.as_path(), b_out.as_path()];
+    eventually(Duration::from_secs(60), "2,000 of y1 and 500 of x1", || {
+        let done = delivered(&files, "y1").len() >= 2000 && delivered(&files, "x1").len() >= 500;
+        async move { done }
+    })
+    .await;
+    let (_, metrics) = outbox_tests::worker::http_get(&listen, "/metrics").unwrap();
+    let skipped = outbox_tests::worker::metric(
+        &metrics,
+        "outbox_messages_skipped_total{reason=\"other_slot\"}",
+    );
+    assert_eq!(
+        skipped.unwrap_or(0.0),
+        0.0,
+        "b was sent the catch-all's messages"
+    );
+    assert_eq!(delivered(&[b_out.as_path()], "x1").len(), 500);
+    assert!(delivered(&[b_out.as_path()], "y1").is_empty());
+
+    // y* moves to b while a transaction holds 100 uncommitted messages of y1.
+    assert!(all.terminate(Duration::from_secs(30)).success());
+    assert!(b.terminate(Duration::from_secs(30)).success());
+    let open = pg.superuser().await;
+    open.batch_execute(
+        "BEGIN; SET LOCAL pg_outbox.storage = 'table';
+         SELECT count(outbox.publish('y1', jsonb_build_object('i', i, 'key', 'k-' || i % 5), '{}', 'k-' || i % 5))
+           FROM generate_series(2000, 2099) AS i;",
+    )
+    .await
+    .unwrap();
+    let moving = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            run_once(
+                &[
+                    "setup",
+                    "--postgres-url",
+                    &url,
+                    "--slot",
+                    "b",
+                    "--queues",
+                    "x*,y*",
+                ],
+                &[],
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !moving.is_finished(),
+        "setup recorded the move while a transaction with messages of y1 was open"
+    );
+    open.batch_execute("COMMIT").await.unwrap();
+    let moved = moving.join().unwrap();
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    let _all = stdout_worker(&url, "pg_outbox", None, &all_out);
+    let _b = Worker::start(&b_args("x*,y*"), Some(&b_out));
+    publish_range(&db, "y1", 2100, 100, 5, Storage::Table).await;
+    eventually(Duration::from_secs(60), "2,200 of y1", || {
+        let done = delivered(&files, "y1").len() >= 2200;
+        async move { done }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tally = check_no_loss(&delivered(&files, "y1"), 2200);
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
+    let b_y1: Vec<u64> = delivered(&[b_out.as_path()], "y1")
+        .iter()
+        .map(|s| s.payload["i"].as_u64().unwrap())
+        .collect();
+    assert!(
+        b_y1.len() == 100 && b_y1.iter().all(|i| (2100..2200).contains(i)),
+        "b delivered the y1 messages committed after the move: {b_y1:?}"
+    );
+}

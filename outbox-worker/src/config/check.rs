@@ -48,6 +48,16 @@ impl Config {
             rules::check_identifier(value)
                 .map_err(|e| invalid(format!("{key} = {value:?}: {e}")))?;
         }
+        if !self.postgres.queues.is_empty()
+            && self.postgres.slot.len() > crate::slot_publication::MAX_SLOT_LEN
+        {
+            return Err(invalid(format!(
+                "postgres.slot = {:?}: with postgres.queues, at most {} characters (its \
+                 publication is pg_outbox_<slot>, and a name holds 63)",
+                self.postgres.slot,
+                crate::slot_publication::MAX_SLOT_LEN
+            )));
+        }
         for glob in &self.postgres.queues {
             crate::claims::check_glob(glob)
                 .map_err(|e| invalid(format!("postgres.queues: {glob:?}: {e}")))?;

@@ -34,31 +34,37 @@ pub async fn split_table(rabbit: &RabbitMq, backlog: u64) -> String {
             .await,
         );
     }
-    let median = |rates: &mut Vec<f64>| {
-        rates.sort_by(f64::total_cmp);
-        rates[rates.len() / 2]
+    // The run of median rate, with its walsenders' CPU.
+    let median = |runs: &mut Vec<(f64, Vec<f64>)>| {
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        runs[runs.len() / 2].clone()
     };
-    let (one, two) = (median(&mut one), median(&mut two));
+    let ((one, one_cpu), (two, two_cpu)) = (median(&mut one), median(&mut two));
     format!(
         "Drain a committed backlog of {backlog} messages (table storage, transactions of 1–50 \
          alternating between queues `orders` and `billing`, {KEYS} keys each) to RabbitMQ with \
          per-key order, until every slot confirmed the backlog's end (start-up included), median \
          of {ROUNDS} runs. Two workers: the catch-all slot delivers `orders`, slot `billing` \
-         claims `billing`; each still decodes the whole backlog.\n\n\
-         | workers | aggregate msg/s | vs one |\n|---|---|---|\n\
-         | one slot, both queues | {one:.0} | |\n\
-         | two slots, a queue each | {two:.0} | {:+.0}% |\n",
-        100.0 * (two - one) / one
+         claims `billing` and streams its own publication, row-filtered on `billing`. \
+         Walsender CPU: each slot's walsender over the drain, per message of the backlog.\n\n\
+         | workers | aggregate msg/s | vs one | walsender CPU µs/msg, catch-all | walsender CPU µs/msg, `billing` |\n|---|---|---|---|---|\n\
+         | one slot, both queues | {one:.0} | | {:.2} | |\n\
+         | two slots, a queue each | {two:.0} | {:+.0}% | {:.2} | {:.2} |\n",
+        one_cpu[0],
+        100.0 * (two - one) / one,
+        two_cpu[0],
+        two_cpu[1]
     )
 }
 
-/// Aggregate msg/s of `workers` (slot, claimed queues) draining a fresh backlog together.
+/// Aggregate msg/s of `workers` (slot, claimed queues) draining a fresh backlog together, and
+/// each slot's walsender CPU per message of the backlog, µs.
 async fn rate(
     rabbit: &RabbitMq,
     sink: &str,
     backlog: u64,
     workers: &[(&str, Option<&str>)],
-) -> f64 {
+) -> (f64, Vec<f64>) {
     purge(rabbit).await;
     let pg = PgCluster::start_with_conf("max_replication_slots = 20\nmax_wal_senders = 20\n").await;
     let db = pg.superuser().await;
@@ -124,11 +130,28 @@ async fn rate(
         }
     }
     let rate = backlog as f64 / started.elapsed().as_secs_f64();
-    eprintln!("    {} worker(s): {rate:.0} msg/s", workers.len());
+    let mut cpu = Vec::new();
+    for (slot, _) in workers {
+        let pid: i32 = db
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        // utime + stime: the 14th and 15th fields.
+        let seconds = crate::debezium::stat_seconds(pid as u32, 11);
+        cpu.push(seconds * 1e6 / backlog as f64);
+    }
+    eprintln!(
+        "    {} worker(s): {rate:.0} msg/s, walsender µs/msg {cpu:.2?}",
+        workers.len()
+    );
     for worker in &mut running {
         worker.terminate(Duration::from_secs(60));
     }
-    rate
+    (rate, cpu)
 }
 
 async fn purge(rabbit: &RabbitMq) {
