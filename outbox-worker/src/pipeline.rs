@@ -465,30 +465,22 @@ async fn after_move(
     source.confirm(at);
     let started = tokio::time::Instant::now();
     let mut told: Option<tokio::time::Instant> = None;
-    // One connection for the polls, opened again after an error.
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut previous = PreviousSlot::new(before, at);
     loop {
-        let confirmed = match &client {
-            Some(c) if !c.is_closed() => claims::confirmed_position(c, before).await,
-            _ => match pg::connect(config.url()).await {
-                Ok(c) => claims::confirmed_position(client.insert(c), before).await,
-                Err(e) => Err(e),
-            },
-        };
-        match confirmed {
-            Ok(Some(confirmed)) if confirmed >= at => break,
-            Ok(None) => {
-                tracing::warn!(slot = before, "the slot that delivered queues moved to this one is gone; what it had not delivered is not waited for");
+        match previous.passed(config).await {
+            Ok(Passed::Yes) => break,
+            Ok(Passed::Gone) => {
+                tracing::warn!(slot = before, "the slot that delivered queues moved to this one is gone (no slot and no row in outbox.slots); what it had not delivered is not waited for");
                 break;
             }
-            Ok(Some(_)) => {}
+            Ok(Passed::No) => {}
             Err(e) => {
-                client = None;
+                previous = PreviousSlot::new(before, at);
                 tracing::warn!(error = %format!("{e:#}"), slot = before, "cannot read the slot's confirmed position; retrying");
             }
         }
         if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
-            tracing::info!(previous = before, position = %at,
+            tracing::info!(previous = before, position = %at, seen_by = previous.seen_by(),
                 "queues moved to this slot: waiting for the slot that delivered them to confirm past the move (its worker must run), so that their messages keep their order");
             told = Some(tokio::time::Instant::now());
         }
@@ -505,6 +497,90 @@ async fn after_move(
     tracing::info!(previous = before, took = ?started.elapsed(),
         "the slot that delivered queues moved here confirmed past the move");
     Ok(false)
+}
+
+/// How far the slot that had moved queues confirmed, seen from this worker: on this worker's
+/// server; else on the primary (this worker decoding on a standby); else (a slot decoded on a
+/// standby this worker cannot see) from its record in `outbox.slots` on the primary, whose mark
+/// moves on only once the slot confirmed past it (at most every 30 s, `record_slot`). One
+/// connection each, for every poll.
+struct PreviousSlot<'a> {
+    slot: &'a str,
+    at: Lsn,
+    own: Option<tokio_postgres::Client>,
+    writer: Option<tokio_postgres::Client>,
+    /// The last mark seen in `outbox.slots`, and whether it is at or after the move.
+    mark: Option<(String, bool)>,
+}
+
+enum Passed {
+    Yes,
+    No,
+    /// Neither the slot nor its row in `outbox.slots` is there.
+    Gone,
+}
+
+impl<'a> PreviousSlot<'a> {
+    fn new(slot: &'a str, at: Lsn) -> PreviousSlot<'a> {
+        PreviousSlot {
+            slot,
+            at,
+            own: None,
+            writer: None,
+            mark: None,
+        }
+    }
+
+    fn seen_by(&self) -> &'static str {
+        match self.mark {
+            Some(_) => "its record in outbox.slots (a slot on another server), at most every 30 s",
+            None => "its slot",
+        }
+    }
+
+    async fn passed(&mut self, config: &Config) -> Result<Passed> {
+        let past = |confirmed: Lsn| match confirmed >= self.at {
+            true => Passed::Yes,
+            false => Passed::No,
+        };
+        if self.own.is_none() {
+            self.own = Some(pg::connect(config.url()).await?);
+        }
+        let own = self.own.as_ref().expect("connected");
+        if let Some(confirmed) = claims::confirmed_position(own, self.slot).await? {
+            return Ok(past(confirmed));
+        }
+        if self.writer.is_none() {
+            self.writer = Some(pg::connect_writer(config.url(), config.primary_url()).await?);
+        }
+        let writer = self.writer.as_ref().expect("connected");
+        if config.primary_url().is_some() {
+            if let Some(confirmed) = claims::confirmed_position(writer, self.slot).await? {
+                return Ok(past(confirmed));
+            }
+        }
+        let Some(row) = writer
+            .query_opt(
+                "SELECT mark_lsn::text, mark_lsn >= $2::text::pg_lsn FROM outbox.slots
+                  WHERE slot_name = $1",
+                &[&self.slot, &self.at.to_string()],
+            )
+            .await?
+        else {
+            return Ok(Passed::Gone);
+        };
+        let mark: (String, bool) = (row.get(0), row.get(1));
+        // A mark that moved on was confirmed: past the move if it was at or after it.
+        let passed = self
+            .mark
+            .as_ref()
+            .is_some_and(|(seen, at_or_after)| *at_or_after && *seen != mark.0);
+        self.mark = Some(mark);
+        Ok(match passed {
+            true => Passed::Yes,
+            false => Passed::No,
+        })
+    }
 }
 
 /// Waits for every in-flight message, retrying failures, unless shutdown comes first.
