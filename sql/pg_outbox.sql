@@ -73,7 +73,7 @@ SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed 
 \if :pg_outbox_sql_installed
 -- The same build only if no other role can have written the record: a role that 0.2.0's default
 -- privileges let write it could otherwise make this script skip the upgrade, and keep its rights.
-SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'cc9552ea1c01'
+SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '179e66f4281f'
        AND NOT EXISTS (SELECT FROM pg_catalog.pg_class c,
                               pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
                         WHERE c.oid = 'outbox.sql_install'::regclass AND g.grantee <> c.relowner
@@ -81,7 +81,7 @@ SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM 'cc955
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.2 (SQL install, build cc9552ea1c01) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.2 (SQL install, build 179e66f4281f) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -109,7 +109,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build cc9552ea1c01)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build 179e66f4281f)
 \else
 BEGIN;
 DO $install$
@@ -1262,6 +1262,22 @@ $$;
 COMMENT ON FUNCTION outbox.status() IS
     'One row per pgoutput slot of this database: activity, worker pid, bytes not yet confirmed, WAL retained, whether it survives a failover.';
 
+-- Beside outbox.status() (whose columns an upgrade cannot change in place): which queues each
+-- slot of outbox.slots delivers, by its latest claim.
+CREATE OR REPLACE FUNCTION outbox.slot_queues()
+RETURNS TABLE (slot_name name, queues text[], claimed_from pg_lsn, publication name)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.slot_name, nullif(c.queues, '{}'), c.from_lsn,
+           CASE WHEN cardinality(c.queues) > 0 THEN ('pg_outbox_' || s.slot_name)::name
+                ELSE 'pg_outbox'::name END
+      FROM outbox.slots s
+      LEFT JOIN LATERAL (SELECT q.queues, q.from_lsn FROM outbox.queue_claims q
+                          WHERE q.slot_name = s.slot_name ORDER BY q.seq DESC LIMIT 1) c ON true
+     ORDER BY s.slot_name
+$$;
+COMMENT ON FUNCTION outbox.slot_queues() IS
+    'The queues each slot delivers (NULL: every queue no set claims), from which WAL position, and the publication made for it.';
+
 ------------------------------------------------------------------------------------------------
 -- A publication per slot with a set of queues (outbox-worker setup --queues), row-filtered on
 -- the queue, so that the slot's walsender sends it only what it may deliver.
@@ -1475,7 +1491,8 @@ END IF; END $policy$;
 GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
                           outbox.prune(interval, integer), outbox.status(),
                           outbox.register_consumer(text, regrole), outbox.unregister_consumer(text),
-                          outbox.filter_slot_publication(name, text[]), outbox.slot_publication_queues(name)
+                          outbox.filter_slot_publication(name, text[]), outbox.slot_publication_queues(name),
+                          outbox.slot_queues()
     TO outbox_operator;
 GRANT SELECT ON outbox.messages TO outbox_operator;
 GRANT SELECT, DELETE ON outbox.dead_letters TO outbox_operator;
@@ -1534,7 +1551,7 @@ BEGIN
 END
 $build$;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', 'cc9552ea1c01');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', '179e66f4281f');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

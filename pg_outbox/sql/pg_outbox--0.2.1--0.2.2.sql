@@ -470,6 +470,22 @@ $$;
 COMMENT ON FUNCTION outbox.status() IS
     'One row per pgoutput slot of this database: activity, worker pid, bytes not yet confirmed, WAL retained, whether it survives a failover.';
 
+-- Beside outbox.status() (whose columns an upgrade cannot change in place): which queues each
+-- slot of outbox.slots delivers, by its latest claim.
+CREATE OR REPLACE FUNCTION outbox.slot_queues()
+RETURNS TABLE (slot_name name, queues text[], claimed_from pg_lsn, publication name)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.slot_name, nullif(c.queues, '{}'), c.from_lsn,
+           CASE WHEN cardinality(c.queues) > 0 THEN ('pg_outbox_' || s.slot_name)::name
+                ELSE 'pg_outbox'::name END
+      FROM outbox.slots s
+      LEFT JOIN LATERAL (SELECT q.queues, q.from_lsn FROM outbox.queue_claims q
+                          WHERE q.slot_name = s.slot_name ORDER BY q.seq DESC LIMIT 1) c ON true
+     ORDER BY s.slot_name
+$$;
+COMMENT ON FUNCTION outbox.slot_queues() IS
+    'The queues each slot delivers (NULL: every queue no set claims), from which WAL position, and the publication made for it.';
+
 ------------------------------------------------------------------------------------------------
 -- A publication per slot with a set of queues (outbox-worker setup --queues), row-filtered on
 -- the queue, so that the slot's walsender sends it only what it may deliver.
@@ -683,7 +699,8 @@ END IF; END $policy$;
 GRANT EXECUTE ON FUNCTION outbox.redrive(uuid), outbox.redrive(text),
                           outbox.prune(interval, integer), outbox.status(),
                           outbox.register_consumer(text, regrole), outbox.unregister_consumer(text),
-                          outbox.filter_slot_publication(name, text[]), outbox.slot_publication_queues(name)
+                          outbox.filter_slot_publication(name, text[]), outbox.slot_publication_queues(name),
+                          outbox.slot_queues()
     TO outbox_operator;
 GRANT SELECT ON outbox.messages TO outbox_operator;
 GRANT SELECT, DELETE ON outbox.dead_letters TO outbox_operator;

@@ -588,6 +588,27 @@ async fn a_slot_with_a_set_is_sent_only_its_queues_and_a_move_waits_for_open_tra
         .unwrap()
         .get(0);
     assert_eq!(kept, Some(vec!["x*".to_owned()]));
+    let sets: Vec<(String, Option<Vec<String>>, String)> = db
+        .query(
+            "SELECT slot_name::text, queues, publication::text FROM outbox.slot_queues()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        sets,
+        [
+            (
+                "b".to_owned(),
+                Some(vec!["x*".to_owned()]),
+                "pg_outbox_b".to_owned()
+            ),
+            ("pg_outbox".to_owned(), None, "pg_outbox".to_owned())
+        ]
+    );
     let listen = format!("127.0.0.1:{}", outbox_tests::postgres::free_port());
     let b_args = |queues: &'static str| {
         let args: Vec<String> = [

@@ -28,10 +28,17 @@ pub async fn split_table(rabbit: &RabbitMq, backlog: u64) -> String {
         two.push(rate(rabbit, &sink, backlog, &both, true).await);
         unfiltered.push(rate(rabbit, &sink, backlog, &both, false).await);
     }
-    // The run of median rate, with its walsenders' CPU.
+    // The median of each column on its own: the rate and each walsender's CPU.
     let median = |runs: &mut Vec<(f64, Vec<f64>)>| {
-        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-        runs[runs.len() / 2].clone()
+        let mid = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let rate = mid(runs.iter().map(|r| r.0).collect());
+        let cpu = (0..runs[0].1.len())
+            .map(|slot| mid(runs.iter().map(|r| r.1[slot]).collect()))
+            .collect::<Vec<f64>>();
+        (rate, cpu)
     };
     let ((one, one_cpu), (two, two_cpu)) = (median(&mut one), median(&mut two));
     let (all, all_cpu) = median(&mut unfiltered);
