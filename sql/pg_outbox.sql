@@ -73,7 +73,7 @@ SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed 
 \if :pg_outbox_sql_installed
 -- The same build only if no other role can have written the record: a role that 0.2.0's default
 -- privileges let write it could otherwise make this script skip the upgrade, and keep its rights.
-SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '179e66f4281f'
+SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '80c1d9d36041'
        AND NOT EXISTS (SELECT FROM pg_catalog.pg_class c,
                               pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
                         WHERE c.oid = 'outbox.sql_install'::regclass AND g.grantee <> c.relowner
@@ -81,7 +81,7 @@ SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '179e6
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.2 (SQL install, build 179e66f4281f) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.2 (SQL install, build 80c1d9d36041) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -109,7 +109,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build 179e66f4281f)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build 80c1d9d36041)
 \else
 BEGIN;
 DO $install$
@@ -1344,15 +1344,18 @@ COMMENT ON FUNCTION outbox.slot_publication_queues(name) IS
 -- confirmed position and every later one; all of them when the slot is not on this server, as
 -- one decoded on a standby) or of `adding`, the set it is about to claim. So its filter keeps
 -- every message the slot may deliver, from its confirmed position on. Returns 'created',
--- 'widened' (it now streams queues it did not), 'narrowed' or 'unchanged'. After 'created' or
--- 'widened', outbox-worker setup waits for the transactions then in progress before it records
--- the claim: what they inserted before this change is decoded with the filter before it.
+-- 'remade' (it was not as this function makes it, or left out queues the slot's claims need:
+-- changed by hand), 'widened' (it now streams queues it did not), 'narrowed' or 'unchanged'.
+-- outbox-worker setup then waits for the transactions in progress before it records a claim:
+-- what they inserted before a change is decoded with the filter before it. After 'created' or
+-- 'remade' the slot streams publication pg_outbox until it has confirmed past the new claim.
 CREATE OR REPLACE FUNCTION outbox.filter_slot_publication(slot name, adding text[])
 RETURNS text LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     publication name;
     confirmed pg_lsn;
     globs text[];
+    claimed text[];
     before text[];
     filter text;
 BEGIN
@@ -1367,14 +1370,14 @@ BEGIN
     LOCK TABLE outbox.slots IN SHARE ROW EXCLUSIVE MODE;
     SELECT s.confirmed_flush_lsn INTO confirmed
       FROM pg_replication_slots s WHERE s.slot_name = slot AND s.database = current_database();
-    globs := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
-                       SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
-                        WHERE c.slot_name = slot
-                          AND (confirmed IS NULL OR c.from_lsn > confirmed
-                               OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
-                                            WHERE l.slot_name = slot AND l.from_lsn <= confirmed))
-                       UNION ALL SELECT unnest(adding)) a
-                    ORDER BY 1);
+    claimed := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
+                         SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
+                          WHERE c.slot_name = slot
+                            AND (confirmed IS NULL OR c.from_lsn > confirmed
+                                 OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
+                                              WHERE l.slot_name = slot AND l.from_lsn <= confirmed))) a
+                      ORDER BY 1);
+    globs := ARRAY(SELECT DISTINCT g COLLATE "C" FROM unnest(claimed || adding) g ORDER BY 1);
     filter := outbox._queue_filter(globs);
     IF NOT EXISTS (SELECT FROM pg_publication p WHERE p.pubname = publication) THEN
         EXECUTE format('CREATE PUBLICATION %I FOR TABLE outbox.messages WHERE %s WITH (publish = %L)',
@@ -1394,7 +1397,9 @@ BEGIN
     END IF;
     EXECUTE format('ALTER PUBLICATION %I SET TABLE outbox.messages WHERE %s', publication, filter);
     EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = false)', publication, 'insert');
-    IF before IS NOT NULL AND globs <@ before THEN
+    IF before IS NULL OR NOT claimed <@ before THEN
+        RETURN 'remade';
+    ELSIF globs <@ before THEN
         RETURN 'narrowed';
     END IF;
     RETURN 'widened';
@@ -1551,7 +1556,7 @@ BEGIN
 END
 $build$;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', '179e66f4281f');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', '80c1d9d36041');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

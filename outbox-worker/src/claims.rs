@@ -414,14 +414,24 @@ pub async fn load(client: &mut Client) -> Result<Claims> {
 async fn read(client: &impl tokio_postgres::GenericClient) -> Result<Claims> {
     let rows = client
         .query(
-            "SELECT slot_name::text, queues, from_lsn::text, filtered_from::text
-               FROM outbox.queue_claims ORDER BY seq",
+            "SELECT c.slot_name::text, c.queues, c.from_lsn::text, c.filtered_from::text,
+                    s.slot_name IS NOT NULL AND c.claimed_at >= s.created_at
+               FROM outbox.queue_claims c LEFT JOIN outbox.slots s ON s.slot_name = c.slot_name
+              ORDER BY c.seq",
             &[],
         )
         .await
         .context("cannot read outbox.queue_claims")?;
+    let mut retired: Vec<String> = Vec::new();
     let claims = rows
         .iter()
+        .filter(|row| {
+            let current: bool = row.get(4);
+            if !current {
+                retired.push(row.get(0));
+            }
+            current
+        })
         .map(|row| {
             let from: String = row.get(2);
             let filtered_from: Option<String> = row.get(3);
@@ -443,13 +453,13 @@ async fn read(client: &impl tokio_postgres::GenericClient) -> Result<Claims> {
         .map(|row| row.get(0))
         .collect();
     // A slot dropped with its row of outbox.slots (how a slot is retired) claims nothing more:
-    // its queues go back to the catch-all, or are dead-lettered as unclaimed.
-    let (claims, retired): (Vec<Claim>, Vec<Claim>) =
-        claims.into_iter().partition(|c| slots.contains(&c.slot));
+    // its queues go back to the catch-all, or are dead-lettered as unclaimed; and a slot of that
+    // name made again later claims only what it claimed since (its row's created_at), or the
+    // retired slot's claims would take back what the catch-all delivered meanwhile.
     if !retired.is_empty() {
-        let mut names: Vec<&str> = retired.iter().map(|c| c.slot.as_str()).collect();
-        names.dedup();
-        tracing::warn!(slots = ?names, "claims of slots without a row in outbox.slots are ignored");
+        retired.sort();
+        retired.dedup();
+        tracing::warn!(slots = ?retired, "claims of slots without a row in outbox.slots, or made before their slot was made again, are ignored");
     }
     Ok(Claims::new(claims, slots))
 }
@@ -465,18 +475,18 @@ pub enum Claiming {
 }
 
 /// Records that `slot` delivers `queues` (empty: the catch-all) from now on, unless that is
-/// already its claim. Refuses while a slot whose deliveries change is streaming (its worker has
+/// already its claim; `true` when it records (or, checking, would). Refuses while a slot whose deliveries change is streaming (its worker has
 /// the old history), a second catch-all, and a set with no catch-all for the other queues.
 pub async fn claim(
     writer: &mut Client,
     slot: &str,
     queues: &[String],
     claiming: Claiming,
-) -> Result<()> {
+) -> Result<bool> {
     let tx = writer.transaction().await?;
     if !exists(&tx).await? {
         if queues.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         return Err(Fatal::new(
             format!("postgres.queues = {queues:?} needs table outbox.queue_claims (pg_outbox 0.2.2)"),
@@ -492,13 +502,13 @@ pub async fn claim(
     // A publication made again is in place only from now: the claim says so.
     let remade = matches!(claiming, Claiming::Record(Prepared::Created(_)));
     if mine.is_some_and(|c| c.queues == queues) && !remade {
-        return Ok(());
+        return Ok(false);
     }
     let catch_alls = claims.catch_alls_besides(slot);
     if queues.is_empty() {
         // Without any set, every slot delivers every queue (several: a fan-out, as before 0.2.2).
         if claims.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(other) = catch_alls.first() {
             return Err(Fatal::new(
@@ -516,7 +526,7 @@ pub async fn claim(
         }
         if mine.is_none() {
             // A slot that never claimed is the catch-all already.
-            return Ok(());
+            return Ok(false);
         }
     } else {
         match catch_alls.as_slice() {
@@ -571,7 +581,7 @@ pub async fn claim(
         .into());
     }
     let Claiming::Record(prepared) = claiming else {
-        return Ok(());
+        return Ok(true);
     };
     // Where the slot's own publication holds from: where it was made, else where the slot's
     // last claim said (it has kept every set since), else here.
@@ -585,7 +595,10 @@ pub async fn claim(
                  CASE WHEN pg_catalog.cardinality($2::text[]) > 0 THEN
                      coalesce($3::text::pg_catalog.pg_lsn,
                               (SELECT c.filtered_from FROM outbox.queue_claims c
-                                WHERE c.slot_name = $1 ORDER BY c.seq DESC LIMIT 1),
+                                WHERE c.slot_name = $1
+                                  AND c.claimed_at >= (SELECT s.created_at FROM outbox.slots s
+                                                        WHERE s.slot_name = $1)
+                                ORDER BY c.seq DESC LIMIT 1),
                               pg_catalog.pg_current_wal_insert_lsn())
                  END)",
         &[&slot, &queues, &made],
@@ -594,7 +607,7 @@ pub async fn claim(
     .context("cannot record the claim in outbox.queue_claims")?;
     tx.commit().await?;
     tracing::info!(slot, ?queues, changes_for = ?affected, "claimed queues");
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -76,11 +76,15 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         tracing::info!(publication, "created publication");
     }
     check_publication(writer, publication).await?;
-    crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Check).await?;
+    let changes =
+        crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Check).await?;
     // Before the slot is made: its first position then lies after the publication's.
     let prepared = match settings.queues.is_empty() {
         true => Prepared::Kept,
-        false => crate::slot_publication::prepare(&claims_writer, slot, &settings.queues).await?,
+        false => {
+            crate::slot_publication::prepare(&claims_writer, slot, &settings.queues, changes)
+                .await?
+        }
     };
     let slot_state = client
         .query_opt(
@@ -161,13 +165,20 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     if let Some(primary) = &primary {
         reaches_the_standby(client, primary, slot).await?;
     }
+    // A slot made after the wait decodes nothing from before it: its publication holds for
+    // all of its stream.
+    let prepared = match (created, prepared) {
+        (true, Prepared::Widened(at)) => Prepared::Created(at),
+        (_, prepared) => prepared,
+    };
     let claimed = crate::claims::claim(
         &mut claims_writer,
         slot,
         &settings.queues,
         Claiming::Record(prepared),
     )
-    .await;
+    .await
+    .map(|_| ());
     if let (Err(_), true) = (&claimed, created) {
         // Refused since the check (a worker started meanwhile): the slot made for this claim
         // would otherwise stay, taking every queue no set claims.

@@ -28,10 +28,17 @@ pub const MAX_SLOT_LEN: usize = 63 - "pg_outbox_".len();
 
 /// Setup, before a slot records its set: makes its publication keep `queues` and every set the
 /// slot may still deliver from its confirmed position. When the publication is new or now keeps
-/// queues it did not, waits for the transactions then in progress (their earlier inserts were
-/// decoded with the filter before) and returns the position after them: every message committed
-/// after it was decoded with the new filter. `created`: the publication did not exist.
-pub async fn prepare(writer: &Client, slot: &str, queues: &[String]) -> Result<Prepared> {
+/// queues it did not, or a claim will be recorded (`claim_changes`: a setup stopped while it
+/// waited left the publication changed, and the next one finds it unchanged), waits for the
+/// transactions in progress (their earlier inserts were decoded with the filter before) and
+/// returns the position after them: every message committed after it was decoded with the
+/// filter now in place.
+pub async fn prepare(
+    writer: &Client,
+    slot: &str,
+    queues: &[String],
+    claim_changes: bool,
+) -> Result<Prepared> {
     let change: String = writer
         .query_one(
             "SELECT outbox.filter_slot_publication($1::text::name, $2)",
@@ -47,8 +54,10 @@ pub async fn prepare(writer: &Client, slot: &str, queues: &[String]) -> Result<P
         "the slot's publication"
     );
     match change.as_str() {
-        "created" => Ok(Prepared::Created(wait_for_open_transactions(writer).await?)),
+        // Changed by hand, maybe narrowed while the slot streamed it: in place only from now.
+        "created" | "remade" => Ok(Prepared::Created(wait_for_open_transactions(writer).await?)),
         "widened" => Ok(Prepared::Widened(wait_for_open_transactions(writer).await?)),
+        _ if claim_changes => Ok(Prepared::Widened(wait_for_open_transactions(writer).await?)),
         _ => Ok(Prepared::Kept),
     }
 }
@@ -64,6 +73,11 @@ pub enum Prepared {
 /// Waits until every transaction in progress now has ended (as CREATE INDEX CONCURRENTLY does),
 /// saying which sessions it waits for every 10 s; returns the WAL insert position after them.
 async fn wait_for_open_transactions(writer: &Client) -> Result<Lsn> {
+    // A snapshot lists the transactions in progress below the newest one that ended: end one of
+    // our own first, or one that took its id after the last to end is missed (a hostile review).
+    writer
+        .batch_execute("BEGIN; SELECT pg_catalog.pg_current_xact_id(); COMMIT")
+        .await?;
     let xids: Vec<String> = writer
         .query_one(
             "SELECT coalesce(array_agg(x::text), '{}')
@@ -88,7 +102,7 @@ async fn wait_for_open_transactions(writer: &Client) -> Result<Lsn> {
             break;
         }
         if told.elapsed() > Duration::from_secs(10) {
-            tracing::warn!(pids = ?open, "waiting for transactions that were open when the slot's publication changed (pid 0: a prepared transaction); they may hold messages decoded with its filter before");
+            tracing::warn!(pids = ?open, "waiting for transactions open before the slot's claim to end (pid 0: a prepared transaction, see pg_prepared_xacts): they may hold messages decoded with its publication's filter before; stopping this setup is safe, the next one waits for them too");
             told = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -349,7 +349,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                 ELSE 'pg_outbox'::name END
       FROM outbox.slots s
       LEFT JOIN LATERAL (SELECT q.queues, q.from_lsn FROM outbox.queue_claims q
-                          WHERE q.slot_name = s.slot_name ORDER BY q.seq DESC LIMIT 1) c ON true
+                          WHERE q.slot_name = s.slot_name AND q.claimed_at >= s.created_at
+                          ORDER BY q.seq DESC LIMIT 1) c ON true
      ORDER BY s.slot_name
 $$;
 COMMENT ON FUNCTION outbox.slot_queues() IS
@@ -421,15 +422,18 @@ COMMENT ON FUNCTION outbox.slot_publication_queues(name) IS
 -- confirmed position and every later one; all of them when the slot is not on this server, as
 -- one decoded on a standby) or of `adding`, the set it is about to claim. So its filter keeps
 -- every message the slot may deliver, from its confirmed position on. Returns 'created',
--- 'widened' (it now streams queues it did not), 'narrowed' or 'unchanged'. After 'created' or
--- 'widened', outbox-worker setup waits for the transactions then in progress before it records
--- the claim: what they inserted before this change is decoded with the filter before it.
+-- 'remade' (it was not as this function makes it, or left out queues the slot's claims need:
+-- changed by hand), 'widened' (it now streams queues it did not), 'narrowed' or 'unchanged'.
+-- outbox-worker setup then waits for the transactions in progress before it records a claim:
+-- what they inserted before a change is decoded with the filter before it. After 'created' or
+-- 'remade' the slot streams publication pg_outbox until it has confirmed past the new claim.
 CREATE FUNCTION outbox.filter_slot_publication(slot name, adding text[])
 RETURNS text LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     publication name;
     confirmed pg_lsn;
     globs text[];
+    claimed text[];
     before text[];
     filter text;
 BEGIN
@@ -444,14 +448,17 @@ BEGIN
     LOCK TABLE outbox.slots IN SHARE ROW EXCLUSIVE MODE;
     SELECT s.confirmed_flush_lsn INTO confirmed
       FROM pg_replication_slots s WHERE s.slot_name = slot AND s.database = current_database();
-    globs := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
-                       SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
-                        WHERE c.slot_name = slot
-                          AND (confirmed IS NULL OR c.from_lsn > confirmed
-                               OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
-                                            WHERE l.slot_name = slot AND l.from_lsn <= confirmed))
-                       UNION ALL SELECT unnest(adding)) a
-                    ORDER BY 1);
+    claimed := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
+                         SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
+                          WHERE c.slot_name = slot
+                            -- Not those of a slot of that name dropped before (a retired slot).
+                            AND c.claimed_at >= coalesce((SELECT s.created_at FROM outbox.slots s
+                                                           WHERE s.slot_name = slot), 'infinity')
+                            AND (confirmed IS NULL OR c.from_lsn > confirmed
+                                 OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
+                                              WHERE l.slot_name = slot AND l.from_lsn <= confirmed))) a
+                      ORDER BY 1);
+    globs := ARRAY(SELECT DISTINCT g COLLATE "C" FROM unnest(claimed || adding) g ORDER BY 1);
     filter := outbox._queue_filter(globs);
     IF NOT EXISTS (SELECT FROM pg_publication p WHERE p.pubname = publication) THEN
         EXECUTE format('CREATE PUBLICATION %I FOR TABLE outbox.messages WHERE %s WITH (publish = %L)',
@@ -471,7 +478,9 @@ BEGIN
     END IF;
     EXECUTE format('ALTER PUBLICATION %I SET TABLE outbox.messages WHERE %s', publication, filter);
     EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = false)', publication, 'insert');
-    IF before IS NOT NULL AND globs <@ before THEN
+    IF before IS NULL OR NOT claimed <@ before THEN
+        RETURN 'remade';
+    ELSIF globs <@ before THEN
         RETURN 'narrowed';
     END IF;
     RETURN 'widened';

@@ -552,15 +552,18 @@ COMMENT ON FUNCTION outbox.slot_publication_queues(name) IS
 -- confirmed position and every later one; all of them when the slot is not on this server, as
 -- one decoded on a standby) or of `adding`, the set it is about to claim. So its filter keeps
 -- every message the slot may deliver, from its confirmed position on. Returns 'created',
--- 'widened' (it now streams queues it did not), 'narrowed' or 'unchanged'. After 'created' or
--- 'widened', outbox-worker setup waits for the transactions then in progress before it records
--- the claim: what they inserted before this change is decoded with the filter before it.
+-- 'remade' (it was not as this function makes it, or left out queues the slot's claims need:
+-- changed by hand), 'widened' (it now streams queues it did not), 'narrowed' or 'unchanged'.
+-- outbox-worker setup then waits for the transactions in progress before it records a claim:
+-- what they inserted before a change is decoded with the filter before it. After 'created' or
+-- 'remade' the slot streams publication pg_outbox until it has confirmed past the new claim.
 CREATE OR REPLACE FUNCTION outbox.filter_slot_publication(slot name, adding text[])
 RETURNS text LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     publication name;
     confirmed pg_lsn;
     globs text[];
+    claimed text[];
     before text[];
     filter text;
 BEGIN
@@ -575,14 +578,14 @@ BEGIN
     LOCK TABLE outbox.slots IN SHARE ROW EXCLUSIVE MODE;
     SELECT s.confirmed_flush_lsn INTO confirmed
       FROM pg_replication_slots s WHERE s.slot_name = slot AND s.database = current_database();
-    globs := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
-                       SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
-                        WHERE c.slot_name = slot
-                          AND (confirmed IS NULL OR c.from_lsn > confirmed
-                               OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
-                                            WHERE l.slot_name = slot AND l.from_lsn <= confirmed))
-                       UNION ALL SELECT unnest(adding)) a
-                    ORDER BY 1);
+    claimed := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
+                         SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
+                          WHERE c.slot_name = slot
+                            AND (confirmed IS NULL OR c.from_lsn > confirmed
+                                 OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
+                                              WHERE l.slot_name = slot AND l.from_lsn <= confirmed))) a
+                      ORDER BY 1);
+    globs := ARRAY(SELECT DISTINCT g COLLATE "C" FROM unnest(claimed || adding) g ORDER BY 1);
     filter := outbox._queue_filter(globs);
     IF NOT EXISTS (SELECT FROM pg_publication p WHERE p.pubname = publication) THEN
         EXECUTE format('CREATE PUBLICATION %I FOR TABLE outbox.messages WHERE %s WITH (publish = %L)',
@@ -602,7 +605,9 @@ BEGIN
     END IF;
     EXECUTE format('ALTER PUBLICATION %I SET TABLE outbox.messages WHERE %s', publication, filter);
     EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = false)', publication, 'insert');
-    IF before IS NOT NULL AND globs <@ before THEN
+    IF before IS NULL OR NOT claimed <@ before THEN
+        RETURN 'remade';
+    ELSIF globs <@ before THEN
         RETURN 'narrowed';
     END IF;
     RETURN 'widened';

@@ -572,7 +572,8 @@ async fn after_two_moves_in_a_row_the_last_slot_waits_for_every_earlier_one() {
 /// (before, it decoded each and the worker skipped it). A move to the slot while a transaction
 /// holds uncommitted messages of the moved queue: setup waits for that transaction, which was
 /// decoded with the filter before the move (without the wait, it committed after the claim, so
-/// it was the slot's, and the slot's filter had left it out: lost).
+/// it was the slot's, and the slot's filter had left it out: lost), and so does a setup run
+/// again after one stopped while it waited.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_with_a_set_is_sent_only_its_queues_and_a_move_waits_for_open_transactions() {
     let pg = PgCluster::start().await;
@@ -662,35 +663,35 @@ async fn a_slot_with_a_set_is_sent_only_its_queues_and_a_move_waits_for_open_tra
     )
     .await
     .unwrap();
-    let moving = {
-        let url = url.clone();
-        std::thread::spawn(move || {
-            run_once(
-                &[
-                    "setup",
-                    "--postgres-url",
-                    &url,
-                    "--slot",
-                    "b",
-                    "--queues",
-                    "x*,y*",
-                ],
-                &[],
-            )
-        })
-    };
+    // Stopped while it waits (SIGTERM, as a deploy would): the publication stays widened, and
+    // the next setup finds it so; it must wait all the same (a hostile review: it did not, and
+    // the transaction's messages were lost).
+    let moving = [
+        "setup",
+        "--postgres-url",
+        &url,
+        "--slot",
+        "b",
+        "--queues",
+        "x*,y*",
+    ];
+    let mut first = Worker::start(&moving, None);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        !moving.is_finished(),
+        first.exited().is_none(),
         "setup recorded the move while a transaction with messages of y1 was open"
     );
-    open.batch_execute("COMMIT").await.unwrap();
-    let moved = moving.join().unwrap();
+    first.terminate(Duration::from_secs(10));
+    let mut second = Worker::start(&moving, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        moved.status.success(),
-        "{}",
-        String::from_utf8_lossy(&moved.stderr)
+        second.exited().is_none(),
+        "the setup after a stopped one recorded the move while the transaction was open: {}",
+        second.log()
     );
+    open.batch_execute("COMMIT").await.unwrap();
+    let moved = second.wait_exit(Duration::from_secs(30));
+    assert!(moved.success(), "{}", second.log());
     let _all = stdout_worker(&url, "pg_outbox", None, &all_out);
     let _b = Worker::start(&b_args("x*,y*"), Some(&b_out));
     publish_range(&db, "y1", 2100, 100, 5, Storage::Table).await;
@@ -710,4 +711,174 @@ async fn a_slot_with_a_set_is_sent_only_its_queues_and_a_move_waits_for_open_tra
         b_y1.len() == 100 && b_y1.iter().all(|i| (2100..2200).contains(i)),
         "b delivered the y1 messages committed after the move: {b_y1:?}"
     );
+}
+
+/// `setup`'s wait after widening a slot's filter covers a transaction that took its id after the
+/// filter's own and inserted before the filter committed (a hostile review: a snapshot does not
+/// list transactions above the newest one that ended, so setup went ahead and the message was
+/// lost). A slow DDL audit trigger holds that window open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_that_began_while_the_filter_changed_is_waited_for() {
+    let pg = PgCluster::start().await;
+    let url = pg.url();
+    let db = pg.superuser().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
+    setup(&url, "pg_outbox", &[]);
+    setup(&url, "b", &["--queues", "y*"]);
+    db.batch_execute(
+        "CREATE FUNCTION public.slow_ddl_audit() RETURNS event_trigger LANGUAGE plpgsql AS $$
+         BEGIN IF tg_tag = 'ALTER PUBLICATION' THEN PERFORM pg_sleep(3); END IF; END $$;
+         CREATE EVENT TRIGGER slow_ddl_audit ON ddl_command_end
+             EXECUTE FUNCTION public.slow_ddl_audit();",
+    )
+    .await
+    .unwrap();
+    let mut moving = Worker::start(
+        &[
+            "setup",
+            "--postgres-url",
+            &url,
+            "--slot",
+            "b",
+            "--queues",
+            "x*,y*",
+        ],
+        None,
+    );
+    // Once setup's ALTER PUBLICATION (its transaction id taken) sits in the audit trigger.
+    let db_ref = &db;
+    eventually(
+        Duration::from_secs(30),
+        "setup in the audit trigger",
+        || async move {
+            count(
+                db_ref,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let open = pg.superuser().await;
+    open.batch_execute(
+        "BEGIN; SET LOCAL pg_outbox.storage = 'table';
+         SELECT outbox.publish('x1', '{\"i\": 999}', '{}', 'k');",
+    )
+    .await
+    .unwrap();
+    // The filter committed (no session in the trigger any more), then time to go ahead.
+    eventually(
+        Duration::from_secs(30),
+        "the filter changed",
+        || async move {
+            count(
+                db_ref,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+            )
+            .await
+                == 0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        moving.exited().is_none(),
+        "setup recorded the move while a transaction with a message of x1 was open: {}",
+        moving.log()
+    );
+    open.batch_execute("COMMIT").await.unwrap();
+    assert!(moving.wait_exit(Duration::from_secs(30)).success());
+    let _all = stdout_worker(&url, "pg_outbox", None, &all_out);
+    let _b = stdout_worker(&url, "b", Some("x*,y*"), &b_out);
+    publish_range(&db, "x1", 0, 10, 2, Storage::Table).await;
+    let files = [all_out.as_path(), b_out.as_path()];
+    eventually(Duration::from_secs(60), "11 of x1", || {
+        let done = delivered(&files, "x1").len() >= 11;
+        async move { done }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let i: Vec<u64> = delivered(&files, "x1")
+        .iter()
+        .map(|s| s.payload["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(i.iter().filter(|i| **i == 999).count(), 1, "{i:?}");
+    assert_eq!(i.len(), 11, "{i:?}");
+}
+
+/// Two ways an older state came back (a hostile review). A slot retired and set up again later:
+/// its old claims took back the queue from their old position, so the catch-all skipped what
+/// was committed while the slot was gone, and the new slot started after it: lost. Now a slot
+/// claims only what it claimed since it was made. And a slot's publication narrowed by hand
+/// while its worker ran (which stops it): setup repaired it but the slot kept streaming it from
+/// before the repair, without the messages the narrowed filter left out meanwhile. Now the repair
+/// counts as a new publication: the slot streams the shared one until it is past the repair.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_set_up_again_and_a_publication_narrowed_by_hand_lose_nothing() {
+    let pg = PgCluster::start().await;
+    let url = pg.url();
+    let db = pg.superuser().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
+    let files = [all_out.as_path(), b_out.as_path()];
+    let arrived = |count: usize| {
+        let files = files;
+        move || {
+            let done = delivered(&files, "x1").len() >= count;
+            async move { done }
+        }
+    };
+    setup(&url, "pg_outbox", &[]);
+    setup(&url, "b", &["--queues", "x*"]);
+    let mut all = stdout_worker(&url, "pg_outbox", None, &all_out);
+    let mut b = stdout_worker(&url, "b", Some("x*"), &b_out);
+    publish_range(&db, "x1", 0, 10, 2, Storage::Table).await;
+    eventually(Duration::from_secs(60), "10 of x1", arrived(10)).await;
+
+    // Retired, then 10 more committed while the catch-all is stopped, then b set up again.
+    assert!(b.terminate(Duration::from_secs(30)).success());
+    assert!(all.terminate(Duration::from_secs(30)).success());
+    db.batch_execute(
+        "SELECT pg_drop_replication_slot('b'); DELETE FROM outbox.slots WHERE slot_name = 'b'",
+    )
+    .await
+    .unwrap();
+    publish_range(&db, "x1", 10, 10, 2, Storage::Table).await;
+    setup(&url, "b", &["--queues", "x*"]);
+    let mut all = stdout_worker(&url, "pg_outbox", None, &all_out);
+    let mut b = stdout_worker(&url, "b", Some("x*"), &b_out);
+    publish_range(&db, "x1", 20, 10, 2, Storage::Table).await;
+    eventually(Duration::from_secs(60), "30 of x1", arrived(30)).await;
+    let by_all: Vec<u64> = delivered(&[all_out.as_path()], "x1")
+        .iter()
+        .map(|s| s.payload["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        by_all,
+        (10..20).collect::<Vec<_>>(),
+        "the catch-all's share"
+    );
+
+    // Narrowed by hand under b: b stops (what is committed before it stops needs a replay, as
+    // its error says); 20 messages are committed while it is stopped and the filter narrowed.
+    db.batch_execute(
+        "ALTER PUBLICATION pg_outbox_b SET TABLE outbox.messages WHERE (queue ~ '^(nothing)$')",
+    )
+    .await
+    .unwrap();
+    let stopped = b.wait_exit(Duration::from_secs(30));
+    assert!(!stopped.success(), "{}", b.log());
+    assert!(b.log().contains("pg_outbox_b"), "{}", b.log());
+    publish_range(&db, "x1", 30, 20, 2, Storage::Table).await;
+    assert!(all.terminate(Duration::from_secs(30)).success());
+    setup(&url, "b", &["--queues", "x*"]);
+    let _all = stdout_worker(&url, "pg_outbox", None, &all_out);
+    let _b = stdout_worker(&url, "b", Some("x*"), &b_out);
+    publish_range(&db, "x1", 50, 10, 2, Storage::Table).await;
+    eventually(Duration::from_secs(60), "60 of x1", arrived(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tally = check_no_loss(&delivered(&files, "x1"), 60);
+    assert_eq!(tally.duplicates, 0, "{tally:?}");
 }

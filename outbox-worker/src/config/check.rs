@@ -48,6 +48,13 @@ impl Config {
             rules::check_identifier(value)
                 .map_err(|e| invalid(format!("{key} = {value:?}: {e}")))?;
         }
+        if self.postgres.publication.starts_with("pg_outbox_") {
+            return Err(invalid(format!(
+                "postgres.publication = {:?}: names starting with pg_outbox_ are the publications \
+                 setup makes for slots with postgres.queues",
+                self.postgres.publication
+            )));
+        }
         if !self.postgres.queues.is_empty()
             && self.postgres.slot.len() > crate::slot_publication::MAX_SLOT_LEN
         {
