@@ -824,7 +824,6 @@ async fn a_slot_set_up_again_and_a_publication_narrowed_by_hand_lose_nothing() {
     let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
     let files = [all_out.as_path(), b_out.as_path()];
     let arrived = |count: usize| {
-        let files = files;
         move || {
             let done = delivered(&files, "x1").len() >= count;
             async move { done }
