@@ -73,7 +73,7 @@ SELECT to_regclass('outbox.sql_install') IS NOT NULL AS pg_outbox_sql_installed 
 \if :pg_outbox_sql_installed
 -- The same build only if no other role can have written the record: a role that 0.2.0's default
 -- privileges let write it could otherwise make this script skip the upgrade, and keep its rights.
-SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '80c1d9d36041'
+SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '12cbaaa6f872'
        AND NOT EXISTS (SELECT FROM pg_catalog.pg_class c,
                               pg_catalog.aclexplode(coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) g
                         WHERE c.oid = 'outbox.sql_install'::regclass AND g.grantee <> c.relowner
@@ -81,7 +81,7 @@ SELECT version = '0.2.2' AND to_jsonb(s) ->> 'build' IS NOT DISTINCT FROM '80c1d
        version || coalesce(' (build ' || (to_jsonb(s) ->> 'build') || ')', '') AS pg_outbox_installed_version
   FROM outbox.sql_install s \gset
 \if :pg_outbox_same_build
-\echo pg_outbox 0.2.2 (SQL install, build 80c1d9d36041) is already installed in this database: nothing to do
+\echo pg_outbox 0.2.2 (SQL install, build 12cbaaa6f872) is already installed in this database: nothing to do
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pg_outbox SQL install'), 0) AS pg_outbox_unlocked \gset
 \quit
 \endif
@@ -109,7 +109,7 @@ BEGIN
     END LOOP;
 END
 $upgrade$;
-\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build 80c1d9d36041)
+\echo pg_outbox: upgrading the SQL install from :pg_outbox_installed_version to 0.2.2 (build 12cbaaa6f872)
 \else
 BEGIN;
 DO $install$
@@ -341,6 +341,8 @@ $trigger$;
 -- dumped, so a restored database remembers it too.
 CREATE TABLE IF NOT EXISTS outbox.slots (
     slot_name        name        PRIMARY KEY,
+    -- When the row was made: claims of outbox.queue_claims older than it are those of a retired
+    -- slot of the same name.
     created_at       timestamptz NOT NULL DEFAULT now(),
     -- Every message committed before this time was delivered: the slot confirmed past the WAL
     -- position the server had then.
@@ -1272,7 +1274,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                 ELSE 'pg_outbox'::name END
       FROM outbox.slots s
       LEFT JOIN LATERAL (SELECT q.queues, q.from_lsn FROM outbox.queue_claims q
-                          WHERE q.slot_name = s.slot_name ORDER BY q.seq DESC LIMIT 1) c ON true
+                          WHERE q.slot_name = s.slot_name AND q.claimed_at >= s.created_at
+                          ORDER BY q.seq DESC LIMIT 1) c ON true
      ORDER BY s.slot_name
 $$;
 COMMENT ON FUNCTION outbox.slot_queues() IS
@@ -1373,6 +1376,9 @@ BEGIN
     claimed := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
                          SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
                           WHERE c.slot_name = slot
+                            -- Not those of a slot of that name dropped before (a retired slot).
+                            AND c.claimed_at >= coalesce((SELECT s.created_at FROM outbox.slots s
+                                                           WHERE s.slot_name = slot), 'infinity')
                             AND (confirmed IS NULL OR c.from_lsn > confirmed
                                  OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
                                               WHERE l.slot_name = slot AND l.from_lsn <= confirmed))) a
@@ -1556,7 +1562,7 @@ BEGIN
 END
 $build$;
 DELETE FROM outbox.sql_install;
-INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', '80c1d9d36041');
+INSERT INTO outbox.sql_install (version, build) VALUES ('0.2.2', '12cbaaa6f872');
 -- Exactly these rights, as api.sql sets them for the other tables (default privileges of the
 -- installer would otherwise let a role rewrite the version record).
 DO $acl$

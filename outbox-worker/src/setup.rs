@@ -150,12 +150,13 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         }
     };
     // A new slot starts a new record; an existing slot without one (set up by an older worker)
-    // is adopted.
+    // is adopted. created_at stays when a slot is replaced (`--new-slot`): it dates the row,
+    // and claims older than it are those of a retired slot of the same name (claims.rs).
     writer
         .execute(
             "INSERT INTO outbox.slots AS t (slot_name) VALUES ($1)
              ON CONFLICT (slot_name) DO UPDATE SET
-                 created_at = now(), delivered_before = now(),
+                 delivered_before = now(),
                  mark_lsn = pg_current_wal_lsn(), mark_at = now()
              WHERE $2",
             &[&slot, &created],

@@ -480,7 +480,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                 ELSE 'pg_outbox'::name END
       FROM outbox.slots s
       LEFT JOIN LATERAL (SELECT q.queues, q.from_lsn FROM outbox.queue_claims q
-                          WHERE q.slot_name = s.slot_name ORDER BY q.seq DESC LIMIT 1) c ON true
+                          WHERE q.slot_name = s.slot_name AND q.claimed_at >= s.created_at
+                          ORDER BY q.seq DESC LIMIT 1) c ON true
      ORDER BY s.slot_name
 $$;
 COMMENT ON FUNCTION outbox.slot_queues() IS
@@ -581,6 +582,9 @@ BEGIN
     claimed := ARRAY(SELECT DISTINCT g COLLATE "C" FROM (
                          SELECT unnest(c.queues) AS g FROM outbox.queue_claims c
                           WHERE c.slot_name = slot
+                            -- Not those of a slot of that name dropped before (a retired slot).
+                            AND c.claimed_at >= coalesce((SELECT s.created_at FROM outbox.slots s
+                                                           WHERE s.slot_name = slot), 'infinity')
                             AND (confirmed IS NULL OR c.from_lsn > confirmed
                                  OR c.seq = (SELECT max(l.seq) FROM outbox.queue_claims l
                                               WHERE l.slot_name = slot AND l.from_lsn <= confirmed))) a

@@ -277,6 +277,8 @@ $trigger$;
 -- dumped, so a restored database remembers it too.
 CREATE TABLE outbox.slots (
     slot_name        name        PRIMARY KEY,
+    -- When the row was made: claims of outbox.queue_claims older than it are those of a retired
+    -- slot of the same name.
     created_at       timestamptz NOT NULL DEFAULT now(),
     -- Every message committed before this time was delivered: the slot confirmed past the WAL
     -- position the server had then.
