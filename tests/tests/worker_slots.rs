@@ -406,6 +406,45 @@ async fn publish_pairs(db: &tokio_postgres::Client, first: u64, rounds: u64) {
     }
 }
 
+/// The payloads' `i` of `queue`'s lines in the files.
+fn indexes(files: &[&std::path::Path], queue: &str) -> Vec<u64> {
+    delivered(files, queue)
+        .iter()
+        .map(|s| s.payload["i"].as_u64().unwrap())
+        .collect()
+}
+
+/// A cluster where `outbox-worker setup` made the catch-all and slot `b` with `b_queues`, and
+/// the two stdout files their workers write.
+struct TwoSlots {
+    pg: PgCluster,
+    url: String,
+    db: tokio_postgres::Client,
+    _dir: tempfile::TempDir,
+    all_out: std::path::PathBuf,
+    b_out: std::path::PathBuf,
+}
+
+impl TwoSlots {
+    async fn set_up(b_queues: &str) -> TwoSlots {
+        let pg = PgCluster::start().await;
+        let url = pg.url();
+        let db = pg.superuser().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
+        setup(&url, "pg_outbox", &[]);
+        setup(&url, "b", &["--queues", b_queues]);
+        TwoSlots {
+            pg,
+            url,
+            db,
+            _dir: dir,
+            all_out,
+            b_out,
+        }
+    }
+}
+
 /// Every line of the files, by queue.
 fn delivered(files: &[&std::path::Path], queue: &str) -> Vec<Seen> {
     files
@@ -434,13 +473,14 @@ fn delivered(files: &[&std::path::Path], queue: &str) -> Vec<Seen> {
 /// queues go back to the catch-all.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_swap_of_queues_between_two_slots_and_a_retired_slot_lose_nothing() {
-    let pg = PgCluster::start().await;
-    let url = pg.url();
-    let db = pg.superuser().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
-    setup(&url, "pg_outbox", &[]);
-    setup(&url, "b", &["--queues", "x*"]);
+    let TwoSlots {
+        pg: _pg,
+        url,
+        db,
+        all_out,
+        b_out,
+        _dir,
+    } = TwoSlots::set_up("x*").await;
     let mut all = stdout_worker(&url, "pg_outbox", None, &all_out);
     let mut b = stdout_worker(&url, "b", Some("x*"), &b_out);
     wait_active(&db, "pg_outbox").await;
@@ -576,13 +616,14 @@ async fn after_two_moves_in_a_row_the_last_slot_waits_for_every_earlier_one() {
 /// again after one stopped while it waited.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_with_a_set_is_sent_only_its_queues_and_a_move_waits_for_open_transactions() {
-    let pg = PgCluster::start().await;
-    let url = pg.url();
-    let db = pg.superuser().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
-    setup(&url, "pg_outbox", &[]);
-    setup(&url, "b", &["--queues", "x*"]);
+    let TwoSlots {
+        pg,
+        url,
+        db,
+        all_out,
+        b_out,
+        _dir,
+    } = TwoSlots::set_up("x*").await;
     let kept: Option<Vec<String>> = db
         .query_one("SELECT outbox.slot_publication_queues('b')", &[])
         .await
@@ -703,10 +744,7 @@ async fn a_slot_with_a_set_is_sent_only_its_queues_and_a_move_waits_for_open_tra
     tokio::time::sleep(Duration::from_secs(1)).await;
     let tally = check_no_loss(&delivered(&files, "y1"), 2200);
     assert_eq!(tally.duplicates, 0, "{tally:?}");
-    let b_y1: Vec<u64> = delivered(&[b_out.as_path()], "y1")
-        .iter()
-        .map(|s| s.payload["i"].as_u64().unwrap())
-        .collect();
+    let b_y1: Vec<u64> = indexes(&[b_out.as_path()], "y1");
     assert!(
         b_y1.len() == 100 && b_y1.iter().all(|i| (2100..2200).contains(i)),
         "b delivered the y1 messages committed after the move: {b_y1:?}"
@@ -719,13 +757,14 @@ async fn a_slot_with_a_set_is_sent_only_its_queues_and_a_move_waits_for_open_tra
 /// lost). A slow DDL audit trigger holds that window open.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_that_began_while_the_filter_changed_is_waited_for() {
-    let pg = PgCluster::start().await;
-    let url = pg.url();
-    let db = pg.superuser().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
-    setup(&url, "pg_outbox", &[]);
-    setup(&url, "b", &["--queues", "y*"]);
+    let TwoSlots {
+        pg,
+        url,
+        db,
+        all_out,
+        b_out,
+        _dir,
+    } = TwoSlots::set_up("y*").await;
     db.batch_execute(
         "CREATE FUNCTION public.slow_ddl_audit() RETURNS event_trigger LANGUAGE plpgsql AS $$
          BEGIN IF tg_tag = 'ALTER PUBLICATION' THEN PERFORM pg_sleep(3); END IF; END $$;
@@ -800,10 +839,7 @@ async fn a_transaction_that_began_while_the_filter_changed_is_waited_for() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let i: Vec<u64> = delivered(&files, "x1")
-        .iter()
-        .map(|s| s.payload["i"].as_u64().unwrap())
-        .collect();
+    let i: Vec<u64> = indexes(&files, "x1");
     assert_eq!(i.iter().filter(|i| **i == 999).count(), 1, "{i:?}");
     assert_eq!(i.len(), 11, "{i:?}");
 }
@@ -850,10 +886,7 @@ async fn a_slot_set_up_again_and_a_publication_narrowed_by_hand_lose_nothing() {
     let mut b = stdout_worker(&url, "b", Some("x*"), &b_out);
     publish_range(&db, "x1", 20, 10, 2, Storage::Table).await;
     eventually(Duration::from_secs(60), "30 of x1", arrived(30)).await;
-    let by_all: Vec<u64> = delivered(&[all_out.as_path()], "x1")
-        .iter()
-        .map(|s| s.payload["i"].as_u64().unwrap())
-        .collect();
+    let by_all: Vec<u64> = indexes(&[all_out.as_path()], "x1");
     assert_eq!(
         by_all,
         (10..20).collect::<Vec<_>>(),
@@ -887,13 +920,14 @@ async fn a_slot_set_up_again_and_a_publication_narrowed_by_hand_lose_nothing() {
 /// this setup refuse after it had dropped and made the slot again).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_with_a_set_made_again_with_new_slot_keeps_its_set() {
-    let pg = PgCluster::start().await;
-    let url = pg.url();
-    let db = pg.superuser().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (all_out, b_out) = (dir.path().join("all.jsonl"), dir.path().join("b.jsonl"));
-    setup(&url, "pg_outbox", &[]);
-    setup(&url, "b", &["--queues", "x*"]);
+    let TwoSlots {
+        pg: _pg,
+        url,
+        db,
+        all_out,
+        b_out,
+        _dir,
+    } = TwoSlots::set_up("x*").await;
     let _all = stdout_worker(&url, "pg_outbox", None, &all_out);
     wait_active(&db, "pg_outbox").await;
     setup(&url, "b", &["--queues", "x*", "--new-slot"]);
