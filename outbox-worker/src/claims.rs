@@ -477,8 +477,10 @@ pub enum Claiming {
 /// Records that `slot` delivers `queues` (empty: the catch-all) from now on, unless that is
 /// already its claim; `true` when it records (or, checking, would). Refuses while a slot whose deliveries change is streaming (its worker has
 /// the old history), a second catch-all, and a set with no catch-all for the other queues.
+/// `decoding`: the standby where this slot is decoded, whose workers the primary cannot see.
 pub async fn claim(
     writer: &mut Client,
+    decoding: Option<&Client>,
     slot: &str,
     queues: &[String],
     claiming: Claiming,
@@ -559,16 +561,24 @@ pub async fn claim(
     // The slot's own worker too: it read its claim when it started.
     let mut affected = claims.affected(slot, queues);
     affected.push(slot.to_owned());
-    let running: Vec<String> = tx
-        .query(
-            "SELECT slot_name::text FROM pg_catalog.pg_replication_slots
-              WHERE active AND slot_name = ANY($1) AND database = pg_catalog.current_database()",
-            &[&affected],
-        )
-        .await?
+    // A worker streams from the primary or from a standby: the primary cannot see the slots of
+    // a standby (a hostile review: a standby worker kept delivering by its old set, and what it
+    // skipped was lost), so this slot's standby is asked too.
+    let (mut present, mut running) = slot_states(&tx, &affected).await?;
+    if let Some(standby) = decoding {
+        let (there, active) = slot_states(standby, &affected).await?;
+        present.extend(there);
+        running.extend(active);
+    }
+    running.sort();
+    running.dedup();
+    let unseen: Vec<&String> = affected
         .iter()
-        .map(|row| row.get(0))
+        .filter(|s| *s != slot && !present.contains(s))
         .collect();
+    if !unseen.is_empty() {
+        tracing::warn!(slots = ?unseen, "these slots, whose deliveries this claim changes, are decoded on a server this setup cannot see (another standby): their workers must be stopped");
+    }
     if !running.is_empty() {
         return Err(Fatal::new(
             format!(
@@ -608,6 +618,27 @@ pub async fn claim(
     tx.commit().await?;
     tracing::info!(slot, ?queues, changes_for = ?affected, "claimed queues");
     Ok(true)
+}
+
+/// Of `slots`, those on `client`'s server, and those of them being streamed.
+async fn slot_states(
+    client: &impl tokio_postgres::GenericClient,
+    slots: &[String],
+) -> Result<(Vec<String>, Vec<String>)> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text, active FROM pg_catalog.pg_replication_slots
+              WHERE slot_name = ANY($1) AND database = pg_catalog.current_database()",
+            &[&slots],
+        )
+        .await?;
+    let present = rows.iter().map(|row| row.get(0)).collect();
+    let active = rows
+        .iter()
+        .filter(|row| row.get::<_, bool>(1))
+        .map(|row| row.get(0))
+        .collect();
+    Ok((present, active))
 }
 
 #[cfg(test)]

@@ -509,7 +509,7 @@ struct PreviousSlot<'a> {
     at: Lsn,
     own: Option<tokio_postgres::Client>,
     writer: Option<tokio_postgres::Client>,
-    /// The last mark seen in `outbox.slots`, and whether it is at or after the move.
+    /// The last mark seen in `outbox.slots` (its time), and whether it is at or after the move.
     mark: Option<(String, bool)>,
 }
 
@@ -561,21 +561,22 @@ impl<'a> PreviousSlot<'a> {
         }
         let Some(row) = writer
             .query_opt(
-                "SELECT mark_lsn::text, mark_lsn >= $2::text::pg_lsn FROM outbox.slots
-                  WHERE slot_name = $1",
+                "SELECT mark_at::text, mark_lsn >= $2::text::pg_lsn, delivered_before::text
+                   FROM outbox.slots WHERE slot_name = $1",
                 &[&self.slot, &self.at.to_string()],
             )
             .await?
         else {
             return Ok(Passed::Gone);
         };
-        let mark: (String, bool) = (row.get(0), row.get(1));
-        // A mark that moved on was confirmed: past the move if it was at or after it.
-        let passed = self
-            .mark
-            .as_ref()
-            .is_some_and(|(seen, at_or_after)| *at_or_after && *seen != mark.0);
-        self.mark = Some(mark);
+        let (mark_at, at_or_after, delivered_before): (String, bool, String) =
+            (row.get(0), row.get(1), row.get(2));
+        // A mark confirmed past becomes delivered_before (`record_slot`); setup moves the mark
+        // too, confirming nothing (a hostile review): only the first counts.
+        let passed = self.mark.as_ref().is_some_and(|(seen_at, seen_after)| {
+            *seen_after && *seen_at != mark_at && *seen_at == delivered_before
+        });
+        self.mark = Some((mark_at, at_or_after));
         Ok(match passed {
             true => Passed::Yes,
             false => Passed::No,

@@ -33,6 +33,8 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         None => None,
     };
     let writer = primary.as_ref().unwrap_or(client);
+    // The standby this slot is decoded on, if it is.
+    let decoding = primary.as_ref().map(|_| client);
     let failover = match primary {
         Some(_) => false,
         None => wants_failover(client, settings.failover).await?,
@@ -76,8 +78,14 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         tracing::info!(publication, "created publication");
     }
     check_publication(writer, publication).await?;
-    let changes =
-        crate::claims::claim(&mut claims_writer, slot, &settings.queues, Claiming::Check).await?;
+    let changes = crate::claims::claim(
+        &mut claims_writer,
+        decoding,
+        slot,
+        &settings.queues,
+        Claiming::Check,
+    )
+    .await?;
     // Before the slot is made: its first position then lies after the publication's.
     let prepared = match settings.queues.is_empty() {
         true => Prepared::Kept,
@@ -174,15 +182,17 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     };
     let claimed = crate::claims::claim(
         &mut claims_writer,
+        decoding,
         slot,
         &settings.queues,
         Claiming::Record(prepared),
     )
     .await
     .map(|_| ());
-    if let (Err(_), true) = (&claimed, created) {
+    if let (Err(_), true, false) = (&claimed, created, known) {
         // Refused since the check (a worker started meanwhile): the slot made for this claim
-        // would otherwise stay, taking every queue no set claims.
+        // would otherwise stay, taking every queue no set claims. (Not a slot replaced with
+        // --new-slot: its row says what it delivered before.)
         let _ = client
             .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
             .await;

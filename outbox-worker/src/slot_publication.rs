@@ -118,8 +118,8 @@ async fn wait_for_open_transactions(writer: &Client) -> Result<Lsn> {
 #[derive(Debug, Clone)]
 pub struct Streamed {
     pub publication: String,
-    /// The slot's own publication: the globs it must keep.
-    needs: Option<(String, Vec<String>)>,
+    /// The slot's own publication: the slot, and the claims that say what it must keep.
+    own: Option<(String, Claims)>,
 }
 
 impl Streamed {
@@ -147,10 +147,9 @@ impl Streamed {
             tracing::info!(publication = shared, own, confirmed = %confirmed, from = %from, "streaming the shared publication until the slot has confirmed past where its own one holds; its own from the next start after that");
             return fallback;
         }
-        let needs = claims.globs_from(slot, confirmed);
         let streamed = Streamed {
             publication: own.clone(),
-            needs: Some((slot.to_owned(), needs)),
+            own: Some((slot.to_owned(), claims.clone())),
         };
         match streamed.check(client).await {
             Ok(()) => streamed,
@@ -168,16 +167,23 @@ impl Streamed {
     pub fn shared(publication: &str) -> Streamed {
         Streamed {
             publication: publication.to_owned(),
-            needs: None,
+            own: None,
         }
     }
 
     /// The shared publication streams exactly what the install made it stream; the slot's own
-    /// still keeps every queue the slot may deliver.
+    /// still keeps every queue the slot may deliver from where it has confirmed now (another
+    /// worker's setup for the slot, a standby of it, narrows to that: a hostile review).
     pub async fn check(&self, client: &Client) -> Result<(), Fatal> {
-        let Some((slot, needs)) = &self.needs else {
+        let Some((slot, claims)) = &self.own else {
             return crate::setup::check_publication(client, &self.publication).await;
         };
+        let confirmed = crate::claims::confirmed_position(client, slot)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(Lsn(0));
+        let needs = claims.globs_from(slot, confirmed);
         let kept: Option<Vec<String>> = client
             .query_one("SELECT outbox.slot_publication_queues($1::text::name)", &[slot])
             .await

@@ -949,3 +949,52 @@ async fn a_slot_with_a_set_made_again_with_new_slot_keeps_its_set() {
     assert_eq!(delivered(&[b_out.as_path()], "x1").len(), 20);
     assert!(delivered(&[all_out.as_path()], "x1").is_empty());
 }
+
+/// A second worker for the same slot (one standing by, README "Standby") starts after the slot
+/// gave queues back and confirmed past that: its setup narrows the slot's publication to what
+/// the slot still delivers. The running worker must not take that for a loss (a hostile review:
+/// it compared with what it needed when it started, and stopped).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_standing_by_that_narrows_the_filter_does_not_stop_the_running_one() {
+    let TwoSlots {
+        pg: _pg,
+        url,
+        db,
+        all_out,
+        b_out,
+        _dir,
+    } = TwoSlots::set_up("x*,y*").await;
+    setup(&url, "b", &["--queues", "x*"]);
+    let _all = stdout_worker(&url, "pg_outbox", None, &all_out);
+    let mut b = stdout_worker(&url, "b", Some("x*"), &b_out);
+    wait_active(&db, "b").await;
+    publish_range(&db, "x1", 0, 20, 2, Storage::Table).await;
+    publish_range(&db, "y1", 0, 20, 2, Storage::Table).await;
+    wait_for_lines(&b_out, 20).await;
+    wait_for_lines(&all_out, 20).await;
+    // b confirmed past the claim that gave y* back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let standing_by = stdout_worker(&url, "b", Some("x*"), &b_out);
+    eventually(
+        Duration::from_secs(30),
+        "the filter narrowed to x*",
+        || async {
+            let kept: Option<Vec<String>> = db
+                .query_one("SELECT outbox.slot_publication_queues('b')", &[])
+                .await
+                .unwrap()
+                .get(0);
+            kept == Some(vec!["x*".to_owned()])
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(b.exited().is_none(), "{}", b.log());
+    publish_range(&db, "x1", 20, 20, 2, Storage::Table).await;
+    wait_for_lines(&b_out, 40).await;
+    drop(standing_by);
+    assert_eq!(
+        indexes(&[b_out.as_path()], "x1"),
+        (0..40).collect::<Vec<_>>()
+    );
+}
