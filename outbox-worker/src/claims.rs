@@ -597,7 +597,7 @@ pub async fn claim(
     // last claim said (it has kept every set since), else here.
     let made = match prepared {
         Prepared::Created(at) => Some(at.to_string()),
-        Prepared::Widened(_) | Prepared::Kept => None,
+        Prepared::Waited(_) | Prepared::Kept => None,
     };
     tx.execute(
         "INSERT INTO outbox.queue_claims (slot_name, queues, from_lsn, filtered_from)

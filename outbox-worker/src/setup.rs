@@ -177,7 +177,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     // A slot made after the wait decodes nothing from before it: its publication holds for
     // all of its stream.
     let prepared = match (created, prepared) {
-        (true, Prepared::Widened(at)) => Prepared::Created(at),
+        (true, Prepared::Waited(at)) => Prepared::Created(at),
         (_, prepared) => prepared,
     };
     let claimed = crate::claims::claim(

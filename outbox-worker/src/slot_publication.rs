@@ -56,8 +56,8 @@ pub async fn prepare(
     match change.as_str() {
         // Changed by hand, maybe narrowed while the slot streamed it: in place only from now.
         "created" | "remade" => Ok(Prepared::Created(wait_for_open_transactions(writer).await?)),
-        "widened" => Ok(Prepared::Widened(wait_for_open_transactions(writer).await?)),
-        _ if claim_changes => Ok(Prepared::Widened(wait_for_open_transactions(writer).await?)),
+        "widened" => Ok(Prepared::Waited(wait_for_open_transactions(writer).await?)),
+        _ if claim_changes => Ok(Prepared::Waited(wait_for_open_transactions(writer).await?)),
         _ => Ok(Prepared::Kept),
     }
 }
@@ -65,8 +65,11 @@ pub async fn prepare(
 /// What [`prepare`] did, and from where its filter holds (after the transactions it waited for).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prepared {
+    /// Made (again): it holds only for messages committed after this position.
     Created(Lsn),
-    Widened(Lsn),
+    /// In place before, maybe widened; the transactions open were waited for.
+    Waited(Lsn),
+    /// In place before, not widened, and no claim to record.
     Kept,
 }
 
