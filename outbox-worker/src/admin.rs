@@ -9,9 +9,13 @@ use crate::source::SlotSettings;
 
 /// `setup`: the publication and the slot, created on first setup; `SlotSetup::Replace`
 /// (`--new-slot`) replaces a slot that was lost.
-pub async fn setup(config: &Config, mode: SlotSetup) -> Result<()> {
+pub async fn setup(config: &Config, mode: SlotSetup, stopped_elsewhere: Vec<String>) -> Result<()> {
     let client = pg::connect(config.url()).await?;
-    setup::ensure_slot(&client, &SlotSettings::of(config), mode).await?;
+    let settings = SlotSettings {
+        stopped_elsewhere,
+        ..SlotSettings::of(config)
+    };
+    setup::ensure_slot(&client, &settings, mode).await?;
     println!(
         "publication {:?} and slot {:?} are ready",
         config.postgres.publication, config.postgres.slot

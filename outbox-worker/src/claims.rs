@@ -481,10 +481,10 @@ pub enum Claiming {
 pub async fn claim(
     writer: &mut Client,
     decoding: Option<&Client>,
-    slot: &str,
-    queues: &[String],
+    settings: &crate::source::SlotSettings,
     claiming: Claiming,
 ) -> Result<bool> {
+    let (slot, queues) = (settings.slot.as_str(), settings.queues.as_slice());
     let tx = writer.transaction().await?;
     if !exists(&tx).await? {
         if queues.is_empty() {
@@ -575,9 +575,25 @@ pub async fn claim(
     let unseen: Vec<&String> = affected
         .iter()
         .filter(|s| *s != slot && !present.contains(s))
+        .filter(|s| !settings.stopped_elsewhere.contains(s))
         .collect();
     if !unseen.is_empty() {
-        tracing::warn!(slots = ?unseen, "these slots, whose deliveries this claim changes, are decoded on a server this setup cannot see (another standby): their workers must be stopped");
+        return Err(Fatal::new(
+            format!(
+                "slot {slot:?} claiming queues {queues:?} changes what slots {unseen:?} deliver, \
+                 and they are decoded on a server this setup cannot see (another standby): their \
+                 workers may be running"
+            ),
+            format!(
+                "stop those workers, then run this setup again with --stopped-elsewhere {}",
+                unseen
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        )
+        .into());
     }
     if !running.is_empty() {
         return Err(Fatal::new(

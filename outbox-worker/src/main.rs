@@ -41,6 +41,10 @@ enum Command {
         /// invalidated (messages it had not delivered must be sent again: README, "A lost slot").
         #[arg(long)]
         new_slot: bool,
+        /// Slots decoded on a server this setup cannot see (another standby) whose workers you
+        /// stopped: a claim that changes what they deliver is refused without this.
+        #[arg(long, value_name = "SLOT[,SLOT...]", value_delimiter = ',')]
+        stopped_elsewhere: Vec<String>,
     },
     /// Load and validate the configuration, print it with defaults filled in, then exit.
     CheckConfig(Options),
@@ -229,7 +233,7 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
 /// What to do once the configuration is loaded.
 enum Action {
     Run,
-    Setup(SlotSetup),
+    Setup(SlotSetup, Vec<String>),
     CheckConfig,
     Status,
     Replay(ReplayRange),
@@ -240,13 +244,20 @@ impl Command {
     fn into_parts(self) -> (Options, Action) {
         match self {
             Command::Run(o) => (o, Action::Run),
-            Command::Setup { options, new_slot } => (
+            Command::Setup {
                 options,
-                Action::Setup(if new_slot {
-                    SlotSetup::Replace
-                } else {
-                    SlotSetup::Keep
-                }),
+                new_slot,
+                stopped_elsewhere,
+            } => (
+                options,
+                Action::Setup(
+                    if new_slot {
+                        SlotSetup::Replace
+                    } else {
+                        SlotSetup::Keep
+                    },
+                    stopped_elsewhere,
+                ),
             ),
             Command::CheckConfig(o) => (o, Action::CheckConfig),
             Command::Status(o) => (o, Action::Status),
@@ -321,7 +332,7 @@ async fn run_command() -> ExitCode {
             print!("{}", admin::show_config(&config));
             Ok(())
         }
-        Action::Setup(mode) => admin::setup(&config, mode).await,
+        Action::Setup(mode, stopped) => admin::setup(&config, mode, stopped).await,
         Action::Status => admin::status(config.url()).await,
         Action::Replay(range) => {
             let shutdown = CancellationToken::new();

@@ -78,14 +78,8 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
         tracing::info!(publication, "created publication");
     }
     check_publication(writer, publication).await?;
-    let changes = crate::claims::claim(
-        &mut claims_writer,
-        decoding,
-        slot,
-        &settings.queues,
-        Claiming::Check,
-    )
-    .await?;
+    let changes =
+        crate::claims::claim(&mut claims_writer, decoding, settings, Claiming::Check).await?;
     // Before the slot is made: its first position then lies after the publication's.
     let prepared = match settings.queues.is_empty() {
         true => Prepared::Kept,
@@ -183,8 +177,7 @@ pub async fn ensure_slot(client: &Client, settings: &SlotSettings, mode: SlotSet
     let claimed = crate::claims::claim(
         &mut claims_writer,
         decoding,
-        slot,
-        &settings.queues,
+        settings,
         Claiming::Record(prepared),
     )
     .await

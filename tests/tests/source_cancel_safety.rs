@@ -26,6 +26,7 @@ async fn dropping_next_mid_await_never_loses_an_event() {
         wal_form: true,
         primary_url: None,
         queues: Vec::new(),
+        stopped_elsewhere: Vec::new(),
     };
     setup::ensure_slot(&client, &settings, setup::SlotSetup::Keep)
         .await

@@ -575,4 +575,33 @@ async fn on_16_queues_moved_between_a_standby_slot_and_a_primary_slot_wait_for_e
     .await;
     assert_eq!(delivered(&b_out, "y1"), (0..200).collect::<Vec<_>>());
     assert_eq!(delivered(&all_out, "y1"), (200..300).collect::<Vec<_>>());
+
+    // A slot on the primary taking x* from b: setup, on the primary, cannot see whether b's
+    // worker runs on the standby, so it refuses unless told b's worker is stopped.
+    drop((_all_worker, _b_worker));
+    let c = |extra: &[&str]| {
+        let mut args = vec![
+            "setup",
+            "--postgres-url",
+            &primary_url,
+            "--slot",
+            "c",
+            "--queues",
+            "x*",
+        ];
+        args.extend_from_slice(extra);
+        outbox_tests::worker::run_once(&args, &[])
+    };
+    let refused = c(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("--stopped-elsewhere b"),
+        "{stderr}"
+    );
+    let told = c(&["--stopped-elsewhere", "b"]);
+    assert!(
+        told.status.success(),
+        "{}",
+        String::from_utf8_lossy(&told.stderr)
+    );
 }

@@ -68,6 +68,8 @@ pub struct SlotSettings {
     pub primary_url: Option<String>,
     /// `postgres.queues`.
     pub queues: Vec<String>,
+    /// `setup --stopped-elsewhere`: slots on servers setup cannot see whose workers are stopped.
+    pub stopped_elsewhere: Vec<String>,
 }
 
 impl SlotSettings {
@@ -81,6 +83,7 @@ impl SlotSettings {
             wal_form: true,
             primary_url: config.primary_url().map(str::to_owned),
             queues: config.postgres.queues.clone(),
+            stopped_elsewhere: Vec::new(),
         }
     }
 }
