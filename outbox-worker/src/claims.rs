@@ -475,9 +475,10 @@ pub enum Claiming {
 }
 
 /// Records that `slot` delivers `queues` (empty: the catch-all) from now on, unless that is
-/// already its claim; `true` when it records (or, checking, would). Refuses while a slot whose deliveries change is streaming (its worker has
-/// the old history), a second catch-all, and a set with no catch-all for the other queues.
-/// `decoding`: the standby where this slot is decoded, whose workers the primary cannot see.
+/// already its claim; `true` when it records (or, checking, would). Refuses while a slot whose
+/// deliveries change is streaming (its worker has the old history), a second catch-all, and a
+/// set with no catch-all for the other queues. `decoding`: the standby where this slot is
+/// decoded, whose workers the primary cannot see.
 pub async fn claim(
     writer: &mut Client,
     decoding: Option<&Client>,

@@ -503,12 +503,14 @@ async fn after_move(
 /// server; else on the primary (this worker decoding on a standby); else (a slot decoded on a
 /// standby this worker cannot see) from its record in `outbox.slots` on the primary, whose mark
 /// moves on only once the slot confirmed past it (at most every 30 s, `record_slot`). One
-/// connection each, for every poll.
+/// connection to this worker's server, and one to the primary when that is another, for every
+/// poll.
 struct PreviousSlot<'a> {
     slot: &'a str,
     at: Lsn,
     own: Option<tokio_postgres::Client>,
-    writer: Option<tokio_postgres::Client>,
+    /// `postgres.primary_url`'s server, while this worker decodes on a standby.
+    primary: Option<tokio_postgres::Client>,
     /// The last mark seen in `outbox.slots` (its time), and whether it is at or after the move.
     mark: Option<(String, bool)>,
 }
@@ -526,7 +528,7 @@ impl<'a> PreviousSlot<'a> {
             slot,
             at,
             own: None,
-            writer: None,
+            primary: None,
             mark: None,
         }
     }
@@ -550,15 +552,18 @@ impl<'a> PreviousSlot<'a> {
         if let Some(confirmed) = claims::confirmed_position(own, self.slot).await? {
             return Ok(past(confirmed));
         }
-        if self.writer.is_none() {
-            self.writer = Some(pg::connect_writer(config.url(), config.primary_url()).await?);
+        if config.primary_url().is_some() && self.primary.is_none() {
+            self.primary = Some(pg::connect_writer(config.url(), config.primary_url()).await?);
         }
-        let writer = self.writer.as_ref().expect("connected");
-        if config.primary_url().is_some() {
-            if let Some(confirmed) = claims::confirmed_position(writer, self.slot).await? {
-                return Ok(past(confirmed));
+        let writer = match &self.primary {
+            Some(primary) => {
+                if let Some(confirmed) = claims::confirmed_position(primary, self.slot).await? {
+                    return Ok(past(confirmed));
+                }
+                primary
             }
-        }
+            None => own,
+        };
         let Some(row) = writer
             .query_opt(
                 "SELECT mark_at::text, mark_lsn >= $2::text::pg_lsn, delivered_before::text
